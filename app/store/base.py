@@ -1,0 +1,111 @@
+"""The storage contract every backend keeps. `tests/store_contract.py` checks it against each one.
+
+The store is the source of truth; the queue engine keeps only a bounded window in memory. Every
+write method returns once its change is durable (committed, fsynced or journaled) and either
+applies whole or not at all; on failure it raises `StoreUnavailable` (or `StoreError`).
+
+`available_at` encodes a message's state in one indexed column: 0 is ready, a future time with
+`leased` is a lease deadline, a future time without it is a delay. A lease whose deadline has passed
+is ready again without any write, which is what makes crash recovery free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+
+
+class Store(Protocol):
+    kind: str
+
+    async def open(self) -> None:
+        """Connect and create the schema and indexes. Nothing connects before this."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the store answers."""
+        ...
+
+    # -- channels ---------------------------------------------------------------------------
+    async def load_channels(self) -> dict[str, ChannelConfig]: ...
+
+    async def save_channel(self, name: str, config: ChannelConfig) -> None: ...
+
+    async def drop_channel(self, name: str) -> None:
+        """Forget a channel: its settings, its messages and its dedup ids."""
+        ...
+
+    # -- writes -----------------------------------------------------------------------------
+    async def insert(
+        self, channel: str, messages: Sequence[Message], dedup_since: int
+    ) -> EnqueueResult:
+        """Store a batch, all or nothing.
+
+        A message whose `dedup_id` was used in this channel at or after `dedup_since` (by an
+        earlier batch or earlier in this one) is not stored; its slot in `ids` holds the first
+        message's id. `new` lists the messages actually stored, in batch order.
+        """
+        ...
+
+    async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
+        """Mark (id, attempt) pairs as leased until `deadline`."""
+        ...
+
+    async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
+        """End leases: ready again at `available_at` (0: now)."""
+        ...
+
+    async def extend(self, channel: str, ids: Sequence[int], deadline: int) -> None: ...
+
+    async def delete(self, channel: str, ids: Sequence[int]) -> None:
+        """Acked: forget these messages for good."""
+        ...
+
+    async def move(
+        self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
+    ) -> None:
+        """Delete `ids` from `channel` and, when `target` is set, insert `moved` there, atomically."""
+        ...
+
+    async def purge(self, channel: str) -> int:
+        """Delete every message of the channel; return how many."""
+        ...
+
+    async def promote_due(self, channel: str, now: int, limit: int) -> list[Message]:
+        """Make delayed messages that are due ready (available_at = 0); return them by id."""
+        ...
+
+    async def prune_dedup(self, before: int) -> int:
+        """Forget dedup ids used before `before`."""
+        ...
+
+    # -- reads ------------------------------------------------------------------------------
+    async def page_ready(self, channel: str, after_id: int, now: int, limit: int) -> list[Message]:
+        """Deliverable messages (available_at <= now) with id > after_id, in id order."""
+        ...
+
+    async def expired(self, channel: str, now: int, limit: int) -> list[Message]:
+        """Messages whose TTL ran out (expires_at <= now) that are not in flight."""
+        ...
+
+    async def leased(self, channel: str, now: int) -> list[Message]:
+        """Messages in flight at `now` (leased, deadline in the future): leases to restore at start."""
+        ...
+
+    async def counts(self, channel: str, now: int) -> ChannelCounts: ...
+
+    async def next_due(self, channel: str) -> int | None:
+        """Earliest due time of a delayed message, or None."""
+        ...
+
+    async def next_expiry(self, channel: str, now: int) -> int | None:
+        """Earliest TTL deadline after `now`, or None."""
+        ...
+
+    async def max_id(self) -> int:
+        """The highest message id ever stored that is still present (0 when empty)."""
+        ...
