@@ -8,7 +8,7 @@ from typing import Protocol
 
 class Clock(Protocol):
     def now_ms(self) -> int:
-        """Wall-clock milliseconds since the epoch (stored in messages, so it must survive restarts)."""
+        """Wall-clock ms since the epoch: stored in messages, so it must survive restarts."""
         ...
 
 

@@ -63,5 +63,9 @@ class StoreUnavailable(StoreError):
     title = "Store unavailable"
 
 
+class NotReady(StoreUnavailable):
+    title = "Not ready"
+
+
 class ConfigError(LionMQError):
     """A setting is wrong; the node refuses to start."""

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     api_token: str = ""
     max_message_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 256 * 1024
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    max_request_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = 16 * 1024 * 1024
     dedup_window_ms: Annotated[int, Field(ge=0, le=7 * 24 * 3600 * 1000)] = 5 * 60 * 1000
     default_visibility_ms: Annotated[int, Field(ge=1000, le=43_200_000)] = 30_000
     default_max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
@@ -44,7 +45,9 @@ class Settings(BaseSettings):
         if not value.startswith(("sqlite:///", "mongodb://", "mongodb+srv://")):
             raise ValueError("must start with sqlite:/// or mongodb:// (or mongodb+srv://)")
         if value.startswith("mongodb") and not mongo_database(value):
-            raise ValueError("a MongoDB URL must name its database, as in mongodb://host:27017/lionmq")
+            raise ValueError(
+                "a MongoDB URL must name its database, as in mongodb://host:27017/lionmq"
+            )
         return value
 
     @field_validator("watcher_url")

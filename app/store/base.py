@@ -68,7 +68,7 @@ class Store(Protocol):
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
     ) -> None:
-        """Delete `ids` from `channel` and, when `target` is set, insert `moved` there, atomically."""
+        """Delete `ids` from `channel` and insert `moved` into `target` (if any), atomically."""
         ...
 
     async def purge(self, channel: str) -> int:
@@ -93,7 +93,7 @@ class Store(Protocol):
         ...
 
     async def leased(self, channel: str, now: int) -> list[Message]:
-        """Messages in flight at `now` (leased, deadline in the future): leases to restore at start."""
+        """Messages in flight at `now` (leased, deadline ahead): the leases to restore at start."""
         ...
 
     async def counts(self, channel: str, now: int) -> ChannelCounts: ...

@@ -1,0 +1,36 @@
+"""Bearer-token check for every endpoint but the probes (and the API docs), in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.problems import problem
+
+# Probes must answer without a token; the docs carry no data and let a person find the API.
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS:
+            given = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    given = value
+                    break
+            if not hmac.compare_digest(given, self.expected):
+                detail = (
+                    "this node needs 'Authorization: Bearer <API_TOKEN>'"
+                    if not given
+                    else "the bearer token is wrong"
+                )
+                response = problem(401, detail, "Unauthorized", **{"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

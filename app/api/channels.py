@@ -1,0 +1,157 @@
+"""Channel resources: settings, stats, purge and delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.api.codec import decode, json_body_doc, json_response_doc, read_body
+from app.api.deps import channel_name, node
+from app.engine.channel import ChannelState
+from app.models import CHANNEL_NAME
+
+router = APIRouter(prefix="/channels", tags=["channels"])
+
+ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_NAME.pattern)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ChannelSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Fields left out keep their current value (a new channel's: the node's defaults)."""
+
+    visibility_ms: Annotated[int, msgspec.Meta(ge=1000, le=43_200_000)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | msgspec.UnsetType = msgspec.UNSET
+    dead_letter: ChannelName | msgspec.UnsetType | None = msgspec.UNSET
+    max_length: Positive | msgspec.UnsetType | None = msgspec.UNSET
+    ttl_ms: Positive | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class Settings(msgspec.Struct):
+    visibility_ms: int
+    max_attempts: int
+    dead_letter: str | None
+    max_length: int | None
+    ttl_ms: int | None
+
+
+class Counts(msgspec.Struct):
+    ready: int
+    delayed: int
+    in_flight: int
+
+
+class Totals(msgspec.Struct):
+    """Counted since the node started."""
+
+    enqueued: int
+    dequeued: int
+    acked: int
+    nacked: int
+    dead_lettered: int
+    redelivered: int
+
+
+class ChannelInfo(msgspec.Struct):
+    name: str
+    settings: Settings
+    counts: Counts
+    totals: Totals
+    oldest_ready_age_ms: int | None
+
+
+class ChannelList(msgspec.Struct):
+    channels: list[ChannelInfo]
+
+
+class Purged(msgspec.Struct):
+    purged: int
+
+
+SCHEMAS: list[type[msgspec.Struct]] = [ChannelSettings, ChannelInfo, ChannelList, Purged]
+
+_settings = msgspec.json.Decoder(ChannelSettings)
+_encoder = msgspec.json.Encoder()
+
+
+def _json(value: msgspec.Struct) -> Response:
+    return Response(_encoder.encode(value), media_type="application/json")
+
+
+def _info(ch: ChannelState, now: int) -> ChannelInfo:
+    s = ch.stats(now)
+    c = ch.config
+    return ChannelInfo(
+        name=ch.name,
+        settings=Settings(c.visibility_ms, c.max_attempts, c.dead_letter, c.max_length, c.ttl_ms),
+        counts=Counts(ready=s.ready, delayed=s.delayed, in_flight=s.in_flight),
+        totals=Totals(s.enqueued, s.dequeued, s.acked, s.nacked, s.dead_lettered, s.redelivered),
+        oldest_ready_age_ms=s.oldest_ready_age_ms,
+    )
+
+
+@router.get(
+    "", summary="Every channel with its counts", responses=json_response_doc(ChannelList, 200, "")
+)
+async def list_channels(request: Request) -> Response:
+    n = node(request)
+    now = n.clock.now_ms()
+    chans = sorted(n.engine.channels.values(), key=lambda ch: ch.name)
+    return _json(ChannelList(channels=[_info(ch, now) for ch in chans]))
+
+
+@router.get(
+    "/{channel}",
+    summary="A channel's settings and counts",
+    responses=json_response_doc(ChannelInfo, 200, "Settings, counts and totals"),
+)
+async def get_channel(channel: str, request: Request) -> Response:
+    n = node(request)
+    ch = n.engine.get(channel_name(channel))
+    return _json(_info(ch, n.clock.now_ms()))
+
+
+@router.put(
+    "/{channel}",
+    summary="Create a channel or change its settings",
+    openapi_extra=json_body_doc(ChannelSettings),
+    responses=json_response_doc(ChannelInfo, 200, "The channel as it now is"),
+)
+async def put_channel(channel: str, request: Request) -> Response:
+    n = node(request)
+    name = channel_name(channel)
+    body = await read_body(request, 4096)
+    req = decode(body, _settings) if body.strip() else ChannelSettings()
+    changes: dict[str, Any] = {
+        field: value
+        for field in ChannelSettings.__struct_fields__
+        if (value := getattr(req, field)) is not msgspec.UNSET
+    }
+    ch = await n.engine.configure(name, changes)
+    return _json(_info(ch, n.clock.now_ms()))
+
+
+@router.post(
+    "/{channel}/purge",
+    summary="Delete every message of the channel (in flight too); keep its settings",
+    responses=json_response_doc(Purged, 200, "How many messages were deleted"),
+)
+async def purge_channel(channel: str, request: Request) -> Response:
+    n = node(request)
+    return _json(Purged(purged=await n.engine.purge(channel_name(channel))))
+
+
+@router.delete(
+    "/{channel}",
+    status_code=204,
+    summary="Delete the channel, its settings and its messages",
+    response_class=Response,
+)
+async def delete_channel(channel: str, request: Request) -> Response:
+    n = node(request)
+    await n.engine.delete_channel(channel_name(channel))
+    return Response(status_code=204)

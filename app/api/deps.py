@@ -1,0 +1,39 @@
+"""What every route needs: the node's long-lived parts (from app.state) and name checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from app.clock import Clock
+from app.engine.queue import QueueEngine
+from app.errors import InvalidInput
+from app.models import valid_channel_name
+from app.settings import Settings
+from app.store.base import Store
+
+
+@dataclass(slots=True)
+class Node:
+    """Everything the lifespan opened, kept on app.state.node."""
+
+    settings: Settings
+    clock: Clock
+    store: Store
+    engine: QueueEngine
+    started_at: int
+
+
+def node(request: Request) -> Node:
+    n: Node = request.app.state.node
+    return n
+
+
+def channel_name(name: str) -> str:
+    if not valid_channel_name(name):
+        raise InvalidInput(
+            f"channel name {name[:140]!r} is invalid: use 1 to 128 letters, digits, '.', '_'"
+            " or '-', starting with a letter or digit"
+        )
+    return name

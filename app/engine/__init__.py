@@ -1,0 +1,1 @@
+"""The queue engine: channels in memory, kept in step with the store."""

@@ -1,0 +1,545 @@
+"""The queue engine: the channels' in-memory state kept in step with the store.
+
+Every state change follows one rule: take the messages out of reach in memory first (so no one
+else can deliver or ack them), await the store's durable write, then finish the change in memory;
+if the store fails, put everything back as it was and let the caller answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any
+
+import msgspec
+
+from app.clock import Clock
+from app.engine.channel import ChannelState
+from app.engine.ids import IdGenerator, parse_receipts
+from app.errors import ChannelFull, ChannelNotFound, InvalidInput, StoreError
+from app.models import (
+    DEAD_LETTER_SUFFIX,
+    ChannelConfig,
+    ChannelStats,
+    Lease,
+    Message,
+    valid_channel_name,
+)
+from app.store.base import Store
+
+log = logging.getLogger("lionmq.engine")
+
+# How many messages one maintenance pass moves per channel and kind of work; bounds a tick.
+_SWEEP_LIMIT = 1000
+_DEDUP_PRUNE_EVERY_MS = 30_000
+
+
+MAX_DELAY_MS = 7 * 24 * 3600 * 1000
+HeaderName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class NewMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """One message of an enqueue request, as decoded (and validated) at the edge."""
+
+    body: msgspec.Raw
+    headers: dict[HeaderName, str] | None = None
+    delay_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)] = 0
+    ttl_ms: Annotated[int, msgspec.Meta(ge=1, le=365 * 24 * 3600 * 1000)] | None = None
+    dedup_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    window_size: int = 10_000
+    dedup_window_ms: int = 300_000
+    defaults: ChannelConfig = field(default_factory=ChannelConfig)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How many receipts took effect, and which ones were stale."""
+
+    done: int
+    stale: list[str]
+
+
+_header_encoder = msgspec.json.Encoder()
+_header_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+class QueueEngine:
+    def __init__(self, store: Store, clock: Clock, limits: EngineLimits | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.limits = limits or EngineLimits()
+        self.ids = IdGenerator(clock)
+        self.channels: dict[str, ChannelState] = {}
+        self._creating: dict[str, asyncio.Future[ChannelState]] = {}
+        self._last_prune = 0
+        self._next_wake: int | None = None
+        # Set when a timer earlier than the maintenance loop's next wake appears.
+        self.timers_changed = asyncio.Event()
+
+    # -- start and stop ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Rebuild memory from the store: counts, leases still running, the head of each queue."""
+        now = self.clock.now_ms()
+        self.ids = IdGenerator(self.clock, floor=await self.store.max_id())
+        for name, config in (await self.store.load_channels()).items():
+            ch = self._state(name, config)
+            counts = await self.store.counts(name, now)
+            ch.total, ch.delayed = counts.total, counts.delayed
+            ch.next_due, ch.next_expiry = counts.next_due, counts.next_expiry
+            for m in await self.store.leased(name, now):
+                ch.leases[m.id] = Lease(message=m, attempt=m.attempt, deadline=m.available_at)
+                ch.lease_heap.append((m.available_at, m.id, m.attempt))
+            ch.lease_heap.sort()
+            await self._load_page(ch)
+
+    async def stop(self) -> None:
+        for ch in self.channels.values():
+            ch.wake()
+            if ch.loading is not None:
+                ch.loading.cancel()
+
+    # -- channels ---------------------------------------------------------------------------
+    def _state(self, name: str, config: ChannelConfig) -> ChannelState:
+        ch = ChannelState(name, config, self.limits.window_size)
+        self.channels[name] = ch
+        return ch
+
+    def get(self, name: str) -> ChannelState:
+        ch = self.channels.get(name)
+        if ch is None:
+            raise ChannelNotFound(f"channel {name!r} does not exist; enqueue to it to create it")
+        return ch
+
+    def default_config(self, name: str, *, dead_letter_target: bool = False) -> ChannelConfig:
+        dlq = f"{name}{DEAD_LETTER_SUFFIX}"
+        # A dead-letter channel gets none of its own: no .dlq.dlq chains.
+        no_dlq = dead_letter_target or name.endswith(DEAD_LETTER_SUFFIX)
+        return replace(
+            self.limits.defaults, dead_letter=None if no_dlq or not valid_channel_name(dlq) else dlq
+        )
+
+    async def ensure(self, name: str, *, dead_letter_target: bool = False) -> ChannelState:
+        """The channel, created with default settings (and persisted) on first use."""
+        ch = self.channels.get(name)
+        if ch is not None:
+            return ch
+        pending = self._creating.get(name)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ChannelState] = asyncio.get_running_loop().create_future()
+        self._creating[name] = future
+        try:
+            config = self.default_config(name, dead_letter_target=dead_letter_target)
+            await self.store.save_channel(name, config)
+            ch = self._state(name, config)
+            ch.exhausted = True  # a new channel holds nothing in the store
+            future.set_result(ch)
+            return ch
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited future does not warn
+            raise
+        finally:
+            del self._creating[name]
+
+    async def configure(self, name: str, changes: dict[str, Any]) -> ChannelState:
+        ch = await self.ensure(name)
+        config = replace(ch.config, **changes)
+        if config.dead_letter == name:
+            raise InvalidInput("dead_letter must name another channel, not the channel itself")
+        await self.store.save_channel(name, config)
+        ch.config = config
+        return ch
+
+    async def purge(self, name: str) -> int:
+        ch = self.get(name)
+        count = await self.store.purge(name)
+        ch.epoch += 1
+        ch.total = max(0, ch.total - count)
+        ch.delayed = 0
+        ch.ready.clear()
+        ch.window.clear()
+        ch.leases.clear()
+        ch.lease_heap.clear()
+        ch.settling.clear()
+        ch.cursor, ch.exhausted = 0, False
+        ch.next_due = ch.next_expiry = None
+        return count
+
+    async def delete_channel(self, name: str) -> None:
+        ch = self.get(name)
+        await self.store.drop_channel(name)
+        del self.channels[name]
+        ch.epoch += 1
+        ch.wake()
+
+    def channel_stats(self, now: int) -> list[ChannelStats]:
+        return [ch.stats(now) for ch in self.channels.values()]
+
+    def take_ack_latencies(self) -> dict[str, list[int]]:
+        out = {}
+        for ch in self.channels.values():
+            if ch.ack_latencies:
+                out[ch.name], ch.ack_latencies = ch.ack_latencies, []
+        return out
+
+    # -- enqueue ----------------------------------------------------------------------------
+    async def enqueue(self, name: str, batch: Sequence[NewMessage]) -> list[int]:
+        ch = await self.ensure(name)
+        limit = ch.config.max_length
+        n = len(batch)
+        if limit is not None and ch.total + ch.reserved + n > limit:
+            raise ChannelFull(
+                f"channel {name!r} holds {ch.total + ch.reserved} of at most {limit} messages;"
+                f" this batch of {n} would pass max_length, so nothing was stored"
+            )
+        now = self.clock.now_ms()
+        first = self.ids.take(n)
+        default_ttl = ch.config.ttl_ms
+        messages = []
+        for i, m in enumerate(batch):
+            ttl = m.ttl_ms or default_ttl
+            messages.append(
+                Message(
+                    id=first + i,
+                    body=bytes(m.body),
+                    headers=_header_encoder.encode(m.headers) if m.headers else None,
+                    enqueued_at=now,
+                    available_at=now + m.delay_ms if m.delay_ms else 0,
+                    expires_at=now + ttl if ttl else None,
+                    dedup_id=m.dedup_id,
+                )
+            )
+        ch.reserved += n
+        try:
+            result = await self.store.insert(name, messages, now - self.limits.dedup_window_ms)
+        finally:
+            ch.reserved -= n
+        if self.channels.get(name) is ch:
+            self._stored(ch, result.new)
+        return result.ids
+
+    def _stored(self, ch: ChannelState, new: list[Message]) -> None:
+        """Account for messages just made durable in this channel and wake its consumers."""
+        if not new:
+            return
+        ch.total += len(new)
+        ch.enqueued += len(new)
+        ready = [m for m in new if not m.available_at]
+        if len(ready) < len(new):
+            due = min(m.available_at for m in new if m.available_at)
+            ch.delayed += len(new) - len(ready)
+            self._set_due(ch, due)
+        expiries = [m.expires_at for m in new if m.expires_at is not None]
+        if expiries:
+            self._set_expiry(ch, min(expiries))
+        if ready:
+            ch.add_fresh(ready)
+            ch.wake(len(ready))
+
+    def _set_due(self, ch: ChannelState, due: int) -> None:
+        if ch.next_due is None or due < ch.next_due:
+            ch.next_due = due
+            self.timers_changed.set()
+
+    def _set_expiry(self, ch: ChannelState, at: int) -> None:
+        if ch.next_expiry is None or at < ch.next_expiry:
+            ch.next_expiry = at
+            self.timers_changed.set()
+
+    # -- dequeue ----------------------------------------------------------------------------
+    async def dequeue(
+        self, name: str, max_count: int, wait_ms: int, visibility_ms: int | None
+    ) -> list[Lease]:
+        ch = await self.ensure(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            leases = await self._take(ch, max_count, visibility_ms or ch.config.visibility_ms)
+            remaining = deadline - loop.time()
+            if leases or remaining <= 0 or self.channels.get(name) is not ch:
+                return leases
+            waiter: asyncio.Future[None] = loop.create_future()
+            ch.waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+
+    async def _take(self, ch: ChannelState, n: int, visibility_ms: int) -> list[Lease]:
+        if ch.needs_page():
+            ch.loading = asyncio.ensure_future(self._load_page(ch))
+            ch.loading.add_done_callback(_log_failure)
+        if not ch.ready and ch.loading is not None:
+            await asyncio.shield(ch.loading)
+        now = self.clock.now_ms()
+        messages = ch.pop_ready(n)
+        if not messages:
+            return []
+        messages = await self._drop_dead(ch, messages, now)
+        if not messages:
+            return []
+        deadline = now + visibility_ms
+        leases = ch.lease(messages, deadline)
+        try:
+            # Shielded: once leased in memory, the write must finish even if the caller leaves.
+            await asyncio.shield(
+                self.store.lease(ch.name, [(m.id, m.attempt) for m in messages], deadline)
+            )
+        except StoreError:
+            ch.unlease(leases)
+            ch.wake()
+            raise
+        ch.dequeued += len(leases)
+        ch.redelivered += sum(1 for lease in leases if lease.attempt > 1)
+        self._timer(deadline)
+        return leases
+
+    async def _drop_dead(
+        self, ch: ChannelState, messages: list[Message], now: int
+    ) -> list[Message]:
+        """Dead-letter what may not be delivered any more (TTL run out, attempts used up)."""
+        expired, spent, fine = _sort_out(messages, now, ch.config.max_attempts)
+        if expired:
+            await self._dead_letter(ch, expired, "ttl")
+        if spent:
+            await self._dead_letter(ch, spent, "max_attempts")
+        return fine
+
+    def _timer(self, at: int) -> None:
+        if self._next_wake is None or at < self._next_wake:
+            self.timers_changed.set()
+
+    async def _load_page(self, ch: ChannelState) -> None:
+        generation = ch.generation
+        ch.exhausted = False
+        gone: set[int] = set()
+        ch.gone = gone
+        try:
+            page = await self.store.page_ready(
+                ch.name, ch.cursor, self.clock.now_ms(), ch.page_size
+            )
+        finally:
+            ch.gone = None
+            ch.loading = None
+        ch.add_page(page, gone, complete=len(page) < ch.page_size and ch.generation == generation)
+        if ch.ready:
+            ch.wake(len(ch.ready))
+
+    # -- ack, nack, extend ------------------------------------------------------------------
+    async def ack(self, name: str, receipts: list[str]) -> Outcome:
+        pairs = parse_receipts(receipts)
+        ch = self.channels.get(name)
+        if ch is None:
+            return Outcome(0, list(receipts))
+        now = self.clock.now_ms()
+        held, stale = ch.claim(pairs, now)
+        if held:
+            ids = [lease.message.id for lease in held]
+            ch.settling.update(ids)
+            epoch = ch.epoch
+            try:
+                await self.store.delete(name, ids)
+            except StoreError:
+                ch.restore(held)
+                raise
+            if ch.epoch == epoch:
+                ch.forget(ids)
+                ch.total -= len(ids)
+                ch.acked += len(ids)
+                ch.record_ack_latency(now, held)
+        return Outcome(len(held), [receipts[i] for i in stale])
+
+    async def nack(
+        self, name: str, receipts: list[str], delay_ms: int, dead_letter: bool
+    ) -> Outcome:
+        pairs = parse_receipts(receipts)
+        ch = self.channels.get(name)
+        if ch is None:
+            return Outcome(0, list(receipts))
+        now = self.clock.now_ms()
+        held, stale = ch.claim(pairs, now)
+        if held:
+            await self._return(ch, held, now, delay_ms, reason="nack" if dead_letter else None)
+            ch.nacked += len(held)
+        return Outcome(len(held), [receipts[i] for i in stale])
+
+    async def extend(self, name: str, receipts: list[str], visibility_ms: int) -> Outcome:
+        pairs = parse_receipts(receipts)
+        ch = self.channels.get(name)
+        if ch is None:
+            return Outcome(0, list(receipts))
+        now = self.clock.now_ms()
+        held, stale = ch.claim(pairs, now)
+        if held:
+            deadline = now + visibility_ms
+            ids = [lease.message.id for lease in held]
+            try:
+                await self.store.extend(name, ids, deadline)
+            except StoreError:
+                ch.restore(held)
+                raise
+            for lease in held:
+                lease.deadline = deadline
+            ch.restore(held)
+            self._timer(deadline)
+        return Outcome(len(held), [receipts[i] for i in stale])
+
+    async def _return(
+        self, ch: ChannelState, held: list[Lease], now: int, delay_ms: int, reason: str | None
+    ) -> None:
+        """Leases that ended without an ack: ready again, delayed, or dead-lettered."""
+        messages = [lease.message for lease in held]
+        if reason is None:
+            expired, spent, back = _sort_out(messages, now, ch.config.max_attempts)
+        else:
+            expired, spent, back = [], messages, []
+        try:
+            if expired:
+                await self._dead_letter(ch, expired, "ttl")
+            if spent:
+                await self._dead_letter(ch, spent, reason or "max_attempts")
+            if back:
+                available_at = now + delay_ms if delay_ms else 0
+                ids = [m.id for m in back]
+                ch.settling.update(ids)
+                try:
+                    await self.store.release(ch.name, ids, available_at)
+                finally:
+                    ch.settling.difference_update(ids)
+                for m in back:
+                    m.leased = False
+                if available_at:
+                    ch.delayed += len(back)
+                    self._set_due(ch, available_at)
+                else:
+                    ch.push_ready(back)
+                    ch.wake(len(back))
+        except StoreError:
+            ch.restore([lease for lease in held if not ch.holds(lease.message.id)])
+            raise
+
+    # -- dead letters -----------------------------------------------------------------------
+    async def _dead_letter(self, ch: ChannelState, messages: list[Message], reason: str) -> None:
+        """Move messages to the channel's dead-letter channel (or drop them), durably."""
+        ids = [m.id for m in messages]
+        ch.settling.update(ids)
+        for msg_id in ids:
+            ch.ready.pop(msg_id, None)
+            ch.leases.pop(msg_id, None)
+        target_name = ch.config.dead_letter
+        target = None
+        moved: list[Message] = []
+        try:
+            if target_name is not None:
+                target = await self.ensure(target_name, dead_letter_target=True)
+                now = self.clock.now_ms()
+                first = self.ids.take(len(messages))
+                moved = [
+                    Message(
+                        id=first + i,
+                        body=m.body,
+                        headers=_dead_headers(m, ch.name, reason),
+                        enqueued_at=now,
+                    )
+                    for i, m in enumerate(messages)
+                ]
+            epoch = ch.epoch
+            await self.store.move(ch.name, ids, target_name, moved)
+        except StoreError:
+            ch.settling.difference_update(ids)
+            ch.push_ready(messages)
+            raise
+        if ch.epoch == epoch:
+            ch.forget(ids)
+            ch.total -= len(ids)
+            ch.dead_lettered += len(ids)
+        if target is not None and self.channels.get(target.name) is target:
+            self._stored(target, moved)
+        log.info("dead-lettered %d message(s) from %s (%s)", len(ids), ch.name, reason)
+
+    # -- maintenance ------------------------------------------------------------------------
+    async def tick(self, now: int) -> int | None:
+        """Do what fell due by `now`: expire leases, release delays, expire TTLs, prune dedup.
+
+        Returns when something next falls due (None: nothing scheduled).
+        """
+        self.timers_changed.clear()
+        for ch in list(self.channels.values()):
+            expired = ch.expired_leases(now)
+            if expired:
+                await self._return(ch, expired, now, 0, reason=None)
+            if ch.next_due is not None and ch.next_due <= now:
+                await self._promote(ch, now)
+            if ch.next_expiry is not None and ch.next_expiry <= now:
+                await self._expire(ch, now)
+        if now - self._last_prune >= _DEDUP_PRUNE_EVERY_MS:
+            await self.store.prune_dedup(now - self.limits.dedup_window_ms)
+            self._last_prune = now
+        wake = [
+            t
+            for ch in self.channels.values()
+            for t in (ch.next_lease_deadline(), ch.next_due, ch.next_expiry)
+            if t is not None
+        ]
+        self._next_wake = min(wake) if wake else None
+        return self._next_wake
+
+    async def _promote(self, ch: ChannelState, now: int) -> None:
+        due = await self.store.promote_due(ch.name, now, _SWEEP_LIMIT)
+        ch.delayed = max(0, ch.delayed - len(due))
+        if due:
+            ch.add_promoted(due)
+            ch.wake(len(due))
+        # A full batch means more may be due right now.
+        ch.next_due = now if len(due) == _SWEEP_LIMIT else await self.store.next_due(ch.name)
+
+    async def _expire(self, ch: ChannelState, now: int) -> None:
+        found = await self.store.expired(ch.name, now, _SWEEP_LIMIT)
+        dead = [m for m in found if m.id not in ch.leases and m.id not in ch.settling]
+        if dead:
+            delayed = sum(1 for m in dead if not m.leased and m.available_at > now)
+            await self._dead_letter(ch, dead, "ttl")
+            ch.delayed = max(0, ch.delayed - delayed)
+        more = len(found) == _SWEEP_LIMIT
+        ch.next_expiry = now if more else await self.store.next_expiry(ch.name, now)
+
+
+def _sort_out(
+    messages: list[Message], now: int, max_attempts: int
+) -> tuple[list[Message], list[Message], list[Message]]:
+    """Split messages into (TTL run out, attempts used up, still deliverable)."""
+    expired: list[Message] = []
+    spent: list[Message] = []
+    fine: list[Message] = []
+    for m in messages:
+        if m.expires_at is not None and m.expires_at <= now:
+            expired.append(m)
+        elif m.attempt >= max_attempts:
+            spent.append(m)
+        else:
+            fine.append(m)
+    return expired, spent, fine
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("paging from the store failed: %s", task.exception())
+
+
+def _dead_headers(m: Message, channel: str, reason: str) -> bytes:
+    headers = _header_decoder.decode(m.headers) if m.headers else {}
+    headers["x-dead-letter-channel"] = channel
+    headers["x-dead-letter-reason"] = reason
+    headers["x-dead-letter-attempts"] = str(m.attempt)
+    headers["x-dead-letter-message-id"] = str(m.id)
+    return _header_encoder.encode(headers)

@@ -1,0 +1,460 @@
+"""The MongoDB store (motor), for nodes that share or replicate their data.
+
+Works on a standalone server, so it uses no transactions: `insert` and `move` reach all or nothing
+by ordering their writes and undoing their own partial work on failure (see each method). Every
+write uses a journaled write concern (majority by default), so it is durable when it returns.
+
+Layout: `messages` keyed by the engine's int64 message id (`_id`), `dedup` with one record per
+(channel, dedup id) that outlives the message, and `channels` keyed by channel name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from motor.motor_asyncio import AsyncIOMotorClient
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateMany, WriteConcern
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
+
+from app.errors import StoreError, StoreUnavailable
+from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.settings import mongo_database
+
+Doc = dict[str, Any]
+
+log = logging.getLogger(__name__)
+
+_DUPLICATE_KEY = 11000
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ChannelConfig))
+
+
+def _write_concern(w: str | int) -> str | int:
+    """ "majority" or a tag set name stays a string; "1" means one node."""
+    return int(w) if isinstance(w, str) and w.isdigit() else w
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Turn driver errors into the domain's: callers never see a pymongo exception."""
+    try:
+        yield
+    except ConnectionFailure as exc:  # includes server selection and network timeouts
+        raise StoreUnavailable(f"MongoDB unreachable: {exc}") from exc
+    except PyMongoError as exc:
+        raise StoreUnavailable(f"MongoDB refused the operation: {exc}") from exc
+
+
+def _to_doc(channel: str, m: Message) -> Doc:
+    doc: Doc = {
+        "_id": m.id,
+        "channel": channel,
+        "body": bytes(m.body),  # bytes encode as BSON binary
+        "enqueued_at": m.enqueued_at,
+        "available_at": m.available_at,
+        "attempt": m.attempt,
+        "leased": m.leased,
+    }
+    # Absent rather than null: keeps the partial expiry index small and the documents lean. The
+    # dedup id lives in `dedup` only (as in SQLite): a stored message never needs it again.
+    if m.headers is not None:
+        doc["headers"] = bytes(m.headers)
+    if m.expires_at is not None:
+        doc["expires_at"] = m.expires_at
+    return doc
+
+
+def _from_doc(doc: Mapping[str, Any]) -> Message:
+    headers = doc.get("headers")
+    return Message(
+        id=int(doc["_id"]),
+        body=bytes(doc["body"]),
+        headers=None if headers is None else bytes(headers),
+        enqueued_at=int(doc["enqueued_at"]),
+        available_at=int(doc["available_at"]),
+        expires_at=doc.get("expires_at"),
+        attempt=int(doc["attempt"]),
+        leased=bool(doc["leased"]),
+    )
+
+
+class MongoStore:
+    kind = "mongodb"
+
+    def __init__(
+        self,
+        url: str = "",
+        *,
+        database: str | None = None,
+        write_concern: str | int = "majority",
+        journal: bool = True,
+        timeout_ms: int = 5_000,
+        client: Any = None,
+    ) -> None:
+        """Remember the settings only; `open()` connects. `client` injects a ready client (tests
+        pass `mongomock_motor.AsyncMongoMockClient()`); an injected client is not closed here."""
+        self._url = url
+        self._database = database or (mongo_database(url) if url else "") or "lionmq"
+        self._write_concern = WriteConcern(w=_write_concern(write_concern), j=journal)
+        self._timeout_ms = timeout_ms
+        self._client: Any = client
+        self._owns_client = client is None
+        self._db: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._client is None:
+            # timeoutMS bounds every operation, so a hung server fails fast instead of stalling.
+            self._client = AsyncIOMotorClient(
+                self._url,
+                serverSelectionTimeoutMS=self._timeout_ms,
+                connectTimeoutMS=self._timeout_ms,
+                timeoutMS=self._timeout_ms,
+            )
+        self._db = self._client.get_database(self._database, write_concern=self._write_concern)
+        with _translated():
+            await self._messages.create_indexes(
+                [
+                    IndexModel([("channel", ASCENDING), ("_id", ASCENDING)]),  # paging, max, purge
+                    # promote_due, next_due, leased, delayed counts.
+                    IndexModel(
+                        [("channel", ASCENDING), ("leased", ASCENDING), ("available_at", ASCENDING)]
+                    ),
+                    # Only messages with a TTL carry expires_at.
+                    IndexModel(
+                        [("channel", ASCENDING), ("expires_at", ASCENDING)],
+                        partialFilterExpression={"expires_at": {"$exists": True}},
+                    ),
+                ]
+            )
+            await self._dedup.create_indexes(
+                [
+                    IndexModel([("channel", ASCENDING), ("dedup_id", ASCENDING)], unique=True),
+                    IndexModel([("used_at", ASCENDING)]),  # prune_dedup
+                ]
+            )
+
+    async def close(self) -> None:
+        if self._client is not None and self._owns_client:
+            self._client.close()
+            self._client = None
+        self._db = None
+
+    async def ping(self) -> None:
+        if self._client is None:
+            raise StoreUnavailable("MongoDB store is not open")
+        with _translated():
+            await self._client.admin.command("ping")
+
+    @property
+    def _messages(self) -> Any:
+        return self._collection("messages")
+
+    @property
+    def _dedup(self) -> Any:
+        return self._collection("dedup")
+
+    @property
+    def _channels(self) -> Any:
+        return self._collection("channels")
+
+    def _collection(self, name: str) -> Any:
+        if self._db is None:
+            raise StoreError("MongoDB store is not open")
+        return self._db[name]
+
+    # -- channels ---------------------------------------------------------------------------
+    async def load_channels(self) -> dict[str, ChannelConfig]:
+        with _translated():
+            docs = await self._channels.find({}).to_list(None)
+        return {
+            str(d["_id"]): ChannelConfig(**{k: d[k] for k in _CONFIG_FIELDS if k in d})
+            for d in docs
+        }
+
+    async def save_channel(self, name: str, config: ChannelConfig) -> None:
+        with _translated():
+            await self._channels.replace_one({"_id": name}, dataclasses.asdict(config), upsert=True)
+
+    async def drop_channel(self, name: str) -> None:
+        # Settings go last: a failure part-way leaves a channel with fewer messages, never
+        # orphaned messages of a channel that no longer exists.
+        with _translated():
+            await self._messages.delete_many({"channel": name})
+            await self._dedup.delete_many({"channel": name})
+            await self._channels.delete_one({"_id": name})
+
+    # -- writes -----------------------------------------------------------------------------
+    async def insert(
+        self, channel: str, messages: Sequence[Message], dedup_since: int
+    ) -> EnqueueResult:
+        wanted = list({m.dedup_id for m in messages if m.dedup_id is not None})
+        previous: dict[str, Doc] = {}
+        if wanted:
+            with _translated():
+                async for rec in self._dedup.find(
+                    {"channel": channel, "dedup_id": {"$in": wanted}}
+                ):
+                    previous[rec["dedup_id"]] = rec
+
+        ids: list[int] = []
+        new: list[Message] = []
+        claimed: dict[str, Message] = {}  # dedup id -> the message of this batch that now owns it
+        for m in messages:
+            key = m.dedup_id
+            if key is not None:
+                if key in claimed:
+                    ids.append(claimed[key].id)
+                    continue
+                rec = previous.get(key)
+                if rec is not None and rec["used_at"] >= dedup_since:
+                    ids.append(int(rec["message_id"]))
+                    continue
+                claimed[key] = m
+            ids.append(m.id)
+            new.append(m)
+
+        # Messages first, dedup records second: a crash between the two can only let a retry
+        # store a duplicate (at-least-once), never dedup against a message that was not stored.
+        if new:
+            await self._insert_messages(channel, new)
+        if claimed:
+            try:
+                with _translated():
+                    await self._dedup.bulk_write(
+                        [
+                            # UpdateMany on a unique key: mongomock rejects UpdateOne in bulk_write.
+                            UpdateMany(
+                                {"channel": channel, "dedup_id": key},
+                                {"$set": {"message_id": m.id, "used_at": m.enqueued_at}},
+                                upsert=True,
+                            )
+                            for key, m in claimed.items()
+                        ],
+                        ordered=True,
+                    )
+            except StoreUnavailable:
+                await self._undo_insert(channel, new, claimed, previous)
+                raise
+        return EnqueueResult(ids=ids, new=new)
+
+    async def _insert_messages(self, channel: str, new: Sequence[Message]) -> None:
+        """insert_many, or nothing: on failure delete what this call inserted, then raise."""
+        try:
+            with _translated():
+                await self._messages.insert_many([_to_doc(channel, m) for m in new], ordered=True)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            # Ordered: exactly the first nInserted went in. No server selected: nothing was sent.
+            # Otherwise (network) assume all may have.
+            if isinstance(cause, BulkWriteError):
+                done = int(cause.details.get("nInserted", 0))
+            else:
+                done = 0 if isinstance(cause, ServerSelectionTimeoutError) else len(new)
+            if done:
+                await self._best_effort(
+                    self._messages.delete_many(
+                        {"channel": channel, "_id": {"$in": [m.id for m in new[:done]]}}
+                    )
+                )
+            raise
+
+    async def _undo_insert(
+        self,
+        channel: str,
+        new: Sequence[Message],
+        claimed: Mapping[str, Message],
+        previous: Mapping[str, Doc],
+    ) -> None:
+        """Best effort: restore the dedup records this insert touched and delete its messages."""
+        for key, m in claimed.items():
+            mine = {"channel": channel, "dedup_id": key, "message_id": m.id}
+            old = previous.get(key)
+            if old is None:
+                await self._best_effort(self._dedup.delete_many(mine))
+            else:
+                restore = {"message_id": old["message_id"], "used_at": old["used_at"]}
+                await self._best_effort(self._dedup.update_many(mine, {"$set": restore}))
+        await self._best_effort(
+            self._messages.delete_many({"channel": channel, "_id": {"$in": [m.id for m in new]}})
+        )
+
+    @staticmethod
+    async def _best_effort(op: Any) -> None:
+        # The caller must see the original error; a failed undo is only worth a log line.
+        try:
+            await op
+        except PyMongoError as exc:
+            log.warning("MongoDB undo after a failed write failed too: %s", exc)
+
+    async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
+        if not leases:
+            return
+        by_attempt: dict[int, list[int]] = {}
+        for message_id, attempt in leases:
+            by_attempt.setdefault(attempt, []).append(message_id)
+        with _translated():
+            await self._messages.bulk_write(
+                [
+                    UpdateMany(
+                        {"channel": channel, "_id": {"$in": ids}},
+                        {"$set": {"leased": True, "available_at": deadline, "attempt": attempt}},
+                    )
+                    for attempt, ids in by_attempt.items()
+                ],
+                ordered=False,
+            )
+
+    async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
+        if ids:
+            with _translated():
+                await self._messages.update_many(
+                    {"channel": channel, "_id": {"$in": list(ids)}},
+                    {"$set": {"leased": False, "available_at": available_at}},
+                )
+
+    async def extend(self, channel: str, ids: Sequence[int], deadline: int) -> None:
+        if ids:
+            with _translated():
+                # Only leases: extending a released message must not turn it into a delayed one.
+                await self._messages.update_many(
+                    {"channel": channel, "_id": {"$in": list(ids)}, "leased": True},
+                    {"$set": {"available_at": deadline}},
+                )
+
+    async def delete(self, channel: str, ids: Sequence[int]) -> None:
+        if ids:
+            with _translated():
+                await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
+
+    async def move(
+        self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
+    ) -> None:
+        # No transactions: insert into the target first, then delete from the source. A failure
+        # or crash between the two leaves the message in both channels (a duplicate, which
+        # at-least-once delivery tolerates), never in neither.
+        if target is not None and moved:
+            moved_ids = [m.id for m in moved]
+            try:
+                with _translated():
+                    await self._messages.insert_many(
+                        [_to_doc(target, m) for m in moved], ordered=False
+                    )
+            except StoreUnavailable as exc:
+                cause = exc.__cause__
+                errors = (
+                    cause.details.get("writeErrors", [])
+                    if isinstance(cause, BulkWriteError)
+                    else None
+                )
+                # Only duplicate keys: an earlier attempt already copied them; carry on.
+                if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                    if not isinstance(cause, ServerSelectionTimeoutError):  # else nothing was sent
+                        # The source still holds every message: dropping the copies loses nothing.
+                        await self._best_effort(
+                            self._messages.delete_many(
+                                {"channel": target, "_id": {"$in": moved_ids}}
+                            )
+                        )
+                    raise
+        # Deliberately no undo if this fails: the delete may have applied server-side, and
+        # removing the copies then would lose the messages.
+        await self.delete(channel, ids)
+
+    async def purge(self, channel: str) -> int:
+        with _translated():
+            result = await self._messages.delete_many({"channel": channel})
+        return int(result.deleted_count)
+
+    async def promote_due(self, channel: str, now: int, limit: int) -> list[Message]:
+        query = {"channel": channel, "leased": False, "available_at": {"$gt": 0, "$lte": now}}
+        with _translated():
+            # Earliest due first (index order), so a small limit never starves old delays.
+            order = [("available_at", ASCENDING), ("_id", ASCENDING)]
+            docs = await self._messages.find(query).sort(order).limit(limit).to_list(None)
+            if not docs:
+                return []
+            # Same filter again: a message leased or released meanwhile is left alone.
+            await self._messages.update_many(
+                {**query, "_id": {"$in": [d["_id"] for d in docs]}}, {"$set": {"available_at": 0}}
+            )
+        promoted = sorted((_from_doc(d) for d in docs), key=lambda m: m.id)
+        for m in promoted:
+            m.available_at = 0
+        return promoted
+
+    async def prune_dedup(self, before: int) -> int:
+        with _translated():
+            result = await self._dedup.delete_many({"used_at": {"$lt": before}})
+        return int(result.deleted_count)
+
+    # -- reads ------------------------------------------------------------------------------
+    async def page_ready(self, channel: str, after_id: int, now: int, limit: int) -> list[Message]:
+        query = {"channel": channel, "_id": {"$gt": after_id}, "available_at": {"$lte": now}}
+        return await self._find(query, limit)
+
+    async def expired(self, channel: str, now: int, limit: int) -> list[Message]:
+        query = {
+            "channel": channel,
+            "expires_at": {"$exists": True, "$lte": now},  # $exists lets the partial index serve
+            "$or": [{"leased": False}, {"available_at": {"$lte": now}}],  # not in flight
+        }
+        return await self._find(query, limit)
+
+    async def leased(self, channel: str, now: int) -> list[Message]:
+        return await self._find(
+            {"channel": channel, "leased": True, "available_at": {"$gt": now}}, 0
+        )
+
+    async def _find(self, query: Mapping[str, Any], limit: int) -> list[Message]:
+        """Matching messages in id order; limit 0 means all."""
+        with _translated():
+            cursor = self._messages.find(query).sort("_id", ASCENDING)
+            docs = await cursor.limit(limit).to_list(None)
+        return [_from_doc(d) for d in docs]
+
+    async def counts(self, channel: str, now: int) -> ChannelCounts:
+        with _translated():
+            total, delayed, next_due, next_expiry = await asyncio.gather(
+                self._messages.count_documents({"channel": channel}),
+                self._messages.count_documents(
+                    {"channel": channel, "leased": False, "available_at": {"$gt": now}}
+                ),
+                self.next_due(channel),
+                self.next_expiry(channel, now),
+            )
+        return ChannelCounts(
+            total=int(total), delayed=int(delayed), next_due=next_due, next_expiry=next_expiry
+        )
+
+    async def next_due(self, channel: str) -> int | None:
+        return await self._min(
+            {"channel": channel, "leased": False, "available_at": {"$gt": 0}}, "available_at"
+        )
+
+    async def next_expiry(self, channel: str, now: int) -> int | None:
+        query = {"channel": channel, "expires_at": {"$exists": True, "$gt": now}}
+        return await self._min(query, "expires_at")
+
+    async def _min(self, query: Mapping[str, Any], field: str) -> int | None:
+        with _translated():
+            doc = await self._messages.find_one(
+                query, projection={field: True}, sort=[(field, ASCENDING)]
+            )
+        return None if doc is None else int(doc[field])
+
+    async def max_id(self) -> int:
+        with _translated():
+            doc = await self._messages.find_one(
+                {}, projection={"_id": True}, sort=[("_id", DESCENDING)]
+            )
+        return 0 if doc is None else int(doc["_id"])
