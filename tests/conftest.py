@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from mongomock_motor import AsyncMongoMockClient
 
 from app.main import create_app
 from app.settings import Settings
+from app.store.mongo import MongoStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,10 +121,15 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     )
 
 
-@pytest.fixture
-async def app_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process node (lifespan running) behind an httpx client."""
-    app: FastAPI = create_app(make_settings(tmp_path))
+@pytest.fixture(params=["sqlite", "mongomock"])
+async def app_client(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process node (lifespan running) behind an httpx client, on each store."""
+    store = None
+    if request.param == "mongomock":
+        store = MongoStore(database="lionmq", client=AsyncMongoMockClient())
+    app: FastAPI = create_app(make_settings(tmp_path), store=store)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://node") as client,

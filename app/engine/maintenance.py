@@ -23,6 +23,7 @@ class Maintenance:
         self._clock = clock
         self._max_sleep_ms = max_sleep_ms
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.failures = 0
 
     async def start(self) -> None:
@@ -30,6 +31,9 @@ class Maintenance:
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag as well as the cancel: on 3.11 wait_for can swallow a cancellation that
+            # lands just as its inner wait completes.
+            self._stopping = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -48,7 +52,7 @@ class Maintenance:
         return next_due
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             next_due = await self.tick(self._clock.now_ms())
             sleep_ms = self._max_sleep_ms
             if next_due is not None:

@@ -39,7 +39,7 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ChannelConfig))
 
 
 def _write_concern(w: str | int) -> str | int:
-    """ "majority" or a tag set name stays a string; "1" means one node."""
+    """Digits are a node count ("1"); "majority" or a tag set name stays a string."""
     return int(w) if isinstance(w, str) and w.isdigit() else w
 
 
@@ -109,17 +109,22 @@ class MongoStore:
         self._client: Any = client
         self._owns_client = client is None
         self._db: Any = None
+        # Dedup ids being inserted right now, each with the future of the batch that holds it.
+        self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
         if self._client is None:
-            # timeoutMS bounds every operation, so a hung server fails fast instead of stalling.
-            self._client = AsyncIOMotorClient(
-                self._url,
-                serverSelectionTimeoutMS=self._timeout_ms,
-                connectTimeoutMS=self._timeout_ms,
-                timeoutMS=self._timeout_ms,
-            )
+            try:
+                # timeoutMS bounds every operation: a hung server fails fast instead of stalling.
+                self._client = AsyncIOMotorClient(
+                    self._url,
+                    serverSelectionTimeoutMS=self._timeout_ms,
+                    connectTimeoutMS=self._timeout_ms,
+                    timeoutMS=self._timeout_ms,
+                )
+            except (PyMongoError, ValueError) as exc:  # a malformed URL: retrying won't help
+                raise StoreError(f"MongoDB configuration rejected: {exc}") from exc
         self._db = self._client.get_database(self._database, write_concern=self._write_concern)
         with _translated():
             await self._messages.create_indexes(
@@ -195,6 +200,26 @@ class MongoStore:
 
     # -- writes -----------------------------------------------------------------------------
     async def insert(
+        self, channel: str, messages: Sequence[Message], dedup_since: int
+    ) -> EnqueueResult:
+        """Batches that share a dedup id run one after the other (in this process): without a
+        transaction, two concurrent ones would both find the id unused and both store."""
+        keys = {(channel, m.dedup_id) for m in messages if m.dedup_id is not None}
+        if not keys:
+            return await self._insert(channel, messages, dedup_since)
+        while busy := {self._claims[k] for k in keys if k in self._claims}:
+            await asyncio.wait(busy)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for k in keys:
+            self._claims[k] = mine
+        try:
+            return await self._insert(channel, messages, dedup_since)
+        finally:
+            for k in keys:
+                del self._claims[k]
+            mine.set_result(None)
+
+    async def _insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
         wanted = list({m.dedup_id for m in messages if m.dedup_id is not None})

@@ -1,0 +1,451 @@
+"""The store contract (`app/store/base.py`) as one suite every backend must pass.
+
+Subclass `StoreContract` in a test module that provides two fixtures:
+
+- `store`: an opened, empty `Store`;
+- `reopen`: an async callable that closes a store and returns a new opened one over the same data
+  (same SQLite file, same MongoDB database).
+
+Times are plain integers (milliseconds); ids are chosen by the tests, as the engine would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from app.errors import StoreError
+from app.models import ChannelConfig, ChannelCounts, Message
+from app.store.base import Store
+
+Reopen = Callable[[Store], Awaitable[Store]]
+
+NOW = 1_000_000
+CH = "orders"
+OTHER = "other"
+
+
+def msg(id: int, body: bytes | None = None, **fields: Any) -> Message:
+    fields.setdefault("enqueued_at", NOW)
+    fields.setdefault("headers", None)
+    return Message(id=id, body=b'{"n": %d}' % id if body is None else body, **fields)
+
+
+def ids(messages: Sequence[Message]) -> list[int]:
+    return [m.id for m in messages]
+
+
+def stored(m: Message) -> Message:
+    """A message as read back: stores keep the dedup id in their dedup records only."""
+    return replace(m, dedup_id=None)
+
+
+async def all_ids(store: Store, channel: str = CH, now: int = 2**62) -> list[int]:
+    """Every message of the channel (leases and delays included), by id."""
+    return ids(await store.page_ready(channel, 0, now, 1_000_000))
+
+
+class StoreContract:
+    # -- basics -----------------------------------------------------------------------------
+    async def test_ping_and_kind(self, store: Store) -> None:
+        await store.ping()
+        assert isinstance(store.kind, str) and store.kind
+
+    async def test_empty_store(self, store: Store) -> None:
+        assert await store.max_id() == 0
+        assert await store.load_channels() == {}
+        assert await store.page_ready(CH, 0, NOW, 10) == []
+        assert await store.leased(CH, NOW) == []
+        assert await store.expired(CH, NOW, 10) == []
+        assert await store.promote_due(CH, NOW, 10) == []
+        assert await store.counts(CH, NOW) == ChannelCounts(0, 0, None, None)
+        assert await store.next_due(CH) is None
+        assert await store.next_expiry(CH, NOW) is None
+        assert await store.purge(CH) == 0
+        assert await store.prune_dedup(NOW) == 0
+        await store.drop_channel(CH)  # unknown channel: nothing to do, no error
+
+    # -- insert -----------------------------------------------------------------------------
+    async def test_insert_stores_batch_in_order(self, store: Store) -> None:
+        batch = [msg(1), msg(2), msg(3)]
+        result = await store.insert(CH, batch, dedup_since=0)
+        assert result.ids == [1, 2, 3]
+        assert result.new == batch
+        assert await store.page_ready(CH, 0, NOW, 10) == batch
+
+    async def test_insert_empty_batch(self, store: Store) -> None:
+        result = await store.insert(CH, [], dedup_since=0)
+        assert result.ids == [] and result.new == []
+        assert await store.counts(CH, NOW) == ChannelCounts(0, 0, None, None)
+
+    async def test_fields_round_trip(self, store: Store) -> None:
+        big = 2**62 + 7  # int64 ids
+        full = Message(
+            id=big,
+            body=b"\x00\xff binary \x80 not utf-8",
+            headers=b'{"trace": "abc"}',
+            enqueued_at=NOW - 5,
+            available_at=0,
+            expires_at=NOW + 60_000,
+            attempt=3,
+            leased=False,
+            dedup_id="d-1",
+        )
+        bare = msg(5, body=b"")
+        await store.insert(CH, [bare, full], dedup_since=0)
+        assert await store.page_ready(CH, 0, NOW, 10) == [bare, stored(full)]
+        assert await store.max_id() == big
+
+    async def test_page_ready_is_in_id_order(self, store: Store) -> None:
+        await store.insert(CH, [msg(30), msg(10)], dedup_since=0)
+        await store.insert(CH, [msg(20)], dedup_since=0)
+        assert ids(await store.page_ready(CH, 0, NOW, 10)) == [10, 20, 30]
+
+    async def test_insert_is_all_or_nothing(self, store: Store) -> None:
+        await store.insert(CH, [msg(3)], dedup_since=0)
+        # The last message reuses a stored id: the store refuses the batch as a whole.
+        batch = [msg(1, dedup_id="a"), msg(2, dedup_id="b"), msg(3, body=b"clash")]
+        with pytest.raises(StoreError):
+            await store.insert(CH, batch, dedup_since=0)
+        assert await store.page_ready(CH, 0, NOW, 10) == [msg(3)]
+        # Nor were its dedup ids recorded: a retry with fresh ids stores them.
+        retry = await store.insert(CH, [msg(4, dedup_id="a"), msg(5, dedup_id="b")], 0)
+        assert retry.ids == [4, 5] and ids(retry.new) == [4, 5]
+
+    # -- dedup ------------------------------------------------------------------------------
+    async def test_dedup_within_one_batch(self, store: Store) -> None:
+        batch = [
+            msg(1, dedup_id="x"),
+            msg(2, dedup_id="x"),
+            msg(3),
+            msg(4, dedup_id="y"),
+            msg(5, dedup_id="x"),
+        ]
+        result = await store.insert(CH, batch, dedup_since=0)
+        assert result.ids == [1, 1, 3, 4, 1]
+        assert ids(result.new) == [1, 3, 4]
+        assert await all_ids(store) == [1, 3, 4]
+
+    async def test_dedup_across_batches(self, store: Store) -> None:
+        await store.insert(CH, [msg(1, dedup_id="x", enqueued_at=1000)], dedup_since=0)
+        result = await store.insert(
+            CH, [msg(2, dedup_id="x", enqueued_at=1500), msg(3, dedup_id="z")], dedup_since=500
+        )
+        assert result.ids == [1, 3]
+        assert ids(result.new) == [3]
+        assert await all_ids(store) == [1, 3]
+
+    async def test_dedup_window_boundary_and_expiry(self, store: Store) -> None:
+        await store.insert(CH, [msg(1, dedup_id="x", enqueued_at=1000)], dedup_since=0)
+        # Used exactly at dedup_since: still a duplicate.
+        at_edge = await store.insert(CH, [msg(2, dedup_id="x", enqueued_at=1100)], 1000)
+        assert at_edge.ids == [1] and at_edge.new == []
+        # Used before dedup_since: out of the window, so a new message is stored ...
+        late = await store.insert(CH, [msg(3, dedup_id="x", enqueued_at=2000)], 1001)
+        assert late.ids == [3] and ids(late.new) == [3]
+        # ... and the record now points to it, used at its enqueue time.
+        again = await store.insert(CH, [msg(4, dedup_id="x", enqueued_at=2500)], 2000)
+        assert again.ids == [3] and again.new == []
+        assert await all_ids(store) == [1, 3]
+
+    async def test_dedup_outlives_ack(self, store: Store) -> None:
+        await store.insert(CH, [msg(1, dedup_id="x")], dedup_since=0)
+        await store.delete(CH, [1])
+        result = await store.insert(CH, [msg(2, dedup_id="x")], dedup_since=0)
+        assert result.ids == [1] and result.new == []
+        assert await store.counts(CH, NOW) == ChannelCounts(0, 0, None, None)
+
+    async def test_dedup_is_per_channel(self, store: Store) -> None:
+        await store.insert(CH, [msg(1, dedup_id="x")], dedup_since=0)
+        result = await store.insert(OTHER, [msg(2, dedup_id="x")], dedup_since=0)
+        assert result.ids == [2] and ids(result.new) == [2]
+
+    async def test_prune_dedup(self, store: Store) -> None:
+        await store.insert(CH, [msg(1, dedup_id="old", enqueued_at=1000)], dedup_since=0)
+        await store.insert(CH, [msg(2, dedup_id="edge", enqueued_at=2000)], dedup_since=0)
+        await store.insert(OTHER, [msg(3, dedup_id="old", enqueued_at=1000)], dedup_since=0)
+        assert await store.prune_dedup(2000) == 2  # used before 2000, in every channel
+        # Pruned ids are forgotten even inside the window; "edge" (used at 2000) is kept.
+        result = await store.insert(
+            CH, [msg(4, dedup_id="old"), msg(5, dedup_id="edge")], dedup_since=0
+        )
+        assert result.ids == [4, 2]
+        assert ids(result.new) == [4]
+        assert await store.prune_dedup(2000) == 0
+
+    # -- leases -----------------------------------------------------------------------------
+    async def test_lease_hides_until_deadline(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2), msg(3)], dedup_since=0)
+        deadline = NOW + 100
+        await store.lease(CH, [(1, 1), (2, 4)], deadline)
+        assert ids(await store.page_ready(CH, 0, NOW, 10)) == [3]
+        in_flight = await store.leased(CH, NOW)
+        assert in_flight == [
+            replace(msg(1), leased=True, attempt=1, available_at=deadline),
+            replace(msg(2), leased=True, attempt=4, available_at=deadline),
+        ]
+        # At the deadline the lease has lapsed: deliverable again without any write.
+        assert ids(await store.page_ready(CH, 0, deadline, 10)) == [1, 2, 3]
+        assert await store.leased(CH, deadline) == []
+        assert await store.counts(CH, NOW) == ChannelCounts(3, 0, None, None)
+
+    async def test_lease_empty_is_a_no_op(self, store: Store) -> None:
+        await store.insert(CH, [msg(1)], dedup_since=0)
+        await store.lease(CH, [], NOW + 100)
+        await store.release(CH, [], 0)
+        await store.extend(CH, [], NOW + 100)
+        await store.delete(CH, [])
+        await store.move(CH, [], None, [])
+        assert await store.page_ready(CH, 0, NOW, 10) == [msg(1)]
+
+    async def test_release_now_and_later(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
+        await store.lease(CH, [(1, 1), (2, 1)], NOW + 100)
+        await store.release(CH, [1], 0)
+        await store.release(CH, [2], NOW + 50)
+        assert await store.page_ready(CH, 0, NOW, 10) == [replace(msg(1), attempt=1)]
+        assert await store.leased(CH, NOW) == []
+        assert await store.counts(CH, NOW) == ChannelCounts(2, 1, NOW + 50, None)
+        assert await store.page_ready(CH, 1, NOW + 50, 10) == [
+            replace(msg(2), attempt=1, available_at=NOW + 50)
+        ]
+
+    async def test_extend(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
+        await store.lease(CH, [(1, 1), (2, 1)], NOW + 100)
+        await store.extend(CH, [1], NOW + 500)
+        assert ids(await store.leased(CH, NOW + 100)) == [1]
+        assert ids(await store.page_ready(CH, 0, NOW + 100, 10)) == [2]
+        assert ids(await store.page_ready(CH, 0, NOW + 500, 10)) == [1, 2]
+        assert (await store.leased(CH, NOW))[0].available_at == NOW + 500
+
+    async def test_delete(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2), msg(3)], dedup_since=0)
+        await store.lease(CH, [(2, 1)], NOW + 100)
+        await store.delete(CH, [1, 2, 99])  # unknown ids are ignored
+        assert await all_ids(store) == [3]
+        assert await store.leased(CH, NOW) == []
+        assert (await store.counts(CH, NOW)).total == 1
+
+    # -- reads ------------------------------------------------------------------------------
+    async def test_page_ready_paging(self, store: Store) -> None:
+        await store.insert(CH, [msg(i) for i in range(1, 11)], dedup_since=0)
+        await store.insert(OTHER, [msg(i) for i in range(11, 14)], dedup_since=0)
+        await store.lease(CH, [(3, 1)], NOW + 10)
+        seen: list[int] = []
+        after = 0
+        while page := await store.page_ready(CH, after, NOW, 4):
+            assert len(page) <= 4
+            seen += ids(page)
+            after = page[-1].id
+        assert seen == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+        assert ids(await store.page_ready(CH, 5, NOW, 2)) == [6, 7]
+        assert await store.page_ready(CH, 10, NOW, 4) == []
+
+    async def test_delayed_versus_due(self, store: Store) -> None:
+        delayed = msg(1, available_at=NOW + 100)
+        await store.insert(CH, [delayed, msg(2)], dedup_since=0)
+        assert ids(await store.page_ready(CH, 0, NOW, 10)) == [2]
+        assert await store.page_ready(CH, 0, NOW + 100, 10) == [delayed, msg(2)]
+        assert await store.counts(CH, NOW) == ChannelCounts(2, 1, NOW + 100, None)
+        assert await store.counts(CH, NOW + 100) == ChannelCounts(2, 0, NOW + 100, None)
+        assert await store.leased(CH, NOW) == []
+
+    async def test_promote_due(self, store: Store) -> None:
+        await store.insert(
+            CH,
+            [
+                msg(1, available_at=NOW - 10),  # due later than 2
+                msg(2, available_at=NOW - 20),
+                msg(3, available_at=NOW + 10),  # not yet due
+                msg(4, available_at=NOW),  # due exactly now
+                msg(5),  # ready already
+                msg(6),
+            ],
+            dedup_since=0,
+        )
+        await store.lease(CH, [(6, 1)], NOW - 5)  # a lapsed lease is not a delay
+        promoted = await store.promote_due(CH, NOW, 10)
+        assert promoted == [msg(1), msg(2), msg(4)]  # by id, available_at now 0
+        assert await store.promote_due(CH, NOW, 10) == []
+        assert await store.next_due(CH) == NOW + 10
+        assert await store.counts(CH, NOW) == ChannelCounts(6, 1, NOW + 10, None)
+        assert [m.available_at for m in await store.page_ready(CH, 0, 0, 10)] == [0, 0, 0, 0]
+        assert ids(await store.page_ready(CH, 0, 0, 10)) == [1, 2, 4, 5]
+
+    async def test_promote_due_limit_takes_earliest_due(self, store: Store) -> None:
+        await store.insert(
+            CH,
+            [
+                msg(1, available_at=NOW - 1),
+                msg(2, available_at=NOW - 3),
+                msg(3, available_at=NOW - 2),
+            ],
+            dedup_since=0,
+        )
+        assert ids(await store.promote_due(CH, NOW, 2)) == [2, 3]
+        assert ids(await store.promote_due(CH, NOW, 2)) == [1]
+
+    async def test_expired_excludes_in_flight(self, store: Store) -> None:
+        await store.insert(
+            CH,
+            [
+                msg(1, expires_at=NOW - 1),
+                msg(2, expires_at=NOW - 1),  # leased, lease runs: in flight
+                msg(3, expires_at=NOW - 1),  # leased, lease lapsed: not in flight
+                msg(4, expires_at=NOW),  # expires exactly now
+                msg(5, expires_at=NOW + 1),  # not yet
+                msg(6),  # no TTL
+                msg(7, expires_at=NOW - 1, available_at=NOW + 100),  # delayed, still expires
+            ],
+            dedup_since=0,
+        )
+        await store.insert(OTHER, [msg(8, expires_at=NOW - 1)], dedup_since=0)
+        await store.lease(CH, [(2, 1)], NOW + 100)
+        await store.lease(CH, [(3, 1)], NOW - 1)
+        assert ids(await store.expired(CH, NOW, 10)) == [1, 3, 4, 7]
+        assert ids(await store.expired(CH, NOW, 2)) == [1, 3]
+        assert ids(await store.expired(CH, NOW + 100, 10)) == [1, 2, 3, 4, 5, 7]
+        assert await store.next_expiry(CH, NOW) == NOW + 1
+        assert await store.next_expiry(CH, NOW + 1) is None
+
+    async def test_leased_lists_only_live_leases(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2), msg(3, available_at=NOW + 100)], dedup_since=0)
+        await store.insert(OTHER, [msg(4)], dedup_since=0)
+        await store.lease(CH, [(2, 1), (1, 2)], NOW + 10)
+        await store.lease(OTHER, [(4, 1)], NOW + 10)
+        assert ids(await store.leased(CH, NOW)) == [1, 2]  # by id; the delayed one is no lease
+        assert ids(await store.leased(CH, NOW + 9)) == [1, 2]
+        assert await store.leased(CH, NOW + 10) == []
+
+    async def test_counts(self, store: Store) -> None:
+        await store.insert(
+            CH,
+            [
+                msg(1),
+                msg(2, available_at=NOW + 300),  # delayed
+                msg(3, available_at=NOW + 200, expires_at=NOW + 900),  # delayed
+                msg(4, available_at=NOW - 5),  # due but not promoted: not delayed, still next_due
+                msg(5, expires_at=NOW + 50),
+                msg(6, expires_at=NOW - 50),  # already expired: not a next expiry
+                msg(7),  # leased below: neither delayed nor due
+            ],
+            dedup_since=0,
+        )
+        await store.lease(CH, [(7, 1)], NOW + 10)
+        await store.insert(OTHER, [msg(8, available_at=NOW + 1, expires_at=NOW + 1)], 0)
+        assert await store.counts(CH, NOW) == ChannelCounts(
+            total=7, delayed=2, next_due=NOW - 5, next_expiry=NOW + 50
+        )
+        assert await store.next_due(CH) == NOW - 5
+        assert await store.next_expiry(CH, NOW) == NOW + 50
+        assert await store.next_expiry(CH, NOW + 50) == NOW + 900
+        assert await store.counts(OTHER, NOW) == ChannelCounts(1, 1, NOW + 1, NOW + 1)
+
+    async def test_max_id(self, store: Store) -> None:
+        await store.insert(CH, [msg(5), msg(9)], dedup_since=0)
+        await store.insert(OTHER, [msg(12)], dedup_since=0)
+        assert await store.max_id() == 12
+        await store.delete(OTHER, [12])
+        assert await store.max_id() == 9  # the highest still present
+
+    # -- move, purge, drop ------------------------------------------------------------------
+    async def test_move_to_target(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2), msg(3)], dedup_since=0)
+        await store.lease(CH, [(1, 5), (2, 5)], NOW + 100)
+        dead = [
+            Message(20, b'{"n": 1}', b'{"x-dead-letter": "orders"}', NOW + 1, attempt=5),
+            Message(21, b'{"n": 2}', b'{"x-dead-letter": "orders"}', NOW + 1, attempt=5),
+        ]
+        await store.move(CH, [1, 2], "orders.dlq", dead)
+        assert await all_ids(store) == [3]
+        assert await store.leased(CH, NOW) == []
+        assert await store.page_ready("orders.dlq", 0, NOW, 10) == dead
+        assert await store.max_id() == 21
+
+    async def test_move_without_target_drops(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
+        await store.move(CH, [1], None, [])
+        assert await all_ids(store) == [2]
+        assert await store.counts("orders.dlq", NOW) == ChannelCounts(0, 0, None, None)
+
+    async def test_purge(self, store: Store) -> None:
+        config = ChannelConfig(max_length=10)
+        await store.save_channel(CH, config)
+        await store.insert(
+            CH, [msg(1, dedup_id="x"), msg(2, available_at=NOW + 5), msg(3)], dedup_since=0
+        )
+        await store.lease(CH, [(3, 1)], NOW + 5)
+        await store.insert(OTHER, [msg(4)], dedup_since=0)
+        assert await store.purge(CH) == 3
+        assert await store.counts(CH, NOW) == ChannelCounts(0, 0, None, None)
+        assert await store.leased(CH, NOW) == []
+        assert await all_ids(store, OTHER) == [4]
+        assert await store.load_channels() == {CH: config}  # settings stay
+        # Dedup ids stay too: purge forgets messages only.
+        again = await store.insert(CH, [msg(5, dedup_id="x")], dedup_since=0)
+        assert again.ids == [1] and again.new == []
+        assert await store.purge(CH) == 0
+
+    async def test_drop_channel(self, store: Store) -> None:
+        await store.save_channel(CH, ChannelConfig())
+        await store.save_channel(OTHER, ChannelConfig(ttl_ms=5))
+        await store.insert(CH, [msg(1, dedup_id="x"), msg(2)], dedup_since=0)
+        await store.insert(OTHER, [msg(3, dedup_id="x")], dedup_since=0)
+        await store.drop_channel(CH)
+        assert await store.load_channels() == {OTHER: ChannelConfig(ttl_ms=5)}
+        assert await store.counts(CH, NOW) == ChannelCounts(0, 0, None, None)
+        assert await all_ids(store, OTHER) == [3]
+        # Its dedup ids went with it; the other channel's stay.
+        fresh = await store.insert(CH, [msg(4, dedup_id="x")], dedup_since=0)
+        assert fresh.ids == [4] and ids(fresh.new) == [4]
+        kept = await store.insert(OTHER, [msg(5, dedup_id="x")], dedup_since=0)
+        assert kept.ids == [3] and kept.new == []
+
+    # -- channel settings -------------------------------------------------------------------
+    async def test_channel_settings(self, store: Store) -> None:
+        first = ChannelConfig(
+            visibility_ms=1_000, max_attempts=2, dead_letter="a.dlq", max_length=7, ttl_ms=60_000
+        )
+        await store.save_channel("a", first)
+        await store.save_channel("a.dlq", ChannelConfig())
+        assert await store.load_channels() == {"a": first, "a.dlq": ChannelConfig()}
+        second = ChannelConfig(visibility_ms=2_000, dead_letter=None, max_length=None)
+        await store.save_channel("a", second)  # overwrite, not merge
+        assert await store.load_channels() == {"a": second, "a.dlq": ChannelConfig()}
+
+    # -- durability across reopen -----------------------------------------------------------
+    async def test_reopen_keeps_everything(self, store: Store, reopen: Reopen) -> None:
+        config = ChannelConfig(visibility_ms=5_000, dead_letter=f"{CH}.dlq", ttl_ms=9_000)
+        await store.save_channel(CH, config)
+        await store.insert(
+            CH,
+            [
+                msg(1, dedup_id="x", headers=b"{}"),
+                msg(2, available_at=NOW + 100),
+                msg(3, expires_at=NOW + 50),
+                msg(4),
+            ],
+            dedup_since=0,
+        )
+        await store.lease(CH, [(3, 2)], NOW + 30)
+        await store.delete(CH, [4])
+
+        store = await reopen(store)
+        await store.ping()
+        assert await store.load_channels() == {CH: config}
+        assert await store.max_id() == 3
+        assert await store.counts(CH, NOW) == ChannelCounts(3, 1, NOW + 100, NOW + 50)
+        assert await store.leased(CH, NOW) == [
+            replace(msg(3, expires_at=NOW + 50), leased=True, attempt=2, available_at=NOW + 30)
+        ]
+        assert await store.page_ready(CH, 0, NOW, 10) == [msg(1, headers=b"{}")]
+        again = await store.insert(CH, [msg(5, dedup_id="x")], dedup_since=0)
+        assert again.ids == [1] and again.new == []
+        # Writes still work after reopening, and survive a second one.
+        await store.insert(CH, [msg(6)], dedup_since=0)
+        store = await reopen(store)
+        assert await all_ids(store) == [1, 2, 3, 6]

@@ -1,0 +1,237 @@
+"""Run the store contract against every backend, plus MongoDB's failure handling.
+
+Backends: SQLite on a temporary file, MongoStore over mongomock-motor, and a real MongoDB when
+MONGODB_URL is set (each test then gets its own database, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mongomock_motor import AsyncMongoMockClient
+from motor.motor_asyncio import AsyncIOMotorClient
+from pymongo.errors import AutoReconnect
+
+from app.errors import StoreError, StoreUnavailable
+from app.models import Message
+from app.store.base import Store
+from app.store.mongo import MongoStore
+from app.store.sqlite import SQLiteStore
+
+pytest.register_assert_rewrite("store_contract")  # so its plain asserts report their values
+from store_contract import CH, NOW, Reopen, StoreContract, all_ids, msg  # noqa: E402
+
+MakeStore = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
+    """A factory of unopened stores that all see the same data."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "lionmq.db")
+        yield lambda: SQLiteStore(path)
+    elif request.param == "mongomock":
+        client: Any = AsyncMongoMockClient()
+        yield lambda: MongoStore(client=client, database="lionmq_test")
+    else:
+        url = os.environ.get("MONGODB_URL")
+        if not url:
+            pytest.skip("MONGODB_URL is not set: no real MongoDB to run the contract against")
+        name = f"lionmq_test_{uuid.uuid4().hex[:16]}"
+        yield lambda: MongoStore(url, database=name, timeout_ms=5_000)
+        admin: Any = AsyncIOMotorClient(url, serverSelectionTimeoutMS=5_000)
+        try:
+            await admin.drop_database(name)
+        finally:
+            admin.close()
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[list[Store]]:
+    """Every store a test opened, closed at teardown (closing twice is harmless)."""
+    stores: list[Store] = []
+    yield stores
+    for s in stores:
+        await s.close()
+
+
+@pytest.fixture
+async def store(make_store: MakeStore, opened: list[Store]) -> Store:
+    s = make_store()
+    await s.open()
+    opened.append(s)
+    return s
+
+
+@pytest.fixture
+def reopen(make_store: MakeStore, opened: list[Store]) -> Reopen:
+    async def _reopen(old: Store) -> Store:
+        await old.close()
+        new = make_store()
+        await new.open()
+        opened.append(new)
+        return new
+
+    return _reopen
+
+
+class TestStoreContract(StoreContract):
+    pass
+
+
+# -- MongoDB specifics ----------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_mongo_constructor_connects_nothing() -> None:
+    store = MongoStore(f"mongodb://127.0.0.1:{_closed_port()}/lionmq", timeout_ms=100)
+    with pytest.raises(StoreUnavailable):
+        await store.ping()  # not opened: a domain error, not a driver one
+    await store.close()
+
+
+async def test_mongo_bad_url_is_a_store_error() -> None:
+    store = MongoStore("mongodb://127.0.0.1:notaport/lionmq", timeout_ms=100)
+    with pytest.raises(StoreError, match="configuration"):
+        await store.open()
+
+
+async def test_unreachable_mongo_raises_store_unavailable_quickly() -> None:
+    store = MongoStore(f"mongodb://127.0.0.1:{_closed_port()}/lionmq", timeout_ms=200)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="MongoDB unreachable"):
+            await store.open()
+        with pytest.raises(StoreUnavailable, match="MongoDB unreachable"):
+            await store.ping()
+        with pytest.raises(StoreUnavailable, match="MongoDB unreachable"):
+            await store.insert(CH, [msg(1)], dedup_since=0)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 5
+
+
+async def test_mongo_writes_are_journaled_by_default() -> None:
+    # A real motor client (mongomock ignores write concerns); open() sets it before failing.
+    url = f"mongodb://127.0.0.1:{_closed_port()}/lionmq"
+    for store, expected in [
+        (MongoStore(url, timeout_ms=100), {"w": "majority", "j": True}),
+        (MongoStore(url, write_concern="1", journal=False, timeout_ms=100), {"w": 1, "j": False}),
+    ]:
+        with pytest.raises(StoreUnavailable):
+            await store.open()
+        assert store._messages.write_concern.document == expected
+        assert store._dedup.write_concern.document == expected
+        await store.close()
+
+
+class _Failing:
+    """A collection whose `method` fails as if the connection dropped; the rest passes through."""
+
+    def __init__(self, inner: Any, method: str) -> None:
+        self._inner = inner
+        self._method = method
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._method:
+
+            async def fail(*args: Any, **kwargs: Any) -> Any:
+                raise AutoReconnect("connection reset by peer")
+
+            return fail
+        return getattr(self._inner, name)
+
+
+def _fail(monkeypatch: pytest.MonkeyPatch, collection: str, method: str) -> None:
+    def get(self: MongoStore) -> Any:
+        return _Failing(self._collection(collection), method)
+
+    monkeypatch.setattr(MongoStore, f"_{collection}", property(get))
+
+
+@pytest.fixture
+async def mongo() -> MongoStore:
+    store = MongoStore(client=AsyncMongoMockClient(), database="failures")
+    await store.open()
+    return store
+
+
+async def test_mongo_insert_undoes_messages_when_dedup_write_fails(
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await mongo.insert(CH, [msg(1, dedup_id="old", enqueued_at=100)], dedup_since=0)
+    with monkeypatch.context() as patch:
+        _fail(patch, "dedup", "bulk_write")
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            await mongo.insert(
+                CH, [msg(2, dedup_id="old"), msg(3, dedup_id="new"), msg(4)], dedup_since=NOW
+            )
+    assert await all_ids(mongo) == [1]
+    # The dedup records are as before: "old" still points to 1 (outside the window used
+    # above), "new" is unknown.
+    again = await mongo.insert(CH, [msg(5, dedup_id="old"), msg(6, dedup_id="new")], 0)
+    assert again.ids == [1, 6]
+
+
+async def test_mongo_move_keeps_source_when_target_insert_fails(
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await mongo.insert(CH, [msg(1), msg(2)], dedup_since=0)
+    with monkeypatch.context() as patch:
+        _fail(patch, "messages", "insert_many")
+        with pytest.raises(StoreUnavailable):
+            await mongo.move(CH, [1], "dlq", [msg(10)])
+    assert await all_ids(mongo) == [1, 2]
+    assert await all_ids(mongo, "dlq") == []
+
+
+async def test_mongo_move_retry_tolerates_copies_already_made(mongo: MongoStore) -> None:
+    # A crash after the target insert and before the source delete leaves both; the retry
+    # must finish the move rather than fail on the copies.
+    await mongo.insert(CH, [msg(1), msg(2)], dedup_since=0)
+    await mongo.insert("dlq", [msg(10)], dedup_since=0)
+    await mongo.move(CH, [1, 2], "dlq", [msg(10), msg(11)])
+    assert await all_ids(mongo) == []
+    assert await all_ids(mongo, "dlq") == [10, 11]
+
+
+async def test_mongo_indexes(mongo: MongoStore) -> None:
+    messages = await mongo._messages.index_information()
+    keys = {tuple(k for k, _ in info["key"]) for info in messages.values()}
+    assert {
+        ("channel", "_id"),
+        ("channel", "leased", "available_at"),
+        ("channel", "expires_at"),
+    } <= keys
+    dedup = await mongo._dedup.index_information()
+    unique = [info for info in dedup.values() if info.get("unique")]
+    assert [tuple(k for k, _ in info["key"]) for info in unique] == [("channel", "dedup_id")]
+
+
+async def test_mongo_concurrent_batches_with_one_dedup_id_store_it_once() -> None:
+    """Without transactions, the store itself must keep two racing retries from both storing."""
+    store = MongoStore(database="race", client=AsyncMongoMockClient())
+    await store.open()
+    batches = [
+        [Message(id=100 + i, body=b"1", headers=None, enqueued_at=1000, dedup_id="same")]
+        for i in range(8)
+    ]
+    results = await asyncio.gather(*(store.insert("c", b, 0) for b in batches))
+    assert {r.ids[0] for r in results} == {results[0].ids[0]}
+    assert sum(len(r.new) for r in results) == 1
+    await store.close()

@@ -1,0 +1,77 @@
+"""`/feed`: the browsers' WebSocket. The full picture at once, then every update.
+
+Browsers only listen: whatever they send is read and thrown away. A page from another origin is
+refused (unless listed in WATCHER_ALLOWED_ORIGINS), and so is a page beyond WATCHER_MAX_BROWSERS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, WebSocket
+
+from watcher.hub import Browser, Hub
+
+log = logging.getLogger("watcher.feed")
+router = APIRouter()
+
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
+
+def origin_ok(origin: str | None, host: str | None, allowed: frozenset[str]) -> bool:
+    """Non-browser clients send no Origin; a browser page must come from here or be allowed."""
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    return origin in allowed or (host is not None and urlsplit(origin).netloc == host)
+
+
+@router.websocket("/feed")
+async def feed(ws: WebSocket) -> None:
+    hub: Hub = ws.app.state.hub
+    settings = hub.settings
+    if not origin_ok(ws.headers.get("origin"), ws.headers.get("host"), settings.origins):
+        await ws.close(code=POLICY_VIOLATION)
+        return
+    if len(hub.browsers) >= settings.max_browsers:
+        await ws.close(code=TRY_AGAIN_LATER)
+        return
+    await ws.accept()
+    browser = hub.add_browser()
+    sender = asyncio.create_task(_send(ws, browser, settings.send_timeout_ms / 1000))
+    try:
+        while not sender.done():
+            receiving = asyncio.ensure_future(ws.receive())
+            await asyncio.wait({receiving, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if not receiving.done():
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await receiving
+                break
+            if receiving.result()["type"] == "websocket.disconnect":
+                break
+            # Anything else a browser sends is ignored.
+    finally:
+        hub.remove_browser(browser)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+
+
+async def _send(ws: WebSocket, browser: Browser, timeout_s: float) -> None:
+    """Drain this browser's outbox; a browser that stops reading is closed."""
+    try:
+        while True:
+            await browser.ready.wait()
+            while browser.outbox:
+                data = browser.outbox.popleft()
+                await asyncio.wait_for(ws.send_text(data), timeout_s)
+            browser.ready.clear()
+    except Exception as exc:
+        log.info("dropping a browser: %s", exc.__class__.__name__)
+        with contextlib.suppress(Exception):
+            await ws.close()

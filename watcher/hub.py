@@ -1,0 +1,158 @@
+"""The hub between ingest and browsers: shared state, the browsers, and the status sweeper.
+
+Each browser has its own bounded outbox; a browser too slow to keep up gets a fresh full picture
+instead of an ever-growing backlog, so no browser can slow the ingest of node snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from watcher.schema import encoder
+from watcher.settings import WatcherSettings
+from watcher.state import HistoryPoint, NodeRecord, WatcherState
+
+log = logging.getLogger("watcher")
+
+OUTBOX = 256
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Browser:
+    """One open page: an outbox of encoded messages and a flag that wakes its sender."""
+
+    def __init__(self) -> None:
+        self.outbox: deque[str] = deque()
+        self.ready = asyncio.Event()
+
+    def offer(self, data: str) -> bool:
+        """Queue a message; False when the outbox is full (the caller resyncs this browser)."""
+        if len(self.outbox) >= OUTBOX:
+            return False
+        self.outbox.append(data)
+        self.ready.set()
+        return True
+
+    def reset(self, picture: str) -> None:
+        self.outbox.clear()
+        self.outbox.append(picture)
+        self.ready.set()
+
+
+class Hub:
+    def __init__(self, settings: WatcherSettings, clock: Callable[[], int] = wall_clock_ms) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.state = WatcherState(
+            history_ms=settings.history_s * 1000,
+            step_ms=settings.history_step_ms,
+            suspect_after=settings.suspect_after_intervals,
+            down_after=settings.down_after_intervals,
+            forget_after_ms=settings.forget_after_s * 1000,
+            max_nodes=settings.max_nodes,
+        )
+        self.browsers: set[Browser] = set()
+        self.connection_ids = itertools.count(1)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._last_status_ms = 0
+
+    # -- browsers ---------------------------------------------------------------------------
+    def encoded_picture(self) -> str:
+        return encoder.encode(self.state.picture(self.clock())).decode()
+
+    def add_browser(self) -> Browser:
+        """Register a page; its first message is the full picture, then every later update."""
+        browser = Browser()
+        browser.reset(self.encoded_picture())
+        self.browsers.add(browser)
+        return browser
+
+    def remove_browser(self, browser: Browser) -> None:
+        self.browsers.discard(browser)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        if not self.browsers:
+            return
+        data = encoder.encode(message).decode()
+        picture: str | None = None
+        for browser in self.browsers:
+            if not browser.offer(data):
+                picture = picture or self.encoded_picture()
+                browser.reset(picture)
+
+    # -- ingest -----------------------------------------------------------------------------
+    def node_updated(self, record: NodeRecord, point: HistoryPoint | None) -> None:
+        now = self.clock()
+        if record.reports == 1:
+            log.info("node %r reporting (%s)", record.node_id, record.latest.url)
+        self.publish(
+            {
+                "type": "node",
+                "now_ms": now,
+                "node": self.state.view(record, now),
+                "point": point,
+            }
+        )
+
+    def node_disconnected(self, node_id: str, connection: int) -> None:
+        self.state.disconnected(node_id, connection)
+        record = self.state.nodes.get(node_id)
+        if record is not None and not record.connected:
+            self.publish_status({})
+
+    def publish_status(self, changed: dict[str, str], removed: list[str] | None = None) -> None:
+        now = self.clock()
+        self.publish(
+            {
+                "type": "status",
+                "now_ms": now,
+                "nodes": {
+                    node_id: {"status": r.status, "connected": r.connected}
+                    for node_id, r in self.state.nodes.items()
+                },
+                "changed": changed,
+                "removed": removed or [],
+                "ingest": self.state.counters.as_dict(),
+            }
+        )
+
+    # -- the sweeper ------------------------------------------------------------------------
+    def sweep(self) -> None:
+        changed, removed = self.state.sweep(self.clock())
+        for node_id, status in changed.items():
+            log.info("node %r is %s", node_id, status)
+        for node_id in removed:
+            log.info("node %r forgotten", node_id)
+        now = self.clock()
+        if changed or removed or now - self._last_status_ms >= 1000:
+            self._last_status_ms = now
+            self.publish_status(dict(changed), removed)
+
+    async def _sweep_forever(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self.sweep()
+            except Exception:  # pragma: no cover - a bug here must not stop the watcher
+                log.exception("status sweep failed")
+
+    def start(self, period_s: float = 0.25) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(period_s), name="watcher-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self.browsers.clear()

@@ -1,0 +1,76 @@
+"""The watcher's settings, read from `WATCHER_*` environment variables (and `.env`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WatcherSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WATCHER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # The secret every node presents on /ingest (the nodes' WATCHER_TOKEN).
+    token: Annotated[str, Field(min_length=8)]
+    # How much history is kept per node, and at what resolution.
+    history_s: Annotated[int, Field(ge=10, le=24 * 3600)] = 15 * 60
+    history_step_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    # A node is suspect, then down, after this many of its own report intervals without a report.
+    suspect_after_intervals: Annotated[float, Field(gt=1.0, le=100.0)] = 2.0
+    down_after_intervals: Annotated[float, Field(gt=1.0, le=100.0)] = 3.0
+    # A node that has been down this long is forgotten (0: never).
+    forget_after_s: Annotated[int, Field(ge=0)] = 15 * 60
+    # Ingest limits: frame size, per-connection rate, how many nodes and channels are tracked.
+    max_frame_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 512 * 1024
+    max_frames_per_s: Annotated[float, Field(gt=0.0, le=10_000.0)] = 20.0
+    flood_close_after: Annotated[int, Field(ge=1)] = 200
+    max_nodes: Annotated[int, Field(ge=1, le=100_000)] = 256
+    max_channels: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    # Browser feed: how many browsers at once, and which page origins may open it
+    # (empty: only the watcher's own page).
+    max_browsers: Annotated[int, Field(ge=1, le=10_000)] = 64
+    allowed_origins: str = ""
+    send_timeout_ms: Annotated[int, Field(ge=100, le=60_000)] = 5000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("token")
+    @classmethod
+    def _no_blank_token(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _suspect_before_down(self) -> WatcherSettings:
+        if self.suspect_after_intervals >= self.down_after_intervals:
+            raise ValueError(
+                "WATCHER_SUSPECT_AFTER_INTERVALS must be below WATCHER_DOWN_AFTER_INTERVALS"
+            )
+        return self
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(
+            o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()
+        )
+
+
+class WatcherConfigError(Exception):
+    """A setting is wrong; the message names it in one line."""
+
+
+def load_settings(**overrides: object) -> WatcherSettings:
+    try:
+        return WatcherSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = "_".join(str(part) for part in err["loc"]).upper()
+            name = f"WATCHER_{loc}" if loc else "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise WatcherConfigError("invalid setting " + "; ".join(problems)) from None
