@@ -43,9 +43,9 @@ def wait_until(predicate: object, timeout: float, what: str, interval: float = 0
 class NodeProcess:
     """`python -m app` in a subprocess, as a user would run it."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, **env: str) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = port or free_port()
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",

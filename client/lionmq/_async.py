@@ -1,0 +1,153 @@
+"""The asyncio client: the same operations as `Client`, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar, Unpack
+
+import httpx
+
+from lionmq import options as opt
+from lionmq._base import DEFAULT_URL, ClientBase
+from lionmq.consume import ConsumeConfig
+from lionmq.message import AsyncMessage
+from lionmq.models import AckResult, ChannelInfo, ExtendResult, NackResult, NewMessage
+from lionmq.protocol import Call
+from lionmq.retry import Wait
+from lionmq.transport import AiohttpTransport
+
+T = TypeVar("T")
+
+
+class AsyncClient(ClientBase):
+    """A LionMQ client for asyncio; each method mirrors `Client`'s.
+
+    By default requests travel over aiohttp (`AiohttpTransport`), which holds its throughput
+    under concurrent requests where httpx's own pool does not. Pass `transport=` to use another
+    (`httpx.ASGITransport` in tests). Bound to the event loop of its first request; use it as
+    an async context manager, or await `aclose()`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **options: Unpack[opt.ClientOptions],
+    ) -> None:
+        super().__init__(base_url, options)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=self._default_headers,
+            timeout=self._timeout,
+            transport=transport or AiohttpTransport(max_connections=self._max_connections),
+        )
+
+    async def aclose(self) -> None:
+        """Closes the transport too (the aiohttp session, for the default one)."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _call(self, call: Call[T]) -> T:
+        request = self._request(self._http, call)
+        attempts = self._retry.begin()
+        while True:
+            try:
+                outcome = attempts.outcome(call, await self._http.send(request))
+            except httpx.TransportError as exc:
+                outcome = attempts.failed(exc)
+            if not isinstance(outcome, Wait):
+                return outcome
+            await asyncio.sleep(outcome.seconds)
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def enqueue(
+        self, channel: str, body: Any, **options: Unpack[opt.OneMessageOptions]
+    ) -> str:
+        ids = await self.enqueue_many(channel, [NewMessage(body, **options)])
+        return ids[0]
+
+    async def enqueue_many(
+        self, channel: str, bodies: Iterable[Any], **options: Unpack[opt.MessageOptions]
+    ) -> list[str]:
+        calls = self._enqueue_calls(channel, bodies, options)
+        # Chunks of one call go out one after the other, so the ids come back in order.
+        return [id for call in calls for id in await self._call(call)]
+
+    async def dequeue(
+        self, channel: str, max: int = 1, *, wait_ms: int = 0, visibility_ms: int | None = None
+    ) -> list[AsyncMessage]:
+        call = self._wire.dequeue(channel, max, wait_ms, visibility_ms)
+        deliveries = await self._call(call)
+        return [AsyncMessage(self, channel, delivery) for delivery in deliveries]
+
+    async def ack(self, channel: str, receipts: Sequence[str]) -> AckResult:
+        return await self._call(self._wire.ack(channel, receipts))
+
+    async def nack(
+        self, channel: str, receipts: Sequence[str], *, delay_ms: int = 0, dead_letter: bool = False
+    ) -> NackResult:
+        return await self._call(self._wire.nack(channel, receipts, delay_ms, dead_letter))
+
+    async def extend(
+        self, channel: str, receipts: Sequence[str], visibility_ms: int
+    ) -> ExtendResult:
+        return await self._call(self._wire.extend(channel, receipts, visibility_ms))
+
+    # -- channels and node -----------------------------------------------------------------
+
+    async def put_channel(
+        self, channel: str, **settings: Unpack[opt.ChannelOptions]
+    ) -> ChannelInfo:
+        return await self._call(self._wire.put_channel(channel, settings))
+
+    async def get_channel(self, channel: str) -> ChannelInfo:
+        return await self._call(self._wire.get_channel(channel))
+
+    async def list_channels(self) -> list[ChannelInfo]:
+        return await self._call(self._wire.list_channels())
+
+    async def purge(self, channel: str) -> int:
+        return await self._call(self._wire.purge(channel))
+
+    async def delete_channel(self, channel: str) -> None:
+        await self._call(self._wire.delete(channel))
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call(self._wire.health())
+
+    async def ready(self) -> bool:
+        return await self._call(self._wire.ready())
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        channel: str,
+        handler: Callable[[AsyncMessage], Awaitable[object]],
+        *,
+        concurrency: int = 1,
+        batch: int | None = None,
+        stop: asyncio.Event | None = None,
+        **options: Unpack[opt.ConsumeOptions],
+    ) -> None:
+        """Like `Client.consume`, with an async handler run as up to `concurrency` tasks.
+        Cancelling it (Ctrl-C under `asyncio.run`) cancels running handlers and nacks their
+        messages; setting `stop` lets them finish first."""
+        from lionmq._consume_async import consume
+
+        config = ConsumeConfig.build(concurrency, batch, options)
+        await consume(self, channel, handler, config, stop)

@@ -1,0 +1,152 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar, Unpack
+
+import httpx
+
+from lionmq import options as opt
+from lionmq._base import DEFAULT_URL, ClientBase
+from lionmq.consume import ConsumeConfig
+from lionmq.message import Message
+from lionmq.models import AckResult, ChannelInfo, ExtendResult, NackResult, NewMessage
+from lionmq.protocol import Call
+from lionmq.retry import Wait
+
+T = TypeVar("T")
+
+
+class Client(ClientBase):
+    """A LionMQ client for threaded code; safe to share between threads.
+
+    Connection errors and 5xx are retried per `retry`; every other failure raises a
+    `LionMQError` subclass. Use it as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **options: Unpack[opt.ClientOptions],
+    ) -> None:
+        super().__init__(base_url, options)
+        # Keep every pooled connection alive: consumer threads would otherwise reconnect.
+        size = self._max_connections
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers=self._default_headers,
+            timeout=self._timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, call: Call[T]) -> T:
+        request = self._request(self._http, call)
+        attempts = self._retry.begin()
+        while True:
+            try:
+                outcome = attempts.outcome(call, self._http.send(request))
+            except httpx.TransportError as exc:
+                outcome = attempts.failed(exc)
+            if not isinstance(outcome, Wait):
+                return outcome
+            time.sleep(outcome.seconds)
+
+    # -- messages --------------------------------------------------------------------------
+
+    def enqueue(self, channel: str, body: Any, **options: Unpack[opt.OneMessageOptions]) -> str:
+        """Enqueues one message (any JSON value) and returns its id."""
+        return self.enqueue_many(channel, [NewMessage(body, **options)])[0]
+
+    def enqueue_many(
+        self, channel: str, bodies: Iterable[Any], **options: Unpack[opt.MessageOptions]
+    ) -> list[str]:
+        """Enqueues many messages, in order, and returns their ids. Items that are `NewMessage`
+        keep their own options; plain bodies get `options`."""
+        ids: list[str] = []
+        for call in self._enqueue_calls(channel, bodies, options):
+            ids += self._call(call)
+        return ids
+
+    def dequeue(
+        self, channel: str, max: int = 1, *, wait_ms: int = 0, visibility_ms: int | None = None
+    ) -> list[Message]:
+        """Leases up to `max` messages, waiting up to `wait_ms` for the first to arrive."""
+        call = self._wire.dequeue(channel, max, wait_ms, visibility_ms)
+        return [Message(self, channel, delivery) for delivery in self._call(call)]
+
+    def ack(self, channel: str, receipts: Sequence[str]) -> AckResult:
+        return self._call(self._wire.ack(channel, receipts))
+
+    def nack(
+        self, channel: str, receipts: Sequence[str], *, delay_ms: int = 0, dead_letter: bool = False
+    ) -> NackResult:
+        return self._call(self._wire.nack(channel, receipts, delay_ms, dead_letter))
+
+    def extend(self, channel: str, receipts: Sequence[str], visibility_ms: int) -> ExtendResult:
+        return self._call(self._wire.extend(channel, receipts, visibility_ms))
+
+    # -- channels and node -----------------------------------------------------------------
+
+    def put_channel(self, channel: str, **settings: Unpack[opt.ChannelOptions]) -> ChannelInfo:
+        """Creates the channel or changes the given settings."""
+        return self._call(self._wire.put_channel(channel, settings))
+
+    def get_channel(self, channel: str) -> ChannelInfo:
+        return self._call(self._wire.get_channel(channel))
+
+    def list_channels(self) -> list[ChannelInfo]:
+        return self._call(self._wire.list_channels())
+
+    def purge(self, channel: str) -> int:
+        """Drops every message of the channel; returns how many went."""
+        return self._call(self._wire.purge(channel))
+
+    def delete_channel(self, channel: str) -> None:
+        self._call(self._wire.delete(channel))
+
+    def health(self) -> dict[str, Any]:
+        return self._call(self._wire.health())
+
+    def ready(self) -> bool:
+        return self._call(self._wire.ready())
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def consume(
+        self,
+        channel: str,
+        handler: Callable[[Message], object],
+        *,
+        concurrency: int = 1,
+        batch: int | None = None,
+        stop: threading.Event | None = None,
+        **options: Unpack[opt.ConsumeOptions],
+    ) -> None:
+        """Runs `handler` on every message of `channel`, on `concurrency` threads, until `stop`
+        is set or Ctrl-C. A handler that returns gets its message acked (in batches); one that
+        raises gets it nacked. Leases of slow handlers are extended. On stop, messages not yet
+        started are nacked and running handlers finish (see `drain_timeout`)."""
+        from lionmq._consume_sync import consume
+
+        consume(self, channel, handler, ConsumeConfig.build(concurrency, batch, options), stop)

@@ -1,0 +1,83 @@
+"""When to try a request again and how long to wait first; shared by both clients."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TypeVar
+
+import httpx
+
+from lionmq.errors import ConnectionFailed, LionMQError, ServerError, error_for
+from lionmq.protocol import Call
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter over a bounded number of attempts.
+
+    Only connection errors and 5xx are retried: a 4xx will fail the same way again. Every
+    request the client sends is safe to repeat (enqueue carries dedup ids; settling a receipt
+    twice reports it stale), so no request is exempt.
+    """
+
+    attempts: int = 4
+    """Tries in all, the first included; 1 disables retrying."""
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base_delay < 0 or self.max_delay < self.base_delay:
+            raise ValueError("need attempts >= 1 and 0 <= base_delay <= max_delay")
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (0 for the first retry).
+
+        "Equal jitter": half the exponential step is fixed, half random, so clients that failed
+        together spread out, yet none retries at once."""
+        step = min(self.max_delay, self.base_delay * 2.0**retry)
+        return step / 2 + random.uniform(0, step / 2)
+
+    def begin(self) -> Attempts:
+        return Attempts(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Try again after `seconds`."""
+
+    seconds: float
+
+
+class Attempts:
+    """The retry state of one call. Each method returns the call's result, or how long to
+    `Wait` before the next try, or raises the error for the caller when no try is left or
+    retrying cannot help."""
+
+    __slots__ = ("_policy", "_tries")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._tries = 1
+
+    def outcome(self, call: Call[T], response: httpx.Response) -> T | Wait:
+        if response.status_code in call.ok:
+            return call.parse(response)
+        error = error_for(response.status_code, response.content, response.reason_phrase)
+        return self._next(error, response.headers.get("retry-after"))
+
+    def failed(self, exc: httpx.TransportError) -> Wait:
+        return self._next(ConnectionFailed(type(exc).__name__, str(exc) or repr(exc)), None)
+
+    def _next(self, error: LionMQError, retry_after: str | None) -> Wait:
+        retryable = isinstance(error, ConnectionFailed | ServerError)
+        if not retryable or self._tries >= self._policy.attempts:
+            raise error
+        delay = self._policy.backoff(self._tries - 1)
+        self._tries += 1
+        if retry_after is not None and retry_after.isdigit():
+            # The node knows best when it will be back, but never wait past the policy's bound.
+            delay = min(max(delay, float(retry_after)), self._policy.max_delay)
+        return Wait(delay)
