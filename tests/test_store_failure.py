@@ -1,0 +1,82 @@
+"""When the store fails: 503 with a clear detail, nothing half-done, and recovery on its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.errors import StoreUnavailable
+from app.main import create_app
+from app.store.sqlite import SQLiteStore
+from tests.conftest import make_settings
+
+PASSTHROUGH = {"open", "close", "kind"}
+
+
+class FlakyStore:
+    """A real SQLite store whose every call fails while `down` is set, as a lost disk would."""
+
+    def __init__(self, path: str) -> None:
+        self.inner = SQLiteStore(path)
+        self.down = False
+        self.kind = "sqlite"
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self.inner, name)
+        if name in PASSTHROUGH or not callable(target):
+            return target
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("the embedded store failed: disk I/O error (simulated)")
+            return await target(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+async def flaky(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FlakyStore]]:
+    store = FlakyStore(str(tmp_path / "f.db"))
+    app: FastAPI = create_app(make_settings(tmp_path), store=store)  # type: ignore[arg-type]
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+    ):
+        yield c, store
+
+
+def assert_503(r: httpx.Response) -> None:
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert "disk I/O error" in r.json()["detail"]
+
+
+async def test_store_outage_is_a_503_and_recovers(
+    flaky: tuple[httpx.AsyncClient, FlakyStore],
+) -> None:
+    c, store = flaky
+    await c.post("/channels/o/enqueue", json={"messages": [{"body": i} for i in range(3)]})
+    held = (await c.post("/channels/o/dequeue", json={"max": 1})).json()["messages"]
+
+    store.down = True
+    assert_503(await c.post("/channels/o/enqueue", json={"messages": [{"body": "lost?"}]}))
+    assert_503(await c.post("/channels/o/dequeue", json={"max": 5}))
+    assert_503(await c.post("/channels/o/ack", json={"receipts": [held[0]["receipt"]]}))
+    assert (await c.get("/ready")).status_code == 503
+    assert (await c.get("/health")).status_code == 200
+    counts = (await c.get("/channels/o")).json()["counts"]
+    assert counts == {"ready": 2, "delayed": 0, "in_flight": 1}  # nothing half-done
+
+    store.down = False
+    assert (await c.get("/ready")).status_code == 200
+    # The lease survived the failed ack; the failed dequeue gave its messages back.
+    ack = await c.post("/channels/o/ack", json={"receipts": [held[0]["receipt"]]})
+    assert ack.json() == {"acked": 1, "stale": []}
+    rest = (await c.post("/channels/o/dequeue", json={"max": 10})).json()["messages"]
+    assert [m["body"] for m in rest] == [1, 2]
+    assert all(m["attempt"] == 1 for m in rest)
