@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import channels, health, messages, problems
+from app.api import channels, health, hotpath, messages, problems
 from app.api.auth import BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
@@ -82,10 +83,12 @@ def create_app(
         lifespan=lifespan,
     )
     problems.install(app)
-    app.include_router(messages.router)
     app.include_router(channels.router)
     app.include_router(health.router)
-    install_schemas(app, [*messages.SCHEMAS, *channels.SCHEMAS, problems.Problem])
+    schemas: list[type[Any]] = [*messages.SCHEMAS, *channels.SCHEMAS, problems.Problem]
+    install_schemas(app, schemas, hotpath.openapi_paths())
+    # The last added runs first: auth, then the hot path, then FastAPI's own stack.
+    app.add_middleware(hotpath.HotPath)
     if settings.api_token:
         app.add_middleware(BearerAuth, token=settings.api_token)
     return app

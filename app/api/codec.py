@@ -61,14 +61,17 @@ def json_body_doc(model: type[Any], required: bool = True) -> dict[str, Any]:
     }
 
 
-def install_schemas(app: FastAPI, models: list[type[Any]]) -> None:
-    """Merge the msgspec models' JSON schemas into the app's OpenAPI components."""
+def install_schemas(
+    app: FastAPI, models: list[type[Any]], paths: dict[str, Any] | None = None
+) -> None:
+    """Merge the msgspec models' JSON schemas (and paths not routed by FastAPI) into OpenAPI."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
+        schema["paths"] = {**(paths or {}), **schema.get("paths", {})}
         _, components = msgspec.json.schema_components(models, ref_template=_REF)
         schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
         schema["components"].setdefault("securitySchemes", {})["bearer"] = {

@@ -1,24 +1,26 @@
-"""The hot path: enqueue, dequeue, ack, nack and extend, with their schemas."""
+"""The hot path: enqueue, dequeue, ack, nack and extend, with their schemas.
+
+Each operation is a plain function from (node, channel, body) to (status, JSON bytes); `hotpath`
+serves them straight from ASGI and `OPERATIONS` documents them in the OpenAPI schema.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
-from fastapi import APIRouter, Request
-from starlette.responses import Response
 from starlette.types import Receive
 
-from app.api.codec import decode, json_body_doc, json_response_doc, read_body
-from app.api.deps import Node, channel_name, node
+from app.api.codec import decode
+from app.api.deps import Node, channel_name
 from app.engine.ids import receipt
 from app.engine.queue import MAX_DELAY_MS, NewMessage, Outcome
 from app.errors import InvalidInput, PayloadTooLarge
 from app.models import Lease
-
-router = APIRouter(prefix="/channels/{channel}", tags=["messages"])
 
 Receipt = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Receipts = Annotated[list[Receipt], msgspec.Meta(min_length=1)]
@@ -82,19 +84,6 @@ class ExtendResponse(msgspec.Struct):
     stale: list[str]
 
 
-SCHEMAS: list[type[msgspec.Struct]] = [
-    EnqueueRequest,
-    EnqueueResponse,
-    DequeueRequest,
-    DequeueResponse,
-    AckRequest,
-    AckResponse,
-    NackRequest,
-    NackResponse,
-    ExtendRequest,
-    ExtendResponse,
-]
-
 _enqueue = msgspec.json.Decoder(EnqueueRequest)
 _dequeue = msgspec.json.Decoder(DequeueRequest)
 _ack = msgspec.json.Decoder(AckRequest)
@@ -103,26 +92,15 @@ _extend = msgspec.json.Decoder(ExtendRequest)
 _encoder = msgspec.json.Encoder()
 _NO_HEADERS = msgspec.Raw(b"{}")
 
-
-def _json(value: msgspec.Struct, status: int = 200) -> Response:
-    return Response(_encoder.encode(value), status_code=status, media_type="application/json")
+Reply = tuple[int, bytes]
 
 
-@router.post(
-    "/enqueue",
-    status_code=201,
-    summary="Enqueue a batch of messages",
-    description="All or nothing: 201 only once every message of the batch is durable.",
-    openapi_extra=json_body_doc(EnqueueRequest),
-    responses=json_response_doc(EnqueueResponse, 201, "The ids, one per message, in order"),
-)
-async def enqueue(channel: str, request: Request) -> Response:
-    n = node(request)
+async def enqueue(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
-    req = decode(await read_body(request, n.settings.max_request_bytes), _enqueue)
+    req = decode(body, _enqueue)
     _check_batch(n, req.messages)
     ids = await n.engine.enqueue(name, req.messages)
-    return _json(EnqueueResponse(ids=[str(i) for i in ids]), 201)
+    return 201, _encoder.encode(EnqueueResponse(ids=[str(i) for i in ids]))
 
 
 def _check_batch(n: Node, messages: list[NewMessage]) -> None:
@@ -140,23 +118,14 @@ def _check_batch(n: Node, messages: list[NewMessage]) -> None:
             )
 
 
-@router.post(
-    "/dequeue",
-    summary="Lease up to `max` ready messages, waiting up to `wait_ms` for one",
-    openapi_extra=json_body_doc(DequeueRequest, required=False),
-    responses=json_response_doc(DequeueResponse, 200, "The leased messages (maybe none)"),
-)
-async def dequeue(channel: str, request: Request) -> Response:
-    n = node(request)
+async def dequeue(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
-    body = await read_body(request, 4096)
     req = decode(body, _dequeue) if body.strip() else DequeueRequest()
-    engine = n.engine
     if req.wait_ms == 0:
-        leases = await engine.dequeue(name, req.max, 0, req.visibility_ms)
+        leases = await n.engine.dequeue(name, req.max, 0, req.visibility_ms)
     else:
-        leases = await _long_poll(n, name, req, request.receive)
-    return _json(DequeueResponse(messages=[_delivered(lease) for lease in leases]))
+        leases = await _long_poll(n, name, req, receive)
+    return 200, _encoder.encode(DequeueResponse(messages=[_delivered(lease) for lease in leases]))
 
 
 async def _long_poll(n: Node, name: str, req: DequeueRequest, receive: Receive) -> list[Lease]:
@@ -202,47 +171,70 @@ def _check_receipts(n: Node, receipts: list[str]) -> list[str]:
     return receipts
 
 
-@router.post(
-    "/ack",
-    summary="Acknowledge deliveries: those messages are gone for good",
-    openapi_extra=json_body_doc(AckRequest),
-    responses=json_response_doc(AckResponse, 200, "How many were acked; receipts without a lease"),
-)
-async def ack(channel: str, request: Request) -> Response:
-    n = node(request)
+async def ack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
-    req = decode(await read_body(request, n.settings.max_request_bytes), _ack)
+    req = decode(body, _ack)
     out: Outcome = await n.engine.ack(name, _check_receipts(n, req.receipts))
-    return _json(AckResponse(acked=out.done, stale=out.stale))
+    return 200, _encoder.encode(AckResponse(acked=out.done, stale=out.stale))
 
 
-@router.post(
-    "/nack",
-    summary="Give deliveries back: ready again (after delay_ms) or dead-lettered",
-    openapi_extra=json_body_doc(NackRequest),
-    responses=json_response_doc(
-        NackResponse, 200, "How many were nacked; receipts without a lease"
-    ),
-)
-async def nack(channel: str, request: Request) -> Response:
-    n = node(request)
+async def nack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
-    req = decode(await read_body(request, n.settings.max_request_bytes), _nack)
+    req = decode(body, _nack)
     receipts = _check_receipts(n, req.receipts)
     out = await n.engine.nack(name, receipts, req.delay_ms, req.dead_letter)
-    return _json(NackResponse(nacked=out.done, stale=out.stale))
+    return 200, _encoder.encode(NackResponse(nacked=out.done, stale=out.stale))
 
 
-@router.post(
-    "/extend",
-    summary="Extend leases: they now end visibility_ms from now",
-    openapi_extra=json_body_doc(ExtendRequest),
-    responses=json_response_doc(ExtendResponse, 200, "How many were extended; stale receipts"),
-)
-async def extend(channel: str, request: Request) -> Response:
-    n = node(request)
+async def extend(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
-    req = decode(await read_body(request, n.settings.max_request_bytes), _extend)
+    req = decode(body, _extend)
     receipts = _check_receipts(n, req.receipts)
     out = await n.engine.extend(name, receipts, req.visibility_ms)
-    return _json(ExtendResponse(extended=out.done, stale=out.stale))
+    return 200, _encoder.encode(ExtendResponse(extended=out.done, stale=out.stale))
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    handler: Callable[[Node, str, bytes, Receive], Awaitable[Reply]]
+    summary: str
+    request: type[msgspec.Struct]
+    response: type[msgspec.Struct]
+    status: int = 200
+    body_required: bool = True
+    description: str = ""
+
+
+OPERATIONS: dict[str, Operation] = {
+    "enqueue": Operation(
+        enqueue,
+        "Enqueue a batch of messages",
+        EnqueueRequest,
+        EnqueueResponse,
+        201,
+        description="All or nothing: 201 only once every message of the batch is durable.",
+    ),
+    "dequeue": Operation(
+        dequeue,
+        "Lease up to `max` ready messages, waiting up to `wait_ms` for one",
+        DequeueRequest,
+        DequeueResponse,
+        body_required=False,
+    ),
+    "ack": Operation(
+        ack, "Acknowledge deliveries: those messages are gone for good", AckRequest, AckResponse
+    ),
+    "nack": Operation(
+        nack,
+        "Give deliveries back: ready again (after delay_ms) or dead-lettered",
+        NackRequest,
+        NackResponse,
+    ),
+    "extend": Operation(
+        extend, "Extend leases: they now end visibility_ms from now", ExtendRequest, ExtendResponse
+    ),
+}
+
+SCHEMAS: list[type[msgspec.Struct]] = [
+    t for op in OPERATIONS.values() for t in (op.request, op.response)
+]

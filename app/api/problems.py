@@ -39,6 +39,13 @@ def problem(status: int, detail: str, title: str | None = None, **headers: str) 
     )
 
 
+def problem_for(exc: LionMQError) -> Response:
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.title, exc.detail)
+    extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    return problem(exc.status, exc.detail, exc.title, **extra)
+
+
 def _validation_detail(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -50,10 +57,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LionMQError)
-        extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        if exc.status >= 500:
-            log.warning("%s %s: %s", request.method, request.url.path, exc.detail)
-        return problem(exc.status, exc.detail, exc.title, **extra)
+        return problem_for(exc)
 
     async def validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -1,10 +1,9 @@
 """The embedded store: SQLite in WAL mode with synchronous=FULL and group commit.
 
-One writer thread owns the write connection. Every write is a small function queued to it; the
-thread runs everything queued so far in one transaction (each function inside its own savepoint,
-so one failing write does not sink its neighbours) and commits once, so concurrent requests share
-one fsync. Reads run on a second thread with its own connection, which WAL lets proceed while the
-writer commits.
+Every write is a small function queued to one writer task, which runs everything queued so far
+in one transaction (each function inside its own savepoint, so one failing write does not sink
+its neighbours) and commits once, so concurrent requests share one fsync. Reads use a second
+connection, which WAL lets proceed while the writer commits.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -109,11 +106,12 @@ class SQLiteStore:
     def __init__(self, path: str) -> None:
         self._path = path
         self._keys: dict[str, int] = {}
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._reader: ThreadPoolExecutor | None = None
+        self._pending: list[_Pending] = []
+        self._wakeup: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -123,87 +121,88 @@ class SQLiteStore:
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
 
-    def _prepare(self) -> sqlite3.Connection:
+    def _prepare(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         conn = self._connect()
         conn.executescript(_SCHEMA)
         self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
-        return conn
+        return conn, self._connect()
 
     async def open(self) -> None:
-        self._loop = asyncio.get_running_loop()
         try:
-            conn = await asyncio.to_thread(self._prepare)
+            self._conn, self._read_conn = await asyncio.to_thread(self._prepare)
         except (OSError, sqlite3.Error) as exc:
             raise _unavailable(exc) from exc
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lionmq-sqlite-read")
-        self._writer = threading.Thread(
-            target=self._write_loop, args=(conn,), name="lionmq-sqlite-write", daemon=True
-        )
-        self._writer.start()
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lionmq-commit")
+        self._wakeup = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop(), name="lionmq-sqlite-writer")
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._queue.put(None)
-            await asyncio.to_thread(self._writer.join)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
             self._writer = None
-        if self._reader is not None:
-            if self._read_conn is not None:
-                self._reader.submit(self._read_conn.close).result()
-                self._read_conn = None
-            self._reader.shutdown(wait=True)
-            self._reader = None
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(StoreUnavailable("the embedded store closed"))
+        self._pending = []
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
+        for conn in (self._conn, self._read_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._read_conn = None
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
-    # -- the two threads --------------------------------------------------------------------
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is None:
-                break
-            group = [item]
-            while len(group) < _GROUP_LIMIT:
+    # -- group commit -----------------------------------------------------------------------
+    # The statements run on the event loop's thread: each is short, and running them on a
+    # thread of their own would hand the GIL back and forth once per row (sqlite3 releases it
+    # around every step). Only COMMIT, which waits for the disk, runs on the commit thread;
+    # writes queued meanwhile form the next group.
+    async def _write_loop(self) -> None:
+        assert self._wakeup is not None and self._conn is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                group = self._pending[:_GROUP_LIMIT]
+                del self._pending[:_GROUP_LIMIT]
+                outcomes = self._run_group(self._conn, group)
                 try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-            outcomes = self._commit_group(conn, group)
-            assert self._loop is not None
-            with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
-                self._loop.call_soon_threadsafe(_settle, outcomes)
-        conn.close()
+                    await loop.run_in_executor(self._committer, self._conn.execute, "COMMIT")
+                except sqlite3.Error as exc:
+                    # The commit itself failed (disk full, I/O error): nothing of it is kept.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                    self._forget_new_keys(self._conn)
+                    outcomes = [(future, None, exc) for _, future in group]
+                _settle(outcomes)
 
-    def _commit_group(
+    def _run_group(
         self, conn: sqlite3.Connection, group: list[_Pending]
     ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        """Run each write in its own savepoint, so one failing write does not sink the rest."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, future in group:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = op(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    self._forget_new_keys(conn)
-                    outcomes.append((future, None, exc))
-                else:
-                    outcomes.append((future, result, None))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            # The commit itself failed (disk full, I/O error): nothing of the group is kept.
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._forget_new_keys(conn)
             return [(future, None, exc) for _, future in group]
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for op, future in group:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                self._forget_new_keys(conn)
+                outcomes.append((future, None, exc))
+            else:
+                outcomes.append((future, result, None))
+            conn.execute("RELEASE op")
         return outcomes
 
     def _forget_new_keys(self, conn: sqlite3.Connection) -> None:
@@ -212,26 +211,22 @@ class SQLiteStore:
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
     async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._writer is None or self._loop is None:
+        if self._writer is None or self._wakeup is None:
             raise StoreUnavailable("the embedded store is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((op, future))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wakeup.set()
         try:
             return await future
         except sqlite3.Error as exc:
             raise _unavailable(exc) from exc
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._reader is None or self._loop is None:
+        """Reads see committed data only (their own WAL snapshot) and are short: run inline."""
+        if self._read_conn is None:
             raise StoreUnavailable("the embedded store is not open")
-
-        def run() -> T:
-            if self._read_conn is None:
-                self._read_conn = self._connect()
-            return op(self._read_conn)
-
         try:
-            return await self._loop.run_in_executor(self._reader, run)
+            return op(self._read_conn)
         except sqlite3.Error as exc:
             raise _unavailable(exc) from exc
 

@@ -1,0 +1,107 @@
+"""The message operations served straight from ASGI.
+
+`POST /channels/{channel}/{enqueue,dequeue,ack,nack,extend}` carry nearly all of a node's traffic.
+Routing them through the framework's router, dependency solver and middleware layers cost more
+than the work itself, so this small ASGI layer matches them first and hands everything else on
+to the FastAPI app. Errors still come out as the same problem details.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.codec import json_body_doc, json_response_doc
+from app.api.deps import Node
+from app.api.messages import OPERATIONS
+from app.api.problems import problem, problem_for
+from app.errors import LionMQError, PayloadTooLarge
+
+log = logging.getLogger("lionmq.api")
+
+_PREFIX = "/channels/"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class HotPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        channel, _, verb = path[len(_PREFIX) :].rpartition("/")
+        operation = OPERATIONS.get(verb)
+        if operation is None or not channel or "/" in channel:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            detail = f"{scope['method']} is not allowed on {path}; use POST (see /docs)"
+            await problem(405, detail, Allow="POST")(scope, receive, send)
+            return
+        node: Node = scope["app"].state.node
+        try:
+            body = await _read_body(receive, node.settings.max_request_bytes)
+            status, payload = await operation.handler(node, channel, body, receive)
+        except LionMQError as exc:
+            await problem_for(exc)(scope, receive, send)
+            return
+        except Exception:
+            log.exception("unexpected error on POST %s", path)
+            detail = "the node hit an unexpected error; its log has the details"
+            await problem(500, detail)(scope, receive, send)
+            return
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body passes the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The OpenAPI entries of the operations served here, built from their msgspec structs."""
+    paths: dict[str, Any] = {}
+    for verb, op in OPERATIONS.items():
+        responses = json_response_doc(op.response, op.status, "Success")
+        responses["default"] = {
+            "description": "Problem details (4xx, 5xx)",
+            "content": {"application/problem+json": {"schema": {"$ref": _PROBLEM_REF}}},
+        }
+        paths[f"{_PREFIX}{{channel}}/{verb}"] = {
+            "post": {
+                "tags": ["messages"],
+                "summary": op.summary,
+                "description": op.description,
+                "operationId": f"{verb}_messages",
+                "parameters": [
+                    {"name": "channel", "in": "path", "required": True, "schema": _CHANNEL}
+                ],
+                **json_body_doc(op.request, op.body_required),
+                "responses": {str(k): v for k, v in responses.items()},
+            }
+        }
+    return paths
+
+
+_PROBLEM_REF = "#/components/schemas/Problem"
+_CHANNEL = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
