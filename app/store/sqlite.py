@@ -1,6 +1,6 @@
 """The embedded store: SQLite in WAL mode with synchronous=FULL and group commit.
 
-Every write is a small function queued to one writer task, which runs everything queued so far
+Every write is a small function queued to one writer thread, which runs everything queued so far
 in one transaction (each function inside its own savepoint, so one failing write does not sink
 its neighbours) and commits once, so concurrent requests share one fsync. Reads use a second
 connection, which WAL lets proceed while the writer commits.
@@ -10,20 +10,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from app.errors import StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 
 T = TypeVar("T")
-_Op = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass(slots=True)
+class _Insert:
+    channel: str
+    messages: Sequence[Message]
+    dedup_since: int
+
+
+@dataclass(slots=True)
+class _Delete:
+    ids: Sequence[int]
+
+
+# A write is a function of the connection, or one of the two kinds the hot path sends most,
+# which the writer merges with their neighbours into one statement for the whole group.
+_Op = Callable[[sqlite3.Connection], Any] | _Insert | _Delete
 _Pending = tuple[_Op, "asyncio.Future[Any]"]
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 # Most writes a single transaction gathers; bounds how long one commit can make others wait.
 _GROUP_LIMIT = 1024
@@ -62,7 +81,43 @@ CREATE INDEX IF NOT EXISTS dedup_by_age ON dedup (used_at);
 """
 
 _COLUMNS = "id, body, headers, enqueued_at, available_at, expires_at, attempt, leased"
-_INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_MESSAGES = "INSERT INTO messages"
+# SQLite binds at most 32766 values in one statement.
+_MAX_VALUES = 32_000
+
+
+@functools.lru_cache(maxsize=256)
+def _values(head: str, width: int, rows: int) -> str:
+    """`head VALUES (?, …), (?, …)…`: one statement (one step) for many rows."""
+    row = "(" + ",".join("?" * width) + ")"
+    return f"{head} VALUES " + ",".join([row] * rows)
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, width: int, values: list[Any]) -> None:
+    if not values:
+        return
+    """Insert flattened rows of `width` values, in as few statements as the limit allows."""
+    step = _MAX_VALUES // width * width
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step]
+        conn.execute(_values(head, width, len(chunk) // width), chunk)
+
+
+def _message_values(key: int, messages: Sequence[Message]) -> list[Any]:
+    values: list[Any] = []
+    for m in messages:
+        values += (
+            m.id,
+            key,
+            m.body,
+            m.headers,
+            m.enqueued_at,
+            m.available_at,
+            m.expires_at,
+            m.attempt,
+            m.leased,
+        )
+    return values
 
 
 def _message(row: tuple[Any, ...]) -> Message:
@@ -75,20 +130,6 @@ def _message(row: tuple[Any, ...]) -> Message:
         expires_at=row[5],
         attempt=row[6],
         leased=bool(row[7]),
-    )
-
-
-def _row(key: int, m: Message) -> tuple[Any, ...]:
-    return (
-        m.id,
-        key,
-        m.body,
-        m.headers,
-        m.enqueued_at,
-        m.available_at,
-        m.expires_at,
-        m.attempt,
-        int(m.leased),
     )
 
 
@@ -106,12 +147,10 @@ class SQLiteStore:
     def __init__(self, path: str) -> None:
         self._path = path
         self._keys: dict[str, int] = {}
-        self._pending: list[_Pending] = []
-        self._wakeup: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._committer: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._read_conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -129,100 +168,169 @@ class SQLiteStore:
         return conn, self._connect()
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
-            self._conn, self._read_conn = await asyncio.to_thread(self._prepare)
+            conn, self._read_conn = await asyncio.to_thread(self._prepare)
         except (OSError, sqlite3.Error) as exc:
             raise _unavailable(exc) from exc
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lionmq-commit")
-        self._wakeup = asyncio.Event()
-        self._writer = asyncio.create_task(self._write_loop(), name="lionmq-sqlite-writer")
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(conn,), name="lionmq-sqlite-writer", daemon=True
+        )
+        self._writer.start()
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            self._queue.put(None)
+            await asyncio.to_thread(self._writer.join)
             self._writer = None
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(StoreUnavailable("the embedded store closed"))
-        self._pending = []
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)
-            self._committer = None
-        for conn in (self._conn, self._read_conn):
-            if conn is not None:
-                conn.close()
-        self._conn = self._read_conn = None
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     # -- group commit -----------------------------------------------------------------------
-    # The statements run on the event loop's thread: each is short, and running them on a
-    # thread of their own would hand the GIL back and forth once per row (sqlite3 releases it
-    # around every step). Only COMMIT, which waits for the disk, runs on the commit thread;
-    # writes queued meanwhile form the next group.
-    async def _write_loop(self) -> None:
-        assert self._wakeup is not None and self._conn is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                group = self._pending[:_GROUP_LIMIT]
-                del self._pending[:_GROUP_LIMIT]
-                outcomes = self._run_group(self._conn, group)
+    # The writer thread runs each group's statements and its COMMIT while the event loop goes
+    # on serving requests. sqlite3 lets go of the GIL around every step of a statement, so
+    # writes use one multi-row statement per batch rather than executemany: one hand-over of
+    # the GIL per batch, not one per row.
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            group = [item]
+            while len(group) < _GROUP_LIMIT:
                 try:
-                    await loop.run_in_executor(self._committer, self._conn.execute, "COMMIT")
-                except sqlite3.Error as exc:
-                    # The commit itself failed (disk full, I/O error): nothing of it is kept.
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
-                    self._forget_new_keys(self._conn)
-                    outcomes = [(future, None, exc) for _, future in group]
-                _settle(outcomes)
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+            outcomes = self._commit_group(conn, group)
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
+                self._loop.call_soon_threadsafe(_settle, outcomes)
+        conn.close()
 
-    def _run_group(
-        self, conn: sqlite3.Connection, group: list[_Pending]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        """Run each write in its own savepoint, so one failing write does not sink the rest."""
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            i = 0
+            while i < len(group):
+                kind = type(group[i][0])
+                j = i + 1
+                if kind in (_Insert, _Delete):
+                    while j < len(group) and type(group[j][0]) is kind:
+                        j += 1
+                outcomes += self._apply_run(conn, group[i:j])
+                i = j
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            # The commit itself failed (disk full, I/O error): nothing of the group is kept.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._forget_new_keys(conn)
             return [(future, None, exc) for _, future in group]
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        for op, future in group:
-            conn.execute("SAVEPOINT op")
-            try:
-                result = op(conn)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO op")
-                self._forget_new_keys(conn)
-                outcomes.append((future, None, exc))
-            else:
-                outcomes.append((future, result, None))
-            conn.execute("RELEASE op")
         return outcomes
+
+    def _apply_run(self, conn: sqlite3.Connection, run: list[_Pending]) -> list[_Outcome]:
+        """Apply writes of one kind together, in a savepoint; should that fail, apply them one
+        by one, each in its own savepoint, so only the faulty one fails."""
+        conn.execute("SAVEPOINT run")
+        try:
+            results = self._apply(conn, [op for op, _ in run])
+        except Exception as exc:
+            conn.execute("ROLLBACK TO run")
+            conn.execute("RELEASE run")
+            self._forget_new_keys(conn)
+            if len(run) == 1:
+                return [(run[0][1], None, exc)]
+            return [out for pending in run for out in self._apply_run(conn, [pending])]
+        conn.execute("RELEASE run")
+        return [(future, result, None) for (_, future), result in zip(run, results, strict=True)]
+
+    def _apply(self, conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
+        first = ops[0]
+        if isinstance(first, _Insert):
+            return self._insert_all(conn, ops)  # type: ignore[arg-type]
+        if isinstance(first, _Delete):
+            _delete_ids(conn, [i for op in ops for i in op.ids])  # type: ignore[union-attr]
+            return [None] * len(ops)
+        return [first(conn)]
+
+    def _insert_all(self, conn: sqlite3.Connection, inserts: list[_Insert]) -> list[EnqueueResult]:
+        keys = [self._key(conn, op.channel) for op in inserts]
+        # Every dedup id of the group, looked up in one query per channel.
+        wanted: dict[int, set[str]] = {}
+        for key, op in zip(keys, inserts, strict=True):
+            used = {m.dedup_id for m in op.messages if m.dedup_id is not None}
+            if used:
+                wanted.setdefault(key, set()).update(used)
+        known: dict[int, dict[str, tuple[int, int]]] = {}
+        for key, dedup_ids in wanted.items():
+            found = known[key] = {}
+            listed = list(dedup_ids)
+            for start in range(0, len(listed), _MAX_VALUES):
+                chunk = listed[start : start + _MAX_VALUES]
+                for dedup_id, msg_id, used_at in conn.execute(
+                    "SELECT dedup_id, msg_id, used_at FROM dedup WHERE ch = ?"
+                    f" AND dedup_id IN ({_marks(len(chunk))})",
+                    (key, *chunk),
+                ):
+                    found[dedup_id] = (msg_id, used_at)
+        results: list[EnqueueResult] = []
+        values: list[Any] = []
+        dedup_values: list[Any] = []
+        for key, op in zip(keys, inserts, strict=True):
+            if key not in wanted:
+                values += _message_values(key, op.messages)
+                results.append(
+                    EnqueueResult(ids=[m.id for m in op.messages], new=list(op.messages))
+                )
+                continue
+            found = known[key]
+            ids: list[int] = []
+            new: list[Message] = []
+            for m in op.messages:
+                if m.dedup_id is not None:
+                    hit = found.get(m.dedup_id)
+                    if hit is not None and hit[1] >= op.dedup_since:
+                        ids.append(hit[0])
+                        continue
+                    found[m.dedup_id] = (m.id, m.enqueued_at)
+                    dedup_values += (key, m.dedup_id, m.id, m.enqueued_at)
+                ids.append(m.id)
+                new.append(m)
+            values += _message_values(key, new)
+            results.append(EnqueueResult(ids=ids, new=new))
+        _insert_rows(conn, _INSERT_MESSAGES, 9, values)
+        _insert_rows(conn, "INSERT OR REPLACE INTO dedup", 4, dedup_values)
+        return results
 
     def _forget_new_keys(self, conn: sqlite3.Connection) -> None:
         """After a rollback, channel keys made in that transaction no longer exist."""
         with contextlib.suppress(sqlite3.Error):
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._writer is None or self._wakeup is None:
+    async def _write(self, op: Callable[[sqlite3.Connection], T] | _Insert | _Delete) -> T:
+        if self._writer is None or self._loop is None:
             raise StoreUnavailable("the embedded store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        self._wakeup.set()
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((op, future))
         try:
             return await future
         except sqlite3.Error as exc:
             raise _unavailable(exc) from exc
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Reads see committed data only (their own WAL snapshot) and are short: run inline."""
+        """Reads see committed data only (their own WAL snapshot) and are short: run inline,
+        where fetching row by row costs no hand-over of the GIL."""
         if self._read_conn is None:
             raise StoreUnavailable("the embedded store is not open")
         try:
@@ -284,46 +392,24 @@ class SQLiteStore:
     async def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
-        def op(conn: sqlite3.Connection) -> EnqueueResult:
-            key = self._key(conn, channel)
-            wanted = [m.dedup_id for m in messages if m.dedup_id is not None]
-            if not wanted:
-                conn.executemany(_INSERT, [_row(key, m) for m in messages])
-                return EnqueueResult(ids=[m.id for m in messages], new=list(messages))
-            # One query for the whole batch, not one per message.
-            known: dict[str, int] = dict(
-                conn.execute(
-                    "SELECT dedup_id, msg_id FROM dedup WHERE ch = ? AND used_at >= ?"
-                    f" AND dedup_id IN ({_marks(len(wanted))})",
-                    (key, dedup_since, *wanted),
-                ).fetchall()
-            )
-            ids: list[int] = []
-            new: list[Message] = []
-            dedup_rows: list[tuple[int, str, int, int]] = []
-            for m in messages:
-                if m.dedup_id is not None:
-                    first = known.get(m.dedup_id)
-                    if first is not None:
-                        ids.append(first)
-                        continue
-                    known[m.dedup_id] = m.id
-                    dedup_rows.append((key, m.dedup_id, m.id, m.enqueued_at))
-                ids.append(m.id)
-                new.append(m)
-            conn.executemany(_INSERT, [_row(key, m) for m in new])
-            conn.executemany("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup_rows)
-            return EnqueueResult(ids=ids, new=new)
-
-        return await self._write(op)
+        result: EnqueueResult = await self._write(_Insert(channel, messages, dedup_since))
+        return result
 
     async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
-        await self._write(
-            lambda conn: conn.executemany(
-                "UPDATE messages SET leased = 1, attempt = ?, available_at = ? WHERE id = ?",
-                [(attempt, deadline, msg_id) for msg_id, attempt in leases],
-            )
-        )
+        # One statement per distinct attempt count (a batch has one or two), not one per row.
+        by_attempt: dict[int, list[int]] = {}
+        for msg_id, attempt in leases:
+            by_attempt.setdefault(attempt, []).append(msg_id)
+
+        def op(conn: sqlite3.Connection) -> None:
+            for attempt, ids in by_attempt.items():
+                conn.execute(
+                    "UPDATE messages SET leased = 1, attempt = ?, available_at = ?"
+                    f" WHERE id IN ({_marks(len(ids))})",
+                    (attempt, deadline, *ids),
+                )
+
+        await self._write(op)
 
     async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
         await self._update_many(
@@ -336,7 +422,7 @@ class SQLiteStore:
         )
 
     async def delete(self, channel: str, ids: Sequence[int]) -> None:
-        await self._write(lambda conn: _delete_ids(conn, ids))
+        await self._write(_Delete(ids))
 
     async def _update_many(self, sql: str, value: int, ids: Sequence[int]) -> None:
         await self._write(
@@ -350,7 +436,7 @@ class SQLiteStore:
             _delete_ids(conn, ids)
             if target is not None and moved:
                 key = self._key(conn, target)
-                conn.executemany(_INSERT, [_row(key, m) for m in moved])
+                _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, moved))
 
         await self._write(op)
 
@@ -465,8 +551,9 @@ class SQLiteStore:
 
 
 def _delete_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
-    if ids:
-        conn.execute(f"DELETE FROM messages WHERE id IN ({_marks(len(ids))})", list(ids))
+    for start in range(0, len(ids), _MAX_VALUES):
+        chunk = ids[start : start + _MAX_VALUES]
+        conn.execute(f"DELETE FROM messages WHERE id IN ({_marks(len(chunk))})", list(chunk))
 
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
