@@ -1,0 +1,1 @@
+"""LionMQ's benchmark: `python -m bench` (see `python -m bench --help`)."""

@@ -1,0 +1,112 @@
+"""Results, percentiles, medians, CPU accounting and message bodies that carry their send time."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+Metrics = dict[str, float]
+
+SIZES = {"16B": 16, "1KiB": 1024}
+
+
+def body(size: int) -> str:
+    """A JSON string body of `size` characters that starts with the send time in microseconds
+    (16 digits, so a 16-byte body is the timestamp itself)."""
+    stamp = str(time.time_ns() // 1000)
+    return stamp + "x" * (size - len(stamp)) if size > len(stamp) else stamp
+
+
+def sent_at(value: Any) -> float:
+    """The send time (seconds since the epoch) carried by a `body()`."""
+    return int(str(value)[:16]) / 1e6
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def latency_metrics(latencies_s: list[float]) -> Metrics:
+    return {
+        "p50_ms": percentile(latencies_s, 50) * 1000,
+        "p99_ms": percentile(latencies_s, 99) * 1000,
+        "samples": float(len(latencies_s)),
+    }
+
+
+@dataclass
+class RunResult:
+    metrics: Metrics
+    partial: bool = False
+    note: str = ""
+
+
+@dataclass
+class ScenarioResult:
+    """Every run of one scenario at one body size, and the median of each metric."""
+
+    key: str
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def median(self) -> Metrics:
+        names = {name for run in self.runs for name in run.metrics}
+        out: Metrics = {}
+        for name in sorted(names):
+            values = [r.metrics[name] for r in self.runs if name in r.metrics]
+            values = [v for v in values if v == v]  # drops NaN
+            if values:
+                out[name] = statistics.median(values)
+        return out
+
+    @property
+    def partial(self) -> bool:
+        return any(run.partial for run in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "median": self.median,
+            "partial": self.partial,
+            "runs": [
+                {"metrics": r.metrics, "partial": r.partial, "note": r.note} for r in self.runs
+            ],
+        }
+
+
+class CpuMeter:
+    """CPU used by the server's processes and by this (the load generator's) process over a
+    window, as a percentage of one core: what tells which side limits a figure."""
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self._procs = [psutil.Process(pid) for pid in server_pids]
+        self._me = psutil.Process(os.getpid())
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        server = 0.0
+        for proc in self._procs:
+            try:
+                t = proc.cpu_times()
+                server += t.user + t.system
+                for child in proc.children(recursive=True):
+                    ct = child.cpu_times()
+                    server += ct.user + ct.system
+            except psutil.Error:
+                pass
+        mine = self._me.cpu_times()
+        return time.monotonic(), server, mine.user + mine.system
+
+    def stop(self) -> Metrics:
+        t1, s1, b1 = self._sample()
+        t0, s0, b0 = self._start
+        wall = max(t1 - t0, 1e-9)
+        return {"server_cpu_pct": 100 * (s1 - s0) / wall, "bench_cpu_pct": 100 * (b1 - b0) / wall}
