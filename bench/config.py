@@ -27,6 +27,8 @@ class Profile:
     e2e_total: int = 100_000
     e2e_producers: int = 4
     e2e_consumers: int = 4
+    # Messages enqueued but not yet delivered before producers wait (their flow-control credit).
+    e2e_backlog: int = 4_000
     paced_rate: int = 1000
     paced_seconds: float = 10.0
     long_depth: int = 1_000_000

@@ -289,9 +289,23 @@ class Counter:
         return max(0.0, self.deadline - time.monotonic())
 
 
-async def produce(amqp: Amqp, queue: str, size: int, counter: Counter, batch: int) -> None:
+async def produce(
+    amqp: Amqp,
+    queue: str,
+    size: int,
+    counter: Counter,
+    batch: int,
+    received: Counter | None = None,
+    backlog: int = 0,
+) -> None:
+    """Publish batches until `counter` is done; with `received`, hold back while more than
+    `backlog` messages wait for delivery (as the LionMQ end-to-end producers do)."""
     channel = await amqp.channel()
     while n := counter.claim(batch):
+        while received is not None and counter.done - received.done > backlog:
+            if counter.left_s <= 0:
+                return
+            await asyncio.sleep(0.005)
         await publish_batch(channel, queue, size, n)
         counter.done += n
 
@@ -439,7 +453,10 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(
-            *(produce(amqp, queue, size, produced, p.batch_size) for _ in range(p.e2e_producers)),
+            *(
+                produce(amqp, queue, size, produced, p.batch_size, received, p.e2e_backlog)
+                for _ in range(p.e2e_producers)
+            ),
             *(consume(amqp, queue, received, 5 * p.batch_size, record) for _ in range(4)),
         )
         rate = received.done / (time.perf_counter() - start)

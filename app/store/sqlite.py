@@ -38,9 +38,16 @@ class _Delete:
     ids: Sequence[int]
 
 
-# A write is a function of the connection, or one of the two kinds the hot path sends most,
-# which the writer merges with their neighbours into one statement for the whole group.
-_Op = Callable[[sqlite3.Connection], Any] | _Insert | _Delete
+@dataclass(slots=True)
+class _Lease:
+    leases: Sequence[tuple[int, int]]  # (id, attempt)
+    deadline: int
+
+
+# A write is a function of the connection, or one of the kinds the hot path sends most, which
+# the writer merges with their neighbours into one statement for the whole group.
+_Op = Callable[[sqlite3.Connection], Any] | _Insert | _Delete | _Lease
+_MERGED = (_Insert, _Delete, _Lease)
 _Pending = tuple[_Op, "asyncio.Future[Any]"]
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
@@ -225,7 +232,7 @@ class SQLiteStore:
             while i < len(group):
                 kind = type(group[i][0])
                 j = i + 1
-                if kind in (_Insert, _Delete):
+                if kind in _MERGED:
                     while j < len(group) and type(group[j][0]) is kind:
                         j += 1
                 outcomes += self._apply_run(conn, group[i:j])
@@ -262,16 +269,50 @@ class SQLiteStore:
         if isinstance(first, _Delete):
             _delete_ids(conn, [i for op in ops for i in op.ids])  # type: ignore[union-attr]
             return [None] * len(ops)
+        if isinstance(first, _Lease):
+            rows: list[Any] = []
+            for op in ops:
+                deadline = op.deadline  # type: ignore[union-attr]
+                for msg_id, attempt in op.leases:  # type: ignore[union-attr]
+                    rows += (msg_id, attempt, deadline)
+            _lease_rows(conn, rows)
+            return [None] * len(ops)
         return [first(conn)]
 
     def _insert_all(self, conn: sqlite3.Connection, inserts: list[_Insert]) -> list[EnqueueResult]:
         keys = [self._key(conn, op.channel) for op in inserts]
-        # Every dedup id of the group, looked up in one query per channel.
+        # Claim every dedup id of the group in one statement. When every claim takes (the
+        # usual case: fresh ids), no message is a duplicate and nothing needs looking up.
+        claims: list[Any] = []
+        for key, op in zip(keys, inserts, strict=True):
+            for m in op.messages:
+                if m.dedup_id is not None:
+                    claims += (key, m.dedup_id, m.id, m.enqueued_at)
+        if claims:
+            before = conn.total_changes
+            _insert_rows(conn, "INSERT OR IGNORE INTO dedup", 4, claims)
+            if conn.total_changes - before < len(claims) // 4:
+                return self._insert_with_duplicates(conn, keys, inserts)
+        values: list[Any] = []
+        results: list[EnqueueResult] = []
+        for key, op in zip(keys, inserts, strict=True):
+            fresh = list(op.messages)
+            values += _message_values(key, fresh)
+            results.append(EnqueueResult(ids=[m.id for m in fresh], new=fresh))
+        _insert_rows(conn, _INSERT_MESSAGES, 9, values)
+        return results
+
+    def _insert_with_duplicates(
+        self, conn: sqlite3.Connection, keys: list[int], inserts: list[_Insert]
+    ) -> list[EnqueueResult]:
+        """Some dedup ids were taken already (or twice in this group). Every id now has a row:
+        one naming a message of ours was just claimed by it; any other names the first message,
+        unless it was used before the window, when it passes to ours."""
         wanted: dict[int, set[str]] = {}
         for key, op in zip(keys, inserts, strict=True):
-            used = {m.dedup_id for m in op.messages if m.dedup_id is not None}
-            if used:
-                wanted.setdefault(key, set()).update(used)
+            wanted.setdefault(key, set()).update(
+                m.dedup_id for m in op.messages if m.dedup_id is not None
+            )
         known: dict[int, dict[str, tuple[int, int]]] = {}
         for key, dedup_ids in wanted.items():
             found = known[key] = {}
@@ -286,31 +327,28 @@ class SQLiteStore:
                     found[dedup_id] = (msg_id, used_at)
         results: list[EnqueueResult] = []
         values: list[Any] = []
-        dedup_values: list[Any] = []
+        renewed: list[tuple[int, int, int, str]] = []
         for key, op in zip(keys, inserts, strict=True):
-            if key not in wanted:
-                values += _message_values(key, op.messages)
-                results.append(
-                    EnqueueResult(ids=[m.id for m in op.messages], new=list(op.messages))
-                )
-                continue
             found = known[key]
             ids: list[int] = []
             new: list[Message] = []
             for m in op.messages:
                 if m.dedup_id is not None:
-                    hit = found.get(m.dedup_id)
-                    if hit is not None and hit[1] >= op.dedup_since:
-                        ids.append(hit[0])
-                        continue
-                    found[m.dedup_id] = (m.id, m.enqueued_at)
-                    dedup_values += (key, m.dedup_id, m.id, m.enqueued_at)
+                    first, used_at = found[m.dedup_id]
+                    if first != m.id:
+                        if used_at >= op.dedup_since:
+                            ids.append(first)
+                            continue
+                        found[m.dedup_id] = (m.id, m.enqueued_at)
+                        renewed.append((m.id, m.enqueued_at, key, m.dedup_id))
                 ids.append(m.id)
                 new.append(m)
             values += _message_values(key, new)
             results.append(EnqueueResult(ids=ids, new=new))
+        conn.executemany(
+            "UPDATE dedup SET msg_id = ?, used_at = ? WHERE ch = ? AND dedup_id = ?", renewed
+        )
         _insert_rows(conn, _INSERT_MESSAGES, 9, values)
-        _insert_rows(conn, "INSERT OR REPLACE INTO dedup", 4, dedup_values)
         return results
 
     def _forget_new_keys(self, conn: sqlite3.Connection) -> None:
@@ -318,10 +356,14 @@ class SQLiteStore:
         with contextlib.suppress(sqlite3.Error):
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T] | _Insert | _Delete) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        result: T = await self._submit(op)
+        return result
+
+    async def _submit(self, op: _Op) -> Any:
         if self._writer is None or self._loop is None:
             raise StoreUnavailable("the embedded store is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put((op, future))
         try:
             return await future
@@ -392,24 +434,11 @@ class SQLiteStore:
     async def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
-        result: EnqueueResult = await self._write(_Insert(channel, messages, dedup_since))
+        result: EnqueueResult = await self._submit(_Insert(channel, messages, dedup_since))
         return result
 
     async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
-        # One statement per distinct attempt count (a batch has one or two), not one per row.
-        by_attempt: dict[int, list[int]] = {}
-        for msg_id, attempt in leases:
-            by_attempt.setdefault(attempt, []).append(msg_id)
-
-        def op(conn: sqlite3.Connection) -> None:
-            for attempt, ids in by_attempt.items():
-                conn.execute(
-                    "UPDATE messages SET leased = 1, attempt = ?, available_at = ?"
-                    f" WHERE id IN ({_marks(len(ids))})",
-                    (attempt, deadline, *ids),
-                )
-
-        await self._write(op)
+        await self._submit(_Lease(leases, deadline))
 
     async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
         await self._update_many(
@@ -422,7 +451,7 @@ class SQLiteStore:
         )
 
     async def delete(self, channel: str, ids: Sequence[int]) -> None:
-        await self._write(_Delete(ids))
+        await self._submit(_Delete(ids))
 
     async def _update_many(self, sql: str, value: int, ids: Sequence[int]) -> None:
         await self._write(
@@ -548,6 +577,19 @@ class SQLiteStore:
             lambda conn: conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
         )
         return value or 0
+
+
+def _lease_rows(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    """Lease many messages, each with its own attempt and deadline, in one statement a chunk."""
+    step = _MAX_VALUES // 3 * 3
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        conn.execute(
+            "UPDATE messages SET leased = 1, attempt = v.column2, available_at = v.column3"
+            f" FROM ({_values('', 3, len(chunk) // 3).strip()}) AS v"
+            " WHERE messages.id = v.column1",
+            chunk,
+        )
 
 
 def _delete_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
