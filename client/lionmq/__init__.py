@@ -34,11 +34,9 @@ from lionmq.options import (
     OneMessageOptions,
 )
 from lionmq.retry import RetryPolicy
-from lionmq.transport import AiohttpTransport
 
 __all__ = [
     "AckResult",
-    "AiohttpTransport",
     "AsyncClient",
     "AsyncMessage",
     "BadRequest",

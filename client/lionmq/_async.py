@@ -11,12 +11,13 @@ import httpx
 
 from lionmq import options as opt
 from lionmq._base import DEFAULT_URL, ClientBase
+from lionmq._senders import AiohttpSender, AsyncSender, HttpxSender
 from lionmq.consume import ConsumeConfig
+from lionmq.errors import ConnectionFailed
 from lionmq.message import AsyncMessage
 from lionmq.models import AckResult, ChannelInfo, ExtendResult, NackResult, NewMessage
 from lionmq.protocol import Call
 from lionmq.retry import Wait
-from lionmq.transport import AiohttpTransport
 
 T = TypeVar("T")
 
@@ -24,10 +25,11 @@ T = TypeVar("T")
 class AsyncClient(ClientBase):
     """A LionMQ client for asyncio; each method mirrors `Client`'s.
 
-    By default requests travel over aiohttp (`AiohttpTransport`), which holds its throughput
-    under concurrent requests where httpx's own pool does not. Pass `transport=` to use another
-    (`httpx.ASGITransport` in tests). Bound to the event loop of its first request; use it as
-    an async context manager, or await `aclose()`.
+    By default requests travel straight over one aiohttp session, which holds its throughput
+    under concurrent requests where httpx's own pool does not, at a fraction of the CPU per
+    request. Pass an httpx `transport=` to send through httpx instead (`httpx.ASGITransport`,
+    `httpx.MockTransport` in tests). Bound to the event loop of its first request; use it as an
+    async context manager, or await `aclose()`.
     """
 
     def __init__(
@@ -38,16 +40,16 @@ class AsyncClient(ClientBase):
         **options: Unpack[opt.ClientOptions],
     ) -> None:
         super().__init__(base_url, options)
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers=self._default_headers,
-            timeout=self._timeout,
-            transport=transport or AiohttpTransport(max_connections=self._max_connections),
+        headers, timeout = self._default_headers, self._timeout
+        self._sender: AsyncSender = (
+            AiohttpSender(base_url, headers, timeout, self._max_connections)
+            if transport is None
+            else HttpxSender(base_url, headers, timeout, transport)
         )
 
     async def aclose(self) -> None:
         """Closes the transport too (the aiohttp session, for the default one)."""
-        await self._http.aclose()
+        await self._sender.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -61,13 +63,12 @@ class AsyncClient(ClientBase):
         await self.aclose()
 
     async def _call(self, call: Call[T]) -> T:
-        request = self._request(self._http, call)
-        attempts = self._retry.begin()
+        send, attempts = self._sender.send, self._retry.begin()
         while True:
             try:
-                outcome = attempts.outcome(call, await self._http.send(request))
-            except httpx.TransportError as exc:
-                outcome = attempts.failed(exc)
+                outcome = attempts.outcome(call, await send(call))
+            except ConnectionFailed as error:  # no response came
+                outcome = attempts.failed(error)
             if not isinstance(outcome, Wait):
                 return outcome
             await asyncio.sleep(outcome.seconds)

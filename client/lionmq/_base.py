@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import httpx
-
 from lionmq.models import NewMessage
 from lionmq.options import ClientOptions, MessageOptions
 from lionmq.protocol import Call, Wire, new_messages
@@ -30,19 +28,6 @@ class ClientBase:
         if token := options.get("token"):
             self._default_headers["authorization"] = f"Bearer {token}"
         self._default_headers.update(options.get("headers") or {})
-
-    def _request(self, http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> httpx.Request:
-        """Built once per call and sent again as is on each retry."""
-        timeout: httpx.Timeout | None = None
-        if call.long_poll_s:
-            # A long poll answers only after wait_ms: the read timeout must cover it.
-            timeout = httpx.Timeout(self._timeout, read=self._timeout + call.long_poll_s)
-        return http.build_request(
-            call.method,
-            call.path,
-            content=call.content,
-            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-        )
 
     def _enqueue_calls(
         self, channel: str, bodies: Iterable[Any], options: MessageOptions

@@ -12,7 +12,9 @@ import httpx
 
 from lionmq import options as opt
 from lionmq._base import DEFAULT_URL, ClientBase
+from lionmq._senders import SyncHttpxSender
 from lionmq.consume import ConsumeConfig
+from lionmq.errors import ConnectionFailed
 from lionmq.message import Message
 from lionmq.models import AckResult, ChannelInfo, ExtendResult, NackResult, NewMessage
 from lionmq.protocol import Call
@@ -36,18 +38,12 @@ class Client(ClientBase):
         **options: Unpack[opt.ClientOptions],
     ) -> None:
         super().__init__(base_url, options)
-        # Keep every pooled connection alive: consumer threads would otherwise reconnect.
-        size = self._max_connections
-        self._http = httpx.Client(
-            base_url=base_url,
-            headers=self._default_headers,
-            timeout=self._timeout,
-            transport=transport,
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        self._sender = SyncHttpxSender(
+            base_url, self._default_headers, self._timeout, self._max_connections, transport
         )
 
     def close(self) -> None:
-        self._http.close()
+        self._sender.close()
 
     def __enter__(self) -> Client:
         return self
@@ -61,13 +57,12 @@ class Client(ClientBase):
         self.close()
 
     def _call(self, call: Call[T]) -> T:
-        request = self._request(self._http, call)
         attempts = self._retry.begin()
         while True:
             try:
-                outcome = attempts.outcome(call, self._http.send(request))
-            except httpx.TransportError as exc:
-                outcome = attempts.failed(exc)
+                outcome = attempts.outcome(call, self._sender.send(call))
+            except ConnectionFailed as error:
+                outcome = attempts.failed(error)
             if not isinstance(outcome, Wait):
                 return outcome
             time.sleep(outcome.seconds)

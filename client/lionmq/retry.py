@@ -6,10 +6,8 @@ import random
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
-
 from lionmq.errors import ConnectionFailed, LionMQError, ServerError, error_for
-from lionmq.protocol import Call
+from lionmq.protocol import Call, Reply
 
 T = TypeVar("T")
 
@@ -62,14 +60,14 @@ class Attempts:
         self._policy = policy
         self._tries = 1
 
-    def outcome(self, call: Call[T], response: httpx.Response) -> T | Wait:
-        if response.status_code in call.ok:
-            return call.parse(response)
-        error = error_for(response.status_code, response.content, response.reason_phrase)
-        return self._next(error, response.headers.get("retry-after"))
+    def outcome(self, call: Call[T], reply: Reply) -> T | Wait:
+        if reply.status in call.ok:
+            return call.result(reply)
+        error = error_for(reply.status, reply.content, reply.reason)
+        return self._next(error, reply.headers.get("retry-after"))
 
-    def failed(self, exc: httpx.TransportError) -> Wait:
-        return self._next(ConnectionFailed(type(exc).__name__, str(exc) or repr(exc)), None)
+    def failed(self, error: ConnectionFailed) -> Wait:
+        return self._next(error, None)
 
     def _next(self, error: LionMQError, retry_after: str | None) -> Wait:
         retryable = isinstance(error, ConnectionFailed | ServerError)

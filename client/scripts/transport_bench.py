@@ -1,8 +1,9 @@
-"""Requests per second of httpx's own async transport against the AsyncClient's default.
+"""Requests per second and client CPU per request of the AsyncClient's senders: the default
+(straight over aiohttp) against httpx's own async transport.
 
 Starts a bare ASGI app under uvicorn (a child process, on a free loopback port), then sends
-small JSON POSTs through an httpx.AsyncClient at concurrency 1 and 32 with each transport.
-Each run stops after --requests requests or --seconds seconds, whichever comes first.
+small JSON POSTs through each sender at concurrency 1 and 32. Each run stops after --requests
+requests or --seconds seconds, whichever comes first.
 
     .venv/bin/python client/scripts/transport_bench.py [--requests 3000] [--seconds 5]
 """
@@ -21,7 +22,8 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import httpx
-from lionmq.transport import AiohttpTransport
+from lionmq._senders import AiohttpSender, AsyncSender, HttpxSender
+from lionmq.protocol import Call, Reply
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -70,11 +72,17 @@ def server(port: int) -> Iterator[str]:
         proc.wait(10)
 
 
+HEADERS = {"content-type": "application/json", "user-agent": "transport-bench"}
+CALL: Call[Reply] = Call("POST", "/", lambda reply: reply, b'{"messages":[{"body":1}]}')
+
+
 async def run(
-    url: str, transport: httpx.AsyncBaseTransport | None, concurrency: int, total: int, secs: float
-) -> float:
-    async with httpx.AsyncClient(base_url=url, transport=transport) as client:
-        await client.post("/", content=b"{}")  # connect outside the measurement
+    url: str, make: Callable[[str], AsyncSender], concurrency: int, total: int, secs: float
+) -> tuple[float, float]:
+    """Requests per second, and client CPU microseconds per request."""
+    sender = make(url)
+    try:
+        await sender.send(CALL)  # connect outside the measurement
         done = 0
         deadline = time.perf_counter() + secs
 
@@ -82,29 +90,28 @@ async def run(
             nonlocal done
             while done < total and time.perf_counter() < deadline:
                 done += 1
-                response = await client.post("/", content=b'{"messages":[{"body":1}]}')
-                response.raise_for_status()
+                assert (await sender.send(CALL)).status == 200
 
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - start)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - start
+        return done / wall, cpu / done * 1e6
+    finally:
+        await sender.aclose()
 
 
 async def main(url: str, requests: int, seconds: float) -> None:
-    transports: dict[str, Callable[[], httpx.AsyncBaseTransport | None]] = {
-        "httpx (AsyncHTTPTransport)": lambda: None,
-        "lionmq AiohttpTransport": AiohttpTransport,
+    senders: dict[str, Callable[[str], AsyncSender]] = {
+        "httpx (AsyncHTTPTransport)": lambda url: HttpxSender(
+            url, HEADERS, 10.0, httpx.AsyncHTTPTransport()
+        ),
+        "lionmq default (aiohttp)": lambda url: AiohttpSender(url, HEADERS, 10.0, 100),
     }
-    try:
-        import httpx_aiohttp  # optional, for comparison only
-
-        transports["httpx_aiohttp.AiohttpTransport"] = httpx_aiohttp.AiohttpTransport
-    except ImportError:
-        pass
-    print(f"{'transport':32} {'c=1 req/s':>10} {'c=32 req/s':>11}")
-    for name, make in transports.items():
-        rates = [await run(url, make(), c, requests, seconds) for c in (1, 32)]
-        print(f"{name:32} {rates[0]:10.0f} {rates[1]:11.0f}")
+    print(f"{'sender':28} {'c=1 req/s':>10} {'us/req':>7} {'c=32 req/s':>11} {'us/req':>7}")
+    for name, make in senders.items():
+        figures = [await run(url, make, c, requests, seconds) for c in (1, 32)]
+        shown = " ".join(f"{rate:10.0f} {cpu:7.0f}" for rate, cpu in figures)
+        print(f"{name:28} {shown}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
 import lionmq
 import pytest
-from lionmq import Client, NewMessage, RetryPolicy
+from lionmq import Client, NewMessage, RetryPolicy, protocol
 from lionmq_fake import FakeNode
 
 
@@ -140,3 +141,18 @@ def test_enqueue_sends_json(client: Client, node: FakeNode) -> None:
     request = node.requests[0]
     assert request.headers["content-type"] == "application/json"
     assert json.loads(request.content)["messages"][0]["body"] == {"é": "ü"}
+
+
+def test_dedup_prefixes_never_repeat_and_a_forked_child_draws_its_own() -> None:
+    prefixes = [protocol._call_ids.prefix() for _ in range(1000)]
+    assert len(set(prefixes)) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, protocol._call_ids.prefix().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child.split(".")[0] != prefixes[0].split(".")[0]
