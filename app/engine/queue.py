@@ -65,6 +65,15 @@ class Outcome:
     stale: list[str]
 
 
+@dataclass(slots=True)
+class Claim:
+    """Leases taken out of reach for an ack, nack or extend, and the stale receipts."""
+
+    now: int
+    held: list[Lease]
+    stale: list[str]
+
+
 _header_encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(dict[str, str])
 
@@ -336,63 +345,58 @@ class QueueEngine:
             ch.wake(len(ch.ready))
 
     # -- ack, nack, extend ------------------------------------------------------------------
-    async def ack(self, name: str, receipts: list[str]) -> Outcome:
+    def _claim(self, name: str, receipts: list[str]) -> tuple[ChannelState | None, Claim]:
+        """Take the leases the receipts still hold out of reach; the rest are stale."""
         pairs = parse_receipts(receipts)
         ch = self.channels.get(name)
-        if ch is None:
-            return Outcome(0, list(receipts))
         now = self.clock.now_ms()
+        if ch is None:
+            return None, Claim(now, [], list(receipts))
         held, stale = ch.claim(pairs, now)
-        if held:
-            ids = [lease.message.id for lease in held]
+        return ch, Claim(now, held, [receipts[i] for i in stale])
+
+    async def ack(self, name: str, receipts: list[str]) -> Outcome:
+        ch, claim = self._claim(name, receipts)
+        if ch is not None and claim.held:
+            ids = [lease.message.id for lease in claim.held]
             ch.settling.update(ids)
             epoch = ch.epoch
             try:
                 await self.store.delete(name, ids)
             except StoreError:
-                ch.restore(held)
+                ch.restore(claim.held)
                 raise
             if ch.epoch == epoch:
                 ch.forget(ids)
                 ch.total -= len(ids)
                 ch.acked += len(ids)
-                ch.record_ack_latency(now, held)
-        return Outcome(len(held), [receipts[i] for i in stale])
+                ch.record_ack_latency(claim.now, claim.held)
+        return Outcome(len(claim.held), claim.stale)
 
     async def nack(
         self, name: str, receipts: list[str], delay_ms: int, dead_letter: bool
     ) -> Outcome:
-        pairs = parse_receipts(receipts)
-        ch = self.channels.get(name)
-        if ch is None:
-            return Outcome(0, list(receipts))
-        now = self.clock.now_ms()
-        held, stale = ch.claim(pairs, now)
-        if held:
-            await self._return(ch, held, now, delay_ms, reason="nack" if dead_letter else None)
-            ch.nacked += len(held)
-        return Outcome(len(held), [receipts[i] for i in stale])
+        ch, claim = self._claim(name, receipts)
+        if ch is not None and claim.held:
+            reason = "nack" if dead_letter else None
+            await self._return(ch, claim.held, claim.now, delay_ms, reason)
+            ch.nacked += len(claim.held)
+        return Outcome(len(claim.held), claim.stale)
 
     async def extend(self, name: str, receipts: list[str], visibility_ms: int) -> Outcome:
-        pairs = parse_receipts(receipts)
-        ch = self.channels.get(name)
-        if ch is None:
-            return Outcome(0, list(receipts))
-        now = self.clock.now_ms()
-        held, stale = ch.claim(pairs, now)
-        if held:
-            deadline = now + visibility_ms
-            ids = [lease.message.id for lease in held]
+        ch, claim = self._claim(name, receipts)
+        if ch is not None and claim.held:
+            deadline = claim.now + visibility_ms
             try:
-                await self.store.extend(name, ids, deadline)
+                await self.store.extend(name, [lease.message.id for lease in claim.held], deadline)
             except StoreError:
-                ch.restore(held)
+                ch.restore(claim.held)
                 raise
-            for lease in held:
+            for lease in claim.held:
                 lease.deadline = deadline
-            ch.restore(held)
+            ch.restore(claim.held)
             self._timer(deadline)
-        return Outcome(len(held), [receipts[i] for i in stale])
+        return Outcome(len(claim.held), claim.stale)
 
     async def _return(
         self, ch: ChannelState, held: list[Lease], now: int, delay_ms: int, reason: str | None
