@@ -37,6 +37,7 @@ from aio_pika.abc import (
 from bench.config import Profile
 from bench.ports import accepts, free_port, wait_for
 from bench.stats import (
+    Budget,
     CpuMeter,
     Metrics,
     RunResult,
@@ -267,35 +268,13 @@ async def publish_batch(channel: AbstractChannel, queue: str, size: int, n: int)
     await asyncio.gather(*(exchange.publish(persistent(size), routing_key=queue) for _ in range(n)))
 
 
-class Counter:
-    def __init__(self, total: int, seconds: float) -> None:
-        self.total = total
-        self.claimed = 0
-        self.done = 0
-        self.deadline = time.monotonic() + seconds
-        self.timed_out = False
-        self.finished = asyncio.Event()
-
-    def claim(self, n: int) -> int:
-        if time.monotonic() >= self.deadline:
-            self.timed_out = True
-            return 0
-        n = max(0, min(n, self.total - self.claimed))
-        self.claimed += n
-        return n
-
-    @property
-    def left_s(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
-
-
 async def produce(
     amqp: Amqp,
     queue: str,
     size: int,
-    counter: Counter,
+    counter: Budget,
     batch: int,
-    received: Counter | None = None,
+    received: Budget | None = None,
     backlog: int = 0,
 ) -> None:
     """Publish batches until `counter` is done; with `received`, hold back while more than
@@ -311,7 +290,7 @@ async def produce(
 
 
 async def fill(amqp: Amqp, queue: str, size: int, total: int, p: Profile) -> None:
-    counter = Counter(total, p.fill_deadline_s)
+    counter = Budget(total, p.fill_deadline_s)
     await asyncio.gather(*(produce(amqp, queue, size, counter, p.fill_batch) for _ in range(4)))
     if counter.timed_out:
         raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
@@ -320,7 +299,7 @@ async def fill(amqp: Amqp, queue: str, size: int, total: int, p: Profile) -> Non
 async def consume(
     amqp: Amqp,
     queue: str,
-    counter: Counter,
+    counter: Budget,
     prefetch: int,
     on_batch: Callable[[float, list[bytes]], None] | None = None,
 ) -> None:
@@ -374,7 +353,7 @@ async def _measured(server: RabbitServer, work: Callable[[], Awaitable[Metrics]]
 
 async def batch_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
     queue = await amqp.queue("batch")
-    counter = Counter(p.batch_total, p.deadline_s)
+    counter = Budget(p.batch_total, p.deadline_s)
     channels = [await amqp.channel() for _ in range(p.batch_producers)]
 
     async def producer(channel: AbstractChannel) -> None:
@@ -395,7 +374,7 @@ async def batch_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
 
 async def single_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
     queue = await amqp.queue("single")
-    counter = Counter(p.single_total, p.deadline_s)
+    counter = Budget(p.single_total, p.deadline_s)
     connection = await amqp.connection()
     channels = [await amqp.channel(connection) for _ in range(p.single_concurrency)]
     latencies: list[float] = []
@@ -420,7 +399,7 @@ async def single_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
 
 
 async def drain_queue(amqp: Amqp, queue: str, total: int, p: Profile) -> RunResult:
-    counter = Counter(total, p.deadline_s)
+    counter = Budget(total, p.deadline_s)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -443,8 +422,8 @@ async def drain(amqp: Amqp, size: int, p: Profile) -> RunResult:
 
 async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
     queue = await amqp.queue("e2e")
-    produced = Counter(p.e2e_total, p.deadline_s)
-    received = Counter(p.e2e_total, p.deadline_s)
+    produced = Budget(p.e2e_total, p.deadline_s)
+    received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
 
     def record(now: float, bodies: list[bytes]) -> None:
@@ -472,7 +451,7 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
 async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
     queue = await amqp.queue("paced")
     total = int(p.paced_rate * p.paced_seconds)
-    received = Counter(total, p.paced_seconds + p.deadline_s)
+    received = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
     channel = await amqp.channel()
     pending: set[asyncio.Future[Any]] = set()

@@ -16,31 +16,7 @@ from lionmq import AsyncClient
 
 from bench.config import Profile
 from bench.node import Node
-from bench.stats import CpuMeter, Metrics, RunResult, body, latency_metrics, sent_at
-
-
-class Budget:
-    """A count to reach and a deadline to respect, shared by a run's workers."""
-
-    def __init__(self, total: int, seconds: float) -> None:
-        self.total = total
-        self.claimed = 0
-        self.done = 0
-        self.deadline = time.monotonic() + seconds
-        self.timed_out = False
-
-    def claim(self, n: int) -> int:
-        """How many of the next `n` a worker may do (0: stop)."""
-        if time.monotonic() >= self.deadline:
-            self.timed_out = True
-            return 0
-        n = min(n, self.total - self.claimed)
-        self.claimed += n
-        return max(n, 0)
-
-    @property
-    def left_s(self) -> float:
-        return self.deadline - time.monotonic()
+from bench.stats import Budget, CpuMeter, Metrics, RunResult, body, latency_metrics, sent_at
 
 
 def channel_name(tag: str) -> str:

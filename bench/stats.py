@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -110,3 +111,28 @@ class CpuMeter:
         t0, s0, b0 = self._start
         wall = max(t1 - t0, 1e-9)
         return {"server_cpu_pct": 100 * (s1 - s0) / wall, "bench_cpu_pct": 100 * (b1 - b0) / wall}
+
+
+class Budget:
+    """A count to reach and a deadline to respect, shared by a run's workers."""
+
+    def __init__(self, total: int, seconds: float) -> None:
+        self.total = total
+        self.claimed = 0
+        self.done = 0
+        self.deadline = time.monotonic() + seconds
+        self.timed_out = False
+        self.finished = asyncio.Event()
+
+    def claim(self, n: int) -> int:
+        """How many of the next `n` a worker may do (0: stop)."""
+        if time.monotonic() >= self.deadline:
+            self.timed_out = True
+            return 0
+        n = max(0, min(n, self.total - self.claimed))
+        self.claimed += n
+        return n
+
+    @property
+    def left_s(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
