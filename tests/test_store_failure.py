@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.clock import ManualClock
 from app.errors import StoreUnavailable
 from app.main import create_app
 from app.store.sqlite import SQLiteStore
@@ -80,3 +82,23 @@ async def test_store_outage_is_a_503_and_recovers(
     rest = (await c.post("/channels/o/dequeue", json={"max": 10})).json()["messages"]
     assert [m["body"] for m in rest] == [1, 2]
     assert all(m["attempt"] == 1 for m in rest)
+
+
+async def test_failed_dead_letter_on_delivery_keeps_the_others(tmp_path: Path) -> None:
+    """A delivery that must dead-letter one message and fails on the store gives the others
+    back: none is lost from the node's memory."""
+    clock = ManualClock(start_ms=time.time_ns() // 1_000_000)
+    store = FlakyStore(str(tmp_path / "d.db"))
+    app: FastAPI = create_app(make_settings(tmp_path), clock=clock, store=store)  # type: ignore[arg-type]
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+    ):
+        await c.post("/channels/t/enqueue", json={"messages": [{"body": "doomed", "ttl_ms": 5}]})
+        await c.post("/channels/t/enqueue", json={"messages": [{"body": "fine"}]})
+        store.down = True
+        clock.advance(10)  # "doomed" has run out; the maintenance loop cannot reach the store
+        assert_503(await c.post("/channels/t/dequeue", json={"max": 5}))
+        store.down = False
+        got = (await c.post("/channels/t/dequeue", json={"max": 5})).json()["messages"]
+        assert [m["body"] for m in got] == ["fine"]

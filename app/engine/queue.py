@@ -318,10 +318,14 @@ class QueueEngine:
     ) -> list[Message]:
         """Dead-letter what may not be delivered any more (TTL run out, attempts used up)."""
         expired, spent, fine = _sort_out(messages, now, ch.config.max_attempts)
-        if expired:
-            await self._dead_letter(ch, expired, "ttl")
-        if spent:
-            await self._dead_letter(ch, spent, "max_attempts")
+        try:
+            if expired:
+                await self._dead_letter(ch, expired, "ttl")
+            if spent:
+                await self._dead_letter(ch, spent, "max_attempts")
+        except StoreError:
+            ch.push_ready(fine)  # taken off the window for this delivery, which now fails
+            raise
         return fine
 
     def _timer(self, at: int) -> None:
