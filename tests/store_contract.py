@@ -65,7 +65,7 @@ class StoreContract:
         assert await store.next_due(CH) is None
         assert await store.next_expiry(CH, NOW) is None
         assert await store.purge(CH) == 0
-        assert await store.prune_dedup(NOW) == 0
+        assert await store.prune_dedup(NOW, 100) == 0
         await store.drop_channel(CH)  # unknown channel: nothing to do, no error
 
     # -- insert -----------------------------------------------------------------------------
@@ -167,14 +167,22 @@ class StoreContract:
         await store.insert(CH, [msg(1, dedup_id="old", enqueued_at=1000)], dedup_since=0)
         await store.insert(CH, [msg(2, dedup_id="edge", enqueued_at=2000)], dedup_since=0)
         await store.insert(OTHER, [msg(3, dedup_id="old", enqueued_at=1000)], dedup_since=0)
-        assert await store.prune_dedup(2000) == 2  # used before 2000, in every channel
+        assert await store.prune_dedup(2000, 100) == 2  # used before 2000, in every channel
         # Pruned ids are forgotten even inside the window; "edge" (used at 2000) is kept.
         result = await store.insert(
             CH, [msg(4, dedup_id="old"), msg(5, dedup_id="edge")], dedup_since=0
         )
         assert result.ids == [4, 2]
         assert ids(result.new) == [4]
-        assert await store.prune_dedup(2000) == 0
+        assert await store.prune_dedup(2000, 100) == 0
+
+    async def test_prune_dedup_goes_at_most_limit_at_a_time(self, store: Store) -> None:
+        batch = [msg(i, dedup_id=f"d{i}", enqueued_at=1000) for i in range(1, 8)]
+        await store.insert(CH, batch, dedup_since=0)
+        assert await store.prune_dedup(2000, 3) == 3
+        assert await store.prune_dedup(2000, 3) == 3
+        assert await store.prune_dedup(2000, 3) == 1
+        assert await store.prune_dedup(2000, 3) == 0
 
     # -- leases -----------------------------------------------------------------------------
     async def test_lease_hides_until_deadline(self, store: Store) -> None:

@@ -259,3 +259,11 @@ async def test_purge_and_delete(env: Env) -> None:
     assert "jobs" not in q.channels
     q = await env.restart()
     assert "jobs" not in q.channels
+
+
+async def test_dedup_ids_are_pruned_after_the_window(env: Env) -> None:
+    q = env.engine
+    await q.enqueue("jobs", [msg(i, dedup_id=f"k{i}") for i in range(5)])
+    await env.tick(1)  # a pass inside the window keeps them
+    await env.tick(300_000)  # the next pass after the window forgets them
+    assert await env.store.prune_dedup(env.clock.now_ms(), 100) == 0

@@ -33,7 +33,9 @@ log = logging.getLogger("lionmq.engine")
 
 # How many messages one maintenance pass moves per channel and kind of work; bounds a tick.
 _SWEEP_LIMIT = 1000
-_DEDUP_PRUNE_EVERY_MS = 30_000
+_PRUNE_EVERY_MS = 30_000
+_PRUNE_AGAIN_MS = 50
+_PRUNE_LIMIT = 20_000
 
 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
@@ -86,7 +88,7 @@ class QueueEngine:
         self.ids = IdGenerator(clock)
         self.channels: dict[str, ChannelState] = {}
         self._creating: dict[str, asyncio.Future[ChannelState]] = {}
-        self._last_prune = 0
+        self._next_prune = 0
         self._next_wake: int | None = None
         # Set when a timer earlier than the maintenance loop's next wake appears.
         self.timers_changed = asyncio.Event()
@@ -490,16 +492,20 @@ class QueueEngine:
                 await self._promote(ch, now)
             if ch.next_expiry is not None and ch.next_expiry <= now:
                 await self._expire(ch, now)
-        if now - self._last_prune >= _DEDUP_PRUNE_EVERY_MS:
-            await self.store.prune_dedup(now - self.limits.dedup_window_ms)
-            self._last_prune = now
+        if now >= self._next_prune:
+            pruned = await self.store.prune_dedup(now - self.limits.dedup_window_ms, _PRUNE_LIMIT)
+            # A full batch means more to go: again shortly, in passes that never hold the
+            # writer for long, until the backlog is gone.
+            more = pruned == _PRUNE_LIMIT
+            self._next_prune = now + (_PRUNE_AGAIN_MS if more else _PRUNE_EVERY_MS)
         wake = [
             t
             for ch in self.channels.values()
             for t in (ch.next_lease_deadline(), ch.next_due, ch.next_expiry)
             if t is not None
         ]
-        self._next_wake = min(wake) if wake else None
+        wake.append(self._next_prune)
+        self._next_wake = min(wake)
         return self._next_wake
 
     async def _promote(self, ch: ChannelState, now: int) -> None:

@@ -79,8 +79,9 @@ class Store(Protocol):
         """Make delayed messages that are due ready (available_at = 0); return them by id."""
         ...
 
-    async def prune_dedup(self, before: int) -> int:
-        """Forget dedup ids used before `before`."""
+    async def prune_dedup(self, before: int, limit: int) -> int:
+        """Forget up to `limit` dedup ids used before `before`; return how many went. Bounded,
+        so that pruning a busy window never holds the writer for long."""
         ...
 
     # -- reads ------------------------------------------------------------------------------

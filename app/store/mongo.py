@@ -417,9 +417,13 @@ class MongoStore:
             m.available_at = 0
         return promoted
 
-    async def prune_dedup(self, before: int) -> int:
+    async def prune_dedup(self, before: int, limit: int) -> int:
         with _translated():
-            result = await self._dedup.delete_many({"used_at": {"$lt": before}})
+            old = self._dedup.find({"used_at": {"$lt": before}}, {"_id": 1}).limit(limit)
+            ids = [doc["_id"] async for doc in old]
+            if not ids:
+                return 0
+            result = await self._dedup.delete_many({"_id": {"$in": ids}})
         return int(result.deleted_count)
 
     # -- reads ------------------------------------------------------------------------------

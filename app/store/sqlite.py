@@ -501,9 +501,15 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def prune_dedup(self, before: int) -> int:
+    async def prune_dedup(self, before: int, limit: int) -> int:
         return await self._write(
-            lambda conn: conn.execute("DELETE FROM dedup WHERE used_at < ?", (before,)).rowcount
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM dedup WHERE (ch, dedup_id) IN"
+                    " (SELECT ch, dedup_id FROM dedup WHERE used_at < ? LIMIT ?)",
+                    (before, limit),
+                ).rowcount
+            )
         )
 
     # -- reads ------------------------------------------------------------------------------
