@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     dedup_window_ms: Annotated[int, Field(ge=0, le=7 * 24 * 3600 * 1000)] = 5 * 60 * 1000
     default_visibility_ms: Annotated[int, Field(ge=1000, le=43_200_000)] = 30_000
     default_max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
-    default_max_length: Annotated[int | None, Field(ge=1)] = None
-    default_ttl_ms: Annotated[int | None, Field(ge=1)] = None
+    default_max_length: Annotated[int | None, Field(ge=1, le=10**12)] = None
+    default_ttl_ms: Annotated[int | None, Field(ge=1, le=365 * 24 * 3600 * 1000)] = None
     window_size: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     watcher_url: str = ""

@@ -113,6 +113,8 @@ async def test_bad_channel_settings(app_client: httpx.AsyncClient) -> None:
     assert_problem(await app_client.put("/channels/c", json={"dead_letter": "no good"}), 422)
     assert_problem(await app_client.put("/channels/c", json={"dead_letter": "c"}), 422, "itself")
     assert_problem(await app_client.put("/channels/c", json={"max_length": 0}), 422)
+    assert_problem(await app_client.put("/channels/c", json={"max_length": 10**19}), 422)
+    assert_problem(await app_client.put("/channels/c", json={"ttl_ms": 10**19}), 422, "ttl_ms")
     assert_problem(await app_client.put("/channels/c", json={"colour": "red"}), 422, "colour")
 
 

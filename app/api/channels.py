@@ -11,12 +11,14 @@ from starlette.responses import Response
 from app.api.codec import decode, json_body_doc, json_response_doc, read_body
 from app.api.deps import channel_name, node
 from app.engine.channel import ChannelState
+from app.engine.queue import MAX_TTL_MS
 from app.models import CHANNEL_NAME
 
 router = APIRouter(prefix="/channels", tags=["channels"])
 
 ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_NAME.pattern)]
-Positive = Annotated[int, msgspec.Meta(ge=1)]
+MaxLength = Annotated[int, msgspec.Meta(ge=1, le=10**12)]
+TimeToLive = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_MS)]
 
 
 class ChannelSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -27,8 +29,8 @@ class ChannelSettings(msgspec.Struct, forbid_unknown_fields=True):
     )
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | msgspec.UnsetType = msgspec.UNSET
     dead_letter: ChannelName | msgspec.UnsetType | None = msgspec.UNSET
-    max_length: Positive | msgspec.UnsetType | None = msgspec.UNSET
-    ttl_ms: Positive | msgspec.UnsetType | None = msgspec.UNSET
+    max_length: MaxLength | msgspec.UnsetType | None = msgspec.UNSET
+    ttl_ms: TimeToLive | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class Settings(msgspec.Struct):

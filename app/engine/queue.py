@@ -39,6 +39,7 @@ _PRUNE_LIMIT = 20_000
 
 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
+MAX_TTL_MS = 365 * 24 * 3600 * 1000
 HeaderName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -48,7 +49,7 @@ class NewMessage(msgspec.Struct, forbid_unknown_fields=True):
     body: msgspec.Raw
     headers: dict[HeaderName, str] | None = None
     delay_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)] = 0
-    ttl_ms: Annotated[int, msgspec.Meta(ge=1, le=365 * 24 * 3600 * 1000)] | None = None
+    ttl_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_MS)] | None = None
     dedup_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
 
 
