@@ -14,7 +14,7 @@ from types import TracebackType
 import httpx
 import psutil
 
-from bench.ports import free_port, wait_for
+from bench.ports import free_port, spawn, wait_ready
 
 # The durability the node ships with; the report prints it next to the figures.
 DURABILITY = (
@@ -53,19 +53,9 @@ class Node:
             **self.extra_env,
         }
         self._log = (self.dir / "node.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            env=env,
-            cwd=self.dir,  # keeps the project's .env from changing the durable defaults
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_for(self._ready, self.ready_timeout, f"the node's /ready on {self.url}")
-        except BaseException:
-            self.stop()
-            raise
+        # cwd: the temp dir, which keeps the project's .env from changing the durable defaults.
+        self.proc = spawn([sys.executable, "-m", "app"], env, self.dir, self._log)
+        wait_ready(self._ready, self.ready_timeout, f"the node's /ready on {self.url}", self.stop)
         return self
 
     def _ready(self) -> bool:

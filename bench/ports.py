@@ -1,10 +1,14 @@
-"""Free loopback ports and bounded waits, shared by the node and RabbitMQ controllers."""
+"""Free loopback ports, bounded waits and server processes, shared by the node and RabbitMQ
+controllers."""
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from subprocess import STDOUT, Popen
+from typing import IO
 
 
 def free_port() -> int:
@@ -30,3 +34,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def spawn(command: list[str], env: Mapping[str, str], cwd: Path, out: IO[bytes]) -> Popen[bytes]:
+    """A server process in a session of its own, so that it can be killed as a group."""
+    return Popen(command, env=dict(env), cwd=cwd, stdout=out, stderr=STDOUT, start_new_session=True)
+
+
+def wait_ready(
+    ready: Callable[[], bool], timeout: float, what: str, stop: Callable[[], None]
+) -> None:
+    """`wait_for`, stopping the server when it never gets ready."""
+    try:
+        wait_for(ready, timeout, what)
+    except BaseException:
+        stop()
+        raise

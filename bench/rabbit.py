@@ -35,11 +35,12 @@ from aio_pika.abc import (
 )
 
 from bench.config import Profile
-from bench.ports import accepts, free_port, wait_for
+from bench.ports import accepts, free_port, spawn, wait_ready
 from bench.stats import (
     Budget,
     CpuMeter,
     Metrics,
+    PeakRss,
     RunResult,
     ScenarioResult,
     body,
@@ -132,19 +133,9 @@ class RabbitServer:
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
         (self.dir / "rabbitmq-env.conf").write_text("")
         with (self.dir / "server.out").open("wb") as out:
-            self.proc = subprocess.Popen(
-                [str(SERVER)],
-                env=self.env,
-                cwd=self.dir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            wait_for(self._accepting, self.boot_timeout, f"RabbitMQ's AMQP port {self.port}")
-        except BaseException:
-            self.stop()
-            raise
+            self.proc = spawn([str(SERVER)], self.env, self.dir, out)
+        what = f"RabbitMQ's AMQP port {self.port}"
+        wait_ready(self._accepting, self.boot_timeout, what, self.stop)
         return self
 
     def _accepting(self) -> bool:
@@ -491,30 +482,19 @@ async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
 
 async def long_queue(amqp: Amqp, size: int, p: Profile) -> RunResult:
     server = amqp.server
-    peak = server.rss_bytes()
-
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, server.rss_bytes())
-            await asyncio.sleep(0.25)
-
-    sampler = asyncio.ensure_future(sample())
     shallow = await amqp.queue("shallow")
     deep = await amqp.queue("deep")
     try:
-        await fill(amqp, shallow, size, p.long_drain, p)
-        empty = await drain_queue(amqp, shallow, p.long_drain, p)
-        t0 = time.perf_counter()
-        await fill(amqp, deep, size, p.long_depth, p)
-        fill_rate = p.long_depth / (time.perf_counter() - t0)
-        await asyncio.sleep(1.0)
-        rss_full = server.rss_bytes()
-        at_depth = await drain_queue(amqp, deep, p.long_drain, p)
+        async with PeakRss(server.rss_bytes) as memory:
+            await fill(amqp, shallow, size, p.long_drain, p)
+            empty = await drain_queue(amqp, shallow, p.long_drain, p)
+            t0 = time.perf_counter()
+            await fill(amqp, deep, size, p.long_depth, p)
+            fill_rate = p.long_depth / (time.perf_counter() - t0)
+            await asyncio.sleep(1.0)
+            rss_full = server.rss_bytes()
+            at_depth = await drain_queue(amqp, deep, p.long_drain, p)
     finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
         await amqp.delete(shallow)
         await amqp.delete(deep)
     rate_empty = empty.metrics.get("msg_s", 0.0)
@@ -524,7 +504,7 @@ async def long_queue(amqp: Amqp, size: int, p: Profile) -> RunResult:
             "depth": float(p.long_depth),
             "fill_msg_s": fill_rate,
             "rss_mb": rss_full / 2**20,
-            "peak_rss_mb": peak / 2**20,
+            "peak_rss_mb": memory.peak / 2**20,
             "drain_empty_msg_s": rate_empty,
             "drain_depth_msg_s": rate_depth,
             "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),

@@ -16,7 +16,16 @@ from lionmq import AsyncClient
 
 from bench.config import Profile
 from bench.node import Node
-from bench.stats import Budget, CpuMeter, Metrics, RunResult, body, latency_metrics, sent_at
+from bench.stats import (
+    Budget,
+    CpuMeter,
+    Metrics,
+    PeakRss,
+    RunResult,
+    body,
+    latency_metrics,
+    sent_at,
+)
 
 
 def channel_name(tag: str) -> str:
@@ -240,31 +249,19 @@ async def paced(client: AsyncClient, node: Node, size: int, p: Profile) -> RunRe
 async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
     """Drain rate over p.long_drain messages from a channel holding just those, then from one
     holding p.long_depth; the node's RSS once the deep channel is full (and its peak)."""
-    peak = node.rss_bytes()
-    rss_before = peak
-
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, node.rss_bytes())
-            await asyncio.sleep(0.25)
-
-    sampler = asyncio.ensure_future(sample())
     shallow, deep = channel_name("shallow"), channel_name("deep")
     try:
-        await fill(client, shallow, size, p.long_drain, p)
-        empty = await drain_channel(client, node, shallow, p.long_drain, p)
-        await _drop(client, shallow)
-        t0 = time.perf_counter()
-        filled = await fill(client, deep, size, p.long_depth, p)
-        fill_rate = filled / (time.perf_counter() - t0)
-        await asyncio.sleep(1.0)
-        rss_full = node.rss_bytes()
-        at_depth = await drain_channel(client, node, deep, p.long_drain, p)
+        async with PeakRss(node.rss_bytes) as memory:
+            await fill(client, shallow, size, p.long_drain, p)
+            empty = await drain_channel(client, node, shallow, p.long_drain, p)
+            await _drop(client, shallow)
+            t0 = time.perf_counter()
+            filled = await fill(client, deep, size, p.long_depth, p)
+            fill_rate = filled / (time.perf_counter() - t0)
+            await asyncio.sleep(1.0)
+            rss_full = node.rss_bytes()
+            at_depth = await drain_channel(client, node, deep, p.long_drain, p)
     finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
         await _drop(client, shallow)
         await _drop(client, deep)
     ratio = at_depth.metrics.get("msg_s", 0.0) / max(empty.metrics.get("msg_s", 0.0), 1e-9)
@@ -273,8 +270,8 @@ async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> 
             "depth": float(filled),
             "fill_msg_s": fill_rate,
             "rss_mb": rss_full / 2**20,
-            "rss_start_mb": rss_before / 2**20,
-            "peak_rss_mb": peak / 2**20,
+            "rss_start_mb": memory.start / 2**20,
+            "peak_rss_mb": memory.peak / 2**20,
             "drain_empty_msg_s": empty.metrics.get("msg_s", 0.0),
             "drain_depth_msg_s": at_depth.metrics.get("msg_s", 0.0),
             "depth_vs_empty": ratio,

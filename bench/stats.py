@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,3 +138,27 @@ class Budget:
     @property
     def left_s(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+
+class PeakRss:
+    """While in use, samples a server's resident memory every 0.25 s; `peak` is the highest."""
+
+    def __init__(self, rss: Callable[[], int]) -> None:
+        self._rss = rss
+        self.start = self.peak = rss()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PeakRss:
+        self._task = asyncio.ensure_future(self._sample())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._rss())
+            await asyncio.sleep(0.25)
