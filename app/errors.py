@@ -8,6 +8,9 @@ class LionMQError(Exception):
 
     status = 500
     title = "Internal error"
+    # Seconds a client should wait before trying again (sent as Retry-After); None: retrying
+    # the same request will not help.
+    retry_after: int | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -42,6 +45,7 @@ class ChannelNotFound(LionMQError):
 class ChannelFull(LionMQError):
     status = 429
     title = "Channel full"
+    retry_after = 1  # consumers drain channels continuously; a second is a fair first wait
 
 
 class Unauthorized(LionMQError):
@@ -50,17 +54,27 @@ class Unauthorized(LionMQError):
 
 
 class StoreError(LionMQError):
-    """The store failed in a way the caller cannot fix by retrying."""
+    """The store failed for good: retrying the same request will not help (a constraint, a
+    misuse, corrupt data, a rejected configuration). Nothing was half-written."""
 
     status = 500
     title = "Store error"
 
 
+class StoreTooLarge(StoreError):
+    """The store cannot hold a message this large (past its `max_message_bytes`)."""
+
+    status = 413
+    title = "Payload too large"
+
+
 class StoreUnavailable(StoreError):
-    """The store cannot be reached or refused the write; nothing was half-written."""
+    """A failure a retry can fix: the store is unreachable, timed out, full, read-only or busy,
+    or lost its file. Nothing was half-written."""
 
     status = 503
     title = "Store unavailable"
+    retry_after = 1
 
 
 class NotReady(StoreUnavailable):

@@ -18,6 +18,7 @@ from app.api.deps import Node
 from app.clock import Clock, SystemClock
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
+from app.errors import ConfigError
 from app.models import ChannelConfig
 from app.settings import Settings
 from app.store import build_store
@@ -37,6 +38,17 @@ def engine_limits(settings: Settings) -> EngineLimits:
             ttl_ms=settings.default_ttl_ms,
         ),
     )
+
+
+def check_store_limits(settings: Settings, store: Store) -> None:
+    """Refuse to start, rather than clamp, when MAX_MESSAGE_BYTES exceeds what the store can
+    hold: producers were promised that size, and clamping would break them at run time with
+    413s nobody configured. The operator lowers the setting (or picks another store)."""
+    if settings.max_message_bytes > store.max_message_bytes:
+        raise ConfigError(
+            f"MAX_MESSAGE_BYTES is {settings.max_message_bytes}, but the {store.kind} store holds"
+            f" messages of at most {store.max_message_bytes} bytes; lower MAX_MESSAGE_BYTES"
+        )
 
 
 class NodeApp(FastAPI):
@@ -61,6 +73,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         the_store = store or build_store(settings)
+        check_store_limits(settings, the_store)
         await the_store.open()
         engine = QueueEngine(the_store, clock, engine_limits(settings))
         maintenance = Maintenance(engine, clock)
@@ -105,4 +118,4 @@ def create_app(
     return app
 
 
-__all__ = ["create_app", "engine_limits"]
+__all__ = ["check_store_limits", "create_app", "engine_limits"]

@@ -1,10 +1,13 @@
 """The store contract (`app/store/base.py`) as one suite every backend must pass.
 
-Subclass `StoreContract` in a test module that provides two fixtures:
+Subclass `StoreContract` in a test module that provides three fixtures:
 
-- `store`: an opened, empty `Store`;
+- `store`: an opened, empty `Store` (with a small `max_message_bytes`, so that the size limit is
+  cheap to reach);
 - `reopen`: an async callable that closes a store and returns a new opened one over the same data
-  (same SQLite file, same MongoDB database).
+  (same SQLite file, same MongoDB database);
+- `outage`: an async context manager factory: `async with outage(store):` makes the store's
+  writes fail the way a retry can fix (a full disk, a dropped connection).
 
 Times are plain integers (milliseconds); ids are chosen by the tests, as the engine would.
 """
@@ -12,16 +15,18 @@ Times are plain integers (milliseconds); ids are chosen by the tests, as the eng
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from app.errors import StoreError
+from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, Message
 from app.store.base import Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
+Outage = Callable[[Store], AbstractAsyncContextManager[None]]
 
 NOW = 1_000_000
 CH = "orders"
@@ -108,8 +113,11 @@ class StoreContract:
         await store.insert(CH, [msg(3)], dedup_since=0)
         # The last message reuses a stored id: the store refuses the batch as a whole.
         batch = [msg(1, dedup_id="a"), msg(2, dedup_id="b"), msg(3, body=b"clash")]
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError) as failed:
             await store.insert(CH, batch, dedup_since=0)
+        # A constraint a retry cannot fix: not the retryable kind.
+        assert not isinstance(failed.value, StoreUnavailable)
+        assert failed.value.status == 500
         assert await store.page_ready(CH, 0, NOW, 10) == [msg(3)]
         # Nor were its dedup ids recorded: a retry with fresh ids stores them.
         retry = await store.insert(CH, [msg(4, dedup_id="a"), msg(5, dedup_id="b")], 0)
@@ -457,3 +465,35 @@ class StoreContract:
         await store.insert(CH, [msg(6)], dedup_since=0)
         store = await reopen(store)
         assert await all_ids(store) == [1, 2, 3, 6]
+
+    # -- failures: what a retry can fix, and what it cannot -----------------------------------
+    async def test_message_past_the_store_limit_is_refused_for_good(self, store: Store) -> None:
+        most = store.max_message_bytes
+        headers = b'{"k": "v"}'
+        exact = msg(1, body=b"x" * (most - len(headers)), headers=headers)
+        await store.insert(CH, [exact], dedup_since=0)  # body plus encoded headers: fits
+        over = msg(3, body=b"x" * (most - len(headers) + 1), headers=headers)
+        with pytest.raises(StoreTooLarge) as failed:
+            await store.insert(CH, [msg(2, dedup_id="d"), over], dedup_since=0)
+        assert failed.value.status == 413 and failed.value.retry_after is None
+        assert await all_ids(store) == [1]  # nothing of the batch, nor its dedup id
+        assert ids((await store.insert(CH, [msg(4, dedup_id="d")], dedup_since=0)).new) == [4]
+        # A dead letter that grew past the limit: refused, and the source keeps the message.
+        with pytest.raises(StoreTooLarge):
+            await store.move(CH, [4], "dlq", [replace(over, id=5)])
+        assert await all_ids(store) == [1, 4]
+        assert await all_ids(store, "dlq") == []
+
+    async def test_outage_is_retryable_and_leaves_nothing(
+        self, store: Store, outage: Outage
+    ) -> None:
+        await store.insert(CH, [msg(1)], dedup_since=0)
+        async with outage(store):
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.insert(CH, [msg(2, dedup_id="d", body=b"y" * 20_000)], 0)
+            assert failed.value.status == 503 and failed.value.retry_after
+        assert await all_ids(store) == [1]
+        # The retry, once the store is back, stores the message (its dedup id was not kept).
+        retry = await store.insert(CH, [msg(2, dedup_id="d", body=b"y" * 20_000)], 0)
+        assert retry.ids == [2] and ids(retry.new) == [2]
+        assert await all_ids(store) == [1, 2]

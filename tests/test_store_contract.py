@@ -9,27 +9,46 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bson.errors import InvalidDocument
 from mongomock_motor import AsyncMongoMockClient
 from motor.motor_asyncio import AsyncIOMotorClient
-from pymongo.errors import AutoReconnect
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    DocumentTooLarge,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    NetworkTimeout,
+    NotPrimaryError,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+    WriteConcernError,
+    WTimeoutError,
+)
 
-from app.errors import StoreError, StoreUnavailable
+from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import Message
+from app.store import mongo as mongo_store
+from app.store import sqlite as sqlite_store
 from app.store.base import Store
 from app.store.mongo import MongoStore
 from app.store.sqlite import SQLiteStore
 
 pytest.register_assert_rewrite("store_contract")  # so its plain asserts report their values
-from store_contract import CH, NOW, Reopen, StoreContract, all_ids, msg  # noqa: E402
+from store_contract import CH, NOW, Outage, Reopen, StoreContract, all_ids, msg  # noqa: E402
 
 MakeStore = Callable[[], Store]
+# Small, so the contract reaches the size limit cheaply; each store's real one is checked below.
+LIMIT = 64 * 1024
 
 
 @pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
@@ -37,16 +56,16 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     """A factory of unopened stores that all see the same data."""
     if request.param == "sqlite":
         path = str(tmp_path / "lionmq.db")
-        yield lambda: SQLiteStore(path)
+        yield lambda: SQLiteStore(path, max_message_bytes=LIMIT)
     elif request.param == "mongomock":
         client: Any = AsyncMongoMockClient()
-        yield lambda: MongoStore(client=client, database="lionmq_test")
+        yield lambda: MongoStore(client=client, database="lionmq_test", max_message_bytes=LIMIT)
     else:
         url = os.environ.get("MONGODB_URL")
         if not url:
             pytest.skip("MONGODB_URL is not set: no real MongoDB to run the contract against")
         name = f"lionmq_test_{uuid.uuid4().hex[:16]}"
-        yield lambda: MongoStore(url, database=name, timeout_ms=5_000)
+        yield lambda: MongoStore(url, database=name, timeout_ms=5_000, max_message_bytes=LIMIT)
         admin: Any = AsyncIOMotorClient(url, serverSelectionTimeoutMS=5_000)
         try:
             await admin.drop_database(name)
@@ -83,8 +102,141 @@ def reopen(make_store: MakeStore, opened: list[Store]) -> Reopen:
     return _reopen
 
 
+@asynccontextmanager
+async def _sqlite_disk_full(store: SQLiteStore) -> AsyncIterator[None]:
+    """A real SQLITE_FULL: the database may not grow past the pages it has now."""
+    pages = await store._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await store._write(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+    try:
+        yield
+    finally:
+        await store._write(lambda c: c.execute("PRAGMA max_page_count = 4294967294"))
+
+
+@pytest.fixture
+def outage(monkeypatch: pytest.MonkeyPatch) -> Outage:
+    @asynccontextmanager
+    async def _outage(store: Store) -> AsyncIterator[None]:
+        if isinstance(store, SQLiteStore):
+            async with _sqlite_disk_full(store):
+                yield
+            return
+        assert isinstance(store, MongoStore)
+        with monkeypatch.context() as patch:  # a replica set electing a new primary
+            for collection in ("messages", "dedup"):
+                _fail(patch, collection, "*", NotPrimaryError("not primary"))
+            yield
+
+    return _outage
+
+
 class TestStoreContract(StoreContract):
     pass
+
+
+# -- classification at the driver boundary --------------------------------------------------
+
+
+def _bulk(write_errors: list[int], concern: bool = False) -> BulkWriteError:
+    details: dict[str, Any] = {
+        "writeErrors": [{"code": c, "errmsg": f"code {c}", "index": 0} for c in write_errors],
+        "writeConcernErrors": [{"code": 64, "errmsg": "waiting"}] if concern else [],
+        "nInserted": 0,
+    }
+    return BulkWriteError(details)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (AutoReconnect("connection reset"), StoreUnavailable),
+        (NotPrimaryError("not primary"), StoreUnavailable),
+        (NetworkTimeout("timed out"), StoreUnavailable),
+        (ServerSelectionTimeoutError("no server"), StoreUnavailable),
+        (WTimeoutError("waiting for replication timed out", 64), StoreUnavailable),
+        (WriteConcernError("waiting for replication timed out", 64), StoreUnavailable),
+        (WriteConcernError("unsatisfiable write concern", 100), StoreError),
+        (ExecutionTimeout("operation exceeded time limit", 50), StoreUnavailable),
+        (OperationFailure("primary stepped down", 189), StoreUnavailable),
+        (OperationFailure("interrupted at shutdown", 11600), StoreUnavailable),
+        (_bulk([], concern=True), StoreUnavailable),
+        (_bulk([11602]), StoreUnavailable),
+        (DocumentTooLarge("BSON document too large (17000000 bytes)"), StoreTooLarge),
+        (OperationFailure("object to insert too large", 10334), StoreTooLarge),
+        (DuplicateKeyError("E11000 duplicate key", 11000), StoreError),
+        (_bulk([11000]), StoreError),
+        (_bulk([11000], concern=True), StoreError),
+        (OperationFailure("not authorized", 13), StoreError),
+        (InvalidDocument("cannot encode object"), StoreError),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+async def test_mongo_errors_split_at_the_driver(
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch, error: Exception, expected: type
+) -> None:
+    """Only what a retry can fix is a 503; a too-large document is a 413; the rest is for good
+    (bson's DocumentTooLarge is no PyMongoError, and used to escape as a 500)."""
+    await mongo.insert(CH, [msg(1)], dedup_since=0)
+    _fail(monkeypatch, "messages", "insert_many", error)
+    with pytest.raises(StoreError) as failed:
+        await mongo.insert(CH, [msg(2)], dedup_since=0)
+    assert type(failed.value) is expected
+    assert failed.value.__cause__ is error
+    monkeypatch.undo()
+    assert await all_ids(mongo) == [1]
+
+
+def _sqlite_error(code: int) -> sqlite3.Error:
+    exc = sqlite3.OperationalError(f"code {code}")
+    exc.sqlite_errorcode = code
+    exc.sqlite_errorname = f"SQLITE_{code}"
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (sqlite3.SQLITE_FULL, StoreUnavailable),
+        (sqlite3.SQLITE_IOERR, StoreUnavailable),
+        (sqlite3.SQLITE_IOERR | (3 << 8), StoreUnavailable),  # SQLITE_IOERR_WRITE
+        (sqlite3.SQLITE_READONLY, StoreUnavailable),
+        (sqlite3.SQLITE_BUSY, StoreUnavailable),
+        (sqlite3.SQLITE_CANTOPEN, StoreUnavailable),
+        (sqlite3.SQLITE_TOOBIG, StoreTooLarge),
+        (sqlite3.SQLITE_CONSTRAINT, StoreError),
+        (sqlite3.SQLITE_MISUSE, StoreError),
+        (sqlite3.SQLITE_CORRUPT, StoreError),
+        (sqlite3.SQLITE_ERROR, StoreError),
+    ],
+)
+def test_sqlite_errors_split_by_result_code(code: int, expected: type) -> None:
+    assert type(sqlite_store._translate(_sqlite_error(code))) is expected
+
+
+async def test_sqlite_real_errors_are_classified(tmp_path: Path) -> None:
+    """Real failures, not made-up codes: a full disk is retryable, a constraint is not."""
+    store = SQLiteStore(str(tmp_path / "c.db"))
+    await store.open()
+    try:
+        await store.insert(CH, [msg(1)], dedup_since=0)
+        async with _sqlite_disk_full(store):
+            with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
+                await store.insert(CH, [msg(2, body=b"z" * 50_000)], dedup_since=0)
+        with pytest.raises(StoreError, match="SQLITE_CONSTRAINT") as failed:
+            await store.insert(CH, [msg(1)], dedup_since=0)
+        assert not isinstance(failed.value, StoreUnavailable)
+    finally:
+        await store.close()
+
+
+def test_each_store_declares_what_it_can_hold(tmp_path: Path) -> None:
+    """MongoDB's documents stop at 16 MiB (with room for the other fields); SQLite's rows at
+    SQLITE_MAX_LENGTH. Neither store can be told to hold more."""
+    assert MongoStore.max_message_bytes < 16 * 1024 * 1024
+    assert MongoStore().max_message_bytes == mongo_store.MAX_MESSAGE_BYTES
+    assert MongoStore(max_message_bytes=1 << 40).max_message_bytes == mongo_store.MAX_MESSAGE_BYTES
+    sqlite_limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+    assert SQLiteStore(str(tmp_path / "x.db")).max_message_bytes < sqlite_limit
 
 
 # -- MongoDB specifics ----------------------------------------------------------------------
@@ -140,26 +292,37 @@ async def test_mongo_writes_are_journaled_by_default() -> None:
         await store.close()
 
 
-class _Failing:
-    """A collection whose `method` fails as if the connection dropped; the rest passes through."""
+_WRITES = {"insert_many", "bulk_write", "update_many", "delete_many", "replace_one"}
 
-    def __init__(self, inner: Any, method: str) -> None:
+
+class _Failing:
+    """A collection whose `method` ("*": every write) raises `error` (by default as if the
+    connection dropped); the rest passes through."""
+
+    def __init__(self, inner: Any, method: str, error: Exception) -> None:
         self._inner = inner
         self._method = method
+        self._error = error
 
     def __getattr__(self, name: str) -> Any:
-        if name == self._method:
+        if name == self._method or (self._method == "*" and name in _WRITES):
 
             async def fail(*args: Any, **kwargs: Any) -> Any:
-                raise AutoReconnect("connection reset by peer")
+                raise self._error
 
             return fail
         return getattr(self._inner, name)
 
 
-def _fail(monkeypatch: pytest.MonkeyPatch, collection: str, method: str) -> None:
+def _fail(
+    monkeypatch: pytest.MonkeyPatch,
+    collection: str,
+    method: str,
+    error: Exception | None = None,
+) -> None:
     def get(self: MongoStore) -> Any:
-        return _Failing(self._collection(collection), method)
+        failure = error or AutoReconnect("connection reset by peer")
+        return _Failing(self._collection(collection), method, failure)
 
     monkeypatch.setattr(MongoStore, f"_{collection}", property(get))
 

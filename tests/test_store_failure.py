@@ -55,6 +55,7 @@ async def flaky(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FlakyS
 def assert_503(r: httpx.Response) -> None:
     assert r.status_code == 503, r.text
     assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["retry-after"] == "1"  # a retry can fix it
     assert "disk I/O error" in r.json()["detail"]
 
 

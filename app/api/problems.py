@@ -43,6 +43,8 @@ def problem_for(exc: LionMQError) -> Response:
     if exc.status >= 500:
         log.warning("%s: %s", exc.title, exc.detail)
     extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if exc.retry_after is not None:
+        extra["Retry-After"] = str(exc.retry_after)
     return problem(exc.status, exc.detail, exc.title, **extra)
 
 

@@ -2,7 +2,9 @@
 
 The store is the source of truth; the queue engine keeps only a bounded window in memory. Every
 write method returns once its change is durable (committed, fsynced or journaled) and either
-applies whole or not at all; on failure it raises `StoreUnavailable` (or `StoreError`).
+applies whole or not at all. On failure it raises `StoreUnavailable` when a retry can fix it
+(unreachable, timed out, full, read-only, busy), `StoreTooLarge` for a message past the store's
+`max_message_bytes`, and `StoreError` for anything else a retry cannot fix.
 
 `available_at` encodes a message's state in one indexed column: 0 is ready, a future time with
 `leased` is a lease deadline, a future time without it is a delay. A lease whose deadline has passed
@@ -14,11 +16,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from app.errors import StoreTooLarge
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 
 
 class Store(Protocol):
     kind: str
+    # The largest message (body plus encoded headers) this store can hold; the node refuses to
+    # start with a MAX_MESSAGE_BYTES above it.
+    max_message_bytes: int
 
     async def open(self) -> None:
         """Connect and create the schema and indexes. Nothing connects before this."""
@@ -110,3 +116,14 @@ class Store(Protocol):
     async def max_id(self) -> int:
         """The highest message id ever stored that is still present (0 when empty)."""
         ...
+
+
+def check_sizes(messages: Sequence[Message], limit: int, kind: str) -> None:
+    """Refuse, before writing anything, a batch holding a message the store cannot hold."""
+    for m in messages:
+        size = len(m.body) + (len(m.headers) if m.headers else 0)
+        if size > limit:
+            raise StoreTooLarge(
+                f"a message of {size} bytes (body plus encoded headers) is larger than the"
+                f" {kind} store can hold ({limit} bytes); send it in smaller parts"
+            )

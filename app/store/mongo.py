@@ -17,24 +17,40 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from bson.errors import BSONError
 from motor.motor_asyncio import AsyncIOMotorClient
 from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateMany, WriteConcern
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
+    DocumentTooLarge,
+    ExecutionTimeout,
+    OperationFailure,
     PyMongoError,
     ServerSelectionTimeoutError,
 )
 
-from app.errors import StoreError, StoreUnavailable
+from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 from app.settings import mongo_database
+from app.store.base import check_sizes
 
 Doc = dict[str, Any]
 
 log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
+# A BSON document holds at most 16 MiB; a message document also carries its id, channel name
+# (up to 128 characters), times and field names, and a dead-lettered one gains a few headers.
+BSON_LIMIT = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = BSON_LIMIT - 16 * 1024
+# Server error codes a retry can fix: the server's retryable errors (host unreachable or not
+# found, shutting down, stepped down, not primary, network timeout, socket error), time limits,
+# write-concern failures, write conflicts and a full disk.
+_RETRYABLE_CODES = frozenset(
+    {6, 7, 50, 64, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13388, 13435, 13436, 14031}
+)
+_TOO_LARGE_CODES = frozenset({10334, 17419})  # BSONObjectTooLarge; an update grew a document
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ChannelConfig))
 
 
@@ -43,15 +59,44 @@ def _write_concern(w: str | int) -> str | int:
     return int(w) if isinstance(w, str) and w.isdigit() else w
 
 
+def _transient(exc: PyMongoError) -> bool:
+    """Whether a retry of the same operation can succeed."""
+    if isinstance(exc, (ConnectionFailure, ExecutionTimeout)) or exc.timeout:
+        return True  # unreachable, not primary, timed out (a write-concern wtimeout included)
+    if exc.has_error_label("RetryableWriteError") or exc.has_error_label(
+        "TransientTransactionError"
+    ):
+        return True
+    if isinstance(exc, BulkWriteError):
+        details = exc.details
+        errors = [*details.get("writeErrors", []), *details.get("writeConcernErrors", [])]
+        codes = {e.get("code") for e in errors}
+        return bool(codes) and codes <= _RETRYABLE_CODES
+    # A write concern that cannot be met (unknown tag, too many nodes) is for good; one that
+    # timed out or lost its primary is not.
+    return isinstance(exc, OperationFailure) and exc.code in _RETRYABLE_CODES
+
+
+def _classify(exc: PyMongoError | BSONError) -> StoreError:
+    """A driver error as the domain's: `StoreUnavailable` only for what a retry can fix."""
+    if isinstance(exc, DocumentTooLarge) or (
+        isinstance(exc, OperationFailure) and exc.code in _TOO_LARGE_CODES
+    ):
+        return StoreTooLarge(f"MongoDB cannot hold this message: {exc}")
+    if isinstance(exc, ConnectionFailure):  # includes server selection and network timeouts
+        return StoreUnavailable(f"MongoDB unreachable: {exc}")
+    if isinstance(exc, PyMongoError) and _transient(exc):
+        return StoreUnavailable(f"MongoDB failed the operation, retry later: {exc}")
+    return StoreError(f"MongoDB refused the operation: {exc}")
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Turn driver errors into the domain's: callers never see a pymongo exception."""
+    """Turn driver errors into the domain's: callers never see a pymongo or bson exception."""
     try:
         yield
-    except ConnectionFailure as exc:  # includes server selection and network timeouts
-        raise StoreUnavailable(f"MongoDB unreachable: {exc}") from exc
-    except PyMongoError as exc:
-        raise StoreUnavailable(f"MongoDB refused the operation: {exc}") from exc
+    except (PyMongoError, BSONError) as exc:  # DocumentTooLarge is a bson InvalidDocument
+        raise _classify(exc) from exc
 
 
 def _to_doc(channel: str, m: Message) -> Doc:
@@ -89,6 +134,7 @@ def _from_doc(doc: Mapping[str, Any]) -> Message:
 
 class MongoStore:
     kind = "mongodb"
+    max_message_bytes = MAX_MESSAGE_BYTES
 
     def __init__(
         self,
@@ -99,10 +145,13 @@ class MongoStore:
         journal: bool = True,
         timeout_ms: int = 5_000,
         client: Any = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         """Remember the settings only; `open()` connects. `client` injects a ready client (tests
-        pass `mongomock_motor.AsyncMongoMockClient()`); an injected client is not closed here."""
+        pass `mongomock_motor.AsyncMongoMockClient()`); an injected client is not closed here.
+        `max_message_bytes` may lower the store's limit (tests use a small one)."""
         self._url = url
+        self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         self._database = database or (mongo_database(url) if url else "") or "lionmq"
         self._write_concern = WriteConcern(w=_write_concern(write_concern), j=journal)
         self._timeout_ms = timeout_ms
@@ -204,6 +253,9 @@ class MongoStore:
     ) -> EnqueueResult:
         """Batches that share a dedup id run one after the other (in this process): without a
         transaction, two concurrent ones would both find the id unused and both store."""
+        # Checked here as well as by the driver: mongomock has no size limit, and a batch is
+        # refused whole before any of it is sent.
+        check_sizes(messages, self.max_message_bytes, self.kind)
         keys = {(channel, m.dedup_id) for m in messages if m.dedup_id is not None}
         if not keys:
             return await self._insert(channel, messages, dedup_since)
@@ -267,7 +319,7 @@ class MongoStore:
                         ],
                         ordered=True,
                     )
-            except StoreUnavailable:
+            except StoreError:
                 await self._undo_insert(channel, new, claimed, previous)
                 raise
         return EnqueueResult(ids=ids, new=new)
@@ -277,7 +329,7 @@ class MongoStore:
         try:
             with _translated():
                 await self._messages.insert_many([_to_doc(channel, m) for m in new], ordered=True)
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             cause = exc.__cause__
             # Ordered: exactly the first nInserted went in. No server selected: nothing was sent.
             # Otherwise (network) assume all may have.
@@ -367,6 +419,7 @@ class MongoStore:
         # No transactions: insert into the target first, then delete from the source. A failure
         # or crash between the two leaves the message in both channels (a duplicate, which
         # at-least-once delivery tolerates), never in neither.
+        check_sizes(moved, self.max_message_bytes, self.kind)
         if target is not None and moved:
             moved_ids = [m.id for m in moved]
             try:
@@ -374,7 +427,7 @@ class MongoStore:
                     await self._messages.insert_many(
                         [_to_doc(target, m) for m in moved], ordered=False
                     )
-            except StoreUnavailable as exc:
+            except StoreError as exc:
                 cause = exc.__cause__
                 errors = (
                     cause.details.get("writeErrors", [])

@@ -4,6 +4,20 @@ Every write is a small function queued to one writer thread, which runs everythi
 in one transaction (each function inside its own savepoint, so one failing write does not sink
 its neighbours) and commits once, so concurrent requests share one fsync. Reads use a second
 connection, which WAL lets proceed while the writer commits.
+
+Two failures of the file system under a running node are handled here:
+
+- The store opens through SQLite's `unix-excl` VFS, which keeps the WAL index in heap memory
+  instead of a memory-mapped `-shm` file. Writing to that mapping once the file system turned
+  read-only (ext4 `errors=remount-ro`) or the file immutable killed the whole process with
+  SIGBUS; now the write fails with an error and the node answers 503. The VFS also holds an
+  exclusive lock on the database, so a second node cannot open the same file.
+- The writer checks, before and after each group's COMMIT, that the store's path still names
+  the files it has open (same device and inode). A file deleted or moved under the node would
+  take every later write with it at the next restart, so from then on every write fails with
+  503 and `ping` reports why, until the path names the same files again (the file moved back,
+  a hard link restored); otherwise restart the node. A group committed while its file had no
+  path is never acknowledged.
 """
 
 from __future__ import annotations
@@ -16,12 +30,14 @@ import os
 import queue
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from app.errors import StoreUnavailable
+from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.store.base import check_sizes
 
 T = TypeVar("T")
 
@@ -144,15 +160,47 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"the embedded store failed: {exc}")
+# SQLite holds a row of at most SQLITE_MAX_LENGTH (10**9) bytes; a message also needs room for
+# its other columns.
+MAX_MESSAGE_BYTES = 1_000_000_000 - 64 * 1024
+
+# Primary result codes a retry can fix: the disk is full or failing, the file read-only, another
+# process holds the lock. Anything else (a constraint, a misuse, corruption) is for good.
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_INTERRUPT,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL,
+}
+
+
+def _translate(exc: BaseException) -> StoreError:
+    """A driver error as the domain's: transient ones become `StoreUnavailable`."""
+    if isinstance(exc, StoreError):
+        return exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+    if isinstance(exc, OSError) or (code is not None and code & 0xFF in _TRANSIENT):
+        return StoreUnavailable(f"the embedded store failed: {exc} ({name})")
+    if code is not None and code & 0xFF == sqlite3.SQLITE_TOOBIG:
+        return StoreTooLarge(f"the embedded store cannot hold this message: {exc}")
+    return StoreError(f"the embedded store refused the operation: {exc} ({name})")
 
 
 class SQLiteStore:
     kind = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        """`max_message_bytes` may lower the store's limit (tests use a small one)."""
         self._path = path
+        self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
+        # (path, st_dev, st_ino) of the database and its WAL, as opened.
+        self._files: list[tuple[str, int, int]] = []
         self._keys: dict[str, int] = {}
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -161,7 +209,9 @@ class SQLiteStore:
 
     # -- lifecycle --------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        # unix-excl: the WAL index in heap memory, not an mmap that SIGBUSes (see above).
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self._path)) + "?vfs=unix-excl"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -172,14 +222,19 @@ class SQLiteStore:
         conn = self._connect()
         conn.executescript(_SCHEMA)
         self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
-        return conn, self._connect()
+        reader = self._connect()
+        self._files = []
+        for path in (self._path, self._path + "-wal"):
+            st = os.stat(path)
+            self._files.append((path, st.st_dev, st.st_ino))
+        return conn, reader
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
             conn, self._read_conn = await asyncio.to_thread(self._prepare)
         except (OSError, sqlite3.Error) as exc:
-            raise _unavailable(exc) from exc
+            raise _translate(exc) from exc
         self._writer = threading.Thread(
             target=self._write_loop, args=(conn,), name="lionmq-sqlite-writer", daemon=True
         )
@@ -196,6 +251,37 @@ class SQLiteStore:
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        problem = self._lost() or self._unwritable()
+        if problem is not None:
+            raise StoreUnavailable(problem)
+
+    def _lost(self) -> str | None:
+        """Why the store's path no longer names the files it has open, or None. Two stats."""
+        for path, dev, ino in self._files:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                found = f"is gone ({exc.strerror})"
+            else:
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    continue
+                found = "names another file now"
+            return (
+                f"the store file {os.path.abspath(path)} {found}: it was deleted or moved while"
+                " open, and writes to it would be lost at the next restart; put the same file"
+                " back or restart the node"
+            )
+        return None
+
+    def _unwritable(self) -> str | None:
+        """Why the store's files cannot be written (read-only file system, immutable), or None."""
+        for path, _, _ in self._files:
+            if not os.access(path, os.W_OK):
+                return (
+                    f"the store file {os.path.abspath(path)} cannot be written (read-only file"
+                    " system, immutable file or permissions); writes answer 503 until it can"
+                )
+        return None
 
     # -- group commit -----------------------------------------------------------------------
     # The writer thread runs each group's statements and its COMMIT while the event loop goes
@@ -226,6 +312,7 @@ class SQLiteStore:
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
+        lost: str | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             i = 0
@@ -237,13 +324,25 @@ class SQLiteStore:
                         j += 1
                 outcomes += self._apply_run(conn, group[i:j])
                 i = j
-            conn.execute("COMMIT")
+            lost = self._lost()
+            if lost is None:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             # The commit itself failed (disk full, I/O error): nothing of the group is kept.
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._forget_new_keys(conn)
-            return [(future, None, exc) for _, future in group]
+            return [(future, None, _translate(exc)) for _, future in group]
+        if lost is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._forget_new_keys(conn)
+        else:
+            # Unlinked between the check and the COMMIT: the group went to a file no path
+            # names, so it must not be acknowledged.
+            lost = self._lost()
+        if lost is not None:
+            return [(future, None, StoreUnavailable(lost)) for _, future in group]
         return outcomes
 
     def _apply_run(self, conn: sqlite3.Connection, run: list[_Pending]) -> list[_Outcome]:
@@ -253,6 +352,10 @@ class SQLiteStore:
         try:
             results = self._apply(conn, [op for op, _ in run])
         except Exception as exc:
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back itself (a full disk, an I/O error):
+                # the group fails as one, with this error rather than "no such savepoint".
+                raise
             conn.execute("ROLLBACK TO run")
             conn.execute("RELEASE run")
             self._forget_new_keys(conn)
@@ -368,7 +471,7 @@ class SQLiteStore:
         try:
             return await future
         except sqlite3.Error as exc:
-            raise _unavailable(exc) from exc
+            raise _translate(exc) from exc
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Reads see committed data only (their own WAL snapshot) and are short: run inline,
@@ -378,7 +481,7 @@ class SQLiteStore:
         try:
             return op(self._read_conn)
         except sqlite3.Error as exc:
-            raise _unavailable(exc) from exc
+            raise _translate(exc) from exc
 
     def _key(self, conn: sqlite3.Connection, channel: str) -> int:
         """The channel's integer key, made on first use (in the writer's transaction)."""
@@ -434,6 +537,7 @@ class SQLiteStore:
     async def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
+        check_sizes(messages, self.max_message_bytes, self.kind)
         result: EnqueueResult = await self._submit(_Insert(channel, messages, dedup_since))
         return result
 
@@ -461,6 +565,8 @@ class SQLiteStore:
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
     ) -> None:
+        check_sizes(moved, self.max_message_bytes, self.kind)
+
         def op(conn: sqlite3.Connection) -> None:
             _delete_ids(conn, ids)
             if target is not None and moved:
