@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -72,22 +72,28 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        the_store = store or build_store(settings)
-        check_store_limits(settings, the_store)
-        await the_store.open()
-        engine = QueueEngine(the_store, clock, engine_limits(settings))
-        maintenance = Maintenance(engine, clock)
-        pusher = None
-        try:
+        # Each part is closed, in reverse order, whatever fails: opening it or a later one,
+        # serving, or closing another. Each is registered before it opens, as a part that
+        # fails half-way through opening may hold something already (closing is harmless).
+        async with AsyncExitStack() as resources:
+            the_store = store or build_store(settings)
+            check_store_limits(settings, the_store)
+            resources.push_async_callback(the_store.close)
+            await the_store.open()
+            engine = QueueEngine(the_store, clock, engine_limits(settings))
+            resources.push_async_callback(engine.stop)
             await engine.start()
+            maintenance = Maintenance(engine, clock)
+            resources.push_async_callback(maintenance.stop)
             await maintenance.start()
-            node = Node(settings, clock, the_store, engine, clock.now_ms())
+            node = Node(settings, clock, the_store, engine, clock.now_ms(), maintenance)
             app.state.node = node
             app.state.metrics = health.metrics_registry(node)
             if settings.watcher_url:
                 from app.telemetry import WatcherPusher
 
                 pusher = WatcherPusher(settings, engine, the_store, clock)
+                resources.push_async_callback(pusher.stop)
                 await pusher.start()
             log.info(
                 "node %s ready on %s (store: %s)",
@@ -96,12 +102,6 @@ def create_app(
                 the_store.kind,
             )
             yield
-        finally:
-            if pusher is not None:
-                await pusher.stop()
-            await maintenance.stop()
-            await engine.stop()
-            await the_store.close()
 
     app = NodeApp(
         api_token=settings.api_token,

@@ -32,9 +32,12 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/ready", summary="The store answers (503 otherwise)")
+@router.get("/ready", summary="The store answers and maintenance keeps up (503 otherwise)")
 async def ready(request: Request) -> JSONResponse:
     n = node(request)
+    problem = n.maintenance.problem()
+    if problem is not None:
+        raise NotReady(problem)
     try:
         await asyncio.wait_for(n.store.ping(), timeout=5)
     except (StoreError, TimeoutError) as exc:

@@ -18,7 +18,7 @@ import msgspec
 from app.clock import Clock
 from app.engine.channel import ChannelState
 from app.engine.ids import IdGenerator, parse_receipts
-from app.errors import ChannelFull, ChannelNotFound, InvalidInput, StoreError
+from app.errors import ChannelFull, ChannelNotFound, InvalidInput, LionMQError, StoreError
 from app.models import (
     DEAD_LETTER_SUFFIX,
     ChannelConfig,
@@ -36,6 +36,10 @@ _SWEEP_LIMIT = 1000
 _PRUNE_EVERY_MS = 30_000
 _PRUNE_AGAIN_MS = 50
 _PRUNE_LIMIT = 20_000
+# A channel whose maintenance failed is retried after this, doubling per failure up to the cap.
+_RETRY_FIRST_MS = 100
+_RETRY_MAX_MS = 30_000
+_PRUNING = "dedup pruning"  # not a channel name (those have no spaces)
 
 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
@@ -69,6 +73,15 @@ class Outcome:
 
 
 @dataclass(slots=True)
+class Failing:
+    """A channel (or the dedup pruning) whose maintenance failed: retried at `retry_at`."""
+
+    failures: int
+    retry_at: int
+    detail: str
+
+
+@dataclass(slots=True)
 class Claim:
     """Leases taken out of reach for an ack, nack or extend, and the stale receipts."""
 
@@ -91,6 +104,7 @@ class QueueEngine:
         self._creating: dict[str, asyncio.Future[ChannelState]] = {}
         self._next_prune = 0
         self._next_wake: int | None = None
+        self._failing: dict[str, Failing] = {}
         # Set when a timer earlier than the maintenance loop's next wake appears.
         self.timers_changed = asyncio.Event()
 
@@ -485,29 +499,86 @@ class QueueEngine:
         Returns when something next falls due (None: nothing scheduled).
         """
         self.timers_changed.clear()
+        failed: list[tuple[str, Exception]] = []
         for ch in list(self.channels.values()):
-            expired = ch.expired_leases(now)
-            if expired:
-                await self._return(ch, expired, now, 0, reason=None)
-            if ch.next_due is not None and ch.next_due <= now:
-                await self._promote(ch, now)
-            if ch.next_expiry is not None and ch.next_expiry <= now:
-                await self._expire(ch, now)
-        if now >= self._next_prune:
-            pruned = await self.store.prune_dedup(now - self.limits.dedup_window_ms, _PRUNE_LIMIT)
-            # A full batch means more to go: again shortly, in passes that never hold the
-            # writer for long, until the backlog is gone.
-            more = pruned == _PRUNE_LIMIT
-            self._next_prune = now + (_PRUNE_AGAIN_MS if more else _PRUNE_EVERY_MS)
+            if not self._due_retry(ch.name, now):
+                continue
+            try:
+                await self._tick_channel(ch, now)
+            except Exception as exc:  # one channel's failure must not stop the others' upkeep
+                failed.append((ch.name, exc))
+            else:
+                self._failing.pop(ch.name, None)
+        if now >= self._next_prune and self._due_retry(_PRUNING, now):
+            try:
+                pruned = await self.store.prune_dedup(
+                    now - self.limits.dedup_window_ms, _PRUNE_LIMIT
+                )
+            except Exception as exc:
+                failed.append((_PRUNING, exc))
+            else:
+                self._failing.pop(_PRUNING, None)
+                # A full batch means more to go: again shortly, in passes that never hold the
+                # writer for long, until the backlog is gone.
+                more = pruned == _PRUNE_LIMIT
+                self._next_prune = now + (_PRUNE_AGAIN_MS if more else _PRUNE_EVERY_MS)
+        self._record_failures(failed, now)
+        # A failing channel's overdue timers would wake the loop at once: it waits its retry.
         wake = [
             t
             for ch in self.channels.values()
+            if ch.name not in self._failing
             for t in (ch.next_lease_deadline(), ch.next_due, ch.next_expiry)
             if t is not None
         ]
-        wake.append(self._next_prune)
+        wake += [f.retry_at for f in self._failing.values()]
+        if _PRUNING not in self._failing:
+            wake.append(self._next_prune)
         self._next_wake = min(wake)
         return self._next_wake
+
+    async def _tick_channel(self, ch: ChannelState, now: int) -> None:
+        """One channel's share of a pass: expired leases, due delays, run-out TTLs."""
+        expired = ch.expired_leases(now)
+        if expired:
+            await self._return(ch, expired, now, 0, reason=None)
+        if ch.next_due is not None and ch.next_due <= now:
+            await self._promote(ch, now)
+        if ch.next_expiry is not None and ch.next_expiry <= now:
+            await self._expire(ch, now)
+
+    def _due_retry(self, name: str, now: int) -> bool:
+        failing = self._failing.get(name)
+        return failing is None or failing.retry_at <= now
+
+    def _record_failures(self, failed: list[tuple[str, Exception]], now: int) -> None:
+        """Back off each failed channel; log the pass's failures in one line (the first
+        unexpected one with its traceback), not one per channel: a lost store fails them all."""
+        for name in [n for n in self._failing if n != _PRUNING and n not in self.channels]:
+            del self._failing[name]  # deleted since it failed
+        if not failed:
+            return
+        for name, exc in failed:
+            detail = exc.detail if isinstance(exc, LionMQError) else f"{type(exc).__name__}: {exc}"
+            before = self._failing.get(name)
+            failures = before.failures + 1 if before else 1
+            wait = min(_RETRY_MAX_MS, _RETRY_FIRST_MS << min(failures - 1, 20))
+            self._failing[name] = Failing(failures, now + wait, detail)
+        name, exc = failed[0]
+        unexpected = next((e for _, e in failed if not isinstance(e, LionMQError)), None)
+        log.log(
+            logging.ERROR if unexpected else logging.WARNING,
+            "maintenance failed for %d of %d channel(s), retrying each with backoff; %s: %s",
+            len(failed),
+            len(self.channels),
+            name,
+            self._failing[name].detail,
+            exc_info=unexpected,
+        )
+
+    def failing(self) -> dict[str, str]:
+        """Channels (and the dedup pruning) whose maintenance is failing, with why."""
+        return {name: f.detail for name, f in self._failing.items()}
 
     async def _promote(self, ch: ChannelState, now: int) -> None:
         due = await self.store.promote_due(ch.name, now, _SWEEP_LIMIT)
