@@ -15,11 +15,11 @@ from typing import Annotated
 import msgspec
 from starlette.types import Receive
 
-from app.api.codec import decode
+from app.api.codec import SHALLOW_JSON_BYTES, check_depth, decode
 from app.api.deps import Node, channel_name
 from app.engine.ids import receipt
 from app.engine.queue import MAX_DELAY_MS, NewMessage, Outcome
-from app.errors import InvalidInput, PayloadTooLarge
+from app.errors import PayloadTooLarge
 from app.models import Lease
 
 Receipt = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -110,6 +110,8 @@ def _check_batch(n: Node, messages: list[NewMessage]) -> None:
     most = n.settings.max_message_bytes
     for i, m in enumerate(messages):
         size = len(m.body)
+        if size > SHALLOW_JSON_BYTES:
+            check_depth(bytes(m.body))
         if m.headers:
             size += sum(len(k) + len(v) for k, v in m.headers.items())
         if size > most:
@@ -167,7 +169,9 @@ def _delivered(lease: Lease) -> Delivered:
 
 def _check_receipts(n: Node, receipts: list[str]) -> list[str]:
     if len(receipts) > n.settings.max_batch:
-        raise InvalidInput(f"{len(receipts)} receipts; at most MAX_BATCH={n.settings.max_batch}")
+        raise PayloadTooLarge(
+            f"the batch has {len(receipts)} receipts; MAX_BATCH is {n.settings.max_batch}"
+        )
     return receipts
 
 
