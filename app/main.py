@@ -16,6 +16,7 @@ from app.api.auth import BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
 from app.clock import Clock, SystemClock
+from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
 from app.models import ChannelConfig
@@ -68,7 +69,8 @@ def create_app(
         try:
             await engine.start()
             await maintenance.start()
-            node = Node(settings, clock, the_store, engine, clock.now_ms())
+            receipts = ReceiptSigner(await the_store.secret())
+            node = Node(settings, clock, the_store, engine, clock.now_ms(), receipts)
             app.state.node = node
             app.state.metrics = health.metrics_registry(node)
             if settings.watcher_url:

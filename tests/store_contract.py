@@ -11,6 +11,7 @@ Times are plain integers (milliseconds); ids are chosen by the tests, as the eng
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from app.errors import StoreError
 from app.models import ChannelConfig, ChannelCounts, Message
-from app.store.base import Store
+from app.store.base import SECRET_BYTES, Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
 
@@ -457,3 +458,15 @@ class StoreContract:
         await store.insert(CH, [msg(6)], dedup_since=0)
         store = await reopen(store)
         assert await all_ids(store) == [1, 2, 3, 6]
+
+    # -- node secret ------------------------------------------------------------------------
+    async def test_secret_is_made_once_and_kept(self, store: Store, reopen: Reopen) -> None:
+        first = await store.secret()
+        assert isinstance(first, bytes) and len(first) == SECRET_BYTES
+        assert len(set(first)) > 8  # random, not a constant
+        assert await store.secret() == first
+        store = await reopen(store)
+        assert await store.secret() == first
+
+    async def test_concurrent_first_secrets_agree(self, store: Store) -> None:
+        assert len(set(await asyncio.gather(*(store.secret() for _ in range(8))))) == 1

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.api.codec import MAX_JSON_DEPTH
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.conftest import NodeProcess, make_settings
 from tests.test_api import assert_problem
 
 JSON = {"content-type": "application/json"}
@@ -181,3 +181,61 @@ async def test_the_bearer_scheme_is_case_insensitive(tmp_path: Path, scheme: str
         assert r.status_code == 200, r.text
         for wrong in (f"{scheme} S3CRET", f"{scheme}s3cret", "Basic s3cret", f"{scheme} s3cre"):
             assert_problem(await c.get("/channels", headers={"Authorization": wrong}), 401)
+
+
+# -- receipts -------------------------------------------------------------------------------
+
+
+async def _one_delivery(client: httpx.AsyncClient, channel: str) -> dict[str, object]:
+    r = await client.post(f"/channels/{channel}/enqueue", json={"messages": [{"body": 1}]})
+    assert r.status_code == 201, r.text
+    (got,) = (await client.post(f"/channels/{channel}/dequeue", json={})).json()["messages"]
+    assert isinstance(got, dict)
+    return got
+
+
+async def test_receipts_cannot_be_forged_from_the_message_id(
+    app_client: httpx.AsyncClient,
+) -> None:
+    got = await _one_delivery(app_client, "pay")
+    real = str(got["receipt"])
+    assert len(real) <= 40
+    # What a producer knows: the id (it got it from enqueue) and that this is attempt 1.
+    forged = [f"{int(str(got['id'])):x}-1", f"{int(str(got['id'])):x}-{got['attempt']:x}"]
+    tampered = real[:-1] + ("A" if real[-1] != "A" else "B")
+    other_attempt = real.replace("-1.", "-2.", 1)
+    for bad in [*forged, tampered, other_attempt, real + "x", real.partition(".")[0] + "."]:
+        for verb, extra in (("ack", {}), ("nack", {}), ("extend", {"visibility_ms": 5000})):
+            r = await app_client.post(f"/channels/pay/{verb}", json={"receipts": [bad], **extra})
+            assert_problem(r, 400, "not a receipt")
+        # One bad receipt refuses the whole batch: the genuine one is not settled either.
+        r = await app_client.post("/channels/pay/ack", json={"receipts": [real, bad]})
+        assert_problem(r, 400, "not a receipt")
+    assert (await app_client.get("/channels/pay")).json()["counts"]["in_flight"] == 1
+    r = await app_client.post("/channels/pay/ack", json={"receipts": [real]})
+    assert r.json() == {"acked": 1, "stale": []}
+
+
+async def test_a_receipt_is_bound_to_its_channel(app_client: httpx.AsyncClient) -> None:
+    got = await _one_delivery(app_client, "a")
+    await _one_delivery(app_client, "b")
+    r = await app_client.post("/channels/b/ack", json={"receipts": [got["receipt"]]})
+    assert_problem(r, 400, "'b'")
+    assert (await app_client.get("/channels/b")).json()["counts"]["in_flight"] == 1
+
+
+def test_receipts_stay_valid_across_a_restart(
+    node_factory: type[NodeProcess], tmp_path: Path
+) -> None:
+    node = node_factory(tmp_path / "r").start()
+    url = f"{node.url}/channels/r"
+    assert httpx.post(f"{url}/enqueue", json={"messages": [{"body": 1}] * 2}).status_code == 201
+    got = httpx.post(f"{url}/dequeue", json={"max": 2}).json()["messages"]
+    node.stop()
+    node = node_factory(tmp_path / "r", port=node.port).start()
+    receipts = [m["receipt"] for m in got]
+    r = httpx.post(f"{url}/extend", json={"receipts": receipts[:1], "visibility_ms": 5000})
+    assert r.json() == {"extended": 1, "stale": []}
+    r = httpx.post(f"{url}/ack", json={"receipts": receipts})
+    assert r.json() == {"acked": 2, "stale": []}
+    node.stop()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from app.clock import Clock
+from app.engine.ids import ReceiptSigner
 from app.engine.queue import QueueEngine
 from app.errors import InvalidInput
 from app.models import CHANNEL_NAME_RULE, valid_channel_name
@@ -23,6 +24,7 @@ class Node:
     store: Store
     engine: QueueEngine
     started_at: int
+    receipts: ReceiptSigner
 
 
 def node(request: Request) -> Node:
