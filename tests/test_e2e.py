@@ -180,7 +180,11 @@ def test_bad_input_through_the_client(client: Client, node: NodeProcess) -> None
         client.ack("orders", ["1a-1"])
     with pytest.raises(InvalidRequest):
         client.dequeue("orders", 0)
-    raw = httpx.post(f"{node.url}/channels/x/enqueue", content=b'{"messages": [{"body": ')
+    raw = httpx.post(
+        f"{node.url}/channels/x/enqueue",
+        content=b'{"messages": [{"body": ',
+        headers={"content-type": "application/json"},
+    )
     assert raw.status_code == 400 and raw.headers["content-type"] == "application/problem+json"
     enqueue = f"{node.url}/channels/x/enqueue"
     wrong = httpx.post(enqueue, json={"messages": [{"body": 1, "delay_ms": "1"}]})

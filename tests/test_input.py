@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from lionmq import Client
 
 from app.api.codec import MAX_JSON_DEPTH
 from app.main import create_app
@@ -239,3 +240,141 @@ def test_receipts_stay_valid_across_a_restart(
     r = httpx.post(f"{url}/ack", json={"receipts": receipts})
     assert r.json() == {"acked": 2, "stale": []}
     node.stop()
+
+
+# -- pages of other sites, and other hosts ----------------------------------------------------
+
+EVIL = "http://evil.example"
+
+
+async def _filled(client: httpx.AsyncClient, channel: str = "keep") -> None:
+    r = await client.post(f"/channels/{channel}/enqueue", json={"messages": [{"body": 1}] * 3})
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": EVIL, "sec-fetch-site": "cross-site", "content-type": "text/plain"},
+        {"origin": EVIL, "content-type": "application/json"},  # an older browser
+        {"origin": "null", "content-type": "application/json"},  # a sandboxed frame, a file
+        {"origin": "http://localhost.evil.example:8000", "content-type": "application/json"},
+        {"sec-fetch-site": "cross-site", "content-type": "application/json"},
+        {"sec-fetch-site": "same-site", "content-type": "application/json"},
+        {"host": "attacker.example", "content-type": "application/json"},
+        {"host": "attacker.example:8000", "content-type": "application/json"},
+        {"host": "127.0.0.1.nip.io", "content-type": "application/json"},
+    ],
+)
+async def test_pages_and_unknown_hosts_are_refused(
+    app_client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    await _filled(app_client)
+    for method, path, body in (
+        ("POST", "/channels/keep/purge", b""),
+        ("POST", "/channels/keep/enqueue", b'{"messages": [{"body": 1}]}'),
+        ("POST", "/channels/keep/dequeue", b"{}"),
+        ("DELETE", "/channels/keep", b""),
+        ("PUT", "/channels/keep", b'{"max_length": 1}'),
+        ("GET", "/channels", b""),
+        ("GET", "/metrics", b""),
+    ):
+        r = await app_client.request(method, path, content=body, headers=headers)
+        assert_problem(r, 403)
+    info = (await app_client.get("/channels/keep")).json()
+    assert info["counts"]["ready"] == 3 and info["settings"]["max_length"] is None
+
+
+async def test_a_body_must_be_declared_json(app_client: httpx.AsyncClient) -> None:
+    await _filled(app_client)
+    body = b'{"messages": [{"body": 1}]}'
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded", "text/json"):
+        headers = {} if content_type is None else {"content-type": content_type}
+        r = await app_client.post("/channels/keep/enqueue", content=body, headers=headers)
+        assert_problem(r, 415, "application/json")
+        r = await app_client.put("/channels/keep", content=b'{"max_length": 1}', headers=headers)
+        assert_problem(r, 415)
+    for content_type in (
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/x+json",
+    ):
+        r = await app_client.post(
+            "/channels/keep/enqueue", content=body, headers={"content-type": content_type}
+        )
+        assert r.status_code == 201, r.text
+    # No body, no content type needed.
+    assert (await app_client.post("/channels/keep/dequeue")).status_code == 200
+    assert (await app_client.post("/channels/keep/purge")).json() == {"purged": 6}
+
+
+async def test_what_the_guard_lets_through(app_client: httpx.AsyncClient) -> None:
+    ok = [
+        {"sec-fetch-site": "same-origin", "origin": "http://localhost:8000"},
+        {"sec-fetch-site": "none"},  # typed into the address bar
+        {"sec-fetch-site": "same-site", "origin": "http://127.0.0.1:3000"},
+        {"host": "LOCALHOST:9"},
+        {"host": "[::1]:8000"},
+        {"host": "127.0.0.1"},
+    ]
+    for headers in ok:
+        r = await app_client.post("/channels/ok/enqueue", json={"messages": []}, headers=headers)
+        assert r.status_code == 422, r.text  # through the guard, to the validation
+    # A person following a link from another site to the docs is no attack.
+    nav = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}
+    assert (await app_client.get("/docs", headers=nav)).status_code == 200
+    r = await app_client.post("/channels/ok/purge", headers=nav)
+    assert_problem(r, 403, "Sec-Fetch-Site")
+    # Probes answer whatever Host an orchestrator dialled.
+    for path in ("/health", "/ready"):
+        assert (await app_client.get(path, headers={"host": "10.1.2.3:8000"})).status_code == 200
+
+
+async def test_allowed_hosts_adds_names(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, allowed_hosts="mq.example.com", server_host="http://n1:80")
+    app: FastAPI = create_app(settings)
+    async with app.router.lifespan_context(app):
+        for host, status in (
+            ("mq.example.com", 200),
+            ("MQ.example.com:8000", 200),
+            ("n1", 200),
+            ("localhost", 200),
+            ("other.example.com", 403),
+        ):
+            transport = httpx.ASGITransport(app)
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as c:
+                assert (await c.get("/channels")).status_code == status, host
+    app = create_app(make_settings(tmp_path, allowed_hosts="*"))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://any.example") as c,
+    ):
+        assert (await c.get("/channels")).status_code == 200
+        assert_problem(await c.get("/channels", headers={"origin": EVIL}), 403)
+
+
+def test_a_page_cannot_drive_a_node_without_a_token(
+    node_factory: type[NodeProcess], tmp_path: Path
+) -> None:
+    """The attack as a browser makes it, against a real node on loopback, and the bundled client
+    still working beside it."""
+    node = node_factory(tmp_path / "g").start()
+    with Client(node.url) as client:
+        client.enqueue_many("keep", [1, 2, 3])
+        page = {"origin": EVIL, "sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}
+        text = {**page, "content-type": "text/plain;charset=UTF-8"}
+        r = httpx.post(f"{node.url}/channels/keep/purge", headers=text, content=b"x")
+        assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
+        r = httpx.post(f"{node.url}/channels/keep/purge", headers=page)
+        assert r.status_code == 403
+        enqueue = f"{node.url}/channels/keep/enqueue"
+        r = httpx.post(enqueue, headers={"content-type": "text/plain"}, content=b'{"messages": []}')
+        assert r.status_code == 415
+        # DNS rebinding: the page's own name, resolved to 127.0.0.1, stays in the Host header.
+        rebound = {"host": f"attacker.example:{node.port}"}
+        assert httpx.get(f"{node.url}/channels", headers=rebound).status_code == 403
+        assert httpx.post(f"{node.url}/channels/keep/purge", headers=rebound).status_code == 403
+        assert httpx.get(f"{node.url}/channels/keep", headers={"host": "localhost"}).is_success
+        (got,) = client.dequeue("keep", 1)
+        assert client.ack("keep", [got.receipt]).acked == 1
+        assert client.get_channel("keep").counts.ready == 2
