@@ -65,10 +65,12 @@ class Settings(BaseSettings):
     def _host_names(cls, value: str) -> str:
         for name in value.split(","):
             name = name.strip()
-            if "/" in name or " " in name or ":" in name.rpartition("]")[2]:
+            wildcard = "*" in name and name != "*"
+            if wildcard or "/" in name or " " in name or ":" in name.rpartition("]")[2]:
                 raise ValueError(
                     f"{name!r} is not a host name: list names such as mq.example.com or"
-                    " 10.0.0.5 ([::1] for IPv6), without scheme, path or port"
+                    " 10.0.0.5 ([::1] for IPv6), without scheme, path, port or wildcard"
+                    " (a lone * allows any host)"
                 )
         return value
 

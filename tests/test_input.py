@@ -10,7 +10,9 @@ from fastapi import FastAPI
 from lionmq import Client
 
 from app.api.codec import MAX_JSON_DEPTH
+from app.errors import ConfigError
 from app.main import create_app
+from app.settings import load_settings
 from tests.conftest import NodeProcess, make_settings
 from tests.test_api import assert_problem
 
@@ -378,3 +380,9 @@ def test_a_page_cannot_drive_a_node_without_a_token(
         (got,) = client.dequeue("keep", 1)
         assert client.ack("keep", [got.receipt]).acked == 1
         assert client.get_channel("keep").counts.ready == 2
+
+
+@pytest.mark.parametrize("value", ["mq:8000", "http://mq", "::1", "[::1]:80", "*.example.com"])
+def test_allowed_hosts_takes_names_only(value: str) -> None:
+    with pytest.raises(ConfigError, match="ALLOWED_HOSTS"):
+        load_settings(_env_file=None, allowed_hosts=value)
