@@ -15,6 +15,8 @@ from app.main import create_app
 from app.settings import load_settings
 from tests.conftest import NodeProcess, make_settings
 from tests.test_api import assert_problem
+from watcher.app import create_app as create_watcher
+from watcher.settings import WatcherSettings
 
 JSON = {"content-type": "application/json"}
 
@@ -386,3 +388,41 @@ def test_a_page_cannot_drive_a_node_without_a_token(
 def test_allowed_hosts_takes_names_only(value: str) -> None:
     with pytest.raises(ConfigError, match="ALLOWED_HOSTS"):
         load_settings(_env_file=None, allowed_hosts=value)
+
+
+async def test_the_watcher_drops_a_frame_that_is_not_utf8() -> None:
+    """The sibling in the watcher: a snapshot whose strings are not UTF-8 is malformed, counted,
+    and the connection lives on (UnicodeDecodeError escaped the decoder and ended it)."""
+    token = "w" * 16
+    app = create_watcher(WatcherSettings(_env_file=None, token=token))  # type: ignore[call-arg]
+    bad = b'{"type": "snapshot", "node_id": "\xff"}'
+    incoming: list[dict[str, object]] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "bytes": bad},
+        {"type": "websocket.receive", "bytes": bad},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/ingest",
+        "raw_path": b"/ingest",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+        "scheme": "ws",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 5000),
+        "subprotocols": [],
+        "app": app,
+    }
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        assert app.state.hub.state.counters.malformed == 2
+    assert sent == [{"type": "websocket.accept", "subprotocol": None, "headers": []}]
