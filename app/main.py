@@ -15,7 +15,9 @@ from app.api import channels, health, hotpath, messages, problems
 from app.api.auth import BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
+from app.api.guard import Guard
 from app.clock import Clock, SystemClock
+from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
 from app.errors import ConfigError
@@ -52,16 +54,19 @@ def check_store_limits(settings: Settings, store: Store) -> None:
 
 
 class NodeApp(FastAPI):
-    """FastAPI with the bearer-token check and the message operations in front of its own
-    middleware stack: the operations carry nearly all the traffic and need none of it."""
+    """FastAPI with the guard against pages (app.api.guard), the bearer-token check and the
+    message operations in front of its own middleware stack: the operations carry nearly all
+    the traffic and need none of it."""
 
-    def __init__(self, *, api_token: str, **kwargs: Any) -> None:
+    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._api_token = api_token
+        self._settings = settings
 
     def build_middleware_stack(self) -> ASGIApp:
+        s = self._settings
         app: ASGIApp = hotpath.HotPath(super().build_middleware_stack())
-        return BearerAuth(app, self._api_token) if self._api_token else app
+        app = BearerAuth(app, s.api_token) if s.api_token else app
+        return Guard(app, s.allowed_host_names, any_host=s.any_host)
 
 
 def create_app(
@@ -86,7 +91,8 @@ def create_app(
             maintenance = Maintenance(engine, clock)
             resources.push_async_callback(maintenance.stop)
             await maintenance.start()
-            node = Node(settings, clock, the_store, engine, clock.now_ms(), maintenance)
+            receipts = ReceiptSigner(await the_store.secret())
+            node = Node(settings, clock, the_store, engine, clock.now_ms(), maintenance, receipts)
             app.state.node = node
             app.state.metrics = health.metrics_registry(node)
             if settings.watcher_url:
@@ -104,7 +110,7 @@ def create_app(
             yield
 
     app = NodeApp(
-        api_token=settings.api_token,
+        settings=settings,
         title="LionMQ node",
         version=__version__,
         description="A durable HTTP message queue: enqueue, dequeue under a lease, ack.",

@@ -9,7 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A channel name, defined once. Python checks use `CHANNEL_NAME.fullmatch` (Python's `$` would also
+# match before a trailing newline); `CHANNEL_NAME_PATTERN` is the JSON Schema (ECMA-262) form for
+# OpenAPI, where `$` ends the input.
+_CHANNEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+CHANNEL_NAME = re.compile(_CHANNEL_NAME)
+CHANNEL_NAME_PATTERN = f"^{_CHANNEL_NAME}$"
+CHANNEL_NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 DEAD_LETTER_SUFFIX = ".dlq"
 
 

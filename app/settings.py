@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     mongo_journal: bool = True
     mongo_timeout_ms: Annotated[int, Field(ge=100, le=120_000)] = 5_000
     api_token: str = ""
+    # More names clients reach the node by, comma-separated ("*": any); see allowed_host_names.
+    allowed_hosts: str = ""
     max_message_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 256 * 1024
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000
     max_request_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = 16 * 1024 * 1024
@@ -57,6 +60,20 @@ class Settings(BaseSettings):
             raise ValueError("must be a ws:// or wss:// URL, as in ws://watcher:8080/ingest")
         return value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in value.split(","):
+            name = name.strip()
+            wildcard = "*" in name and name != "*"
+            if wildcard or "/" in name or " " in name or ":" in name.rpartition("]")[2]:
+                raise ValueError(
+                    f"{name!r} is not a host name: list names such as mq.example.com or"
+                    " 10.0.0.5 ([::1] for IPv6), without scheme, path, port or wildcard"
+                    " (a lone * allows any host)"
+                )
+        return value
+
     @model_validator(mode="after")
     def _derived(self) -> Settings:
         if not self.server_host:
@@ -66,8 +83,31 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def allowed_host_names(self) -> frozenset[str]:
+        """The hosts the node answers to, any port: the loopback names, SERVER_HOST's host and
+        ALLOWED_HOSTS (names, not addresses: a DNS rebinding attack keeps its own name in the
+        Host header, so only the names clients use are let through)."""
+        given = (name.strip().lower().rstrip(".") for name in self.allowed_hosts.split(","))
+        server = urlsplit(self.server_host).netloc.rpartition("@")[2]
+        return frozenset(
+            {"127.0.0.1", "localhost", "[::1]", host_name(server)} | {n for n in given if n}
+        ) - {"*", ""}
+
+    @property
+    def any_host(self) -> bool:
+        return "*" in (name.strip() for name in self.allowed_hosts.split(","))
+
+    @property
     def sqlite_path(self) -> str:
         return self.store_url.removeprefix("sqlite:///")
+
+
+def host_name(authority: str) -> str:
+    """The host of `host[:port]` (or `[v6]:port`), lower case."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority.partition("]")[0] + "]"
+    return authority.partition(":")[0].rstrip(".")
 
 
 def mongo_database(url: str) -> str:

@@ -14,6 +14,7 @@ Times are plain integers (milliseconds); ids are chosen by the tests, as the eng
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -23,7 +24,7 @@ import pytest
 
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, Message
-from app.store.base import Store
+from app.store.base import SECRET_BYTES, Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
 Outage = Callable[[Store], AbstractAsyncContextManager[None]]
@@ -497,3 +498,15 @@ class StoreContract:
         retry = await store.insert(CH, [msg(2, dedup_id="d", body=b"y" * 20_000)], 0)
         assert retry.ids == [2] and ids(retry.new) == [2]
         assert await all_ids(store) == [1, 2]
+
+    # -- node secret ------------------------------------------------------------------------
+    async def test_secret_is_made_once_and_kept(self, store: Store, reopen: Reopen) -> None:
+        first = await store.secret()
+        assert isinstance(first, bytes) and len(first) == SECRET_BYTES
+        assert len(set(first)) > 8  # random, not a constant
+        assert await store.secret() == first
+        store = await reopen(store)
+        assert await store.secret() == first
+
+    async def test_concurrent_first_secrets_agree(self, store: Store) -> None:
+        assert len(set(await asyncio.gather(*(store.secret() for _ in range(8))))) == 1

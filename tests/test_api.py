@@ -12,6 +12,7 @@ from app.main import create_app
 from tests.conftest import make_settings
 
 PROBLEM = "application/problem+json"
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def assert_problem(r: httpx.Response, status: int, *words: str) -> None:
@@ -119,14 +120,18 @@ async def test_bad_channel_settings(app_client: httpx.AsyncClient) -> None:
 
 
 async def test_stale_and_unknown_receipts(app_client: httpx.AsyncClient) -> None:
-    r = await app_client.post("/channels/s/ack", json={"receipts": ["1a-1"]})
-    assert r.json() == {"acked": 0, "stale": ["1a-1"]}
-    r = await app_client.post(
-        "/channels/s/extend", json={"receipts": ["1a-1"], "visibility_ms": 5000}
-    )
-    assert r.json() == {"extended": 0, "stale": ["1a-1"]}
-    r = await app_client.post("/channels/s/nack", json={"receipts": ["1a-1"]})
-    assert r.json() == {"nacked": 0, "stale": ["1a-1"]}
+    await app_client.post("/channels/s/enqueue", json={"messages": [{"body": 1}]})
+    (got,) = (await app_client.post("/channels/s/dequeue", json={})).json()["messages"]
+    old = got["receipt"]
+    assert (await app_client.post("/channels/s/ack", json={"receipts": [old]})).json()["acked"] == 1
+    r = await app_client.post("/channels/s/ack", json={"receipts": [old]})
+    assert r.json() == {"acked": 0, "stale": [old]}
+    r = await app_client.post("/channels/s/extend", json={"receipts": [old], "visibility_ms": 5000})
+    assert r.json() == {"extended": 0, "stale": [old]}
+    r = await app_client.post("/channels/s/nack", json={"receipts": [old]})
+    assert r.json() == {"nacked": 0, "stale": [old]}
+    # A receipt the node never issued (see tests/test_input.py) is refused, not stale.
+    assert_problem(await app_client.post("/channels/s/ack", json={"receipts": ["1a-1"]}), 400)
 
 
 async def test_unknown_route_and_method(app_client: httpx.AsyncClient) -> None:
@@ -151,14 +156,15 @@ async def test_size_limits(tmp_path: Path) -> None:
     app: FastAPI = create_app(make_settings(tmp_path, max_message_bytes=100, max_batch=3))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         big = {"messages": [{"body": "x" * 200}]}
         assert_problem(await c.post("/channels/x/enqueue", json=big), 413, "MAX_MESSAGE_BYTES")
         many = {"messages": [{"body": 1}] * 4}
         assert_problem(await c.post("/channels/x/enqueue", json=many), 413, "MAX_BATCH")
         huge = b'{"messages": [' + b'{"body": 1},' * 2_000_000 + b"]}"
-        assert_problem(await c.post("/channels/x/enqueue", content=huge), 413, "limit")
+        r = await c.post("/channels/x/enqueue", content=huge, headers=JSON_TYPE)
+        assert_problem(r, 413, "limit")
         assert (await c.get("/channels/x")).status_code == 404  # nothing was created
 
 
@@ -166,7 +172,7 @@ async def test_auth(tmp_path: Path) -> None:
     app: FastAPI = create_app(make_settings(tmp_path, api_token="s3cret"))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         assert (await c.get("/health")).status_code == 200
         assert (await c.get("/ready")).status_code == 200

@@ -48,7 +48,7 @@ async def failing(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Fail
     app: FastAPI = create_app(make_settings(tmp_path), store=store)  # type: ignore[arg-type]
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         yield c, store
 
@@ -93,7 +93,7 @@ async def test_message_the_store_cannot_hold_is_413(tmp_path: Path, kind: str) -
     app: FastAPI = create_app(make_settings(tmp_path, max_message_bytes=limit), store=store)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         body = "x" * 940
         escaped = {"messages": [{"body": body, "headers": {"k": "\n" * 45}}]}
@@ -111,7 +111,7 @@ async def test_channel_full_429_has_retry_after(tmp_path: Path) -> None:
     app: FastAPI = create_app(make_settings(tmp_path))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         assert (await c.put("/channels/f", json={"max_length": 1})).is_success
         assert (await c.post("/channels/f/enqueue", json={"messages": [{"body": 1}]})).is_success

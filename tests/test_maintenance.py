@@ -112,7 +112,7 @@ async def test_unexpected_error_is_survived_logged_and_reported(
     app: FastAPI = create_app(make_settings(tmp_path))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
 
         async def unready() -> bool:
@@ -137,7 +137,7 @@ async def test_a_stopped_loop_makes_the_node_unready(tmp_path: Path) -> None:
     app: FastAPI = create_app(make_settings(tmp_path))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         assert (await c.get("/ready")).status_code == 200
         maintenance: Maintenance = app.state.node.maintenance
@@ -164,7 +164,7 @@ async def test_shutdown_closes_the_store_when_the_loop_died(
     app: FastAPI = create_app(make_settings(tmp_path), store=store)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
 
         async def unready() -> bool:

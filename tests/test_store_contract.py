@@ -398,3 +398,15 @@ async def test_mongo_concurrent_batches_with_one_dedup_id_store_it_once() -> Non
     assert {r.ids[0] for r in results} == {results[0].ids[0]}
     assert sum(len(r.new) for r in results) == 1
     await store.close()
+
+
+async def test_stores_sharing_data_agree_on_one_secret(
+    make_store: MakeStore, opened: list[Store]
+) -> None:
+    """Nodes opening one store at once (a failover pair) must sign receipts alike."""
+    stores = [make_store() for _ in range(3)]
+    for s in stores:
+        await s.open()
+        opened.append(s)
+    secrets = await asyncio.gather(*(s.secret() for s in stores for _ in range(3)))
+    assert len(set(secrets)) == 1

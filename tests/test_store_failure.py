@@ -47,7 +47,7 @@ async def flaky(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FlakyS
     app: FastAPI = create_app(make_settings(tmp_path), store=store)  # type: ignore[arg-type]
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         yield c, store
 
@@ -93,7 +93,7 @@ async def test_failed_dead_letter_on_delivery_keeps_the_others(tmp_path: Path) -
     app: FastAPI = create_app(make_settings(tmp_path), clock=clock, store=store)  # type: ignore[arg-type]
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         await c.post("/channels/t/enqueue", json={"messages": [{"body": "doomed", "ttl_ms": 5}]})
         await c.post("/channels/t/enqueue", json={"messages": [{"body": "fine"}]})

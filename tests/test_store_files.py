@@ -31,7 +31,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app: FastAPI = create_app(make_settings(tmp_path))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         yield c
 
@@ -72,7 +72,7 @@ async def test_moved_store_file_is_whole_again_once_moved_back(tmp_path: Path) -
     app: FastAPI = create_app(settings)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         assert (await c.post("/channels/c/enqueue", json={"messages": [{"body": 1}]})).is_success
         os.rename(db, tmp_path / "away.db")
@@ -85,7 +85,7 @@ async def test_moved_store_file_is_whole_again_once_moved_back(tmp_path: Path) -
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
     ):
         got = (await c.post("/channels/c/dequeue", json={"max": 10})).json()["messages"]
         assert [m["body"] for m in got] == [1, 4]  # every 201, and none of the 503s

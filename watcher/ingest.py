@@ -111,7 +111,7 @@ def _take(hub: Hub, message: Mapping[str, Any], connection: int, bound: str | No
     except msgspec.ValidationError:
         counters.invalid += 1
         return None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
         counters.malformed += 1
         return None
     names = {ch.name for ch in snap.channels}

@@ -15,7 +15,7 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "
 class BearerAuth:
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS:
@@ -24,7 +24,11 @@ class BearerAuth:
                 if name == b"authorization":
                     given = value
                     break
-            if not hmac.compare_digest(given, self.expected):
+            # The scheme is case-insensitive (RFC 7235: "bearer" is "Bearer"); the token is not.
+            scheme, _, credentials = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(
+                credentials.lstrip(b" "), self.expected
+            ):
                 detail = (
                     "this node needs 'Authorization: Bearer <API_TOKEN>'"
                     if not given

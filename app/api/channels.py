@@ -12,11 +12,16 @@ from app.api.codec import decode, json_body_doc, json_response_doc, read_body
 from app.api.deps import channel_name, node
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
-from app.models import CHANNEL_NAME
+from app.models import CHANNEL_NAME_PATTERN, CHANNEL_NAME_RULE, valid_channel_name
 
 router = APIRouter(prefix="/channels", tags=["channels"])
 
-ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_NAME.pattern)]
+# msgspec checks a `pattern` with re.search, where `$` matches before a trailing newline, so the
+# pattern is documentation only and `__post_init__` checks the name with `valid_channel_name`.
+ChannelName = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=128, extra_json_schema={"pattern": CHANNEL_NAME_PATTERN}),
+]
 MaxLength = Annotated[int, msgspec.Meta(ge=1, le=10**12)]
 TimeToLive = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_MS)]
 
@@ -31,6 +36,10 @@ class ChannelSettings(msgspec.Struct, forbid_unknown_fields=True):
     dead_letter: ChannelName | msgspec.UnsetType | None = msgspec.UNSET
     max_length: MaxLength | msgspec.UnsetType | None = msgspec.UNSET
     ttl_ms: TimeToLive | msgspec.UnsetType | None = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dead_letter, str) and not valid_channel_name(self.dead_letter):
+            raise ValueError(f"dead_letter is not a channel name: use {CHANNEL_NAME_RULE}")
 
 
 class Settings(msgspec.Struct):

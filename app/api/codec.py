@@ -6,6 +6,7 @@ decodes the raw bytes straight into msgspec structs and leaves message bodies un
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -34,13 +35,60 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# How deep a message body may nest arrays and objects. Bodies are stored as sent and handed to
+# every consumer, so they must parse with strict parsers' defaults too (.NET's is 64, serde_json's
+# 128); deeper JSON would also exhaust msgspec's recursion before any limit of ours applied.
+MAX_JSON_DEPTH = 64
+_DEPTH_DETAIL = f"the JSON nests deeper than MAX_JSON_DEPTH ({MAX_JSON_DEPTH}) arrays and objects"
+# Each level costs at least two bytes ("[]"): JSON this short cannot be too deep. Callers test it
+# inline, before calling `check_depth`, which keeps the per-message cost one comparison.
+SHALLOW_JSON_BYTES = 2 * MAX_JSON_DEPTH + 1
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes.maketrans(b"[]{}", b"()()")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+
+
 def decode(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode and validate a request body: 400 unless it is JSON in UTF-8, 422 unless it fits the
+    schema. msgspec checks that a string it decodes is UTF-8 (raising UnicodeDecodeError, not
+    DecodeError) but passes raw values (message bodies) unchecked, so the whole body is checked
+    once here; escaped lone surrogates ("\\ud800") msgspec refuses anywhere, bodies included."""
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError as exc:
+            raise MalformedRequest(
+                f"the body is not valid UTF-8 (byte {exc.start}); JSON must be sent in UTF-8"
+            ) from None
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise InvalidInput(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(_DEPTH_DETAIL) from None
+
+
+def check_depth(value: bytes) -> None:
+    """Refuse a JSON value (already known to be valid) nested deeper than MAX_JSON_DEPTH.
+
+    Most values are settled by their length (see SHALLOW_JSON_BYTES) or their count of brackets;
+    only a value with many of them is measured: strings dropped, brackets kept, innermost pairs
+    removed level by level (each pass one C-speed scan of what is left)."""
+    if value.count(b"[") + value.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    if b"\\" in value:  # an escaped quote may hide in a string: find strings by the grammar
+        value = _STRING.sub(b"", value)
+    elif b'"' in value:  # every other quote opens or closes a string
+        value = b"".join(value.split(b'"')[::2])
+    nest = value.translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not nest:
+            return
+        nest = nest.replace(b"()", b"")
+    if nest:
+        raise InvalidInput(_DEPTH_DETAIL)
 
 
 def json_response_doc(model: type[Any], status: int, description: str) -> dict[int | str, Any]:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from app.clock import Clock
+from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import QueueEngine
 from app.errors import InvalidInput
-from app.models import valid_channel_name
+from app.models import CHANNEL_NAME_RULE, valid_channel_name
 from app.settings import Settings
 from app.store.base import Store
 
@@ -25,6 +26,7 @@ class Node:
     engine: QueueEngine
     started_at: int
     maintenance: Maintenance
+    receipts: ReceiptSigner
 
 
 def node(request: Request) -> Node:
@@ -34,8 +36,5 @@ def node(request: Request) -> Node:
 
 def channel_name(name: str) -> str:
     if not valid_channel_name(name):
-        raise InvalidInput(
-            f"channel name {name[:140]!r} is invalid: use 1 to 128 letters, digits, '.', '_'"
-            " or '-', starting with a letter or digit"
-        )
+        raise InvalidInput(f"channel name {name[:140]!r} is invalid: use {CHANNEL_NAME_RULE}")
     return name

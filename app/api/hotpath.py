@@ -18,6 +18,7 @@ from app.api.deps import Node
 from app.api.messages import OPERATIONS
 from app.api.problems import problem, problem_for
 from app.errors import LionMQError, PayloadTooLarge
+from app.models import CHANNEL_NAME_PATTERN
 
 log = logging.getLogger("lionmq.api")
 
@@ -104,4 +105,4 @@ def openapi_paths() -> dict[str, Any]:
 
 
 _PROBLEM_REF = "#/components/schemas/Problem"
-_CHANNEL = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+_CHANNEL = {"type": "string", "pattern": CHANNEL_NAME_PATTERN}

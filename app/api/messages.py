@@ -15,11 +15,11 @@ from typing import Annotated
 import msgspec
 from starlette.types import Receive
 
-from app.api.codec import decode
+from app.api.codec import SHALLOW_JSON_BYTES, check_depth, decode
 from app.api.deps import Node, channel_name
 from app.engine.ids import receipt
 from app.engine.queue import MAX_DELAY_MS, NewMessage, Outcome
-from app.errors import InvalidInput, PayloadTooLarge
+from app.errors import PayloadTooLarge
 from app.models import Lease
 
 Receipt = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -110,6 +110,8 @@ def _check_batch(n: Node, messages: list[NewMessage]) -> None:
     most = n.settings.max_message_bytes
     for i, m in enumerate(messages):
         size = len(m.body)
+        if size > SHALLOW_JSON_BYTES:
+            check_depth(bytes(m.body))
         if m.headers:
             size += sum(len(k) + len(v) for k, v in m.headers.items())
         if size > most:
@@ -125,7 +127,9 @@ async def dequeue(n: Node, channel: str, body: bytes, receive: Receive) -> Reply
         leases = await n.engine.dequeue(name, req.max, 0, req.visibility_ms)
     else:
         leases = await _long_poll(n, name, req, receive)
-    return 200, _encoder.encode(DequeueResponse(messages=[_delivered(lease) for lease in leases]))
+    sign = n.receipts.sign
+    delivered = [_delivered(lease, sign(name, lease.message.id, lease.attempt)) for lease in leases]
+    return 200, _encoder.encode(DequeueResponse(messages=delivered))
 
 
 async def _long_poll(n: Node, name: str, req: DequeueRequest, receive: Receive) -> list[Lease]:
@@ -153,35 +157,39 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def _delivered(lease: Lease) -> Delivered:
+def _delivered(lease: Lease, signed: str) -> Delivered:
     m = lease.message
     return Delivered(
         id=str(m.id),
         body=msgspec.Raw(m.body),
         headers=msgspec.Raw(m.headers) if m.headers else _NO_HEADERS,
-        receipt=receipt(m.id, lease.attempt),
+        receipt=signed,
         attempt=lease.attempt,
         enqueued_at=m.enqueued_at,
     )
 
 
-def _check_receipts(n: Node, receipts: list[str]) -> list[str]:
+def _check_receipts(n: Node, channel: str, receipts: list[str]) -> list[str]:
+    """Receipts of an ack, nack or extend: at most MAX_BATCH, each one issued for `channel`."""
     if len(receipts) > n.settings.max_batch:
-        raise InvalidInput(f"{len(receipts)} receipts; at most MAX_BATCH={n.settings.max_batch}")
+        raise PayloadTooLarge(
+            f"the batch has {len(receipts)} receipts; MAX_BATCH is {n.settings.max_batch}"
+        )
+    n.receipts.check(channel, receipts)
     return receipts
 
 
 async def ack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
     req = decode(body, _ack)
-    out: Outcome = await n.engine.ack(name, _check_receipts(n, req.receipts))
+    out: Outcome = await n.engine.ack(name, _check_receipts(n, name, req.receipts))
     return 200, _encoder.encode(AckResponse(acked=out.done, stale=out.stale))
 
 
 async def nack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
     req = decode(body, _nack)
-    receipts = _check_receipts(n, req.receipts)
+    receipts = _check_receipts(n, name, req.receipts)
     out = await n.engine.nack(name, receipts, req.delay_ms, req.dead_letter)
     return 200, _encoder.encode(NackResponse(nacked=out.done, stale=out.stale))
 
@@ -189,7 +197,7 @@ async def nack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
 async def extend(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     name = channel_name(channel)
     req = decode(body, _extend)
-    receipts = _check_receipts(n, req.receipts)
+    receipts = _check_receipts(n, name, req.receipts)
     out = await n.engine.extend(name, receipts, req.visibility_ms)
     return 200, _encoder.encode(ExtendResponse(extended=out.done, stale=out.stale))
 

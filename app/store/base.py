@@ -19,6 +19,9 @@ from typing import Protocol
 from app.errors import StoreTooLarge
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 
+# Size of the store's secret (see Store.secret), in bytes.
+SECRET_BYTES = 32
+
 
 class Store(Protocol):
     kind: str
@@ -115,6 +118,13 @@ class Store(Protocol):
 
     async def max_id(self) -> int:
         """The highest message id ever stored that is still present (0 when empty)."""
+        ...
+
+    # -- node secret ------------------------------------------------------------------------
+    async def secret(self) -> bytes:
+        """A random key made on first use and kept in the store: the same for every node that
+        shares the store, before and after restarts. Concurrent first calls agree on one key.
+        It signs receipts, so it never leaves the node."""
         ...
 
 

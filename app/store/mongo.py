@@ -13,17 +13,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from bson.errors import BSONError
 from motor.motor_asyncio import AsyncIOMotorClient
-from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateMany, WriteConcern
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument, UpdateMany, WriteConcern
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
     DocumentTooLarge,
+    DuplicateKeyError,
     ExecutionTimeout,
     OperationFailure,
     PyMongoError,
@@ -33,7 +35,7 @@ from pymongo.errors import (
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 from app.settings import mongo_database
-from app.store.base import check_sizes
+from app.store.base import SECRET_BYTES, check_sizes
 
 Doc = dict[str, Any]
 
@@ -540,3 +542,17 @@ class MongoStore:
                 {}, projection={"_id": True}, sort=[("_id", DESCENDING)]
             )
         return 0 if doc is None else int(doc["_id"])
+
+    # -- node secret ------------------------------------------------------------------------
+    async def secret(self) -> bytes:
+        # $setOnInsert keeps the first value: nodes opening the store at once all read it.
+        fresh = {"$setOnInsert": {"value": os.urandom(SECRET_BYTES)}}
+        meta = self._collection("meta")
+        with _translated():
+            try:
+                doc = await meta.find_one_and_update(
+                    {"_id": "secret"}, fresh, upsert=True, return_document=ReturnDocument.AFTER
+                )
+            except DuplicateKeyError:  # two first upserts raced; the other one's value stands
+                doc = await meta.find_one({"_id": "secret"})
+        return bytes(doc["value"])

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
-from app.store.base import check_sizes
+from app.store.base import SECRET_BYTES, check_sizes
 
 T = TypeVar("T")
 
@@ -689,6 +689,21 @@ class SQLiteStore:
             lambda conn: conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
         )
         return value or 0
+
+    # -- node secret ------------------------------------------------------------------------
+    async def secret(self) -> bytes:
+        fresh = os.urandom(SECRET_BYTES)
+
+        def op(conn: sqlite3.Connection) -> bytes:
+            # Made here rather than in _SCHEMA: a store from before this table gains it on use.
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)"
+            )
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('secret', ?)", (fresh,))
+            row = conn.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()
+            return bytes(row[0])
+
+        return await self._write(op)
 
 
 def _lease_rows(conn: sqlite3.Connection, rows: list[Any]) -> None:
