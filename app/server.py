@@ -32,6 +32,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FD_RESERVE_MIN = 64
 FD_RESERVE_SHARE = 8  # or 1/8 of the limit, when that is more
 REFUSAL_LOG_EVERY_S = 10.0
+# Largest request line plus headers. httptools sets no bound: a client could send headers at
+# line rate until the header deadline and the node would keep every byte (1 GB in a few seconds).
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def log_config(level: str, loggers: tuple[str, ...]) -> dict[str, Any]:
@@ -173,6 +176,10 @@ _HEADERS_LATE = _plain_response(
 _BODY_LATE = _plain_response(
     b"408 Request Timeout", "the request's body did not arrive within BODY_TIMEOUT_MS"
 )
+_HEADERS_TOO_LARGE = _plain_response(
+    b"431 Request Header Fields Too Large",
+    f"the request line and headers pass {MAX_HEADER_BYTES} bytes",
+)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -182,6 +189,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     bytes arrive (between requests uvicorn's keep-alive timeout applies); the body deadline
     when the headers are complete. Neither is moved by further bytes, so a client trickling
     one byte at a time gains nothing. A request that arrives in one read arms no timer at all.
+    Headers that keep coming past MAX_HEADER_BYTES are refused with 431.
     """
 
     guard: ClassVar[ConnectionGuard]
@@ -192,6 +200,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._waiting = ""  # what the armed deadline waits for: "headers", "body" or nothing
         self._headers_due = False  # a request has begun and its headers are not complete
         self._body_due = False  # a request's headers are complete and its body is not
+        self._header_bytes = 0  # read so far of headers not yet complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.guard.max_connections:
@@ -210,6 +219,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._headers_due:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self.transport.write(_HEADERS_TOO_LARGE)
+                self.transport.close()
+                return
         want = "headers" if self._headers_due else "body" if self._body_due else ""
         if want != self._waiting and not self.transport.is_closing():
             self._disarm()
@@ -222,6 +237,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_due = False
+        self._header_bytes = 0
         self._body_due = True
         super().on_headers_complete()
 

@@ -152,6 +152,22 @@ def test_trickled_headers_do_not_move_the_deadline(quick_node: NodeProcess) -> N
         assert closed_after is not None and closed_after < 2.5
 
 
+def test_endless_headers_are_refused_before_they_fill_memory(quick_node: NodeProcess) -> None:
+    sock = socket.create_connection(("127.0.0.1", quick_node.port))
+    with sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        lines = (b"X-Padding: " + b"a" * 1000 + b"\r\n") * 64
+        sent, closed = 0, False
+        try:
+            while sent < 256 * 1024 * 1024:  # the node kept all of this before (GBs in 10 s)
+                sock.sendall(lines)
+                sent += len(lines)
+        except ConnectionError:
+            closed = True
+        # Refused after 64 KiB; what got through is what the two sockets' buffers hold.
+        assert closed and sent < 32 * 1024 * 1024, sent
+
+
 def test_a_body_that_never_arrives_is_timed_out(quick_node: NodeProcess) -> None:
     head = (
         b"POST /channels/x/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\n"
