@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
 
+# Deadlines for a request's headers and body (the watcher serves with the same).
+HEADER_TIMEOUT_MS = 10_000
+BODY_TIMEOUT_MS = 30_000
+
 
 class Settings(BaseSettings):
     # An empty value (`DEFAULT_TTL_MS=` in a copied .env.example) means "not set": the default.
@@ -41,8 +45,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Connections: how long a request's headers, then its body, may take to arrive, and how many
     # may be open at once (unset: the open-file limit less a reserve for the store and the node).
-    header_timeout_ms: Annotated[int, Field(ge=100, le=600_000)] = 10_000
-    body_timeout_ms: Annotated[int, Field(ge=100, le=3_600_000)] = 30_000
+    header_timeout_ms: Annotated[int, Field(ge=100, le=600_000)] = HEADER_TIMEOUT_MS
+    body_timeout_ms: Annotated[int, Field(ge=100, le=3_600_000)] = BODY_TIMEOUT_MS
     max_connections: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
     watcher_url: str = ""
     watcher_token: str = ""

@@ -109,6 +109,48 @@ def test_idle_connections_past_the_fd_limit_leave_the_node_serving(
             sock.close()
 
 
+def test_the_watcher_is_capped_below_its_fd_limit_too(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    env |= {"WATCHER_PORT": str(port), "WATCHER_TOKEN": "w" * 16, "WATCHER_LOG_LEVEL": "info"}
+    log = tmp_path / "watcher.log"
+    url = f"http://127.0.0.1:{port}/health"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher"],
+            cwd=tmp_path,
+            env=env | {"PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=out,
+            preexec_fn=_limit_fds,
+        )
+    idle: list[socket.socket] = []
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx.get(url, timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, 20, "the watcher")
+        idle += [socket.create_connection(("127.0.0.1", port)) for _ in range(FD_LIMIT + 40)]
+        started = time.monotonic()
+        try:
+            answer = httpx.get(url, timeout=3).status_code
+        except httpx.TransportError as exc:
+            assert not isinstance(exc, httpx.TimeoutException), "the watcher left a client hanging"
+            answer = 0
+        assert answer in (0, 200, 503) and time.monotonic() - started < 3
+        wait_until(lambda: "connection limit reached" in log.read_text(), 5, "the log line")
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def quick_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """One node with short deadlines for the tests below (each uses its own connections)."""

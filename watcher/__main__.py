@@ -9,7 +9,17 @@ import sys
 import uvicorn
 
 from app import __version__
-from app.server import AccessLog, OneLineParser, flag_overrides, log_config
+from app.errors import ConfigError
+from app.server import (
+    AccessLog,
+    ConnectionGuard,
+    OneLineParser,
+    connection_cap,
+    flag_overrides,
+    guarded_protocol,
+    log_config,
+)
+from app.settings import BODY_TIMEOUT_MS, HEADER_TIMEOUT_MS
 from watcher.app import create_app
 from watcher.settings import WatcherConfigError, load_settings
 
@@ -33,15 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = load_settings(**flag_overrides(args))
+        max_connections = connection_cap(None)
     except WatcherConfigError as exc:
         print(f"watcher: {exc}", file=sys.stderr)
         return 2
+    except ConfigError as exc:
+        print(f"watcher: {exc.detail}", file=sys.stderr)
+        return 2
     app = create_app(settings)
+    # The node's connection cap and deadlines: idle or slow clients cannot exhaust it either.
+    guard = ConnectionGuard(max_connections, HEADER_TIMEOUT_MS / 1000, BODY_TIMEOUT_MS / 1000)
     access = logging.getLogger("watcher.access")
     uvicorn.run(
         AccessLog(app, access) if settings.log_level == "debug" else app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(guard),
         log_config=log_config(settings.log_level, ("watcher", "uvicorn")),
         log_level=settings.log_level,
         access_log=False,
