@@ -167,7 +167,7 @@ def _plain_response(status: bytes, detail: str, *extra: bytes) -> bytes:
 
 _REFUSED = _plain_response(
     b"503 Service Unavailable",
-    "the node has as many connections open as it allows; retry shortly",
+    "the server has as many connections open as it allows; retry shortly",
     b"retry-after: 1",
 )
 _HEADERS_LATE = _plain_response(

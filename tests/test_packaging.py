@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, wait_until
 
 from app.settings import Settings
+from tests.conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_SETTINGS = {name.upper() for name in Settings.model_fields}

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, NodeProcess, free_port, wait_until
+
+from tests.conftest import ROOT, NodeProcess, free_port, wait_until
 
 FD_LIMIT = 256
 
