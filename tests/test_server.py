@@ -227,6 +227,24 @@ def test_a_body_that_never_arrives_is_timed_out(quick_node: NodeProcess) -> None
     assert depth.status_code == 404 or depth.json()["counts"]["ready"] == 0
 
 
+def test_a_body_cut_short_is_not_acted_on_even_when_what_came_is_valid_json(
+    quick_node: NodeProcess,
+) -> None:
+    body = b'{"messages": [{"body": 1}]}'
+    head = (
+        b"POST /channels/cut/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body) + 8).encode()  # eight bytes of trailing space that never come
+        + b"\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", quick_node.port))
+    with sock:
+        sock.sendall(head + body)
+        assert read_response(sock, 4).startswith(b"HTTP/1.1 408 ")
+    depth = httpx.get(quick_node.url + "/channels/cut", timeout=5)
+    assert depth.status_code == 404 or depth.json()["counts"]["ready"] == 0, depth.text
+
+
 @pytest.mark.parametrize(
     ("method", "path", "limit"),
     [("POST", "/channels/x/enqueue", 16 * 1024 * 1024), ("PUT", "/channels/x", 4096)],
