@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.server import ConnectionGuard, connection_cap
 from tests.conftest import ROOT, NodeProcess, free_port, wait_until
 
 FD_LIMIT = 256
@@ -402,3 +403,32 @@ def test_the_start_up_line_names_mongodb_without_its_credentials() -> None:
     url = "mongodb://lion:s3cret@db1:27017,db2:27017/queue?replicaSet=rs0"
     label = Settings(_env_file=None, store_url=url).store_label  # type: ignore[call-arg]
     assert label == "mongodb://db1:27017,db2:27017/queue"
+
+
+# ------------------------------------------------------------------- the guard's arithmetic
+
+
+@pytest.mark.parametrize(
+    ("soft", "configured", "cap"),
+    [(1024, None, 896), (256, None, 192), (65536, None, 57344), (1024, 100, 100)],
+)
+def test_the_connection_cap_keeps_a_reserve_below_the_fd_limit(
+    monkeypatch: pytest.MonkeyPatch, soft: int, configured: int | None, cap: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, soft))
+    assert connection_cap(configured) == cap
+
+
+def test_refusals_are_logged_at_most_every_ten_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    guard = ConnectionGuard(10, 1.0, 1.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="lionmq.server"):
+        for _ in range(500):
+            guard.refuse()
+        now[0] = 9.9
+        guard.refuse()
+        now[0] = 10.0
+        guard.refuse()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and guard.refused == 502
+    assert "refused 1 connection(s)" in lines[0] and "refused 501 connection(s)" in lines[1]
