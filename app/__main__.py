@@ -1,4 +1,4 @@
-"""`python -m app`: start a node with the settings from the environment and `.env`."""
+"""`python -m app`: start a node. Settings come from flags, then the environment, then `.env`."""
 
 from __future__ import annotations
 
@@ -7,36 +7,83 @@ import sys
 
 import uvicorn
 
+from app import __version__
 from app.errors import ConfigError, StoreUnavailable
 from app.main import create_app
+from app.server import (
+    AccessLog,
+    ConnectionGuard,
+    OneLineParser,
+    connection_cap,
+    flag_overrides,
+    guarded_protocol,
+    log_config,
+)
 from app.settings import load_settings
 
+PROG = "lionmq"
 
-def main() -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"lionmq: {exc.detail}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+
+def parser() -> OneLineParser:
+    p = OneLineParser(
+        prog="python -m app",
+        description="Start a LionMQ node. Every setting is also an environment variable or a "
+        "line of .env (see .env.example); a flag wins over both.",
     )
+    p.add_argument("--version", action="version", version=f"lionmq-node {__version__}")
+    p.add_argument("--host", help="address to listen on (HOST, default 127.0.0.1)")
+    p.add_argument("--port", help="port to listen on (PORT, default 8000)")
+    p.add_argument(
+        "--store-url",
+        help="sqlite:///path or mongodb://host:port/db (STORE_URL, default sqlite:///./data/lionmq.db)",
+    )
+    p.add_argument("--node-id", help="this node's name (NODE_ID, default the host name)")
+    p.add_argument(
+        "--server-host",
+        help="the URL clients reach this node at (SERVER_HOST, default http://HOST:PORT)",
+    )
+    p.add_argument(
+        "--log-level", metavar="{debug,info,warning,error}", help="LOG_LEVEL, default info"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(**flag_overrides(args))
+        max_connections = connection_cap(settings.max_connections)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc.detail}", file=sys.stderr)
+        return 2
     app = create_app(settings)
+    guard = ConnectionGuard(
+        max_connections, settings.header_timeout_ms / 1000, settings.body_timeout_ms / 1000
+    )
+    # An access line per request would cost more than a message batch: only at debug.
+    access = logging.getLogger("lionmq.access")
     config = uvicorn.Config(
-        app,
+        AccessLog(app, access) if settings.log_level == "debug" else app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(guard),
+        log_config=log_config(settings.log_level, ("lionmq", "app", "uvicorn")),
         log_level=settings.log_level,
-        access_log=False,  # one log line per message batch would cost more than the batch
+        access_log=False,
         proxy_headers=False,  # the node reads no client address; parsing them costs per request
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    logging.getLogger("lionmq.server").info(
+        "accepting up to %d connections; headers within %d ms, bodies within %d ms",
+        max_connections,
+        settings.header_timeout_ms,
+        settings.body_timeout_ms,
+    )
     try:
         server.run()
     except StoreUnavailable as exc:
-        print(f"lionmq: cannot open the store: {exc.detail}", file=sys.stderr)
+        print(f"{PROG}: cannot open the store: {exc.detail}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
 

@@ -105,7 +105,7 @@ def create_app(
                 "node %s ready on %s (store: %s)",
                 settings.node_id,
                 settings.server_host,
-                the_store.kind,
+                settings.store_label,
             )
             yield
 

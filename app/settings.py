@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -11,9 +12,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
 
+# Deadlines for a request's headers and body (the watcher serves with the same).
+HEADER_TIMEOUT_MS = 10_000
+BODY_TIMEOUT_MS = 30_000
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # An empty value (`DEFAULT_TTL_MS=` in a copied .env.example) means "not set": the default.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True
+    )
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -38,6 +46,11 @@ class Settings(BaseSettings):
     default_ttl_ms: Annotated[int | None, Field(ge=1, le=365 * 24 * 3600 * 1000)] = None
     window_size: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Connections: how long a request's headers, then its body, may take to arrive, and how many
+    # may be open at once (unset: the open-file limit less a reserve for the store and the node).
+    header_timeout_ms: Annotated[int, Field(ge=100, le=600_000)] = HEADER_TIMEOUT_MS
+    body_timeout_ms: Annotated[int, Field(ge=100, le=3_600_000)] = BODY_TIMEOUT_MS
+    max_connections: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
     watcher_url: str = ""
     watcher_token: str = ""
     metrics_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
@@ -100,6 +113,16 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> str:
         return self.store_url.removeprefix("sqlite:///")
+
+    @property
+    def store_label(self) -> str:
+        """Where the store is, for logs: the file's absolute path, or MongoDB's hosts and database
+        without the credentials."""
+        if self.store_url.startswith("sqlite:///"):
+            return f"sqlite {os.path.abspath(self.sqlite_path)}"
+        scheme, rest = self.store_url.split("://", 1)
+        hosts = rest.split("/", 1)[0].rpartition("@")[2]
+        return f"{scheme}://{hosts}/{mongo_database(self.store_url)}"
 
 
 def host_name(authority: str) -> str:

@@ -2,12 +2,19 @@
 
 Browsers only listen: whatever they send is read and thrown away. A page from another origin is
 refused (unless listed in WATCHER_ALLOWED_ORIGINS), and so is a page beyond WATCHER_MAX_BROWSERS.
+With WATCHER_VIEW_TOKEN set, a browser must also offer it, base64url-encoded, as the WebSocket
+subprotocol `lionmq.token.<token>` next to `lionmq.view` (the one the watcher selects): a header
+browsers can set and servers do not log, unlike a query string. Without it the feed closes at
+once with UNAUTHORIZED, before anything is sent, and the page asks for the token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import logging
 from urllib.parse import urlsplit
 
@@ -20,6 +27,10 @@ router = APIRouter()
 
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
+UNAUTHORIZED = 4401  # the viewer token is missing or wrong
+
+VIEW_PROTOCOL = "lionmq.view"
+TOKEN_PROTOCOL = "lionmq.token."
 
 
 def origin_ok(origin: str | None, host: str | None, allowed: frozenset[str]) -> bool:
@@ -30,6 +41,21 @@ def origin_ok(origin: str | None, host: str | None, allowed: frozenset[str]) -> 
     return origin in allowed or (host is not None and urlsplit(origin).netloc == host)
 
 
+def view_token_ok(subprotocols: list[str], expected: str) -> bool:
+    """Constant-time check of the token offered as a subprotocol (always true without one)."""
+    if not expected:
+        return True
+    for offered in subprotocols:
+        if offered.startswith(TOKEN_PROTOCOL):
+            encoded = offered[len(TOKEN_PROTOCOL) :]
+            try:
+                given = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(given, expected.encode())
+    return False
+
+
 @router.websocket("/feed")
 async def feed(ws: WebSocket) -> None:
     hub: Hub = ws.app.state.hub
@@ -37,10 +63,17 @@ async def feed(ws: WebSocket) -> None:
     if not origin_ok(ws.headers.get("origin"), ws.headers.get("host"), settings.origins):
         await ws.close(code=POLICY_VIOLATION)
         return
+    offered: list[str] = ws.scope.get("subprotocols", [])
+    subprotocol = VIEW_PROTOCOL if VIEW_PROTOCOL in offered else None
+    if not view_token_ok(offered, settings.view_token):
+        # Accepted only to close with a code the page can read (a refused handshake is 1006).
+        await ws.accept(subprotocol)
+        await ws.close(code=UNAUTHORIZED, reason="viewer token required")
+        return
     if len(hub.browsers) >= settings.max_browsers:
         await ws.close(code=TRY_AGAIN_LATER)
         return
-    await ws.accept()
+    await ws.accept(subprotocol)
     browser = hub.add_browser()
     sender = asyncio.create_task(_send(ws, browser, settings.send_timeout_ms / 1000))
     try:

@@ -9,14 +9,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class WatcherSettings(BaseSettings):
+    # An empty value means "not set", as in a copied .env.example.
     model_config = SettingsConfigDict(
-        env_prefix="WATCHER_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="WATCHER_", env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True
     )
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     # The secret every node presents on /ingest (the nodes' WATCHER_TOKEN).
     token: Annotated[str, Field(min_length=8)]
+    # The secret a browser needs to watch (the page asks for it, or reads #token=... from its
+    # URL). Empty: anyone who can reach the watcher sees the nodes and channels.
+    view_token: str = ""
     # How much history is kept per node, and at what resolution.
     history_s: Annotated[int, Field(ge=10, le=24 * 3600)] = 15 * 60
     history_step_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
@@ -43,6 +47,13 @@ class WatcherSettings(BaseSettings):
     def _no_blank_token(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("view_token")
+    @classmethod
+    def _long_view_token(cls, value: str) -> str:
+        if value and len(value.strip()) < 8:
+            raise ValueError("must be 8 characters or more (or empty: no viewer token)")
         return value
 
     @model_validator(mode="after")

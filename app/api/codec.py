@@ -20,11 +20,17 @@ T = TypeVar("T")
 _REF = "#/components/schemas/{name}"
 
 
+def refuse_declared_oversize(content_length: bytes | str | None, limit: int) -> None:
+    """413 up front for a body whose `Content-Length` already passes `limit`: nothing is read
+    (or awaited) first. Every body reader calls this before its first `receive`."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        size = content_length.decode() if isinstance(content_length, bytes) else content_length
+        raise PayloadTooLarge(f"the request body is {size} bytes; the limit is {limit}")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    refuse_declared_oversize(request.headers.get("content-length"), limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

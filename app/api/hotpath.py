@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.codec import json_body_doc, json_response_doc
+from app.api.codec import json_body_doc, json_response_doc, refuse_declared_oversize
 from app.api.deps import Node
 from app.api.messages import OPERATIONS
 from app.api.problems import problem, problem_for
@@ -46,11 +47,13 @@ class HotPath:
             return
         node: Node = scope["app"].state.node
         try:
-            body = await _read_body(receive, node.settings.max_request_bytes)
+            body = await _read_body(scope, receive, node.settings.max_request_bytes)
             status, payload = await operation.handler(node, channel, body, receive)
         except LionMQError as exc:
             await problem_for(exc)(scope, receive, send)
             return
+        except ClientDisconnect:
+            return  # gone before its body was whole: nothing was done, no one to answer
         except Exception:
             log.exception("unexpected error on POST %s", path)
             detail = "the node hit an unexpected error; its log has the details"
@@ -61,14 +64,17 @@ class HotPath:
         await send({"type": "http.response.body", "body": payload})
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (or declares to)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            refuse_declared_oversize(value, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientDisconnect  # a part of a body is not a request
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -84,17 +84,40 @@
 
   // -- the feed ---------------------------------------------------------------------------------
   let retryMs = 500;
+  // The viewer token (WATCHER_VIEW_TOKEN), when the watcher has one: from #token=... (a fragment
+  // never reaches a server's logs), else asked for when the feed answers UNAUTHORIZED.
+  const UNAUTHORIZED = 4401;
+  let viewToken = new URLSearchParams(location.hash.slice(1)).get("token")
+    || sessionStorage.getItem("lionmq.viewToken") || "";
+  if (new URLSearchParams(location.hash.slice(1)).has("token")) {
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+
+  function feedProtocols() {
+    if (!viewToken) return ["lionmq.view"];
+    const bytes = new TextEncoder().encode(viewToken);
+    const b64 = btoa(String.fromCharCode(...bytes))
+      .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    return ["lionmq.view", `lionmq.token.${b64}`];
+  }
 
   function connect() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}/feed`);
+    const ws = new WebSocket(`${proto}//${location.host}/feed`, feedProtocols());
     ws.onopen = () => { retryMs = 500; };
     ws.onmessage = (event) => {
       let msg;
       try { msg = JSON.parse(event.data); } catch { return; }
       handle(msg);
     };
-    ws.onclose = () => {
+    ws.onclose = (event) => {
+      if (event.code === UNAUTHORIZED) {
+        const given = prompt(viewToken ? "Wrong viewer token. Viewer token (WATCHER_VIEW_TOKEN):"
+          : "This watcher needs its viewer token (WATCHER_VIEW_TOKEN):");
+        if (given === null) { setConn("wait", "Viewer token needed (reload to enter it)"); return; }
+        viewToken = given;
+        sessionStorage.setItem("lionmq.viewToken", given);
+      }
       setConn("wait", "Reconnecting…");
       setTimeout(connect, retryMs);
       retryMs = Math.min(retryMs * 2, 5000);

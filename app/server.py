@@ -1,0 +1,295 @@
+"""Serving over HTTP: uvicorn with a connection cap and header/body deadlines, one log format.
+
+uvicorn times out idle keep-alive connections but not a request whose headers or body never
+arrive, and its `limit_concurrency` is checked only once a request's headers are complete: a
+client that connects and sends nothing holds a file descriptor forever, and enough of them leave
+the node unable to accept anyone (or to open a file). `GuardedHttpProtocol` closes such
+connections at a deadline and refuses connections beyond `max_connections`, which stays below
+the open-file limit so the store and the node's own sockets always have descriptors left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, NoReturn
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.errors import ConfigError
+
+log = logging.getLogger("lionmq.server")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Descriptors kept out of the connection cap: the store's files (SQLite's database, WAL and
+# shared memory; MongoDB's connection pool), the watcher's socket, the listening socket, logs.
+FD_RESERVE_MIN = 64
+FD_RESERVE_SHARE = 8  # or 1/8 of the limit, when that is more
+REFUSAL_LOG_EVERY_S = 10.0
+# Largest request line plus headers. httptools sets no bound: a client could send headers at
+# line rate until the header deadline and the node would keep every byte (1 GB in a few seconds).
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def log_config(level: str, loggers: tuple[str, ...]) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for the process and uvicorn alike: one format, on stderr.
+
+    `loggers` (ours and uvicorn's) log at `level`; other libraries stay at info or above, so
+    `debug` does not print every MongoDB command.
+    """
+    level = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": "INFO" if level == "DEBUG" else level},
+        "loggers": {name: {"level": level, "handlers": [], "propagate": True} for name in loggers},
+    }
+
+
+class AccessLog:
+    """One debug line per request: method, path, status, milliseconds.
+
+    Wrapped around the app only when the level is debug, so at info a request pays nothing.
+    """
+
+    def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
+        self.app = app
+        self.log = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            ms = (time.perf_counter() - started) * 1000
+            self.log.debug("%s %s %d %.1f ms", scope["method"], scope["path"], status, ms)
+
+
+def connection_cap(configured: int | None) -> int:
+    """How many connections may be open: MAX_CONNECTIONS, or what the open-file limit allows
+    once the reserve is kept. A MAX_CONNECTIONS above that is refused at start."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    reserve = max(FD_RESERVE_MIN, soft // FD_RESERVE_SHARE)
+    allowed = soft - reserve
+    if allowed < 16:
+        raise ConfigError(
+            f"the open-file limit ({soft}) leaves no room for connections once {reserve} are "
+            "kept for the store and the node; raise it (ulimit -n)"
+        )
+    if configured is None:
+        return allowed
+    if configured > allowed:
+        raise ConfigError(
+            f"invalid setting MAX_CONNECTIONS: {configured} is more than the open-file limit "
+            f"({soft}) allows once {reserve} are kept for the store and the node ({allowed}); "
+            "raise ulimit -n or lower MAX_CONNECTIONS"
+        )
+    return configured
+
+
+class ConnectionGuard:
+    """The limits one server's connections share, and the count of connections it refused."""
+
+    def __init__(
+        self,
+        max_connections: int,
+        header_timeout_s: float,
+        body_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.clock = clock
+        self.refused = 0
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def refuse(self) -> None:
+        """Count a refused connection; say so at most once every REFUSAL_LOG_EVERY_S."""
+        self.refused += 1
+        self._unlogged += 1
+        now = self.clock()
+        if self._logged_at is None or now - self._logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning(
+                "connection limit reached (MAX_CONNECTIONS=%d): refused %d connection(s) since "
+                "the last such line; raise ulimit -n and MAX_CONNECTIONS, or find the idle clients",
+                self.max_connections,
+                self._unlogged,
+            )
+            self._logged_at = now
+            self._unlogged = 0
+
+
+def _plain_response(status: bytes, detail: str, *extra: bytes) -> bytes:
+    code, _, title = status.partition(b" ")
+    body = (
+        (b'{"type":"about:blank","title":"' + title + b'","status":' + code + b',"detail":"')
+        + detail.encode()
+        + b'"}'
+    )
+    head = [
+        b"HTTP/1.1 " + status,
+        b"content-type: application/problem+json",
+        b"connection: close",
+        *extra,
+        b"content-length: " + str(len(body)).encode(),
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_REFUSED = _plain_response(
+    b"503 Service Unavailable",
+    "the server has as many connections open as it allows; retry shortly",
+    b"retry-after: 1",
+)
+_HEADERS_LATE = _plain_response(
+    b"408 Request Timeout", "the request's headers did not arrive within HEADER_TIMEOUT_MS"
+)
+_BODY_LATE = _plain_response(
+    b"408 Request Timeout", "the request's body did not arrive within BODY_TIMEOUT_MS"
+)
+_HEADERS_TOO_LARGE = _plain_response(
+    b"431 Request Header Fields Too Large",
+    f"the request line and headers pass {MAX_HEADER_BYTES} bytes",
+)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a connection cap and two deadlines.
+
+    The header deadline starts when the connection opens, or when a later request's first
+    bytes arrive (between requests uvicorn's keep-alive timeout applies); the body deadline
+    when the headers are complete. Neither is moved by further bytes, so a client trickling
+    one byte at a time gains nothing. A request that arrives in one read arms no timer at all.
+    Headers that keep coming past MAX_HEADER_BYTES are refused with 431.
+    """
+
+    guard: ClassVar[ConnectionGuard]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting = ""  # what the armed deadline waits for: "headers", "body" or nothing
+        self._headers_due = False  # a request has begun and its headers are not complete
+        self._body_due = False  # a request's headers are complete and its body is not
+        self._header_bytes = 0  # read so far of headers not yet complete
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.guard.max_connections:
+            # Accepted only to be refused at once: a clean, fast answer instead of a hang.
+            self.transport = transport
+            transport.write(_REFUSED)
+            transport.close()
+            self.guard.refuse()
+            return
+        super().connection_made(transport)
+        self._arm("headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._headers_due:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self.transport.write(_HEADERS_TOO_LARGE)
+                self.transport.close()
+                return
+        want = "headers" if self._headers_due else "body" if self._body_due else ""
+        if want != self._waiting and not self.transport.is_closing():
+            self._disarm()
+            if want:
+                self._arm(want)
+
+    def on_message_begin(self) -> None:
+        self._headers_due = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._headers_due = False
+        self._header_bytes = 0
+        self._body_due = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_due = False
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        # The WebSocket protocol takes the connection over; its own pings watch it from here.
+        self._headers_due = self._body_due = False
+        self._disarm()
+        super().handle_websocket_upgrade()
+
+    def _arm(self, what: str) -> None:
+        timeout = self.guard.header_timeout_s if what == "headers" else self.guard.body_timeout_s
+        self._waiting = what
+        self._deadline = self.loop.call_later(timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._waiting = ""
+
+    def _expired(self) -> None:
+        what, self._deadline, self._waiting = self._waiting, None, ""
+        if self.transport.is_closing():
+            return
+        if what == "headers" and self._headers_due:
+            log.debug("closing a connection: its request's headers were late (%s)", self.client)
+            self.transport.write(_HEADERS_LATE)
+        elif what == "body" and self.cycle is not None and not self.cycle.response_started:
+            log.debug("closing a connection: its request's body was late (%s)", self.client)
+            # The app reading the body sees the client leave; whatever it answers is dropped.
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+            self.transport.write(_BODY_LATE)
+        self.transport.close()
+
+
+def guarded_protocol(guard: ConnectionGuard) -> type[GuardedHttpProtocol]:
+    """The protocol class for one server (uvicorn builds a protocol per connection)."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit status 2, like a bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags (those left out fall back to the environment and .env)."""
+    return {name: value for name, value in vars(args).items() if value is not None}
