@@ -51,7 +51,7 @@ async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Prof
     async def producer() -> None:
         while n := budget.claim(p.fill_batch):
             await client.enqueue_many(channel, [body(size) for _ in range(n)])
-            budget.done += n
+            budget.add(n)
 
     await asyncio.gather(*(producer() for _ in range(4)))
     if budget.timed_out:
@@ -66,7 +66,7 @@ async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) 
     async def producer() -> None:
         while n := budget.claim(p.batch_size):
             await client.enqueue_many(channel, [body(size) for _ in range(n)])
-            budget.done += n
+            budget.add(n)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -89,7 +89,7 @@ async def single_enqueue(client: AsyncClient, node: Node, size: int, p: Profile)
             t0 = time.perf_counter()
             await client.enqueue(channel, body(size))
             latencies.append(time.perf_counter() - t0)
-            budget.done += 1
+            budget.add(1)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -118,7 +118,7 @@ async def drain_channel(
             if not messages:
                 return
             await client.ack(channel, [m.receipt for m in messages])
-            budget.done += len(messages)
+            budget.add(len(messages))
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -157,7 +157,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(room.wait(), timeout=0.05)
             await client.enqueue_many(channel, [body(size) for _ in range(n)])
-            produced.done += n
+            produced.add(n)
 
     async def consumer() -> None:
         nonlocal received

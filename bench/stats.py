@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +118,8 @@ class CpuMeter:
 
 
 class Budget:
-    """A count to reach and a deadline to respect, shared by a run's workers."""
+    """A count to reach and a deadline to respect, shared by a run's workers: asyncio tasks,
+    or the threads of a blocking client (hence the lock)."""
 
     def __init__(self, total: int, seconds: float) -> None:
         self.total = total
@@ -124,16 +127,34 @@ class Budget:
         self.done = 0
         self.deadline = time.monotonic() + seconds
         self.timed_out = False
-        self.finished = asyncio.Event()
+        self._lock = threading.Lock()
 
     def claim(self, n: int) -> int:
         """How many of the next `n` a worker may do (0: stop)."""
         if time.monotonic() >= self.deadline:
             self.timed_out = True
             return 0
-        n = max(0, min(n, self.total - self.claimed))
-        self.claimed += n
+        with self._lock:
+            n = max(0, min(n, self.total - self.claimed))
+            self.claimed += n
         return n
+
+    def add(self, n: int) -> int:
+        """Counts `n` more done; returns the new count."""
+        with self._lock:
+            self.done += n
+            return self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.total
+
+    def expired(self) -> bool:
+        """True (and the run marked timed out) once the deadline has passed."""
+        if time.monotonic() >= self.deadline:
+            self.timed_out = True
+            return True
+        return False
 
     @property
     def left_s(self) -> float:
@@ -162,3 +183,11 @@ class PeakRss:
         while True:
             self.peak = max(self.peak, self._rss())
             await asyncio.sleep(0.25)
+
+
+Results = dict[str, dict[str, ScenarioResult]]
+"""Per broker and client ("lionmq", "rabbitmq/pika", "nats/nats-py"), per "scenario:size"."""
+RunOne = Callable[[int, int], Awaitable[RunResult]]
+"""Runs one scenario (number, body size in bytes) once."""
+RunMatrix = Callable[[str, RunOne, argparse.Namespace, dict[str, ScenarioResult]], Awaitable[None]]
+"""Runs every selected scenario and size `args.runs` times through a `RunOne`."""

@@ -1,0 +1,361 @@
+"""RabbitMQ driven with pika's BlockingConnection: every producer and consumer is a thread with
+a connection of its own (a BlockingConnection is not thread-safe), run from a thread pool so
+that the event loop of `python -m bench` only waits.
+
+Batches are transactions: 100 persistent publishes, then tx.commit, whose commit-ok RabbitMQ
+sends once the messages are durable (what a publisher confirm says, for the whole batch at
+once; pika's blocking confirm mode would wait for each message in turn). Single publishes use
+publisher confirms (basic_publish returns once confirmed). Consumers use basic.qos prefetch
+and ack with multiple=true every 100 deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue as queues
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from bench.config import Profile
+from bench.rabbit import RabbitServer
+from bench.stats import (
+    Budget,
+    CpuMeter,
+    Metrics,
+    PeakRss,
+    RunResult,
+    body,
+    latency_metrics,
+    sent_at,
+)
+
+ACK_EVERY = 100
+PERSISTENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+# How long a consumer waits for a delivery before it looks at the count and the deadline again.
+IDLE_S = 0.05
+Record = Callable[[float, list[bytes]], None]
+
+
+def connect(url: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(url))
+
+
+def in_threads(work: list[Callable[[], None]]) -> None:
+    """Runs each callable in a thread of its own; raises the first error once all have ended
+    (each is bounded by its run's count and deadline)."""
+    with ThreadPoolExecutor(len(work), thread_name_prefix="pika") as pool:
+        futures = [pool.submit(fn) for fn in work]
+        for future in futures:
+            future.result()
+
+
+async def threads(*work: Callable[[], None]) -> None:
+    await asyncio.to_thread(in_threads, list(work))
+
+
+def _declare(url: str, tag: str) -> str:
+    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    with connect(url) as connection:
+        connection.channel().queue_declare(name, durable=True)
+    return name
+
+
+def _delete(url: str, name: str) -> None:
+    with connect(url) as connection:
+        connection.channel().queue_delete(name)
+
+
+async def declare(server: RabbitServer, tag: str) -> str:
+    return await asyncio.to_thread(_declare, server.url, tag)
+
+
+async def delete(server: RabbitServer, name: str) -> None:
+    """Deletes a run's queue so that later runs start from the same broker; best effort."""
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(_delete, server.url, name)
+
+
+def produce(
+    url: str,
+    queue: str,
+    size: int,
+    counter: Budget,
+    batch: int,
+    received: Budget | None = None,
+    backlog: int = 0,
+) -> None:
+    """Publishes transactions of `batch` until `counter` is done; with `received`, holds back
+    while more than `backlog` messages wait for delivery (the end-to-end flow-control credit)."""
+    with connect(url) as connection:
+        channel = connection.channel()
+        channel.tx_select()
+        while n := counter.claim(batch):
+            while received is not None and counter.done - received.done > backlog:
+                if counter.expired():
+                    return
+                time.sleep(0.002)
+            for _ in range(n):
+                channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
+            channel.tx_commit()
+            counter.add(n)
+
+
+def consume(
+    url: str, queue: str, counter: Budget, prefetch: int, record: Record | None = None
+) -> None:
+    """Consumes until every consumer together has received `counter.total`, or its deadline;
+    acks with multiple=true every ACK_EVERY deliveries and once more at the end."""
+    with connect(url) as connection:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=prefetch)
+        unacked, last_tag = 0, 0
+        for method, _props, payload in channel.consume(queue, inactivity_timeout=IDLE_S):
+            if method is not None:
+                if record is not None:
+                    record(time.time(), [payload])
+                done = counter.add(1)
+                last_tag, unacked = method.delivery_tag, unacked + 1
+                if unacked >= ACK_EVERY:
+                    channel.basic_ack(last_tag, multiple=True)
+                    unacked = 0
+                if done >= counter.total:
+                    break
+            if counter.complete or counter.expired():
+                break
+        if unacked:
+            channel.basic_ack(last_tag, multiple=True)
+        channel.cancel()
+
+
+def fill_queue(url: str, queue: str, size: int, total: int, p: Profile) -> None:
+    counter = Budget(total, p.fill_deadline_s)
+    in_threads([lambda: produce(url, queue, size, counter, p.fill_batch) for _ in range(4)])
+    if counter.timed_out:
+        raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
+
+
+async def fill(server: RabbitServer, queue: str, size: int, total: int, p: Profile) -> None:
+    await asyncio.to_thread(fill_queue, server.url, queue, size, total, p)
+
+
+async def _measured(server: RabbitServer, work: Callable[[], Awaitable[Metrics]]) -> Metrics:
+    cpu = CpuMeter([server.pid])
+    metrics = await work()
+    return {**metrics, **cpu.stop()}
+
+
+async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "batch")
+    counter = Budget(p.batch_total, p.deadline_s)
+
+    async def work() -> Metrics:
+        start = time.perf_counter()
+        await threads(
+            *(
+                lambda: produce(server.url, queue, size, counter, p.batch_size)
+                for _ in range(p.batch_producers)
+            )
+        )
+        return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
+
+    try:
+        return RunResult(await _measured(server, work), partial=counter.timed_out)
+    finally:
+        await delete(server, queue)
+
+
+def _confirmed_channel(connection: pika.BlockingConnection) -> BlockingChannel:
+    channel = connection.channel()
+    channel.confirm_delivery()
+    return channel
+
+
+async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "single")
+    counter = Budget(p.single_total, p.deadline_s)
+    latencies: list[float] = []
+
+    def producer() -> None:
+        with connect(server.url) as connection:
+            channel = _confirmed_channel(connection)
+            while counter.claim(1):
+                t0 = time.perf_counter()
+                channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
+                latencies.append(time.perf_counter() - t0)
+                counter.add(1)
+
+    async def work() -> Metrics:
+        start = time.perf_counter()
+        await threads(*(producer for _ in range(p.single_concurrency)))
+        rate = counter.done / (time.perf_counter() - start)
+        return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
+
+    try:
+        return RunResult(await _measured(server, work), partial=counter.timed_out)
+    finally:
+        await delete(server, queue)
+
+
+async def drain_queue(server: RabbitServer, queue: str, total: int, p: Profile) -> RunResult:
+    counter = Budget(total, p.deadline_s)
+    prefetch = 2 * p.drain_batch
+
+    async def work() -> Metrics:
+        start = time.perf_counter()
+        await threads(
+            *(
+                lambda: consume(server.url, queue, counter, prefetch)
+                for _ in range(p.drain_consumers)
+            )
+        )
+        return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
+
+    metrics = await _measured(server, work)
+    return RunResult(metrics, partial=counter.timed_out or not counter.complete)
+
+
+async def drain(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "drain")
+    try:
+        await fill(server, queue, size, p.drain_prefill, p)
+        return await drain_queue(server, queue, p.drain_prefill, p)
+    finally:
+        await delete(server, queue)
+
+
+async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "e2e")
+    produced = Budget(p.e2e_total, p.deadline_s)
+    received = Budget(p.e2e_total, p.deadline_s)
+    latencies: list[float] = []
+
+    def record(now: float, bodies: list[bytes]) -> None:
+        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+
+    def producer() -> None:
+        produce(server.url, queue, size, produced, p.batch_size, received, p.e2e_backlog)
+
+    def consumer() -> None:
+        consume(server.url, queue, received, 5 * p.batch_size, record)
+
+    async def work() -> Metrics:
+        start = time.perf_counter()
+        await threads(
+            *(producer for _ in range(p.e2e_producers)),
+            *(consumer for _ in range(p.e2e_consumers)),
+        )
+        rate = received.done / (time.perf_counter() - start)
+        return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
+
+    try:
+        metrics = await _measured(server, work)
+        partial = produced.timed_out or received.timed_out or not received.complete
+        return RunResult(metrics, partial=partial)
+    finally:
+        await delete(server, queue)
+
+
+# Publisher threads of the paced run: enough that a confirm's fsync never holds up the pace.
+PACED_PUBLISHERS = 16
+
+
+async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    """p.paced_rate single confirmed publishes a second: a scheduler stamps each body when it
+    is due and hands it to a pool of publisher threads; one consumer (prefetch 100)."""
+    queue = await declare(server, "paced")
+    total = int(p.paced_rate * p.paced_seconds)
+    received = Budget(total, p.paced_seconds + p.deadline_s)
+    latencies: list[float] = []
+    due_bodies: queues.Queue[bytes | None] = queues.Queue()
+    sent_rate = 0.0
+
+    def record(now: float, bodies: list[bytes]) -> None:
+        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+
+    def publisher() -> None:
+        with connect(server.url) as connection:
+            channel = _confirmed_channel(connection)
+            while (payload := due_bodies.get()) is not None:
+                channel.basic_publish("", queue, payload, PERSISTENT)
+
+    def scheduler() -> None:
+        nonlocal sent_rate
+        start = time.perf_counter()
+        sent = 0
+        try:
+            while sent < total and not received.expired():
+                due = min(total, int((time.perf_counter() - start) * p.paced_rate) + 1)
+                for _ in range(due - sent):
+                    due_bodies.put(body(size).encode())
+                sent = due
+                time.sleep(1 / p.paced_rate)
+            sent_rate = sent / (time.perf_counter() - start)
+        finally:
+            for _ in range(PACED_PUBLISHERS):
+                due_bodies.put(None)
+
+    def consumer() -> None:
+        consume(server.url, queue, received, 100, record)
+
+    async def work() -> Metrics:
+        consuming = asyncio.ensure_future(threads(consumer))
+        await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
+        await threads(scheduler, *(publisher for _ in range(PACED_PUBLISHERS)))
+        await consuming
+        return {"sent_msg_s": sent_rate, "count": received.done, **latency_metrics(latencies)}
+
+    try:
+        metrics = await _measured(server, work)
+        return RunResult(metrics, partial=received.timed_out or not received.complete)
+    finally:
+        await delete(server, queue)
+
+
+async def long_queue(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    shallow = await declare(server, "shallow")
+    deep = await declare(server, "deep")
+    try:
+        async with PeakRss(server.rss_bytes) as memory:
+            await fill(server, shallow, size, p.long_drain, p)
+            empty = await drain_queue(server, shallow, p.long_drain, p)
+            t0 = time.perf_counter()
+            await fill(server, deep, size, p.long_depth, p)
+            fill_rate = p.long_depth / (time.perf_counter() - t0)
+            await asyncio.sleep(1.0)
+            rss_full = server.rss_bytes()
+            at_depth = await drain_queue(server, deep, p.long_drain, p)
+    finally:
+        await delete(server, shallow)
+        await delete(server, deep)
+    rate_empty = empty.metrics.get("msg_s", 0.0)
+    rate_depth = at_depth.metrics.get("msg_s", 0.0)
+    return RunResult(
+        {
+            "depth": float(p.long_depth),
+            "fill_msg_s": fill_rate,
+            "rss_mb": rss_full / 2**20,
+            "peak_rss_mb": memory.peak / 2**20,
+            "drain_empty_msg_s": rate_empty,
+            "drain_depth_msg_s": rate_depth,
+            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
+            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
+            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
+        },
+        partial=empty.partial or at_depth.partial,
+    )
+
+
+RUNNERS: dict[int, Callable[[RabbitServer, int, Profile], Awaitable[RunResult]]] = {
+    1: batch_enqueue,
+    2: single_enqueue,
+    3: drain,
+    4: end_to_end,
+    5: paced,
+    6: long_queue,
+}
