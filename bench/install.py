@@ -19,7 +19,7 @@ def missing(binaries: Mapping[str, Path]) -> list[str]:
     return [package for package, binary in binaries.items() if not binary.exists()]
 
 
-def ensure_installed(binaries: Mapping[str, Path]) -> None:
+def ensure_installed(binaries: Mapping[str, Path], policy_rc: Path = POLICY_RC) -> None:
     """Installs each package of `binaries` whose binary is missing. As root it runs apt-get
     itself, otherwise through sudo; while it runs, a policy-rc.d (removed afterwards) keeps the
     packages from starting system services that would compete for the CPU."""
@@ -37,16 +37,16 @@ def ensure_installed(binaries: Mapping[str, Path]) -> None:
         f"DPkg::Lock::Timeout={LOCK_WAIT_S}",
     ]
     added_policy = False
-    if root and not POLICY_RC.exists():
-        POLICY_RC.write_text("#!/bin/sh\n# bench: no service starts during install\nexit 101\n")
-        POLICY_RC.chmod(0o755)
+    if root and not policy_rc.exists():
+        policy_rc.write_text("#!/bin/sh\n# bench: no service starts during install\nexit 101\n")
+        policy_rc.chmod(0o755)
         added_policy = True
     try:
         subprocess.run([*apt, "update", "-qq"], check=True)
         subprocess.run([*apt, "install", "-y", "-qq", *packages], check=True)
     finally:
         if added_policy:
-            POLICY_RC.unlink(missing_ok=True)
+            policy_rc.unlink(missing_ok=True)
     if not added_policy:
         # Nothing kept the packages from starting their system services: stop them, so they
         # do not compete for the CPU (a service that is not running is no error here).

@@ -28,7 +28,6 @@ from pathlib import Path
 from types import TracebackType
 
 import nats
-import nats.errors
 import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -267,7 +266,7 @@ async def consume(
     while not counter.complete and not counter.expired():
         try:
             messages = await sub.fetch(batch, timeout=min(wait_s, max(counter.left_s, 0.01)))
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nothing came (nats.errors.TimeoutError is one too)
             continue
         if record is not None:
             record(time.time(), [m.data for m in messages])
@@ -438,7 +437,7 @@ async def long_queue(conn: Js, size: int, p: Profile) -> RunResult:
             t0 = time.perf_counter()
             await fill(conn, deep, size, p.long_depth, p)
             fill_rate = p.long_depth / (time.perf_counter() - t0)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(p.settle_s)
             rss_full = server.rss_bytes()
             at_depth = await drain_stream(conn, deep, p.long_drain, p)
     finally:

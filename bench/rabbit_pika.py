@@ -327,7 +327,7 @@ async def long_queue(server: RabbitServer, size: int, p: Profile) -> RunResult:
             t0 = time.perf_counter()
             await fill(server, deep, size, p.long_depth, p)
             fill_rate = p.long_depth / (time.perf_counter() - t0)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(p.settle_s)
             rss_full = server.rss_bytes()
             at_depth = await drain_queue(server, deep, p.long_drain, p)
     finally:

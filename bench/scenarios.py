@@ -258,7 +258,7 @@ async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> 
             t0 = time.perf_counter()
             filled = await fill(client, deep, size, p.long_depth, p)
             fill_rate = filled / (time.perf_counter() - t0)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(p.settle_s)
             rss_full = node.rss_bytes()
             at_depth = await drain_channel(client, node, deep, p.long_drain, p)
     finally:
