@@ -6,8 +6,8 @@ no cluster, no monitoring port) and is stopped by PID. Each run gets a stream of
 storage, work-queue retention (a message is removed once acked, as a queue does), one durable
 pull consumer with explicit acks that every consumer of the run fetches from. A publish counts
 once JetStream has acked it (stored); a batch is 100 async publishes, then their acks.
-Consumers fetch up to 100 and ack each message, the last of a batch with a confirmed ack
-(`ack_sync`), so that a drained message is gone before the next fetch, as with LionMQ's ack.
+Consumers fetch up to 100 and ack each message; a drain confirms the last ack of a batch
+(`ack_sync`) before its next fetch, as LionMQ's drain waits for its ack.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 from bench.config import Profile
 from bench.install import version
@@ -55,7 +62,7 @@ SERVER = Path("/usr/sbin/nats-server")
 CLIENTS = ("nats-py",)
 DURABILITY = (
     "JetStream file storage, work-queue stream, a publish counts once JetStream has acked it, "
-    "durable pull consumer with explicit acks (the last of each batch confirmed). Weaker than "
+    "durable pull consumer with explicit acks (a drain confirms each batch's). Weaker than "
     "the others: nats-server 2.9 fsyncs its file store every 2 minutes and has no setting to "
     "sync each write, so an acked message survives the server's crash, not the machine's"
 )
@@ -243,12 +250,15 @@ async def fill(conn: Js, subject: str, size: int, total: int, p: Profile) -> Non
         raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
 
 
-async def ack_all(messages: list[Msg]) -> None:
-    """Acks each message; the last one's ack is confirmed by the server, which handles a
-    connection's acks in order, so the batch is acked when this returns."""
+async def ack_all(messages: list[Msg], confirm: bool) -> None:
+    """Acks each message; with `confirm`, the last one's ack is confirmed by the server, which
+    handles a connection's acks in order, so the batch is acked when this returns."""
     for message in messages[:-1]:
         await message.ack()
-    await messages[-1].ack_sync(timeout=PUBLISH_ACKS_S)
+    if confirm:
+        await messages[-1].ack_sync(timeout=PUBLISH_ACKS_S)
+    else:
+        await messages[-1].ack()
 
 
 async def consume(
@@ -257,10 +267,14 @@ async def consume(
     counter: Budget,
     batch: int,
     wait_s: float,
+    *,
+    confirm_acks: bool,
     record: Callable[[float, list[bytes]], None] | None = None,
 ) -> None:
     """Fetches up to `batch` (waiting up to `wait_s` for the first) and acks them, until every
-    consumer together has received `counter.total`, or its deadline."""
+    consumer together has received `counter.total`, or its deadline. With `confirm_acks` (the
+    drain, whose LionMQ consumers wait for their ack) a batch's acks are confirmed before the
+    next fetch; the end-to-end and paced consumers send theirs without waiting, as LionMQ's."""
     js = await conn.context()
     sub = await js.pull_subscribe_bind(durable=DURABLE, stream=stream)
     while not counter.complete and not counter.expired():
@@ -271,7 +285,7 @@ async def consume(
         if record is not None:
             record(time.time(), [m.data for m in messages])
         counter.add(len(messages))
-        await ack_all(messages)
+        await ack_all(messages, confirm=confirm_acks)
 
 
 async def _measured(server: NatsServer, work: Callable[[], Awaitable[Metrics]]) -> Metrics:
@@ -336,7 +350,7 @@ async def drain_stream(conn: Js, stream: str, total: int, p: Profile) -> RunResu
         start = time.perf_counter()
         await asyncio.gather(
             *(
-                consume(conn, stream, counter, p.drain_batch, DRAIN_WAIT_S)
+                consume(conn, stream, counter, p.drain_batch, DRAIN_WAIT_S, confirm_acks=True)
                 for _ in range(p.drain_consumers)
             )
         )
@@ -370,7 +384,9 @@ async def end_to_end(conn: Js, size: int, p: Profile) -> RunResult:
                 for _ in range(p.e2e_producers)
             ),
             *(
-                consume(conn, stream, received, p.batch_size, 0.2, record)
+                consume(
+                    conn, stream, received, p.batch_size, 0.2, confirm_acks=False, record=record
+                )
                 for _ in range(p.e2e_consumers)
             ),
         )
@@ -393,7 +409,7 @@ async def paced(conn: Js, size: int, p: Profile) -> RunResult:
     received = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
     js = await conn.context()
-    pending: set[asyncio.Future[object]] = set()
+    pending: set[asyncio.Future[PubAck]] = set()
 
     async def producer() -> float:
         start = time.perf_counter()
@@ -410,7 +426,9 @@ async def paced(conn: Js, size: int, p: Profile) -> RunResult:
 
     async def work() -> Metrics:
         consuming = asyncio.ensure_future(
-            consume(conn, stream, received, 100, 1.0, _latencies(latencies))
+            consume(
+                conn, stream, received, 100, 1.0, confirm_acks=False, record=_latencies(latencies)
+            )
         )
         await asyncio.sleep(0.2)  # the consumer is parked in its fetch before the first send
         sent_rate = await producer()

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 import psutil
@@ -33,7 +34,7 @@ class Node:
         self.extra_env = env
         self.dir = Path(tempfile.mkdtemp(prefix="lionmq-bench-"))
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def pid(self) -> int:
