@@ -46,7 +46,6 @@ from bench.install import version
 from bench.ports import accepts, free_port, spawn, wait_ready
 from bench.stats import (
     Budget,
-    CpuMeter,
     Metrics,
     PeakRss,
     Results,
@@ -54,7 +53,9 @@ from bench.stats import (
     RunResult,
     body,
     latency_metrics,
-    sent_at,
+    long_queue_result,
+    measured,
+    recorder,
 )
 
 PACKAGE = "nats-server"
@@ -288,16 +289,8 @@ async def consume(
         await ack_all(messages, confirm=confirm_acks)
 
 
-async def _measured(server: NatsServer, work: Callable[[], Awaitable[Metrics]]) -> Metrics:
-    cpu = CpuMeter([server.pid])
-    metrics = await work()
-    return {**metrics, **cpu.stop()}
-
-
 def _latencies(latencies: list[float]) -> Callable[[float, list[bytes]], None]:
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
-
+    record = recorder(latencies)
     return record
 
 
@@ -313,7 +306,9 @@ async def batch_enqueue(conn: Js, size: int, p: Profile) -> RunResult:
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
     try:
-        return RunResult(await _measured(conn.server, work), partial=counter.timed_out)
+        return RunResult(
+            await measured([conn.server.pid], work, counter), partial=counter.cut_short
+        )
     finally:
         await conn.delete(stream)
 
@@ -338,7 +333,9 @@ async def single_enqueue(conn: Js, size: int, p: Profile) -> RunResult:
         return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
 
     try:
-        return RunResult(await _measured(conn.server, work), partial=counter.timed_out)
+        return RunResult(
+            await measured([conn.server.pid], work, counter), partial=counter.cut_short
+        )
     finally:
         await conn.delete(stream)
 
@@ -356,8 +353,8 @@ async def drain_stream(conn: Js, stream: str, total: int, p: Profile) -> RunResu
         )
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
-    metrics = await _measured(conn.server, work)
-    return RunResult(metrics, partial=counter.timed_out or not counter.complete)
+    metrics = await measured([conn.server.pid], work, counter)
+    return RunResult(metrics, partial=counter.cut_short)
 
 
 async def drain(conn: Js, size: int, p: Profile) -> RunResult:
@@ -374,7 +371,7 @@ async def end_to_end(conn: Js, size: int, p: Profile) -> RunResult:
     produced = Budget(p.e2e_total, p.deadline_s)
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
-    record = _latencies(latencies)
+    record = recorder(latencies)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -394,8 +391,8 @@ async def end_to_end(conn: Js, size: int, p: Profile) -> RunResult:
         return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
 
     try:
-        metrics = await _measured(conn.server, work)
-        partial = produced.timed_out or received.timed_out or not received.complete
+        metrics = await measured([conn.server.pid], work, received)
+        partial = produced.cut_short or received.cut_short
         return RunResult(metrics, partial=partial)
     finally:
         await conn.delete(stream)
@@ -427,7 +424,7 @@ async def paced(conn: Js, size: int, p: Profile) -> RunResult:
     async def work() -> Metrics:
         consuming = asyncio.ensure_future(
             consume(
-                conn, stream, received, 100, 1.0, confirm_acks=False, record=_latencies(latencies)
+                conn, stream, received, 100, 1.0, confirm_acks=False, record=recorder(latencies)
             )
         )
         await asyncio.sleep(0.2)  # the consumer is parked in its fetch before the first send
@@ -438,8 +435,8 @@ async def paced(conn: Js, size: int, p: Profile) -> RunResult:
         return {"sent_msg_s": sent_rate, "count": received.done, **latency_metrics(latencies)}
 
     try:
-        metrics = await _measured(conn.server, work)
-        return RunResult(metrics, partial=received.timed_out or not received.complete)
+        metrics = await measured([conn.server.pid], work, received)
+        return RunResult(metrics, partial=received.cut_short)
     finally:
         await conn.delete(stream)
 
@@ -454,28 +451,20 @@ async def long_queue(conn: Js, size: int, p: Profile) -> RunResult:
             empty = await drain_stream(conn, shallow, p.long_drain, p)
             t0 = time.perf_counter()
             await fill(conn, deep, size, p.long_depth, p)
-            fill_rate = p.long_depth / (time.perf_counter() - t0)
+            fill_s = time.perf_counter() - t0
             await asyncio.sleep(p.settle_s)
             rss_full = server.rss_bytes()
             at_depth = await drain_stream(conn, deep, p.long_drain, p)
     finally:
         await conn.delete(shallow)
         await conn.delete(deep)
-    rate_empty = empty.metrics.get("msg_s", 0.0)
-    rate_depth = at_depth.metrics.get("msg_s", 0.0)
-    return RunResult(
-        {
-            "depth": float(p.long_depth),
-            "fill_msg_s": fill_rate,
-            "rss_mb": rss_full / 2**20,
-            "peak_rss_mb": memory.peak / 2**20,
-            "drain_empty_msg_s": rate_empty,
-            "drain_depth_msg_s": rate_depth,
-            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
-            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
-            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
-        },
-        partial=empty.partial or at_depth.partial,
+    return long_queue_result(
+        depth=p.long_depth,
+        fill_s=fill_s,
+        rss_full=rss_full,
+        memory=memory,
+        empty=empty,
+        at_depth=at_depth,
     )
 
 

@@ -26,13 +26,14 @@ from bench.config import Profile
 from bench.rabbit import RabbitServer, Runner
 from bench.stats import (
     Budget,
-    CpuMeter,
     Metrics,
     PeakRss,
     RunResult,
     body,
     latency_metrics,
-    sent_at,
+    long_queue_result,
+    measured,
+    recorder,
 )
 
 ACK_EVERY = 100
@@ -159,12 +160,6 @@ async def consume(
         await channel.close()
 
 
-async def _measured(server: RabbitServer, work: Callable[[], Awaitable[Metrics]]) -> Metrics:
-    cpu = CpuMeter([server.pid])
-    metrics = await work()
-    return {**metrics, **cpu.stop()}
-
-
 async def batch_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
     queue = await amqp.queue("batch")
     counter = Budget(p.batch_total, p.deadline_s)
@@ -181,7 +176,9 @@ async def batch_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
     try:
-        return RunResult(await _measured(amqp.server, work), partial=counter.timed_out)
+        return RunResult(
+            await measured([amqp.server.pid], work, counter), partial=counter.cut_short
+        )
     finally:
         await amqp.delete(queue)
 
@@ -207,7 +204,9 @@ async def single_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
         return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
 
     try:
-        return RunResult(await _measured(amqp.server, work), partial=counter.timed_out)
+        return RunResult(
+            await measured([amqp.server.pid], work, counter), partial=counter.cut_short
+        )
     finally:
         await amqp.delete(queue)
 
@@ -222,7 +221,7 @@ async def drain_queue(amqp: Amqp, queue: str, total: int, p: Profile) -> RunResu
         )
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
-    return RunResult(await _measured(amqp.server, work), partial=counter.timed_out)
+    return RunResult(await measured([amqp.server.pid], work, counter), partial=counter.cut_short)
 
 
 async def drain(amqp: Amqp, size: int, p: Profile) -> RunResult:
@@ -240,8 +239,7 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
 
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+    record = recorder(latencies)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -256,8 +254,8 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
         return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
 
     try:
-        metrics = await _measured(amqp.server, work)
-        return RunResult(metrics, partial=produced.timed_out or received.timed_out)
+        metrics = await measured([amqp.server.pid], work, received)
+        return RunResult(metrics, partial=produced.cut_short or received.cut_short)
     finally:
         await amqp.delete(queue)
 
@@ -270,8 +268,7 @@ async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
     channel = await amqp.channel()
     pending: set[asyncio.Future[Any]] = set()
 
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+    record = recorder(latencies)
 
     async def producer() -> float:
         start = time.perf_counter()
@@ -297,8 +294,8 @@ async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
         return {"sent_msg_s": sent_rate, "count": received.done, **latency_metrics(latencies)}
 
     try:
-        metrics = await _measured(amqp.server, work)
-        return RunResult(metrics, partial=received.timed_out)
+        metrics = await measured([amqp.server.pid], work, received)
+        return RunResult(metrics, partial=received.cut_short)
     finally:
         await amqp.delete(queue)
 
@@ -313,28 +310,20 @@ async def long_queue(amqp: Amqp, size: int, p: Profile) -> RunResult:
             empty = await drain_queue(amqp, shallow, p.long_drain, p)
             t0 = time.perf_counter()
             await fill(amqp, deep, size, p.long_depth, p)
-            fill_rate = p.long_depth / (time.perf_counter() - t0)
+            fill_s = time.perf_counter() - t0
             await asyncio.sleep(p.settle_s)
             rss_full = server.rss_bytes()
             at_depth = await drain_queue(amqp, deep, p.long_drain, p)
     finally:
         await amqp.delete(shallow)
         await amqp.delete(deep)
-    rate_empty = empty.metrics.get("msg_s", 0.0)
-    rate_depth = at_depth.metrics.get("msg_s", 0.0)
-    return RunResult(
-        {
-            "depth": float(p.long_depth),
-            "fill_msg_s": fill_rate,
-            "rss_mb": rss_full / 2**20,
-            "peak_rss_mb": memory.peak / 2**20,
-            "drain_empty_msg_s": rate_empty,
-            "drain_depth_msg_s": rate_depth,
-            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
-            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
-            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
-        },
-        partial=empty.partial or at_depth.partial,
+    return long_queue_result(
+        depth=p.long_depth,
+        fill_s=fill_s,
+        rss_full=rss_full,
+        memory=memory,
+        empty=empty,
+        at_depth=at_depth,
     )
 
 

@@ -26,13 +26,14 @@ from bench.config import Profile
 from bench.rabbit import RabbitServer
 from bench.stats import (
     Budget,
-    CpuMeter,
     Metrics,
     PeakRss,
     RunResult,
     body,
     latency_metrics,
-    sent_at,
+    long_queue_result,
+    measured,
+    recorder,
 )
 
 ACK_EVERY = 100
@@ -144,12 +145,6 @@ async def fill(server: RabbitServer, queue: str, size: int, total: int, p: Profi
     await asyncio.to_thread(fill_queue, server.url, queue, size, total, p)
 
 
-async def _measured(server: RabbitServer, work: Callable[[], Awaitable[Metrics]]) -> Metrics:
-    cpu = CpuMeter([server.pid])
-    metrics = await work()
-    return {**metrics, **cpu.stop()}
-
-
 async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
     queue = await declare(server, "batch")
     counter = Budget(p.batch_total, p.deadline_s)
@@ -165,7 +160,7 @@ async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResul
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
     try:
-        return RunResult(await _measured(server, work), partial=counter.timed_out)
+        return RunResult(await measured([server.pid], work, counter), partial=counter.cut_short)
     finally:
         await delete(server, queue)
 
@@ -197,7 +192,7 @@ async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResu
         return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
 
     try:
-        return RunResult(await _measured(server, work), partial=counter.timed_out)
+        return RunResult(await measured([server.pid], work, counter), partial=counter.cut_short)
     finally:
         await delete(server, queue)
 
@@ -216,8 +211,8 @@ async def drain_queue(server: RabbitServer, queue: str, total: int, p: Profile) 
         )
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
-    metrics = await _measured(server, work)
-    return RunResult(metrics, partial=counter.timed_out or not counter.complete)
+    metrics = await measured([server.pid], work, counter)
+    return RunResult(metrics, partial=counter.cut_short)
 
 
 async def drain(server: RabbitServer, size: int, p: Profile) -> RunResult:
@@ -235,8 +230,7 @@ async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
 
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+    record = recorder(latencies)
 
     def producer() -> None:
         produce(server.url, queue, size, produced, p.batch_size, received, p.e2e_backlog)
@@ -254,8 +248,8 @@ async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
         return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
 
     try:
-        metrics = await _measured(server, work)
-        partial = produced.timed_out or received.timed_out or not received.complete
+        metrics = await measured([server.pid], work, received)
+        partial = produced.cut_short or received.cut_short
         return RunResult(metrics, partial=partial)
     finally:
         await delete(server, queue)
@@ -275,8 +269,7 @@ async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
     due_bodies: queues.Queue[bytes | None] = queues.Queue()
     sent_rate = 0.0
 
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+    record = recorder(latencies)
 
     def publisher() -> None:
         with connect(server.url) as connection:
@@ -311,8 +304,8 @@ async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
         return {"sent_msg_s": sent_rate, "count": received.done, **latency_metrics(latencies)}
 
     try:
-        metrics = await _measured(server, work)
-        return RunResult(metrics, partial=received.timed_out or not received.complete)
+        metrics = await measured([server.pid], work, received)
+        return RunResult(metrics, partial=received.cut_short)
     finally:
         await delete(server, queue)
 
@@ -326,28 +319,20 @@ async def long_queue(server: RabbitServer, size: int, p: Profile) -> RunResult:
             empty = await drain_queue(server, shallow, p.long_drain, p)
             t0 = time.perf_counter()
             await fill(server, deep, size, p.long_depth, p)
-            fill_rate = p.long_depth / (time.perf_counter() - t0)
+            fill_s = time.perf_counter() - t0
             await asyncio.sleep(p.settle_s)
             rss_full = server.rss_bytes()
             at_depth = await drain_queue(server, deep, p.long_drain, p)
     finally:
         await delete(server, shallow)
         await delete(server, deep)
-    rate_empty = empty.metrics.get("msg_s", 0.0)
-    rate_depth = at_depth.metrics.get("msg_s", 0.0)
-    return RunResult(
-        {
-            "depth": float(p.long_depth),
-            "fill_msg_s": fill_rate,
-            "rss_mb": rss_full / 2**20,
-            "peak_rss_mb": memory.peak / 2**20,
-            "drain_empty_msg_s": rate_empty,
-            "drain_depth_msg_s": rate_depth,
-            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
-            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
-            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
-        },
-        partial=empty.partial or at_depth.partial,
+    return long_queue_result(
+        depth=p.long_depth,
+        fill_s=fill_s,
+        rss_full=rss_full,
+        memory=memory,
+        empty=empty,
+        at_depth=at_depth,
     )
 
 

@@ -32,6 +32,19 @@ def sent_at(value: Any) -> float:
     return int(str(value)[:16]) / 1e6
 
 
+Record = Callable[[float, list[bytes]], None]
+"""Called by a consumer with the delivery time and the bodies it received."""
+
+
+def recorder(latencies: list[float]) -> Record:
+    """A `Record` that appends each body's enqueue -> delivery time to `latencies`."""
+
+    def record(now: float, bodies: list[bytes]) -> None:
+        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+
+    return record
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -149,6 +162,11 @@ class Budget:
     def complete(self) -> bool:
         return self.done >= self.total
 
+    @property
+    def cut_short(self) -> bool:
+        """The run stopped at its deadline, or before its count: its figures are partial."""
+        return self.timed_out or not self.complete
+
     def expired(self) -> bool:
         """True (and the run marked timed out) once the deadline has passed."""
         if time.monotonic() >= self.deadline:
@@ -191,3 +209,48 @@ RunOne = Callable[[int, int], Awaitable[RunResult]]
 """Runs one scenario (number, body size in bytes) once."""
 RunMatrix = Callable[[str, RunOne, argparse.Namespace, dict[str, ScenarioResult]], Awaitable[None]]
 """Runs every selected scenario and size `args.runs` times through a `RunOne`."""
+
+
+HANG_S = 30.0
+"""How long past its deadline a run may go before it is taken for hung."""
+
+
+async def measured(
+    pids: list[int], work: Callable[[], Awaitable[Metrics]], budget: Budget
+) -> Metrics:
+    """`work()`'s figures with the CPU the server (`pids`) and this process used meanwhile.
+    The workers watch `budget`'s deadline themselves; a run still going HANG_S after it (a
+    request or confirm that never came back) raises TimeoutError."""
+    cpu = CpuMeter(pids)
+    metrics = await asyncio.wait_for(work(), timeout=budget.left_s + HANG_S)
+    return {**metrics, **cpu.stop()}
+
+
+def long_queue_result(
+    *,
+    depth: int,
+    fill_s: float,
+    rss_full: int,
+    memory: PeakRss,
+    empty: RunResult,
+    at_depth: RunResult,
+) -> RunResult:
+    """The long queue's figures, for every broker alike: drain rates over the same count from
+    a shallow and a deep queue, the server's RSS at depth, at start and at peak."""
+    rate_empty = empty.metrics.get("msg_s", 0.0)
+    rate_depth = at_depth.metrics.get("msg_s", 0.0)
+    return RunResult(
+        {
+            "depth": float(depth),
+            "fill_msg_s": depth / max(fill_s, 1e-9),
+            "rss_mb": rss_full / 2**20,
+            "rss_start_mb": memory.start / 2**20,
+            "peak_rss_mb": memory.peak / 2**20,
+            "drain_empty_msg_s": rate_empty,
+            "drain_depth_msg_s": rate_depth,
+            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
+            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
+            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
+        },
+        partial=empty.partial or at_depth.partial,
+    )
