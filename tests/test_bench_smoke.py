@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench import jetstream, rabbit, report
@@ -81,6 +82,17 @@ def _check_every_scenario(name: str, outcomes: dict[int, RunResult]) -> None:
         assert outcome.metrics.get("server_cpu_pct", -1) >= 0, (name, number, outcome)
 
 
+def _listening(pid: int) -> set[str]:
+    """The addresses that a server's processes (the root and its children) listen on."""
+    root = psutil.Process(pid)
+    return {
+        conn.laddr.ip
+        for proc in [root, *root.children(recursive=True)]
+        for conn in proc.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+    }
+
+
 def _installed(peer: str) -> None:
     if missing({PEERS[peer].package: PEERS[peer].server}):
         pytest.skip(f"{PEERS[peer].package} is not installed (make bench-peer installs it)")
@@ -92,6 +104,12 @@ def rabbit_server() -> Iterator[rabbit.RabbitServer]:
     with rabbit.RabbitServer(boot_timeout=30) as server:
         asyncio.run(rabbit.wait_amqp(server.url, 30))
         yield server
+
+
+def test_rabbitmq_listens_on_loopback_only(rabbit_server: rabbit.RabbitServer) -> None:
+    # AMQP and the Erlang distribution port (epmd runs apart, bound by ERL_EPMD_ADDRESS).
+    addresses = _listening(rabbit_server.pid)
+    assert len(addresses) >= 1 and addresses <= {"127.0.0.1", "::1"}, addresses
 
 
 @pytest.mark.parametrize("client", rabbit.CLIENTS)
@@ -112,6 +130,7 @@ async def test_nats_adapter_runs_every_scenario() -> None:
     started = time.monotonic()
     with jetstream.NatsServer(boot_timeout=15) as server:
         await jetstream.wait_jetstream(server.url, 15)
+        assert _listening(server.pid) == {"127.0.0.1"}
         outcomes = {
             n: await asyncio.wait_for(jetstream.run_scenario(server, n, 16, TINY), 20)
             for n in jetstream.SCENARIOS
