@@ -48,6 +48,7 @@ from bench.stats import (
     Budget,
     Metrics,
     PeakRss,
+    Record,
     Results,
     RunMatrix,
     RunResult,
@@ -270,7 +271,7 @@ async def consume(
     wait_s: float,
     *,
     confirm_acks: bool,
-    record: Callable[[float, list[bytes]], None] | None = None,
+    record: Record | None = None,
 ) -> None:
     """Fetches up to `batch` (waiting up to `wait_s` for the first) and acks them, until every
     consumer together has received `counter.total`, or its deadline. With `confirm_acks` (the
@@ -287,11 +288,6 @@ async def consume(
             record(time.time(), [m.data for m in messages])
         counter.add(len(messages))
         await ack_all(messages, confirm=confirm_acks)
-
-
-def _latencies(latencies: list[float]) -> Callable[[float, list[bytes]], None]:
-    record = recorder(latencies)
-    return record
 
 
 async def batch_enqueue(conn: Js, size: int, p: Profile) -> RunResult:

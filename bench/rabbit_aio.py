@@ -28,6 +28,7 @@ from bench.stats import (
     Budget,
     Metrics,
     PeakRss,
+    Record,
     RunResult,
     body,
     latency_metrics,
@@ -120,7 +121,7 @@ async def consume(
     queue: str,
     counter: Budget,
     prefetch: int,
-    on_batch: Callable[[float, list[bytes]], None] | None = None,
+    record: Record | None = None,
 ) -> None:
     """Consumes until every consumer together has received `counter.total`, or its deadline;
     acks with multiple=true every ACK_EVERY deliveries and once more at the end. A delivery
@@ -137,8 +138,8 @@ async def consume(
         if counter.complete:
             reached.set()
             return
-        if on_batch is not None:
-            on_batch(time.time(), [message.body])
+        if record is not None:
+            record(time.time(), [message.body])
         counter.add(1)
         last, unacked = message, unacked + 1
         if unacked >= ACK_EVERY:
@@ -238,7 +239,6 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
     produced = Budget(p.e2e_total, p.deadline_s)
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
-
     record = recorder(latencies)
 
     async def work() -> Metrics:
@@ -248,7 +248,10 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
                 produce(amqp, queue, size, produced, p.batch_size, received, p.e2e_backlog)
                 for _ in range(p.e2e_producers)
             ),
-            *(consume(amqp, queue, received, 5 * p.batch_size, record) for _ in range(4)),
+            *(
+                consume(amqp, queue, received, 5 * p.batch_size, record)
+                for _ in range(p.e2e_consumers)
+            ),
         )
         rate = received.done / (time.perf_counter() - start)
         return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
@@ -267,7 +270,6 @@ async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
     latencies: list[float] = []
     channel = await amqp.channel()
     pending: set[asyncio.Future[Any]] = set()
-
     record = recorder(latencies)
 
     async def producer() -> float:

@@ -28,6 +28,7 @@ from bench.stats import (
     Budget,
     Metrics,
     PeakRss,
+    Record,
     RunResult,
     body,
     latency_metrics,
@@ -40,7 +41,6 @@ ACK_EVERY = 100
 PERSISTENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
 # How long a consumer waits for a delivery before it looks at the count and the deadline again.
 IDLE_S = 0.05
-Record = Callable[[float, list[bytes]], None]
 
 
 def connect(url: str) -> pika.BlockingConnection:
@@ -229,7 +229,6 @@ async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
     produced = Budget(p.e2e_total, p.deadline_s)
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
-
     record = recorder(latencies)
 
     def producer() -> None:
