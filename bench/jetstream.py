@@ -181,6 +181,19 @@ class Js:
         self.connections.append(nc)
         return nc.jetstream(timeout=PUBLISH_ACKS_S)
 
+    async def contexts(self, n: int) -> list[JetStreamContext]:
+        """n JetStream contexts, each on a connection of its own, opened before a run's clock
+        starts."""
+        return [await self.context() for _ in range(n)]
+
+    async def subscriptions(self, stream: str, n: int) -> list[JetStreamContext.PullSubscription]:
+        """n pull subscriptions to `stream`'s durable consumer, each on a connection of its
+        own, bound before a run's clock starts."""
+        return [
+            await js.pull_subscribe_bind(durable=DURABLE, stream=stream)
+            for js in await self.contexts(n)
+        ]
+
     async def stream(self, tag: str, max_ack_pending: int) -> str:
         """A file-stored work-queue stream whose subject is its name, and its durable pull
         consumer with explicit acks."""
@@ -225,7 +238,7 @@ async def publish_batch(js: JetStreamContext, subject: str, size: int, n: int) -
 
 
 async def produce(
-    conn: Js,
+    js: JetStreamContext,
     subject: str,
     size: int,
     counter: Budget,
@@ -235,7 +248,6 @@ async def produce(
 ) -> None:
     """Publish batches until `counter` is done; with `received`, hold back while more than
     `backlog` messages wait for delivery (the end-to-end flow-control credit)."""
-    js = await conn.context()
     while n := counter.claim(batch):
         while received is not None and counter.done - received.done > backlog:
             if counter.expired():
@@ -247,7 +259,8 @@ async def produce(
 
 async def fill(conn: Js, subject: str, size: int, total: int, p: Profile) -> None:
     counter = Budget(total, p.fill_deadline_s)
-    await asyncio.gather(*(produce(conn, subject, size, counter, p.fill_batch) for _ in range(4)))
+    contexts = await conn.contexts(4)
+    await asyncio.gather(*(produce(js, subject, size, counter, p.fill_batch) for js in contexts))
     if counter.timed_out:
         raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
 
@@ -264,8 +277,7 @@ async def ack_all(messages: list[Msg], confirm: bool) -> None:
 
 
 async def consume(
-    conn: Js,
-    stream: str,
+    sub: JetStreamContext.PullSubscription,
     counter: Budget,
     batch: int,
     wait_s: float,
@@ -277,8 +289,6 @@ async def consume(
     consumer together has received `counter.total`, or its deadline. With `confirm_acks` (the
     drain, whose LionMQ consumers wait for their ack) a batch's acks are confirmed before the
     next fetch; the end-to-end and paced consumers send theirs without waiting, as LionMQ's."""
-    js = await conn.context()
-    sub = await js.pull_subscribe_bind(durable=DURABLE, stream=stream)
     while not counter.complete and not counter.expired():
         try:
             messages = await sub.fetch(batch, timeout=min(wait_s, max(counter.left_s, 0.01)))
@@ -293,12 +303,11 @@ async def consume(
 async def batch_enqueue(conn: Js, size: int, p: Profile) -> RunResult:
     stream = await conn.stream("batch", p.drain_prefill)
     counter = Budget(p.batch_total, p.deadline_s)
+    contexts = await conn.contexts(p.batch_producers)
 
     async def work() -> Metrics:
         start = time.perf_counter()
-        await asyncio.gather(
-            *(produce(conn, stream, size, counter, p.batch_size) for _ in range(p.batch_producers))
-        )
+        await asyncio.gather(*(produce(js, stream, size, counter, p.batch_size) for js in contexts))
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
     try:
@@ -338,14 +347,12 @@ async def single_enqueue(conn: Js, size: int, p: Profile) -> RunResult:
 
 async def drain_stream(conn: Js, stream: str, total: int, p: Profile) -> RunResult:
     counter = Budget(total, p.deadline_s)
+    subs = await conn.subscriptions(stream, p.drain_consumers)
 
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(
-            *(
-                consume(conn, stream, counter, p.drain_batch, DRAIN_WAIT_S, confirm_acks=True)
-                for _ in range(p.drain_consumers)
-            )
+            *(consume(sub, counter, p.drain_batch, DRAIN_WAIT_S, confirm_acks=True) for sub in subs)
         )
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
@@ -368,19 +375,19 @@ async def end_to_end(conn: Js, size: int, p: Profile) -> RunResult:
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
     record = recorder(latencies)
+    contexts = await conn.contexts(p.e2e_producers)
+    subs = await conn.subscriptions(stream, p.e2e_consumers)
 
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(
             *(
-                produce(conn, stream, size, produced, p.batch_size, received, p.e2e_backlog)
-                for _ in range(p.e2e_producers)
+                produce(js, stream, size, produced, p.batch_size, received, p.e2e_backlog)
+                for js in contexts
             ),
             *(
-                consume(
-                    conn, stream, received, p.batch_size, 0.2, confirm_acks=False, record=record
-                )
-                for _ in range(p.e2e_consumers)
+                consume(sub, received, p.batch_size, 0.2, confirm_acks=False, record=record)
+                for sub in subs
             ),
         )
         rate = received.done / (time.perf_counter() - start)
@@ -402,6 +409,7 @@ async def paced(conn: Js, size: int, p: Profile) -> RunResult:
     received = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
     js = await conn.context()
+    (sub,) = await conn.subscriptions(stream, 1)
     pending: set[asyncio.Future[PubAck]] = set()
 
     async def producer() -> float:
@@ -419,9 +427,7 @@ async def paced(conn: Js, size: int, p: Profile) -> RunResult:
 
     async def work() -> Metrics:
         consuming = asyncio.ensure_future(
-            consume(
-                conn, stream, received, 100, 1.0, confirm_acks=False, record=recorder(latencies)
-            )
+            consume(sub, received, 100, 1.0, confirm_acks=False, record=recorder(latencies))
         )
         await asyncio.sleep(0.2)  # the consumer is parked in its fetch before the first send
         sent_rate = await producer()

@@ -58,6 +58,10 @@ class Amqp:
         connection = connection or await self.connection()
         return await connection.channel(publisher_confirms=True)
 
+    async def channels(self, n: int) -> list[AbstractChannel]:
+        """n channels, each on a connection of its own, opened before a run's clock starts."""
+        return [await self.channel() for _ in range(n)]
+
     async def queue(self, tag: str) -> str:
         name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
         channel = await self.channel(self.connections[0] if self.connections else None)
@@ -89,7 +93,7 @@ async def publish_batch(channel: AbstractChannel, queue: str, size: int, n: int)
 
 
 async def produce(
-    amqp: Amqp,
+    channel: AbstractChannel,
     queue: str,
     size: int,
     counter: Budget,
@@ -99,7 +103,6 @@ async def produce(
 ) -> None:
     """Publish batches until `counter` is done; with `received`, hold back while more than
     `backlog` messages wait for delivery (as the LionMQ end-to-end producers do)."""
-    channel = await amqp.channel()
     while n := counter.claim(batch):
         while received is not None and counter.done - received.done > backlog:
             if counter.left_s <= 0:
@@ -111,13 +114,14 @@ async def produce(
 
 async def fill(amqp: Amqp, queue: str, size: int, total: int, p: Profile) -> None:
     counter = Budget(total, p.fill_deadline_s)
-    await asyncio.gather(*(produce(amqp, queue, size, counter, p.fill_batch) for _ in range(4)))
+    channels = await amqp.channels(4)
+    await asyncio.gather(*(produce(c, queue, size, counter, p.fill_batch) for c in channels))
     if counter.timed_out:
         raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
 
 
 async def consume(
-    amqp: Amqp,
+    channel: AbstractChannel,
     queue: str,
     counter: Budget,
     prefetch: int,
@@ -125,8 +129,7 @@ async def consume(
 ) -> None:
     """Consumes until every consumer together has received `counter.total`, or its deadline;
     acks with multiple=true every ACK_EVERY deliveries and once more at the end. A delivery
-    past the total is left unacked: the broker requeues it when the channel closes."""
-    channel = await amqp.channel()
+    past the total is left unacked: the broker requeues it when `channel` closes, at the end."""
     await channel.set_qos(prefetch_count=prefetch)
     q: AbstractQueue = await channel.get_queue(queue, ensure=False)
     last: AbstractIncomingMessage | None = None
@@ -164,7 +167,7 @@ async def consume(
 async def batch_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
     queue = await amqp.queue("batch")
     counter = Budget(p.batch_total, p.deadline_s)
-    channels = [await amqp.channel() for _ in range(p.batch_producers)]
+    channels = await amqp.channels(p.batch_producers)
 
     async def producer(channel: AbstractChannel) -> None:
         while n := counter.claim(p.batch_size):
@@ -214,12 +217,11 @@ async def single_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
 
 async def drain_queue(amqp: Amqp, queue: str, total: int, p: Profile) -> RunResult:
     counter = Budget(total, p.deadline_s)
+    channels = await amqp.channels(p.drain_consumers)
 
     async def work() -> Metrics:
         start = time.perf_counter()
-        await asyncio.gather(
-            *(consume(amqp, queue, counter, 2 * p.drain_batch) for _ in range(p.drain_consumers))
-        )
+        await asyncio.gather(*(consume(c, queue, counter, 2 * p.drain_batch) for c in channels))
         return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
 
     return RunResult(await measured([amqp.server.pid], work, counter), partial=counter.cut_short)
@@ -240,18 +242,17 @@ async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
     record = recorder(latencies)
+    producers = await amqp.channels(p.e2e_producers)
+    consumers = await amqp.channels(p.e2e_consumers)
 
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(
             *(
-                produce(amqp, queue, size, produced, p.batch_size, received, p.e2e_backlog)
-                for _ in range(p.e2e_producers)
+                produce(c, queue, size, produced, p.batch_size, received, p.e2e_backlog)
+                for c in producers
             ),
-            *(
-                consume(amqp, queue, received, 5 * p.batch_size, record)
-                for _ in range(p.e2e_consumers)
-            ),
+            *(consume(c, queue, received, 5 * p.batch_size, record) for c in consumers),
         )
         rate = received.done / (time.perf_counter() - start)
         return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
@@ -268,7 +269,7 @@ async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
     total = int(p.paced_rate * p.paced_seconds)
     received = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
-    channel = await amqp.channel()
+    channel, consumer = await amqp.channels(2)
     pending: set[asyncio.Future[Any]] = set()
     record = recorder(latencies)
 
@@ -287,7 +288,7 @@ async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
         return sent / (time.perf_counter() - start)
 
     async def work() -> Metrics:
-        consuming = asyncio.ensure_future(consume(amqp, queue, received, 100, record))
+        consuming = asyncio.ensure_future(consume(consumer, queue, received, 100, record))
         await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
         sent_rate = await producer()
         await consuming

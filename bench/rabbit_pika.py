@@ -1,6 +1,7 @@
 """RabbitMQ driven with pika's BlockingConnection: every producer and consumer is a thread with
-a connection of its own (a BlockingConnection is not thread-safe), run from a thread pool so
-that the event loop of `python -m bench` only waits.
+a connection of its own (a BlockingConnection is not thread-safe), opened before the run's
+clock starts; the threads run from a pool so that the event loop of `python -m bench` only
+waits.
 
 Batches are transactions: 100 persistent publishes, then tx.commit, whose commit-ok RabbitMQ
 sends once the messages are durable (what a publisher confirm says, for the whole batch at
@@ -14,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue as queues
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from bench.config import Profile
 from bench.rabbit import RabbitServer
@@ -43,8 +46,36 @@ PERSISTENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
 IDLE_S = 0.05
 
 
-def connect(url: str) -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.URLParameters(url))
+def connect(url: str) -> BlockingConnection:
+    return BlockingConnection(pika.URLParameters(url))
+
+
+def _open(url: str, n: int) -> list[BlockingConnection]:
+    opened: list[BlockingConnection] = []
+    try:
+        for _ in range(n):
+            opened.append(connect(url))
+    except BaseException:
+        _close(opened)
+        raise
+    return opened
+
+
+def _close(connections: list[BlockingConnection]) -> None:
+    for connection in connections:
+        if connection.is_open:
+            connection.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(server: RabbitServer, n: int) -> AsyncIterator[list[BlockingConnection]]:
+    """n connections, opened before a run's clock starts (as LionMQ's client and the other
+    peers' connections are) and closed after it; each is then used by one thread only."""
+    connections = await asyncio.to_thread(_open, server.url, n)
+    try:
+        yield connections
+    finally:
+        await asyncio.to_thread(_close, connections)
 
 
 def in_threads(work: list[Callable[[], None]]) -> None:
@@ -83,7 +114,7 @@ async def delete(server: RabbitServer, name: str) -> None:
 
 
 def produce(
-    url: str,
+    connection: BlockingConnection,
     queue: str,
     size: int,
     counter: Budget,
@@ -93,79 +124,84 @@ def produce(
 ) -> None:
     """Publishes transactions of `batch` until `counter` is done; with `received`, holds back
     while more than `backlog` messages wait for delivery (the end-to-end flow-control credit)."""
-    with connect(url) as connection:
-        channel = connection.channel()
-        channel.tx_select()
-        while n := counter.claim(batch):
-            while received is not None and counter.done - received.done > backlog:
-                if counter.expired():
-                    return
-                time.sleep(0.002)
-            for _ in range(n):
-                channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
-            channel.tx_commit()
-            counter.add(n)
+    channel = connection.channel()
+    channel.tx_select()
+    while n := counter.claim(batch):
+        while received is not None and counter.done - received.done > backlog:
+            if counter.expired():
+                return
+            time.sleep(0.002)
+        for _ in range(n):
+            channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
+        channel.tx_commit()
+        counter.add(n)
+    channel.close()
 
 
 def consume(
-    url: str, queue: str, counter: Budget, prefetch: int, record: Record | None = None
+    connection: BlockingConnection,
+    queue: str,
+    counter: Budget,
+    prefetch: int,
+    record: Record | None = None,
 ) -> None:
     """Consumes until every consumer together has received `counter.total`, or its deadline;
-    acks with multiple=true every ACK_EVERY deliveries and once more at the end."""
-    with connect(url) as connection:
-        channel = connection.channel()
-        channel.basic_qos(prefetch_count=prefetch)
-        unacked, last_tag = 0, 0
-        for method, _props, payload in channel.consume(queue, inactivity_timeout=IDLE_S):
-            if method is not None:
-                if record is not None:
-                    record(time.time(), [payload])
-                done = counter.add(1)
-                last_tag, unacked = method.delivery_tag, unacked + 1
-                if unacked >= ACK_EVERY:
-                    channel.basic_ack(last_tag, multiple=True)
-                    unacked = 0
-                if done >= counter.total:
-                    break
-            if counter.complete or counter.expired():
+    acks with multiple=true every ACK_EVERY deliveries and once more at the end. Deliveries
+    it did not count go back to the queue when it cancels."""
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    unacked, last_tag = 0, 0
+    for method, _props, payload in channel.consume(queue, inactivity_timeout=IDLE_S):
+        if method is not None:
+            if record is not None:
+                record(time.time(), [payload])
+            done = counter.add(1)
+            last_tag, unacked = method.delivery_tag, unacked + 1
+            if unacked >= ACK_EVERY:
+                channel.basic_ack(last_tag, multiple=True)
+                unacked = 0
+            if done >= counter.total:
                 break
-        if unacked:
-            channel.basic_ack(last_tag, multiple=True)
-        channel.cancel()
-
-
-def fill_queue(url: str, queue: str, size: int, total: int, p: Profile) -> None:
-    counter = Budget(total, p.fill_deadline_s)
-    in_threads([lambda: produce(url, queue, size, counter, p.fill_batch) for _ in range(4)])
-    if counter.timed_out:
-        raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
+        if counter.complete or counter.expired():
+            break
+    if unacked:
+        channel.basic_ack(last_tag, multiple=True)
+    channel.cancel()
+    channel.close()
 
 
 async def fill(server: RabbitServer, queue: str, size: int, total: int, p: Profile) -> None:
-    await asyncio.to_thread(fill_queue, server.url, queue, size, total, p)
+    """Fills `queue` with `total` messages: transactions of p.fill_batch, 4 producers."""
+    counter = Budget(total, p.fill_deadline_s)
+    async with connected(server, 4) as connections:
+        await threads(
+            *(partial(produce, c, queue, size, counter, p.fill_batch) for c in connections)
+        )
+    if counter.timed_out:
+        raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
 
 
 async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
     queue = await declare(server, "batch")
     counter = Budget(p.batch_total, p.deadline_s)
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await threads(
-            *(
-                lambda: produce(server.url, queue, size, counter, p.batch_size)
-                for _ in range(p.batch_producers)
-            )
-        )
-        return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
-
     try:
-        return RunResult(await measured([server.pid], work, counter), partial=counter.cut_short)
+        async with connected(server, p.batch_producers) as connections:
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(
+                    *(partial(produce, c, queue, size, counter, p.batch_size) for c in connections)
+                )
+                elapsed = time.perf_counter() - start
+                return {"msg_s": counter.done / elapsed, "count": counter.done}
+
+            metrics = await measured([server.pid], work, counter)
+        return RunResult(metrics, partial=counter.cut_short)
     finally:
         await delete(server, queue)
 
 
-def _confirmed_channel(connection: pika.BlockingConnection) -> BlockingChannel:
+def _confirmed_channel(connection: BlockingConnection) -> BlockingChannel:
     channel = connection.channel()
     channel.confirm_delivery()
     return channel
@@ -176,23 +212,26 @@ async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResu
     counter = Budget(p.single_total, p.deadline_s)
     latencies: list[float] = []
 
-    def producer() -> None:
-        with connect(server.url) as connection:
-            channel = _confirmed_channel(connection)
-            while counter.claim(1):
-                t0 = time.perf_counter()
-                channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
-                latencies.append(time.perf_counter() - t0)
-                counter.add(1)
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await threads(*(producer for _ in range(p.single_concurrency)))
-        rate = counter.done / (time.perf_counter() - start)
-        return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
+    def producer(connection: BlockingConnection) -> None:
+        channel = _confirmed_channel(connection)
+        while counter.claim(1):
+            t0 = time.perf_counter()
+            channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
+            latencies.append(time.perf_counter() - t0)
+            counter.add(1)
+        channel.close()
 
     try:
-        return RunResult(await measured([server.pid], work, counter), partial=counter.cut_short)
+        async with connected(server, p.single_concurrency) as connections:
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(*(partial(producer, c) for c in connections))
+                rate = counter.done / (time.perf_counter() - start)
+                return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
+
+            metrics = await measured([server.pid], work, counter)
+        return RunResult(metrics, partial=counter.cut_short)
     finally:
         await delete(server, queue)
 
@@ -200,18 +239,15 @@ async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResu
 async def drain_queue(server: RabbitServer, queue: str, total: int, p: Profile) -> RunResult:
     counter = Budget(total, p.deadline_s)
     prefetch = 2 * p.drain_batch
+    async with connected(server, p.drain_consumers) as connections:
 
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await threads(
-            *(
-                lambda: consume(server.url, queue, counter, prefetch)
-                for _ in range(p.drain_consumers)
-            )
-        )
-        return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
+        async def work() -> Metrics:
+            start = time.perf_counter()
+            await threads(*(partial(consume, c, queue, counter, prefetch) for c in connections))
+            elapsed = time.perf_counter() - start
+            return {"msg_s": counter.done / elapsed, "count": counter.done}
 
-    metrics = await measured([server.pid], work, counter)
+        metrics = await measured([server.pid], work, counter)
     return RunResult(metrics, partial=counter.cut_short)
 
 
@@ -230,26 +266,29 @@ async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
     record = recorder(latencies)
-
-    def producer() -> None:
-        produce(server.url, queue, size, produced, p.batch_size, received, p.e2e_backlog)
-
-    def consumer() -> None:
-        consume(server.url, queue, received, 5 * p.batch_size, record)
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await threads(
-            *(producer for _ in range(p.e2e_producers)),
-            *(consumer for _ in range(p.e2e_consumers)),
-        )
-        rate = received.done / (time.perf_counter() - start)
-        return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
-
     try:
-        metrics = await measured([server.pid], work, received)
-        partial = produced.cut_short or received.cut_short
-        return RunResult(metrics, partial=partial)
+        async with connected(server, p.e2e_producers + p.e2e_consumers) as connections:
+            producers, consumers = connections[: p.e2e_producers], connections[p.e2e_producers :]
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(
+                    *(
+                        partial(
+                            produce, c, queue, size, produced, p.batch_size, received, p.e2e_backlog
+                        )
+                        for c in producers
+                    ),
+                    *(
+                        partial(consume, c, queue, received, 5 * p.batch_size, record)
+                        for c in consumers
+                    ),
+                )
+                rate = received.done / (time.perf_counter() - start)
+                return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
+
+            metrics = await measured([server.pid], work, received)
+        return RunResult(metrics, partial=produced.cut_short or received.cut_short)
     finally:
         await delete(server, queue)
 
@@ -260,27 +299,34 @@ PACED_PUBLISHERS = 16
 
 async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
     """p.paced_rate single confirmed publishes a second: a scheduler stamps each body when it
-    is due and hands it to a pool of publisher threads; one consumer (prefetch 100)."""
+    is due and hands it to a pool of publisher threads, which all have their confirm-mode
+    channel open before the first is due; one consumer (prefetch 100)."""
     queue = await declare(server, "paced")
     total = int(p.paced_rate * p.paced_seconds)
     received = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
+    record = recorder(latencies)
     due_bodies: queues.Queue[bytes | None] = queues.Queue()
+    ready = threading.Barrier(PACED_PUBLISHERS + 1, timeout=30)
     sent_rate = 0.0
 
-    record = recorder(latencies)
-
-    def publisher() -> None:
-        with connect(server.url) as connection:
+    def publisher(connection: BlockingConnection) -> None:
+        try:
             channel = _confirmed_channel(connection)
-            while (payload := due_bodies.get()) is not None:
-                channel.basic_publish("", queue, payload, PERSISTENT)
+        except BaseException:
+            ready.abort()  # the others stop waiting for this one
+            raise
+        ready.wait()
+        while (payload := due_bodies.get()) is not None:
+            channel.basic_publish("", queue, payload, PERSISTENT)
+        channel.close()
 
     def scheduler() -> None:
         nonlocal sent_rate
-        start = time.perf_counter()
-        sent = 0
         try:
+            ready.wait()
+            start = time.perf_counter()
+            sent = 0
             while sent < total and not received.expired():
                 due = min(total, int((time.perf_counter() - start) * p.paced_rate) + 1)
                 for _ in range(due - sent):
@@ -292,18 +338,24 @@ async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
             for _ in range(PACED_PUBLISHERS):
                 due_bodies.put(None)
 
-    def consumer() -> None:
-        consume(server.url, queue, received, 100, record)
-
-    async def work() -> Metrics:
-        consuming = asyncio.ensure_future(threads(consumer))
-        await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
-        await threads(scheduler, *(publisher for _ in range(PACED_PUBLISHERS)))
-        await consuming
-        return {"sent_msg_s": sent_rate, "count": received.done, **latency_metrics(latencies)}
-
     try:
-        metrics = await measured([server.pid], work, received)
+        async with connected(server, PACED_PUBLISHERS + 1) as connections:
+            consumer, publishers = connections[0], connections[1:]
+
+            async def work() -> Metrics:
+                consuming = asyncio.ensure_future(
+                    threads(partial(consume, consumer, queue, received, 100, record))
+                )
+                await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
+                await threads(scheduler, *(partial(publisher, c) for c in publishers))
+                await consuming
+                return {
+                    "sent_msg_s": sent_rate,
+                    "count": received.done,
+                    **latency_metrics(latencies),
+                }
+
+            metrics = await measured([server.pid], work, received)
         return RunResult(metrics, partial=received.cut_short)
     finally:
         await delete(server, queue)
