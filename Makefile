@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt watcher bench bench-peer chromium clean
+.PHONY: run test lint fmt watcher bench bench-peer bench-transport chromium clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,11 +38,16 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# LionMQ alone; then side by side with RabbitMQ and NATS JetStream (their servers installed
+# from apt when missing, run on loopback from temp dirs); then the client's HTTP senders.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
 bench-peer: $(STAMP)
-	$(BIN)/python -m bench --peer rabbitmq
+	$(BIN)/python -m bench --peer all
+
+bench-transport: $(STAMP)
+	$(BIN)/python -m bench transport
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

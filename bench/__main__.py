@@ -1,4 +1,6 @@
-"""`python -m bench [--quick] [--scenarios 1,3] [--runs N] [--json PATH] [--peer rabbitmq]`."""
+"""`python -m bench [--quick] [--scenarios 1,3] [--runs N] [--json PATH] [--peer rabbitmq,nats|all]`
+runs the six scenarios against LionMQ (and, with --peer, against RabbitMQ and NATS JetStream);
+`python -m bench transport --help`: the client's HTTP senders against a bare ASGI app."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import asyncio
 import datetime as dt
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,22 @@ from lionmq import AsyncClient
 
 from bench import report
 from bench.config import FULL, QUICK, SCENARIOS, Profile
+from bench.install import ensure_installed
 from bench.node import DURABILITY, Node
+from bench.peers import PEERS
+from bench.peers import parse as parse_peers
+from bench.rabbit import CLIENTS as RABBIT_CLIENTS
 from bench.scenarios import RUNNERS
-from bench.stats import SIZES, RunResult, ScenarioResult
+from bench.stats import SIZES, Results, RunOne, RunResult, ScenarioResult
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-Results = dict[str, dict[str, ScenarioResult]]
+
+
+def _rabbit_clients(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names or set(names) - set(RABBIT_CLIENTS):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(RABBIT_CLIENTS)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,8 +45,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sizes", default=",".join(SIZES), help="body sizes: 16B,1KiB")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (median)")
-    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
-    parser.add_argument("--peer", choices=["rabbitmq"], default=None, help="also run RabbitMQ")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write the results (the Markdown table goes beside it, as .md)",
+    )
+    parser.add_argument(
+        "--peer",
+        type=parse_peers,
+        default=[],
+        help=f"also run these brokers: {','.join(PEERS)} or all (installed with apt if missing)",
+    )
+    parser.add_argument(
+        "--without-lionmq",
+        action="store_true",
+        help="run only the peers (their figures alone: no ratios)",
+    )
+    parser.add_argument(
+        "--rabbitmq-clients",
+        type=_rabbit_clients,
+        default=RABBIT_CLIENTS,
+        help=f"the clients that drive RabbitMQ (default {','.join(RABBIT_CLIENTS)}: the table "
+        "shows the faster per scenario)",
+    )
     args = parser.parse_args(argv)
     args.scenarios = sorted({int(s) for s in args.scenarios.split(",") if s.strip()})
     if unknown := set(args.scenarios) - set(SCENARIOS):
@@ -48,14 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.json is None:
         stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
         args.json = RESULTS_DIR / f"{stamp}.json"
+    args.long_runs = (QUICK if args.quick else FULL).long_runs
     return args
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-RunOne = Callable[[int, int], Awaitable[RunResult]]
 
 
 async def run_matrix(
@@ -99,15 +130,13 @@ async def run_lionmq(args: argparse.Namespace, profile: Profile, results: Result
                 await run_matrix("lionmq", run_one, sub, per)
 
 
-async def main(args: argparse.Namespace) -> Results:
+async def main(args: argparse.Namespace, versions: dict[str, str]) -> Results:
     profile = QUICK if args.quick else FULL
-    args.long_runs = profile.long_runs
     results: Results = {}
-    await run_lionmq(args, profile, results)
-    if args.peer == "rabbitmq":
-        from bench import rabbit
-
-        await rabbit.run(args, profile, results.setdefault("rabbitmq", {}), run_matrix)
+    if not args.without_lionmq:
+        await run_lionmq(args, profile, results)
+    for name in args.peer:
+        versions[name] = await PEERS[name].run(args, profile, results, run_matrix)
     return results
 
 
@@ -116,19 +145,28 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["transport"]:
+        from bench import transport
+
+        return transport.cli(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # Before any figure: a missing server must not cost a LionMQ run first.
+    ensure_installed({PEERS[name].package: PEERS[name].server for name in args.peer})
     meta: dict[str, Any] = {
         "machine": report.machine_info(),
-        "durability": {"lionmq": DURABILITY},
+        "durability": {} if args.without_lionmq else {"lionmq": DURABILITY},
         "profile": "quick" if args.quick else "full",
         "runs": args.runs,
-        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "scenarios": args.scenarios,
+        "sizes": args.sizes,
+        "command": " ".join(["python -m bench", *argv]),
     }
-    if args.peer == "rabbitmq":
-        from bench.rabbit import DURABILITY as RABBIT_DURABILITY
-
-        meta["durability"]["rabbitmq"] = RABBIT_DURABILITY
+    for name in args.peer:
+        peer = PEERS[name]
+        clients = args.rabbitmq_clients if name == "rabbitmq" else peer.clients
+        meta["durability"][name] = f"{peer.durability} (clients: {', '.join(clients)})"
     try:
         import uvloop
 
@@ -137,11 +175,13 @@ def cli(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         loop_factory = None
         meta["event_loop"] = "asyncio"
+    versions: dict[str, str] = {}
+    meta["versions"] = versions
     results: Results = {}
     interrupted = False
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            results = runner.run(main(args))
+            results = runner.run(main(args, versions))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: servers stopped")
@@ -154,11 +194,13 @@ def cli(argv: list[str] | None = None) -> int:
         f"Python {machine['python']} ({meta['event_loop']})"
     )
     for broker, text in meta["durability"].items():
-        print(f"durability, {broker}: {text}")
+        print(f"durability, {broker} {versions.get(broker, '')}: {text}")
     print()
     print(report.table(results, args.sizes, args.scenarios))
     report.write_json(args.json, report.document(results, meta))
-    print(f"\nresults: {args.json}")
+    markdown = args.json.with_suffix(".md")
+    report.write_text(markdown, report.markdown(results, args.sizes, meta))
+    print(f"\nresults: {args.json}\nREADME table: {markdown}")
     return 0
 
 

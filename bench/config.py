@@ -34,6 +34,8 @@ class Profile:
     long_depth: int = 1_000_000
     long_drain: int = 100_000
     fill_batch: int = 1000
+    settle_s: float = 1.0
+    """Pause between filling the deep queue and reading the server's RSS at depth."""
     long_runs: int = 1
     """Runs of the long queue (each fills 1,000,000): one unless --runs says fewer."""
     deadline_s: float = 30.0

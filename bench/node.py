@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 import psutil
@@ -33,7 +34,7 @@ class Node:
         self.extra_env = env
         self.dir = Path(tempfile.mkdtemp(prefix="lionmq-bench-"))
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def pid(self) -> int:
@@ -84,7 +85,7 @@ class Node:
         """Kills the node's process group (SIGKILL after a short grace) and removes its dir."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            _kill_group(proc)
+            kill_group(proc)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -102,7 +103,7 @@ class Node:
         self.stop()
 
 
-def _kill_group(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+def kill_group(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(grace)

@@ -1,10 +1,10 @@
-"""`--peer rabbitmq`: Debian's rabbitmq-server, run on loopback by us, driven with aio-pika.
+"""`--peer rabbitmq`: Debian's rabbitmq-server, run on loopback by us, driven by each of two
+Python clients: pika (BlockingConnection, one per worker thread) and aio-pika (asyncio).
 
 The server runs from a temp dir (its own node name, AMQP, distribution and epmd ports, no
-plugins) in its own process group, and is stopped by PID. Scenarios map onto AMQP as: durable
-classic queue, persistent messages (delivery_mode=2), publisher confirms, manual acks; a batch
-is 100 publishes followed by waiting for their confirms; consumers use basic.qos prefetch and
-ack with multiple=true every 100 deliveries.
+plugins) in its own process group, and is stopped by PID. Every scenario runs with both
+clients; the report shows the faster one per scenario (and the JSON keeps both), so that
+RabbitMQ's figures are RabbitMQ's, not one client's.
 """
 
 from __future__ import annotations
@@ -19,80 +19,30 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-import aio_pika
 import psutil
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
 
 from bench.config import Profile
+from bench.install import version
 from bench.ports import accepts, free_port, spawn, wait_ready
-from bench.stats import (
-    Budget,
-    CpuMeter,
-    Metrics,
-    PeakRss,
-    RunResult,
-    ScenarioResult,
-    body,
-    latency_metrics,
-    sent_at,
-)
+from bench.stats import Results, RunMatrix, RunResult
 
-DURABILITY = (
-    "durable classic queue, persistent messages (delivery_mode=2), publisher confirms, "
-    "manual acks (RabbitMQ confirms persistent messages once written and fsynced)"
-)
+PACKAGE = "rabbitmq-server"
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
-POLICY_RC = Path("/usr/sbin/policy-rc.d")
-ACK_EVERY = 100
+CLIENTS = ("pika", "aio-pika")
+DURABILITY = (
+    "durable classic queue, persistent messages (delivery_mode=2); a publish counts once "
+    "confirmed (publisher confirms, or tx.commit-ok for pika's batches of 100), which RabbitMQ "
+    "sends once the messages are written and fsynced; manual acks, multiple=true every 100"
+)
 
 
 def log(message: str) -> None:
     print(message, flush=True, file=sys.stderr)
-
-
-def ensure_installed() -> None:
-    """Installs Debian's rabbitmq-server when missing, without letting its postinst start the
-    system service (a policy-rc.d that denies service starts, removed afterwards)."""
-    if SERVER.exists():
-        return
-    log("[rabbitmq] installing Debian's rabbitmq-server with apt")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    added_policy = False
-    if not POLICY_RC.exists() and os.geteuid() == 0:
-        POLICY_RC.write_text("#!/bin/sh\n# bench: no service starts during install\nexit 101\n")
-        POLICY_RC.chmod(0o755)
-        added_policy = True
-    try:
-        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
-        subprocess.run(
-            [*sudo, "apt-get", "install", "-y", "-qq", "rabbitmq-server"],
-            check=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    finally:
-        if added_policy:
-            POLICY_RC.unlink(missing_ok=True)
-    # Should a system instance have started anyway, it must not compete for the CPU.
-    subprocess.run([*sudo, "service", "rabbitmq-server", "stop"], capture_output=True)
-
-
-def version() -> str:
-    out = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"], capture_output=True, text=True
-    )
-    return out.stdout.strip() or "unknown"
 
 
 class RabbitServer:
@@ -112,6 +62,8 @@ class RabbitServer:
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
+            # Erlang distribution (how rabbitmqctl reaches the node) listens on loopback only.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "ERL_EPMD_PORT": str(self.epmd_port),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
@@ -198,6 +150,9 @@ class RabbitServer:
 
 
 async def wait_amqp(url: str, within_s: float) -> None:
+    """The AMQP port accepts before the broker answers: wait for a real handshake."""
+    import aio_pika
+
     deadline = time.monotonic() + within_s
     while True:
         try:
@@ -210,349 +165,40 @@ async def wait_amqp(url: str, within_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
-# -- scenarios ----------------------------------------------------------------------------
+Runner = Callable[[RabbitServer, int, Profile], Awaitable[RunResult]]
 
 
-class Amqp:
-    """Connections to one server; each producer or consumer gets its own channel."""
+def runners(client: str) -> dict[int, Runner]:
+    if client == "pika":
+        from bench import rabbit_pika
 
-    def __init__(self, server: RabbitServer) -> None:
-        self.server = server
-        self.connections: list[AbstractConnection] = []
+        return rabbit_pika.RUNNERS
+    if client == "aio-pika":
+        from bench import rabbit_aio
 
-    async def connection(self) -> AbstractConnection:
-        connection = await aio_pika.connect(self.server.url)
-        self.connections.append(connection)
-        return connection
-
-    async def channel(self, connection: AbstractConnection | None = None) -> AbstractChannel:
-        connection = connection or await self.connection()
-        return await connection.channel(publisher_confirms=True)
-
-    async def queue(self, tag: str) -> str:
-        name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
-        channel = await self.channel(self.connections[0] if self.connections else None)
-        await channel.declare_queue(name, durable=True)
-        await channel.close()
-        return name
-
-    async def delete(self, name: str) -> None:
-        with contextlib.suppress(Exception):
-            channel = await self.channel(self.connections[0])
-            await channel.queue_delete(name)
-            await channel.close()
-
-    async def close(self) -> None:
-        for connection in self.connections:
-            with contextlib.suppress(Exception):
-                await connection.close()
-        self.connections.clear()
-
-
-def persistent(size: int) -> aio_pika.Message:
-    return aio_pika.Message(body(size).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-
-
-async def publish_batch(channel: AbstractChannel, queue: str, size: int, n: int) -> None:
-    """n publishes, then wait for all their confirms."""
-    exchange = channel.default_exchange
-    await asyncio.gather(*(exchange.publish(persistent(size), routing_key=queue) for _ in range(n)))
-
-
-async def produce(
-    amqp: Amqp,
-    queue: str,
-    size: int,
-    counter: Budget,
-    batch: int,
-    received: Budget | None = None,
-    backlog: int = 0,
-) -> None:
-    """Publish batches until `counter` is done; with `received`, hold back while more than
-    `backlog` messages wait for delivery (as the LionMQ end-to-end producers do)."""
-    channel = await amqp.channel()
-    while n := counter.claim(batch):
-        while received is not None and counter.done - received.done > backlog:
-            if counter.left_s <= 0:
-                return
-            await asyncio.sleep(0.005)
-        await publish_batch(channel, queue, size, n)
-        counter.done += n
-
-
-async def fill(amqp: Amqp, queue: str, size: int, total: int, p: Profile) -> None:
-    counter = Budget(total, p.fill_deadline_s)
-    await asyncio.gather(*(produce(amqp, queue, size, counter, p.fill_batch) for _ in range(4)))
-    if counter.timed_out:
-        raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
-
-
-async def consume(
-    amqp: Amqp,
-    queue: str,
-    counter: Budget,
-    prefetch: int,
-    on_batch: Callable[[float, list[bytes]], None] | None = None,
-) -> None:
-    """Consumes until `counter` reaches its total (shared by all consumers) or its deadline;
-    acks with multiple=true every ACK_EVERY deliveries and once more at the end."""
-    channel = await amqp.channel()
-    await channel.set_qos(prefetch_count=prefetch)
-    q: AbstractQueue = await channel.get_queue(queue, ensure=False)
-    last: AbstractIncomingMessage | None = None
-    unacked = 0
-
-    async def receive() -> None:
-        nonlocal last, unacked
-        async with q.iterator() as messages:
-            async for message in messages:
-                if on_batch is not None:
-                    on_batch(time.time(), [message.body])
-                counter.done += 1
-                last, unacked = message, unacked + 1
-                if unacked >= ACK_EVERY:
-                    await message.ack(multiple=True)
-                    unacked = 0
-                if counter.done >= counter.total:
-                    counter.finished.set()
-                    return
-
-    receiving = asyncio.ensure_future(receive())
-    finished = asyncio.ensure_future(counter.finished.wait())
-    try:
-        await asyncio.wait(
-            {receiving, finished}, timeout=counter.left_s, return_when=asyncio.FIRST_COMPLETED
-        )
-        if not counter.finished.is_set():
-            counter.timed_out = True
-    finally:
-        for task in (receiving, finished):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        with contextlib.suppress(Exception):
-            if last is not None and unacked:
-                await last.ack(multiple=True)
-            await channel.close()
-
-
-async def _measured(server: RabbitServer, work: Callable[[], Awaitable[Metrics]]) -> Metrics:
-    cpu = CpuMeter([server.pid])
-    metrics = await work()
-    return {**metrics, **cpu.stop()}
-
-
-async def batch_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
-    queue = await amqp.queue("batch")
-    counter = Budget(p.batch_total, p.deadline_s)
-    channels = [await amqp.channel() for _ in range(p.batch_producers)]
-
-    async def producer(channel: AbstractChannel) -> None:
-        while n := counter.claim(p.batch_size):
-            await publish_batch(channel, queue, size, n)
-            counter.done += n
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await asyncio.gather(*(producer(c) for c in channels))
-        return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
-
-    try:
-        return RunResult(await _measured(amqp.server, work), partial=counter.timed_out)
-    finally:
-        await amqp.delete(queue)
-
-
-async def single_enqueue(amqp: Amqp, size: int, p: Profile) -> RunResult:
-    queue = await amqp.queue("single")
-    counter = Budget(p.single_total, p.deadline_s)
-    connection = await amqp.connection()
-    channels = [await amqp.channel(connection) for _ in range(p.single_concurrency)]
-    latencies: list[float] = []
-
-    async def producer(channel: AbstractChannel) -> None:
-        while counter.claim(1):
-            t0 = time.perf_counter()
-            await channel.default_exchange.publish(persistent(size), routing_key=queue)
-            latencies.append(time.perf_counter() - t0)
-            counter.done += 1
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await asyncio.gather(*(producer(c) for c in channels))
-        rate = counter.done / (time.perf_counter() - start)
-        return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
-
-    try:
-        return RunResult(await _measured(amqp.server, work), partial=counter.timed_out)
-    finally:
-        await amqp.delete(queue)
-
-
-async def drain_queue(amqp: Amqp, queue: str, total: int, p: Profile) -> RunResult:
-    counter = Budget(total, p.deadline_s)
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await asyncio.gather(
-            *(consume(amqp, queue, counter, 2 * p.drain_batch) for _ in range(p.drain_consumers))
-        )
-        return {"msg_s": counter.done / (time.perf_counter() - start), "count": counter.done}
-
-    return RunResult(await _measured(amqp.server, work), partial=counter.timed_out)
-
-
-async def drain(amqp: Amqp, size: int, p: Profile) -> RunResult:
-    queue = await amqp.queue("drain")
-    try:
-        await fill(amqp, queue, size, p.drain_prefill, p)
-        return await drain_queue(amqp, queue, p.drain_prefill, p)
-    finally:
-        await amqp.delete(queue)
-
-
-async def end_to_end(amqp: Amqp, size: int, p: Profile) -> RunResult:
-    queue = await amqp.queue("e2e")
-    produced = Budget(p.e2e_total, p.deadline_s)
-    received = Budget(p.e2e_total, p.deadline_s)
-    latencies: list[float] = []
-
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
-
-    async def work() -> Metrics:
-        start = time.perf_counter()
-        await asyncio.gather(
-            *(
-                produce(amqp, queue, size, produced, p.batch_size, received, p.e2e_backlog)
-                for _ in range(p.e2e_producers)
-            ),
-            *(consume(amqp, queue, received, 5 * p.batch_size, record) for _ in range(4)),
-        )
-        rate = received.done / (time.perf_counter() - start)
-        return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
-
-    try:
-        metrics = await _measured(amqp.server, work)
-        return RunResult(metrics, partial=produced.timed_out or received.timed_out)
-    finally:
-        await amqp.delete(queue)
-
-
-async def paced(amqp: Amqp, size: int, p: Profile) -> RunResult:
-    queue = await amqp.queue("paced")
-    total = int(p.paced_rate * p.paced_seconds)
-    received = Budget(total, p.paced_seconds + p.deadline_s)
-    latencies: list[float] = []
-    channel = await amqp.channel()
-    pending: set[asyncio.Future[Any]] = set()
-
-    def record(now: float, bodies: list[bytes]) -> None:
-        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
-
-    async def producer() -> float:
-        start = time.perf_counter()
-        sent = 0
-        while sent < total and received.left_s > 0:
-            due = min(total, int((time.perf_counter() - start) * p.paced_rate) + 1)
-            for _ in range(due - sent):
-                publish = channel.default_exchange.publish(persistent(size), routing_key=queue)
-                task = asyncio.ensure_future(publish)
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            sent = due
-            await asyncio.sleep(1 / p.paced_rate)
-        return sent / (time.perf_counter() - start)
-
-    async def work() -> Metrics:
-        consuming = asyncio.ensure_future(consume(amqp, queue, received, 100, record))
-        await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
-        sent_rate = await producer()
-        await consuming
-        if pending:
-            await asyncio.gather(*pending)
-        return {"sent_msg_s": sent_rate, "count": received.done, **latency_metrics(latencies)}
-
-    try:
-        metrics = await _measured(amqp.server, work)
-        return RunResult(metrics, partial=received.timed_out)
-    finally:
-        await amqp.delete(queue)
-
-
-async def long_queue(amqp: Amqp, size: int, p: Profile) -> RunResult:
-    server = amqp.server
-    shallow = await amqp.queue("shallow")
-    deep = await amqp.queue("deep")
-    try:
-        async with PeakRss(server.rss_bytes) as memory:
-            await fill(amqp, shallow, size, p.long_drain, p)
-            empty = await drain_queue(amqp, shallow, p.long_drain, p)
-            t0 = time.perf_counter()
-            await fill(amqp, deep, size, p.long_depth, p)
-            fill_rate = p.long_depth / (time.perf_counter() - t0)
-            await asyncio.sleep(1.0)
-            rss_full = server.rss_bytes()
-            at_depth = await drain_queue(amqp, deep, p.long_drain, p)
-    finally:
-        await amqp.delete(shallow)
-        await amqp.delete(deep)
-    rate_empty = empty.metrics.get("msg_s", 0.0)
-    rate_depth = at_depth.metrics.get("msg_s", 0.0)
-    return RunResult(
-        {
-            "depth": float(p.long_depth),
-            "fill_msg_s": fill_rate,
-            "rss_mb": rss_full / 2**20,
-            "peak_rss_mb": memory.peak / 2**20,
-            "drain_empty_msg_s": rate_empty,
-            "drain_depth_msg_s": rate_depth,
-            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
-            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
-            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
-        },
-        partial=empty.partial or at_depth.partial,
-    )
-
-
-RUNNERS: dict[int, Callable[[Amqp, int, Profile], Awaitable[RunResult]]] = {
-    1: batch_enqueue,
-    2: single_enqueue,
-    3: drain,
-    4: end_to_end,
-    5: paced,
-    6: long_queue,
-}
-
-RunMatrix = Callable[
-    [
-        str,
-        Callable[[int, int], Awaitable[RunResult]],
-        argparse.Namespace,
-        dict[str, ScenarioResult],
-    ],
-    Awaitable[None],
-]
+        return rabbit_aio.RUNNERS
+    raise ValueError(f"unknown RabbitMQ client {client!r}; choose from {CLIENTS}")
 
 
 async def run(
     args: argparse.Namespace,
     profile: Profile,
-    results: dict[str, ScenarioResult],
+    results: Results,
     run_matrix: RunMatrix,
 ) -> str:
-    """Installs (if needed), starts, drives and stops RabbitMQ; returns its version."""
-    await asyncio.to_thread(ensure_installed)
+    """Starts, drives (with each client of `args.rabbitmq_clients` in turn) and stops
+    RabbitMQ; returns its version. Results go to `results["rabbitmq/<client>"]`."""
     with RabbitServer() as server:
-        log(f"[rabbitmq] {version()} pid {server.pid} on {server.url} ({server.node})")
+        log(f"[rabbitmq] {version(PACKAGE)} pid {server.pid} on {server.url} ({server.node})")
         await wait_amqp(server.url, server.boot_timeout)
+        for client in args.rabbitmq_clients:
+            scenario_runners = runners(client)
 
-        async def run_one(number: int, size: int) -> RunResult:
-            amqp = Amqp(server)
-            try:
-                return await RUNNERS[number](amqp, size, profile)
-            finally:
-                await amqp.close()
+            async def run_one(
+                number: int, size: int, scenario_runners: dict[int, Runner] = scenario_runners
+            ) -> RunResult:
+                return await scenario_runners[number](server, size, profile)
 
-        await run_matrix("rabbitmq", run_one, args, results)
-    return version()
+            name = f"rabbitmq/{client}"
+            await run_matrix(name, run_one, args, results.setdefault(name, {}))
+    return version(PACKAGE)

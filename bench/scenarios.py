@@ -18,12 +18,13 @@ from bench.config import Profile
 from bench.node import Node
 from bench.stats import (
     Budget,
-    CpuMeter,
     Metrics,
     PeakRss,
     RunResult,
     body,
     latency_metrics,
+    long_queue_result,
+    measured,
     sent_at,
 )
 
@@ -35,13 +36,11 @@ def channel_name(tag: str) -> str:
 async def _measured(
     node: Node, work: Callable[[], Awaitable[Metrics]], budget: Budget
 ) -> RunResult:
-    cpu = CpuMeter([node.pid])
     try:
-        # The workers watch the deadline themselves; this only catches a hung request.
-        metrics = await asyncio.wait_for(work(), timeout=max(budget.left_s, 0) + 30)
+        metrics = await measured([node.pid], work, budget)
     except TimeoutError:
-        return RunResult({**cpu.stop()}, partial=True, note="hung past the deadline")
-    return RunResult({**metrics, **cpu.stop()}, partial=budget.timed_out)
+        return RunResult({}, partial=True, note="hung past the deadline")
+    return RunResult(metrics, partial=budget.timed_out)
 
 
 async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Profile) -> int:
@@ -51,7 +50,7 @@ async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Prof
     async def producer() -> None:
         while n := budget.claim(p.fill_batch):
             await client.enqueue_many(channel, [body(size) for _ in range(n)])
-            budget.done += n
+            budget.add(n)
 
     await asyncio.gather(*(producer() for _ in range(4)))
     if budget.timed_out:
@@ -66,7 +65,7 @@ async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) 
     async def producer() -> None:
         while n := budget.claim(p.batch_size):
             await client.enqueue_many(channel, [body(size) for _ in range(n)])
-            budget.done += n
+            budget.add(n)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -89,7 +88,7 @@ async def single_enqueue(client: AsyncClient, node: Node, size: int, p: Profile)
             t0 = time.perf_counter()
             await client.enqueue(channel, body(size))
             latencies.append(time.perf_counter() - t0)
-            budget.done += 1
+            budget.add(1)
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -118,7 +117,7 @@ async def drain_channel(
             if not messages:
                 return
             await client.ack(channel, [m.receipt for m in messages])
-            budget.done += len(messages)
+            budget.add(len(messages))
 
     async def work() -> Metrics:
         start = time.perf_counter()
@@ -157,7 +156,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(room.wait(), timeout=0.05)
             await client.enqueue_many(channel, [body(size) for _ in range(n)])
-            produced.done += n
+            produced.add(n)
 
     async def consumer() -> None:
         nonlocal received
@@ -257,28 +256,20 @@ async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> 
             await _drop(client, shallow)
             t0 = time.perf_counter()
             filled = await fill(client, deep, size, p.long_depth, p)
-            fill_rate = filled / (time.perf_counter() - t0)
-            await asyncio.sleep(1.0)
+            fill_s = time.perf_counter() - t0
+            await asyncio.sleep(p.settle_s)
             rss_full = node.rss_bytes()
             at_depth = await drain_channel(client, node, deep, p.long_drain, p)
     finally:
         await _drop(client, shallow)
         await _drop(client, deep)
-    ratio = at_depth.metrics.get("msg_s", 0.0) / max(empty.metrics.get("msg_s", 0.0), 1e-9)
-    return RunResult(
-        {
-            "depth": float(filled),
-            "fill_msg_s": fill_rate,
-            "rss_mb": rss_full / 2**20,
-            "rss_start_mb": memory.start / 2**20,
-            "peak_rss_mb": memory.peak / 2**20,
-            "drain_empty_msg_s": empty.metrics.get("msg_s", 0.0),
-            "drain_depth_msg_s": at_depth.metrics.get("msg_s", 0.0),
-            "depth_vs_empty": ratio,
-            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
-            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
-        },
-        partial=empty.partial or at_depth.partial,
+    return long_queue_result(
+        depth=filled,
+        fill_s=fill_s,
+        rss_full=rss_full,
+        memory=memory,
+        empty=empty,
+        at_depth=at_depth,
     )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,19 @@ def body(size: int) -> str:
 def sent_at(value: Any) -> float:
     """The send time (seconds since the epoch) carried by a `body()`."""
     return int(str(value)[:16]) / 1e6
+
+
+Record = Callable[[float, list[bytes]], None]
+"""Called by a consumer with the delivery time and the bodies it received."""
+
+
+def recorder(latencies: list[float]) -> Record:
+    """A `Record` that appends each body's enqueue -> delivery time to `latencies`."""
+
+    def record(now: float, bodies: list[bytes]) -> None:
+        latencies.extend(now - sent_at(b[:16].decode()) for b in bodies)
+
+    return record
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,7 +131,8 @@ class CpuMeter:
 
 
 class Budget:
-    """A count to reach and a deadline to respect, shared by a run's workers."""
+    """A count to reach and a deadline to respect, shared by a run's workers: asyncio tasks,
+    or the threads of a blocking client (hence the lock)."""
 
     def __init__(self, total: int, seconds: float) -> None:
         self.total = total
@@ -124,16 +140,39 @@ class Budget:
         self.done = 0
         self.deadline = time.monotonic() + seconds
         self.timed_out = False
-        self.finished = asyncio.Event()
+        self._lock = threading.Lock()
 
     def claim(self, n: int) -> int:
         """How many of the next `n` a worker may do (0: stop)."""
         if time.monotonic() >= self.deadline:
             self.timed_out = True
             return 0
-        n = max(0, min(n, self.total - self.claimed))
-        self.claimed += n
+        with self._lock:
+            n = max(0, min(n, self.total - self.claimed))
+            self.claimed += n
         return n
+
+    def add(self, n: int) -> int:
+        """Counts `n` more done; returns the new count."""
+        with self._lock:
+            self.done += n
+            return self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.total
+
+    @property
+    def cut_short(self) -> bool:
+        """The run stopped at its deadline, or before its count: its figures are partial."""
+        return self.timed_out or not self.complete
+
+    def expired(self) -> bool:
+        """True (and the run marked timed out) once the deadline has passed."""
+        if time.monotonic() >= self.deadline:
+            self.timed_out = True
+            return True
+        return False
 
     @property
     def left_s(self) -> float:
@@ -162,3 +201,56 @@ class PeakRss:
         while True:
             self.peak = max(self.peak, self._rss())
             await asyncio.sleep(0.25)
+
+
+Results = dict[str, dict[str, ScenarioResult]]
+"""Per broker and client ("lionmq", "rabbitmq/pika", "nats/nats-py"), per "scenario:size"."""
+RunOne = Callable[[int, int], Awaitable[RunResult]]
+"""Runs one scenario (number, body size in bytes) once."""
+RunMatrix = Callable[[str, RunOne, argparse.Namespace, dict[str, ScenarioResult]], Awaitable[None]]
+"""Runs every selected scenario and size `args.runs` times through a `RunOne`."""
+
+
+HANG_S = 30.0
+"""How long past its deadline a run may go before it is taken for hung."""
+
+
+async def measured(
+    pids: list[int], work: Callable[[], Awaitable[Metrics]], budget: Budget
+) -> Metrics:
+    """`work()`'s figures with the CPU the server (`pids`) and this process used meanwhile.
+    The workers watch `budget`'s deadline themselves; a run still going HANG_S after it (a
+    request or confirm that never came back) raises TimeoutError."""
+    cpu = CpuMeter(pids)
+    metrics = await asyncio.wait_for(work(), timeout=budget.left_s + HANG_S)
+    return {**metrics, **cpu.stop()}
+
+
+def long_queue_result(
+    *,
+    depth: int,
+    fill_s: float,
+    rss_full: int,
+    memory: PeakRss,
+    empty: RunResult,
+    at_depth: RunResult,
+) -> RunResult:
+    """The long queue's figures, for every broker alike: drain rates over the same count from
+    a shallow and a deep queue, the server's RSS at depth, at start and at peak."""
+    rate_empty = empty.metrics.get("msg_s", 0.0)
+    rate_depth = at_depth.metrics.get("msg_s", 0.0)
+    return RunResult(
+        {
+            "depth": float(depth),
+            "fill_msg_s": depth / max(fill_s, 1e-9),
+            "rss_mb": rss_full / 2**20,
+            "rss_start_mb": memory.start / 2**20,
+            "peak_rss_mb": memory.peak / 2**20,
+            "drain_empty_msg_s": rate_empty,
+            "drain_depth_msg_s": rate_depth,
+            "depth_vs_empty": rate_depth / max(rate_empty, 1e-9),
+            "server_cpu_pct": at_depth.metrics.get("server_cpu_pct", 0.0),
+            "bench_cpu_pct": at_depth.metrics.get("bench_cpu_pct", 0.0),
+        },
+        partial=empty.partial or at_depth.partial,
+    )

@@ -1,0 +1,397 @@
+"""RabbitMQ driven with pika's BlockingConnection: every producer and consumer is a thread with
+a connection of its own (a BlockingConnection is not thread-safe), opened before the run's
+clock starts; the threads run from a pool so that the event loop of `python -m bench` only
+waits.
+
+Batches are transactions: 100 persistent publishes, then tx.commit, whose commit-ok RabbitMQ
+sends once the messages are durable (what a publisher confirm says, for the whole batch at
+once; pika's blocking confirm mode would wait for each message in turn). Single publishes use
+publisher confirms (basic_publish returns once confirmed). Consumers use basic.qos prefetch
+and ack with multiple=true every 100 deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue as queues
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from bench.config import Profile
+from bench.rabbit import RabbitServer
+from bench.stats import (
+    Budget,
+    Metrics,
+    PeakRss,
+    Record,
+    RunResult,
+    body,
+    latency_metrics,
+    long_queue_result,
+    measured,
+    recorder,
+)
+
+ACK_EVERY = 100
+PERSISTENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+# How long a consumer waits for a delivery before it looks at the count and the deadline again.
+IDLE_S = 0.05
+
+
+def connect(url: str) -> BlockingConnection:
+    return BlockingConnection(pika.URLParameters(url))
+
+
+def _open(url: str, n: int) -> list[BlockingConnection]:
+    opened: list[BlockingConnection] = []
+    try:
+        for _ in range(n):
+            opened.append(connect(url))
+    except BaseException:
+        _close(opened)
+        raise
+    return opened
+
+
+def _close(connections: list[BlockingConnection]) -> None:
+    for connection in connections:
+        if connection.is_open:
+            connection.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(server: RabbitServer, n: int) -> AsyncIterator[list[BlockingConnection]]:
+    """n connections, opened before a run's clock starts (as LionMQ's client and the other
+    peers' connections are) and closed after it; each is then used by one thread only."""
+    connections = await asyncio.to_thread(_open, server.url, n)
+    try:
+        yield connections
+    finally:
+        await asyncio.to_thread(_close, connections)
+
+
+def in_threads(work: list[Callable[[], None]]) -> None:
+    """Runs each callable in a thread of its own; raises the first error once all have ended
+    (each is bounded by its run's count and deadline)."""
+    with ThreadPoolExecutor(len(work), thread_name_prefix="pika") as pool:
+        futures = [pool.submit(fn) for fn in work]
+        for future in futures:
+            future.result()
+
+
+async def threads(*work: Callable[[], None]) -> None:
+    await asyncio.to_thread(in_threads, list(work))
+
+
+def _declare(url: str, tag: str) -> str:
+    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    with connect(url) as connection:
+        connection.channel().queue_declare(name, durable=True)
+    return name
+
+
+def _delete(url: str, name: str) -> None:
+    with connect(url) as connection:
+        connection.channel().queue_delete(name)
+
+
+async def declare(server: RabbitServer, tag: str) -> str:
+    return await asyncio.to_thread(_declare, server.url, tag)
+
+
+async def delete(server: RabbitServer, name: str) -> None:
+    """Deletes a run's queue so that later runs start from the same broker; best effort."""
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(_delete, server.url, name)
+
+
+def produce(
+    connection: BlockingConnection,
+    queue: str,
+    size: int,
+    counter: Budget,
+    batch: int,
+    received: Budget | None = None,
+    backlog: int = 0,
+) -> None:
+    """Publishes transactions of `batch` until `counter` is done; with `received`, holds back
+    while more than `backlog` messages wait for delivery (the end-to-end flow-control credit)."""
+    channel = connection.channel()
+    channel.tx_select()
+    while n := counter.claim(batch):
+        while received is not None and counter.done - received.done > backlog:
+            if counter.expired():
+                return
+            time.sleep(0.002)
+        for _ in range(n):
+            channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
+        channel.tx_commit()
+        counter.add(n)
+    channel.close()
+
+
+def consume(
+    connection: BlockingConnection,
+    queue: str,
+    counter: Budget,
+    prefetch: int,
+    record: Record | None = None,
+) -> None:
+    """Consumes until every consumer together has received `counter.total`, or its deadline;
+    acks with multiple=true every ACK_EVERY deliveries and once more at the end. Deliveries
+    it did not count go back to the queue when it cancels."""
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    unacked, last_tag = 0, 0
+    for method, _props, payload in channel.consume(queue, inactivity_timeout=IDLE_S):
+        if method is not None:
+            if record is not None:
+                record(time.time(), [payload])
+            done = counter.add(1)
+            last_tag, unacked = method.delivery_tag, unacked + 1
+            if unacked >= ACK_EVERY:
+                channel.basic_ack(last_tag, multiple=True)
+                unacked = 0
+            if done >= counter.total:
+                break
+        if counter.complete or counter.expired():
+            break
+    if unacked:
+        channel.basic_ack(last_tag, multiple=True)
+    channel.cancel()
+    channel.close()
+
+
+async def fill(server: RabbitServer, queue: str, size: int, total: int, p: Profile) -> None:
+    """Fills `queue` with `total` messages: transactions of p.fill_batch, 4 producers."""
+    counter = Budget(total, p.fill_deadline_s)
+    async with connected(server, 4) as connections:
+        await threads(
+            *(partial(produce, c, queue, size, counter, p.fill_batch) for c in connections)
+        )
+    if counter.timed_out:
+        raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
+
+
+async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "batch")
+    counter = Budget(p.batch_total, p.deadline_s)
+    try:
+        async with connected(server, p.batch_producers) as connections:
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(
+                    *(partial(produce, c, queue, size, counter, p.batch_size) for c in connections)
+                )
+                elapsed = time.perf_counter() - start
+                return {"msg_s": counter.done / elapsed, "count": counter.done}
+
+            metrics = await measured([server.pid], work, counter)
+        return RunResult(metrics, partial=counter.cut_short)
+    finally:
+        await delete(server, queue)
+
+
+def _confirmed_channel(connection: BlockingConnection) -> BlockingChannel:
+    channel = connection.channel()
+    channel.confirm_delivery()
+    return channel
+
+
+async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "single")
+    counter = Budget(p.single_total, p.deadline_s)
+    latencies: list[float] = []
+
+    def producer(connection: BlockingConnection) -> None:
+        channel = _confirmed_channel(connection)
+        while counter.claim(1):
+            t0 = time.perf_counter()
+            channel.basic_publish("", queue, body(size).encode(), PERSISTENT)
+            latencies.append(time.perf_counter() - t0)
+            counter.add(1)
+        channel.close()
+
+    try:
+        async with connected(server, p.single_concurrency) as connections:
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(*(partial(producer, c) for c in connections))
+                rate = counter.done / (time.perf_counter() - start)
+                return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
+
+            metrics = await measured([server.pid], work, counter)
+        return RunResult(metrics, partial=counter.cut_short)
+    finally:
+        await delete(server, queue)
+
+
+async def drain_queue(server: RabbitServer, queue: str, total: int, p: Profile) -> RunResult:
+    counter = Budget(total, p.deadline_s)
+    prefetch = 2 * p.drain_batch
+    async with connected(server, p.drain_consumers) as connections:
+
+        async def work() -> Metrics:
+            start = time.perf_counter()
+            await threads(*(partial(consume, c, queue, counter, prefetch) for c in connections))
+            elapsed = time.perf_counter() - start
+            return {"msg_s": counter.done / elapsed, "count": counter.done}
+
+        metrics = await measured([server.pid], work, counter)
+    return RunResult(metrics, partial=counter.cut_short)
+
+
+async def drain(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "drain")
+    try:
+        await fill(server, queue, size, p.drain_prefill, p)
+        return await drain_queue(server, queue, p.drain_prefill, p)
+    finally:
+        await delete(server, queue)
+
+
+async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    queue = await declare(server, "e2e")
+    produced = Budget(p.e2e_total, p.deadline_s)
+    received = Budget(p.e2e_total, p.deadline_s)
+    latencies: list[float] = []
+    record = recorder(latencies)
+    try:
+        async with connected(server, p.e2e_producers + p.e2e_consumers) as connections:
+            producers, consumers = connections[: p.e2e_producers], connections[p.e2e_producers :]
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(
+                    *(
+                        partial(
+                            produce, c, queue, size, produced, p.batch_size, received, p.e2e_backlog
+                        )
+                        for c in producers
+                    ),
+                    *(
+                        partial(consume, c, queue, received, 5 * p.batch_size, record)
+                        for c in consumers
+                    ),
+                )
+                rate = received.done / (time.perf_counter() - start)
+                return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
+
+            metrics = await measured([server.pid], work, received)
+        return RunResult(metrics, partial=produced.cut_short or received.cut_short)
+    finally:
+        await delete(server, queue)
+
+
+# Publisher threads of the paced run: enough that a confirm's fsync never holds up the pace.
+PACED_PUBLISHERS = 16
+
+
+async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    """p.paced_rate single confirmed publishes a second: a scheduler stamps each body when it
+    is due and hands it to a pool of publisher threads, which all have their confirm-mode
+    channel open before the first is due; one consumer (prefetch 100)."""
+    queue = await declare(server, "paced")
+    total = int(p.paced_rate * p.paced_seconds)
+    received = Budget(total, p.paced_seconds + p.deadline_s)
+    latencies: list[float] = []
+    record = recorder(latencies)
+    due_bodies: queues.Queue[bytes | None] = queues.Queue()
+    ready = threading.Barrier(PACED_PUBLISHERS + 1, timeout=30)
+    sent_rate = 0.0
+
+    def publisher(connection: BlockingConnection) -> None:
+        try:
+            channel = _confirmed_channel(connection)
+        except BaseException:
+            ready.abort()  # the others stop waiting for this one
+            raise
+        ready.wait()
+        while (payload := due_bodies.get()) is not None:
+            channel.basic_publish("", queue, payload, PERSISTENT)
+        channel.close()
+
+    def scheduler() -> None:
+        nonlocal sent_rate
+        try:
+            ready.wait()
+            start = time.perf_counter()
+            sent = 0
+            while sent < total and not received.expired():
+                due = min(total, int((time.perf_counter() - start) * p.paced_rate) + 1)
+                for _ in range(due - sent):
+                    due_bodies.put(body(size).encode())
+                sent = due
+                time.sleep(1 / p.paced_rate)
+            sent_rate = sent / (time.perf_counter() - start)
+        finally:
+            for _ in range(PACED_PUBLISHERS):
+                due_bodies.put(None)
+
+    try:
+        async with connected(server, PACED_PUBLISHERS + 1) as connections:
+            consumer, publishers = connections[0], connections[1:]
+
+            async def work() -> Metrics:
+                consuming = asyncio.ensure_future(
+                    threads(partial(consume, consumer, queue, received, 100, record))
+                )
+                await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
+                await threads(scheduler, *(partial(publisher, c) for c in publishers))
+                await consuming
+                return {
+                    "sent_msg_s": sent_rate,
+                    "count": received.done,
+                    **latency_metrics(latencies),
+                }
+
+            metrics = await measured([server.pid], work, received)
+        return RunResult(metrics, partial=received.cut_short)
+    finally:
+        await delete(server, queue)
+
+
+async def long_queue(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    shallow = await declare(server, "shallow")
+    deep = await declare(server, "deep")
+    try:
+        async with PeakRss(server.rss_bytes) as memory:
+            await fill(server, shallow, size, p.long_drain, p)
+            empty = await drain_queue(server, shallow, p.long_drain, p)
+            t0 = time.perf_counter()
+            await fill(server, deep, size, p.long_depth, p)
+            fill_s = time.perf_counter() - t0
+            await asyncio.sleep(p.settle_s)
+            rss_full = server.rss_bytes()
+            at_depth = await drain_queue(server, deep, p.long_drain, p)
+    finally:
+        await delete(server, shallow)
+        await delete(server, deep)
+    return long_queue_result(
+        depth=p.long_depth,
+        fill_s=fill_s,
+        rss_full=rss_full,
+        memory=memory,
+        empty=empty,
+        at_depth=at_depth,
+    )
+
+
+RUNNERS: dict[int, Callable[[RabbitServer, int, Profile], Awaitable[RunResult]]] = {
+    1: batch_enqueue,
+    2: single_enqueue,
+    3: drain,
+    4: end_to_end,
+    5: paced,
+    6: long_queue,
+}
