@@ -1,4 +1,7 @@
-"""LionMQ client: `Client` for threaded code, `AsyncClient` for asyncio."""
+"""LionMQ client: `Client` for threaded code, `AsyncClient` for asyncio.
+
+Also the cluster's shared pure parts: channel placement.
+"""
 
 from lionmq._async import AsyncClient
 from lionmq._sync import Client
@@ -33,6 +36,7 @@ from lionmq.options import (
     MessageOptions,
     OneMessageOptions,
 )
+from lionmq.placement import Ring, shard_for
 from lionmq.retry import RetryPolicy
 
 __all__ = [
@@ -61,8 +65,10 @@ __all__ = [
     "OneMessageOptions",
     "PayloadTooLarge",
     "RetryPolicy",
+    "Ring",
     "ServerError",
     "ServiceUnavailable",
     "Unauthorized",
     "UnexpectedResponse",
+    "shard_for",
 ]
