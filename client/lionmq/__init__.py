@@ -1,6 +1,6 @@
 """LionMQ client: `Client` for threaded code, `AsyncClient` for asyncio.
 
-Also the cluster's shared pure parts: channel placement.
+Also the cluster's shared pure parts: channel placement and the topology model.
 """
 
 from lionmq._async import AsyncClient
@@ -38,6 +38,19 @@ from lionmq.options import (
 )
 from lionmq.placement import Ring, shard_for
 from lionmq.retry import RetryPolicy
+from lionmq.topology import (
+    InvalidTopology,
+    SetNodes,
+    Shard,
+    ShardSpec,
+    Topology,
+    decode_set_nodes,
+    decode_topology,
+    next_topology,
+    set_nodes_request,
+    validate_set_nodes,
+    validate_topology,
+)
 
 __all__ = [
     "AckResult",
@@ -57,6 +70,7 @@ __all__ = [
     "ConsumeOptions",
     "ExtendResult",
     "InvalidRequest",
+    "InvalidTopology",
     "LionMQError",
     "Message",
     "MessageOptions",
@@ -68,7 +82,17 @@ __all__ = [
     "Ring",
     "ServerError",
     "ServiceUnavailable",
+    "SetNodes",
+    "Shard",
+    "ShardSpec",
+    "Topology",
     "Unauthorized",
     "UnexpectedResponse",
+    "decode_set_nodes",
+    "decode_topology",
+    "next_topology",
+    "set_nodes_request",
     "shard_for",
+    "validate_set_nodes",
+    "validate_topology",
 ]
