@@ -1,4 +1,7 @@
-"""LionMQ client: `Client` for threaded code, `AsyncClient` for asyncio."""
+"""LionMQ client: `Client` for threaded code, `AsyncClient` for asyncio.
+
+Also the cluster's shared pure parts: channel placement and the topology model.
+"""
 
 from lionmq._async import AsyncClient
 from lionmq._sync import Client
@@ -33,7 +36,21 @@ from lionmq.options import (
     MessageOptions,
     OneMessageOptions,
 )
+from lionmq.placement import Ring, shard_for
 from lionmq.retry import RetryPolicy
+from lionmq.topology import (
+    InvalidTopology,
+    SetNodes,
+    Shard,
+    ShardSpec,
+    Topology,
+    decode_set_nodes,
+    decode_topology,
+    next_topology,
+    set_nodes_request,
+    validate_set_nodes,
+    validate_topology,
+)
 
 __all__ = [
     "AckResult",
@@ -53,6 +70,7 @@ __all__ = [
     "ConsumeOptions",
     "ExtendResult",
     "InvalidRequest",
+    "InvalidTopology",
     "LionMQError",
     "Message",
     "MessageOptions",
@@ -61,8 +79,20 @@ __all__ = [
     "OneMessageOptions",
     "PayloadTooLarge",
     "RetryPolicy",
+    "Ring",
     "ServerError",
     "ServiceUnavailable",
+    "SetNodes",
+    "Shard",
+    "ShardSpec",
+    "Topology",
     "Unauthorized",
     "UnexpectedResponse",
+    "decode_set_nodes",
+    "decode_topology",
+    "next_topology",
+    "set_nodes_request",
+    "shard_for",
+    "validate_set_nodes",
+    "validate_topology",
 ]
