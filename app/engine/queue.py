@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
@@ -18,6 +18,7 @@ import msgspec
 from app.clock import Clock
 from app.engine.channel import ChannelState
 from app.engine.ids import IdGenerator, parse_receipts
+from app.engine.timers import Timers
 from app.errors import ChannelFull, ChannelNotFound, InvalidInput, StoreError
 from app.models import (
     DEAD_LETTER_SUFFIX,
@@ -36,6 +37,10 @@ _SWEEP_LIMIT = 1000
 _PRUNE_EVERY_MS = 30_000
 _PRUNE_AGAIN_MS = 50
 _PRUNE_LIMIT = 20_000
+# Channels a maintenance pass re-checks in turn, in case a timer was missed (say, a lease given
+# back after its deadline while its channel's timer had already fired): a full round over 100,000
+# channels takes a few minutes and costs a pass well under a millisecond.
+_AUDIT_PER_PASS = 500
 
 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
@@ -91,6 +96,11 @@ class QueueEngine:
         self._creating: dict[str, asyncio.Future[ChannelState]] = {}
         self._next_prune = 0
         self._next_wake: int | None = None
+        self.timers = Timers()
+        self._audit: list[str] = []
+        # Names of the channels whose counts changed since the telemetry last looked (None: no
+        # one is looking, so nothing is recorded).
+        self.activity: set[str] | None = None
         # Set when a timer earlier than the maintenance loop's next wake appears.
         self.timers_changed = asyncio.Event()
 
@@ -109,6 +119,8 @@ class QueueEngine:
                 ch.lease_heap.append((m.available_at, m.id, m.attempt))
             ch.lease_heap.sort()
             await self._load_page(ch)
+        for ch in self.channels.values():
+            self._arm(ch)
 
     async def stop(self) -> None:
         for ch in self.channels.values():
@@ -173,6 +185,7 @@ class QueueEngine:
         ch = self.get(name)
         count = await self.store.purge(name)
         ch.epoch += 1
+        self._note(name)
         ch.total = max(0, ch.total - count)
         ch.delayed = 0
         ch.ready.clear()
@@ -188,17 +201,30 @@ class QueueEngine:
         ch = self.get(name)
         await self.store.drop_channel(name)
         del self.channels[name]
+        self.timers.disarm(name)
+        self._note(name)
         ch.epoch += 1
         ch.wake()
 
     def channel_stats(self, now: int) -> list[ChannelStats]:
         return [ch.stats(now) for ch in self.channels.values()]
 
-    def take_ack_latencies(self) -> dict[str, list[int]]:
+    def stats_of(self, names: Iterable[str], now: int) -> list[ChannelStats]:
+        """The stats of the named channels that exist, in the order named."""
+        channels = self.channels
+        return [ch.stats(now) for name in names if (ch := channels.get(name)) is not None]
+
+    def channel_count(self) -> int:
+        return len(self.channels)
+
+    def take_ack_latencies(self, names: Iterable[str]) -> dict[str, list[int]]:
+        """Enqueue-to-ack samples of the named channels since the last call (an ack is
+        activity, so the telemetry passes the channels `take_activity` named)."""
         out = {}
-        for ch in self.channels.values():
-            if ch.ack_latencies:
-                out[ch.name], ch.ack_latencies = ch.ack_latencies, []
+        for name in names:
+            ch = self.channels.get(name)
+            if ch is not None and ch.ack_latencies:
+                out[name], ch.ack_latencies = ch.ack_latencies, []
         return out
 
     # -- enqueue ----------------------------------------------------------------------------
@@ -241,6 +267,7 @@ class QueueEngine:
         """Account for messages just made durable in this channel and wake its consumers."""
         if not new:
             return
+        self._note(ch.name)
         ch.total += len(new)
         ch.enqueued += len(new)
         ready = [m for m in new if not m.available_at]
@@ -258,12 +285,12 @@ class QueueEngine:
     def _set_due(self, ch: ChannelState, due: int) -> None:
         if ch.next_due is None or due < ch.next_due:
             ch.next_due = due
-            self.timers_changed.set()
+            self._timer(ch, due)
 
     def _set_expiry(self, ch: ChannelState, at: int) -> None:
         if ch.next_expiry is None or at < ch.next_expiry:
             ch.next_expiry = at
-            self.timers_changed.set()
+            self._timer(ch, at)
 
     # -- dequeue ----------------------------------------------------------------------------
     async def dequeue(
@@ -311,9 +338,10 @@ class QueueEngine:
             ch.unlease(leases)
             ch.wake()
             raise
+        self._note(ch.name)
         ch.dequeued += len(leases)
         ch.redelivered += sum(1 for lease in leases if lease.attempt > 1)
-        self._timer(deadline)
+        self._timer(ch, deadline)
         return leases
 
     async def _drop_dead(
@@ -331,9 +359,30 @@ class QueueEngine:
             raise
         return fine
 
-    def _timer(self, at: int) -> None:
-        if self._next_wake is None or at < self._next_wake:
+    # -- timers ----------------------------------------------------------------------------
+    def _timer(self, ch: ChannelState, at: int) -> None:
+        """The channel has work at `at`: arm its timer, and wake the maintenance loop when that
+        comes before the loop's next wake."""
+        if self.timers.arm(ch.name, at) and (self._next_wake is None or at < self._next_wake):
             self.timers_changed.set()
+
+    def _arm(self, ch: ChannelState) -> None:
+        """Arm the channel's timer for the earliest work its state shows (if any)."""
+        times = [
+            t for t in (ch.next_lease_deadline(), ch.next_due, ch.next_expiry) if t is not None
+        ]
+        if times:
+            self._timer(ch, min(times))
+
+    def _note(self, name: str) -> None:
+        if self.activity is not None:
+            self.activity.add(name)
+
+    def take_activity(self) -> set[str]:
+        """The channels whose counts changed since the last call (recording starts with the
+        first call: the caller reads everything once then)."""
+        seen, self.activity = self.activity, set()
+        return seen if seen is not None else set(self.channels)
 
     async def _load_page(self, ch: ChannelState) -> None:
         generation = ch.generation
@@ -374,6 +423,7 @@ class QueueEngine:
                 ch.restore(claim.held)
                 raise
             if ch.epoch == epoch:
+                self._note(name)
                 ch.forget(ids)
                 ch.total -= len(ids)
                 ch.acked += len(ids)
@@ -402,7 +452,7 @@ class QueueEngine:
             for lease in claim.held:
                 lease.deadline = deadline
             ch.restore(claim.held)
-            self._timer(deadline)
+            self._timer(ch, deadline)
         return Outcome(len(claim.held), claim.stale)
 
     async def _return(
@@ -410,6 +460,7 @@ class QueueEngine:
     ) -> None:
         """Leases that ended without an ack: ready again, delayed, or dead-lettered."""
         messages = [lease.message for lease in held]
+        self._note(ch.name)
         if reason is None:
             expired, spent, back = _sort_out(messages, now, ch.config.max_attempts)
         else:
@@ -471,6 +522,7 @@ class QueueEngine:
             ch.push_ready(messages)
             raise
         if ch.epoch == epoch:
+            self._note(ch.name)
             ch.forget(ids)
             ch.total -= len(ids)
             ch.dead_lettered += len(ids)
@@ -482,36 +534,59 @@ class QueueEngine:
     async def tick(self, now: int) -> int | None:
         """Do what fell due by `now`: expire leases, release delays, expire TTLs, prune dedup.
 
-        Returns when something next falls due (None: nothing scheduled).
+        Visits only the channels whose timer fell due (plus a few in turn, see _AUDIT_PER_PASS),
+        so a pass costs nothing per idle channel. Returns when something next falls due (None:
+        nothing scheduled).
         """
         self.timers_changed.clear()
-        for ch in list(self.channels.values()):
-            expired = ch.expired_leases(now)
-            if expired:
-                await self._return(ch, expired, now, 0, reason=None)
-            if ch.next_due is not None and ch.next_due <= now:
-                await self._promote(ch, now)
-            if ch.next_expiry is not None and ch.next_expiry <= now:
-                await self._expire(ch, now)
+        due = self.timers.pop_due(now)
+        try:
+            for name in due:
+                ch = self.channels.get(name)
+                if ch is not None:
+                    await self._tick_channel(ch, now)
+        finally:
+            # Whatever happened (a store failure stops the pass), every channel visited or still
+            # waiting gets its timer back from what its state now shows.
+            for name in due:
+                ch = self.channels.get(name)
+                if ch is not None:
+                    self._arm(ch)
+        self._audit_some()
         if now >= self._next_prune:
             pruned = await self.store.prune_dedup(now - self.limits.dedup_window_ms, _PRUNE_LIMIT)
             # A full batch means more to go: again shortly, in passes that never hold the
             # writer for long, until the backlog is gone.
             more = pruned == _PRUNE_LIMIT
             self._next_prune = now + (_PRUNE_AGAIN_MS if more else _PRUNE_EVERY_MS)
-        wake = [
-            t
-            for ch in self.channels.values()
-            for t in (ch.next_lease_deadline(), ch.next_due, ch.next_expiry)
-            if t is not None
-        ]
-        wake.append(self._next_prune)
-        self._next_wake = min(wake)
+        timer = self.timers.next()
+        self._next_wake = self._next_prune if timer is None else min(timer, self._next_prune)
         return self._next_wake
+
+    async def _tick_channel(self, ch: ChannelState, now: int) -> None:
+        """One channel's due work: expired leases back, delayed messages in, TTLs out."""
+        expired = ch.expired_leases(now)
+        if expired:
+            await self._return(ch, expired, now, 0, reason=None)
+        if ch.next_due is not None and ch.next_due <= now:
+            await self._promote(ch, now)
+        if ch.next_expiry is not None and ch.next_expiry <= now:
+            await self._expire(ch, now)
+
+    def _audit_some(self) -> None:
+        """Re-arm a few channels in turn from their state: a timer missed anywhere is found
+        within one round over all channels."""
+        if not self._audit:
+            self._audit = list(self.channels)
+        for _ in range(min(_AUDIT_PER_PASS, len(self._audit))):
+            ch = self.channels.get(self._audit.pop())
+            if ch is not None:
+                self._arm(ch)
 
     async def _promote(self, ch: ChannelState, now: int) -> None:
         due = await self.store.promote_due(ch.name, now, _SWEEP_LIMIT)
         ch.delayed = max(0, ch.delayed - len(due))
+        self._note(ch.name)
         if due:
             ch.add_promoted(due)
             ch.wake(len(due))
@@ -521,6 +596,7 @@ class QueueEngine:
     async def _expire(self, ch: ChannelState, now: int) -> None:
         found = await self.store.expired(ch.name, now, _SWEEP_LIMIT)
         dead = [m for m in found if m.id not in ch.leases and m.id not in ch.settling]
+        self._note(ch.name)
         if dead:
             delayed = sum(1 for m in dead if not m.leased and m.available_at > now)
             await self._dead_letter(ch, dead, "ttl")
