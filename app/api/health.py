@@ -47,7 +47,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "store": n.store.kind})
 
 
-@router.get("/metrics", summary="Prometheus metrics: node totals, and the deepest channels")
+@router.get("/metrics", summary="Prometheus metrics, labelled by channel")
 async def metrics(request: Request) -> Response:
     registry: NodeMetrics = request.app.state.metrics
     return Response(await registry.render(), media_type="text/plain; version=0.0.4")
