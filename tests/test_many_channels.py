@@ -3,7 +3,8 @@ channel, and what they report still covers every channel."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -15,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.clock import ManualClock
 from app.engine.channel import ChannelState
+from app.engine.ids import receipt
 from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.engine.timers import Timers
 from app.main import create_app
+from app.models import Lease
 from app.settings import Settings
 from app.store.sqlite import SQLiteStore
 from app.telemetry import TOP_BY_ACTIVITY, TOP_BY_DEPTH, ProcessSample, WatcherPusher
@@ -32,6 +35,10 @@ DEEP = {f"deep{i}": i + 1 for i in range(60)}  # deep0 holds 1 message … deep5
 
 def msg(body: object) -> NewMessage:
     return NewMessage(body=msgspec.Raw(msgspec.json.encode(body)))
+
+
+def receipts(leases: list[Lease]) -> list[str]:
+    return [receipt(lease.message.id, lease.attempt) for lease in leases]
 
 
 # -- the timer heap ---------------------------------------------------------------------------
@@ -111,7 +118,7 @@ async def test_a_missed_timer_is_found_by_the_round_of_checks(engine: QueueEngin
     await engine.dequeue("c000007", 1, 0, 1000)
     engine.timers.disarm("c000007")  # as if a lease came back after its timer had fired
     clock.advance(1000)
-    for _ in range(CHANNELS // 500 + 2):  # one round over every channel, and the pass after
+    for _ in range(CHANNELS // 500 + 2):  # one round over every channel (500 a pass), and one more
         await engine.tick(clock.now_ms())
     (again,) = await engine.dequeue("c000007", 1, 0, 1000)
     assert again.attempt == 2
@@ -229,3 +236,34 @@ async def test_metrics_export_node_totals_and_only_the_deepest_channels(tmp_path
     assert value["lionmq_node_ready"] == sum(DEEP.values())
     labelled = [s.labels["channel"] for s in families["lionmq_channel_ready"].samples]
     assert labelled == [f"deep{i}" for i in range(59, 49, -1)]
+
+
+async def test_a_change_still_in_progress_at_a_snapshot_shows_in_the_next(
+    engine: QueueEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock: ManualClock = engine.clock  # type: ignore[assignment]
+    pusher = make_pusher(engine)
+    await engine.enqueue("c000003", [msg(1)])
+    (lease,) = await engine.dequeue("c000003", 1, 0, 5000)
+    snap = await pusher.tick()
+    assert (snap["totals"]["ready"], snap["totals"]["in_flight"]) == (0, 1)
+
+    # A nack whose store write is slow: a snapshot is taken while it waits.
+    writing, go_on = asyncio.Event(), asyncio.Event()
+    release = engine.store.release
+
+    async def slow_release(channel: str, ids: Sequence[int], available_at: int) -> None:
+        writing.set()
+        await go_on.wait()
+        await release(channel, ids, available_at)
+
+    monkeypatch.setattr(engine.store, "release", slow_release)
+    nack = asyncio.create_task(engine.nack("c000003", receipts([lease]), 0, False))
+    await writing.wait()
+    clock.advance(1000)
+    await pusher.tick()
+    go_on.set()
+    await nack
+    clock.advance(1000)
+    snap = await pusher.tick()
+    assert (snap["totals"]["ready"], snap["totals"]["in_flight"]) == (1, 0)

@@ -8,10 +8,11 @@ if the store fails, put everything back as it was and let the caller answer 503.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 
@@ -37,10 +38,12 @@ _SWEEP_LIMIT = 1000
 _PRUNE_EVERY_MS = 30_000
 _PRUNE_AGAIN_MS = 50
 _PRUNE_LIMIT = 20_000
-# Channels a maintenance pass re-checks in turn, in case a timer was missed (say, a lease given
-# back after its deadline while its channel's timer had already fired): a full round over 100,000
-# channels takes a few minutes and costs a pass well under a millisecond.
-_AUDIT_PER_PASS = 500
+# Passes over which the maintenance loop re-checks every channel's timer in turn, in case one was
+# missed (say, a lease given back after its deadline while its channel's timer had already fired);
+# at least _AUDIT_MIN channels a pass. Passes come at least once a second: with 100,000 channels a
+# round takes about a minute and ~1,700 cheap checks a second.
+_AUDIT_ROUND = 60
+_AUDIT_MIN = 500
 
 
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000
@@ -84,6 +87,26 @@ class Claim:
 
 _header_encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _noted(
+    method: Callable[Concatenate[QueueEngine, str, P], Awaitable[R]],
+) -> Callable[Concatenate[QueueEngine, str, P], Coroutine[Any, Any, R]]:
+    """Record the named channel as changed once the operation ends, however it ends: noted
+    after its last change, the telemetry never reads a state halfway through it."""
+
+    @functools.wraps(method)
+    async def noted(self: QueueEngine, name: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, name, *args, **kwargs)
+        finally:
+            self._note(name)
+
+    return noted
 
 
 class QueueEngine:
@@ -181,11 +204,11 @@ class QueueEngine:
         ch.config = config
         return ch
 
+    @_noted
     async def purge(self, name: str) -> int:
         ch = self.get(name)
         count = await self.store.purge(name)
         ch.epoch += 1
-        self._note(name)
         ch.total = max(0, ch.total - count)
         ch.delayed = 0
         ch.ready.clear()
@@ -197,12 +220,12 @@ class QueueEngine:
         ch.next_due = ch.next_expiry = None
         return count
 
+    @_noted
     async def delete_channel(self, name: str) -> None:
         ch = self.get(name)
         await self.store.drop_channel(name)
         del self.channels[name]
         self.timers.disarm(name)
-        self._note(name)
         ch.epoch += 1
         ch.wake()
 
@@ -228,6 +251,7 @@ class QueueEngine:
         return out
 
     # -- enqueue ----------------------------------------------------------------------------
+    @_noted
     async def enqueue(self, name: str, batch: Sequence[NewMessage]) -> list[int]:
         ch = await self.ensure(name)
         limit = ch.config.max_length
@@ -293,6 +317,7 @@ class QueueEngine:
             self._timer(ch, at)
 
     # -- dequeue ----------------------------------------------------------------------------
+    @_noted
     async def dequeue(
         self, name: str, max_count: int, wait_ms: int, visibility_ms: int | None
     ) -> list[Lease]:
@@ -338,7 +363,6 @@ class QueueEngine:
             ch.unlease(leases)
             ch.wake()
             raise
-        self._note(ch.name)
         ch.dequeued += len(leases)
         ch.redelivered += sum(1 for lease in leases if lease.attempt > 1)
         self._timer(ch, deadline)
@@ -411,6 +435,7 @@ class QueueEngine:
         held, stale = ch.claim(pairs, now)
         return ch, Claim(now, held, [receipts[i] for i in stale])
 
+    @_noted
     async def ack(self, name: str, receipts: list[str]) -> Outcome:
         ch, claim = self._claim(name, receipts)
         if ch is not None and claim.held:
@@ -423,13 +448,13 @@ class QueueEngine:
                 ch.restore(claim.held)
                 raise
             if ch.epoch == epoch:
-                self._note(name)
                 ch.forget(ids)
                 ch.total -= len(ids)
                 ch.acked += len(ids)
                 ch.record_ack_latency(claim.now, claim.held)
         return Outcome(len(claim.held), claim.stale)
 
+    @_noted
     async def nack(
         self, name: str, receipts: list[str], delay_ms: int, dead_letter: bool
     ) -> Outcome:
@@ -440,6 +465,7 @@ class QueueEngine:
             ch.nacked += len(claim.held)
         return Outcome(len(claim.held), claim.stale)
 
+    @_noted
     async def extend(self, name: str, receipts: list[str], visibility_ms: int) -> Outcome:
         ch, claim = self._claim(name, receipts)
         if ch is not None and claim.held:
@@ -460,7 +486,6 @@ class QueueEngine:
     ) -> None:
         """Leases that ended without an ack: ready again, delayed, or dead-lettered."""
         messages = [lease.message for lease in held]
-        self._note(ch.name)
         if reason is None:
             expired, spent, back = _sort_out(messages, now, ch.config.max_attempts)
         else:
@@ -522,7 +547,6 @@ class QueueEngine:
             ch.push_ready(messages)
             raise
         if ch.epoch == epoch:
-            self._note(ch.name)
             ch.forget(ids)
             ch.total -= len(ids)
             ch.dead_lettered += len(ids)
@@ -534,7 +558,7 @@ class QueueEngine:
     async def tick(self, now: int) -> int | None:
         """Do what fell due by `now`: expire leases, release delays, expire TTLs, prune dedup.
 
-        Visits only the channels whose timer fell due (plus a few in turn, see _AUDIT_PER_PASS),
+        Visits only the channels whose timer fell due (and re-checks a few timers, _AUDIT_ROUND),
         so a pass costs nothing per idle channel. Returns when something next falls due (None:
         nothing scheduled).
         """
@@ -565,20 +589,24 @@ class QueueEngine:
 
     async def _tick_channel(self, ch: ChannelState, now: int) -> None:
         """One channel's due work: expired leases back, delayed messages in, TTLs out."""
-        expired = ch.expired_leases(now)
-        if expired:
-            await self._return(ch, expired, now, 0, reason=None)
-        if ch.next_due is not None and ch.next_due <= now:
-            await self._promote(ch, now)
-        if ch.next_expiry is not None and ch.next_expiry <= now:
-            await self._expire(ch, now)
+        try:
+            expired = ch.expired_leases(now)
+            if expired:
+                await self._return(ch, expired, now, 0, reason=None)
+            if ch.next_due is not None and ch.next_due <= now:
+                await self._promote(ch, now)
+            if ch.next_expiry is not None and ch.next_expiry <= now:
+                await self._expire(ch, now)
+        finally:
+            self._note(ch.name)
 
     def _audit_some(self) -> None:
         """Re-arm a few channels in turn from their state: a timer missed anywhere is found
         within one round over all channels."""
         if not self._audit:
             self._audit = list(self.channels)
-        for _ in range(min(_AUDIT_PER_PASS, len(self._audit))):
+        per_pass = max(_AUDIT_MIN, len(self.channels) // _AUDIT_ROUND)
+        for _ in range(min(per_pass, len(self._audit))):
             ch = self.channels.get(self._audit.pop())
             if ch is not None:
                 self._arm(ch)
@@ -586,7 +614,6 @@ class QueueEngine:
     async def _promote(self, ch: ChannelState, now: int) -> None:
         due = await self.store.promote_due(ch.name, now, _SWEEP_LIMIT)
         ch.delayed = max(0, ch.delayed - len(due))
-        self._note(ch.name)
         if due:
             ch.add_promoted(due)
             ch.wake(len(due))
@@ -596,7 +623,6 @@ class QueueEngine:
     async def _expire(self, ch: ChannelState, now: int) -> None:
         found = await self.store.expired(ch.name, now, _SWEEP_LIMIT)
         dead = [m for m in found if m.id not in ch.leases and m.id not in ch.settling]
-        self._note(ch.name)
         if dead:
             delayed = sum(1 for m in dead if not m.leased and m.available_at > now)
             await self._dead_letter(ch, dead, "ttl")
