@@ -154,13 +154,33 @@ class ChannelTable:
         for name in gone:
             old = self.rows.pop(name, None)
             if old is not None:
+                before[name] = old
                 self._add(old, -1)
         return before
 
-    def deepest(self, n: int) -> list[str]:
-        """The `n` channels holding the most messages (those holding any)."""
-        top = heapq.nlargest(n, self.rows.values(), key=_depth)
+    def deepest(self, n: int, among: Iterable[str] | None = None) -> list[str]:
+        """The `n` channels holding the most messages (those holding any), of all or `among`."""
+        rows = self.rows
+        pool = rows.values() if among is None else [rows[m] for m in set(among) if m in rows]
+        top = heapq.nlargest(n, pool, key=_depth)
         return [st.name for st in top if _depth(st)]
+
+    def rerank(
+        self, top: list[str], n: int, changed: list[str], before: Mapping[str, ChannelStats]
+    ) -> list[str]:
+        """The new `n` deepest, given the last `top`, the channels that changed since, and their
+        previous rows (`update`'s answer).
+
+        While no channel of the last top lost messages, every channel outside it that did not
+        change still holds no more than the top's least, so ranking the top with the changed
+        channels is exact; otherwise (rarely) every channel is ranked again.
+        """
+        rows = self.rows
+        for name in top:
+            old = before.get(name)
+            if old is not None and (name not in rows or _depth(rows[name]) < _depth(old)):
+                return self.deepest(n)
+        return self.deepest(n, [*top, *changed])
 
     def _add(self, st: ChannelStats, sign: int) -> None:
         for gauge in _GAUGES:
@@ -445,8 +465,10 @@ class WatcherPusher:
             activity[st.name] = sum(
                 _increase(st, old, c) for c in ("enqueued", "dequeued", "acked", "nacked")
             )
-        if changed or self._deepest is None:
+        if self._deepest is None:
             self._deepest = self.table.deepest(TOP_BY_DEPTH)
+        elif changed:
+            self._deepest = self.table.rerank(self._deepest, TOP_BY_DEPTH, changed, before)
         active = (name for name, amount in activity.items() if amount)
         busiest = heapq.nlargest(TOP_BY_ACTIVITY, active, key=activity.__getitem__)
         listed = engine.stats_of(dict.fromkeys([*self._deepest, *busiest]), now)

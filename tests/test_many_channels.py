@@ -4,6 +4,7 @@ channel, and what they report still covers every channel."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -20,10 +21,16 @@ from app.engine.ids import receipt
 from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.engine.timers import Timers
 from app.main import create_app
-from app.models import Lease
+from app.models import ChannelStats, Lease
 from app.settings import Settings
 from app.store.sqlite import SQLiteStore
-from app.telemetry import TOP_BY_ACTIVITY, TOP_BY_DEPTH, ProcessSample, WatcherPusher
+from app.telemetry import (
+    TOP_BY_ACTIVITY,
+    TOP_BY_DEPTH,
+    ChannelTable,
+    ProcessSample,
+    WatcherPusher,
+)
 from watcher.schema import SCHEMA_VERSION as WATCHER_SCHEMA_VERSION
 from watcher.schema import decoder
 from watcher.settings import WatcherSettings
@@ -267,3 +274,22 @@ async def test_a_change_still_in_progress_at_a_snapshot_shows_in_the_next(
     clock.advance(1000)
     snap = await pusher.tick()
     assert (snap["totals"]["ready"], snap["totals"]["in_flight"]) == (1, 0)
+
+
+def test_reranking_only_the_changed_channels_finds_the_same_deepest_as_ranking_all() -> None:
+    rng = random.Random(11)
+
+    def row(name: str, depth: int) -> ChannelStats:
+        return ChannelStats(name, depth, 0, 0, 1, 0, 0, 0, 0, 0, None)
+
+    table = ChannelTable()
+    table.update([row(f"c{i}", rng.randrange(100)) for i in range(500)], [])
+    top = table.deepest(10)
+    for _ in range(300):
+        changed = list({f"c{rng.randrange(520)}" for _ in range(rng.randrange(1, 6))})
+        fresh = [row(name, rng.randrange(120)) for name in changed if rng.random() > 0.1]
+        gone = [name for name in changed if name not in {st.name for st in fresh}]
+        before = table.update(fresh, gone)
+        top = table.rerank(top, 10, changed, before)
+        depths = sorted((table.rows[n].ready for n in top), reverse=True)
+        assert depths == sorted((table.rows[n].ready for n in table.deepest(10)), reverse=True)

@@ -229,9 +229,6 @@ class QueueEngine:
         ch.epoch += 1
         ch.wake()
 
-    def channel_stats(self, now: int) -> list[ChannelStats]:
-        return [ch.stats(now) for ch in self.channels.values()]
-
     def stats_of(self, names: Iterable[str], now: int) -> list[ChannelStats]:
         """The stats of the named channels that exist, in the order named."""
         channels = self.channels
