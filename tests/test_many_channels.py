@@ -20,6 +20,7 @@ from app.engine.channel import ChannelState
 from app.engine.ids import receipt
 from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.engine.timers import Timers
+from app.errors import StoreUnavailable
 from app.main import create_app
 from app.models import ChannelStats, Lease
 from app.settings import Settings
@@ -293,3 +294,30 @@ def test_reranking_only_the_changed_channels_finds_the_same_deepest_as_ranking_a
         top = table.rerank(top, 10, changed, before)
         depths = sorted((table.rows[n].ready for n in top), reverse=True)
         assert depths == sorted((table.rows[n].ready for n in table.deepest(10)), reverse=True)
+
+
+async def test_a_store_failure_mid_pass_leaves_the_channels_not_reached_due(
+    engine: QueueEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock: ManualClock = engine.clock  # type: ignore[assignment]
+    for name in ("c000001", "c000002"):
+        await engine.enqueue(name, [msg(1)])
+        await engine.dequeue(name, 1, 0, 1000)
+    release = engine.store.release
+    calls = 0
+
+    async def failing_once(channel: str, ids: Sequence[int], available_at: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("disk busy")
+        await release(channel, ids, available_at)
+
+    monkeypatch.setattr(engine.store, "release", failing_once)
+    clock.advance(1000)
+    with pytest.raises(StoreUnavailable):
+        await engine.tick(clock.now_ms())  # c000001 fails; c000002 is not reached
+    await engine.tick(clock.now_ms())  # the next pass does both
+    for name in ("c000001", "c000002"):
+        (again,) = await engine.dequeue(name, 1, 0, 1000)
+        assert again.attempt == 2

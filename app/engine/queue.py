@@ -561,18 +561,19 @@ class QueueEngine:
         """
         self.timers_changed.clear()
         due = self.timers.pop_due(now)
-        try:
-            for name in due:
-                ch = self.channels.get(name)
-                if ch is not None:
-                    await self._tick_channel(ch, now)
-        finally:
-            # Whatever happened (a store failure stops the pass), every channel visited or still
-            # waiting gets its timer back from what its state now shows.
-            for name in due:
-                ch = self.channels.get(name)
-                if ch is not None:
-                    self._arm(ch)
+        for i, name in enumerate(due):
+            ch = self.channels.get(name)
+            if ch is None:
+                continue
+            try:
+                await self._tick_channel(ch, now)
+            except BaseException:
+                # The pass stops here (a store failure): the channels it did not reach stay due.
+                for rest in due[i + 1 :]:
+                    self.timers.arm(rest, now)
+                raise
+            finally:
+                self._arm(ch)  # from what its state shows now, whichever way the work ended
         self._audit_some()
         if now >= self._next_prune:
             pruned = await self.store.prune_dedup(now - self.limits.dedup_window_ms, _PRUNE_LIMIT)
