@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     watcher_url: str = ""
     watcher_token: str = ""
     metrics_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    # Channels /metrics labels by name (the deepest); the rest count only in the node totals.
+    metrics_max_channels: Annotated[int, Field(ge=0, le=100_000)] = 100
 
     @field_validator("store_url")
     @classmethod

@@ -2,21 +2,28 @@
 
 `WatcherPusher` keeps one WebSocket to WATCHER_URL (the token goes in the handshake's
 `Authorization: Bearer` header) and sends a snapshot every METRICS_INTERVAL_MS. It never slows the
-node: snapshots are built in a few microseconds from in-memory counters and go into a small buffer
-that drops the oldest; a separate task sends them with a timeout, and when the watcher is away it
-reconnects with capped exponential backoff and jitter while the node carries on.
+node: snapshots are built from in-memory counters and go into a small buffer that drops the oldest;
+a separate task sends them with a timeout, and when the watcher is away it reconnects with capped
+exponential backoff and jitter while the node carries on.
+
+A node may hold 100,000 channels, so a snapshot does not list them all: it carries the node's
+totals, the number of channels, and in full only the deepest channels and the busiest of the
+interval. The pusher keeps its own copy of every channel's counts (`ChannelTable`) and re-reads
+only the channels the engine names as changed, so a snapshot of an idle node costs the same at
+10 or 100,000 channels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import ipaddress
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -32,16 +39,33 @@ from app.settings import Settings
 
 log = logging.getLogger("lionmq.telemetry")
 
-SCHEMA_VERSION = 1
+# Version 2 added the node totals and `channels_total`: `channels` lists only some channels.
+SCHEMA_VERSION = 2
+# Channels a snapshot lists in full: the deepest, and the busiest of the interval (well within
+# the watcher's WATCHER_MAX_CHANNELS); the others count only in the totals.
+TOP_BY_DEPTH = 50
+TOP_BY_ACTIVITY = 20
+# Channels read per step when many changed at once (the first snapshot reads all of them); the
+# loop serves requests between steps.
+READ_CHUNK = 2000
+
+_GAUGES = ("ready", "delayed", "in_flight")
+_COUNTERS = ("enqueued", "dequeued", "acked", "nacked", "dead_lettered", "redelivered")
 
 
 class EngineStats(Protocol):
     """What the pusher reads from the queue engine."""
 
-    def channel_stats(self, now: int, /) -> list[ChannelStats]: ...
+    def take_activity(self) -> set[str]:
+        """The channels whose counts changed since the last call (the first call: all)."""
+        ...
 
-    def take_ack_latencies(self) -> dict[str, list[int]]:
-        """Enqueue-to-ack times (ms) per channel since the last call."""
+    def stats_of(self, names: Iterable[str], now: int, /) -> list[ChannelStats]: ...
+
+    def channel_count(self) -> int: ...
+
+    def take_ack_latencies(self, names: Iterable[str], /) -> dict[str, list[int]]:
+        """Enqueue-to-ack times (ms) of these channels since the last call."""
         ...
 
 
@@ -77,6 +101,92 @@ def _rate(now: int, before: int, elapsed_s: float) -> float:
     return round(max(0, now - before) / elapsed_s, 3)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeTotals:
+    """Every channel of the node added up: depths now, counter increases over the interval."""
+
+    channels: int
+    ready: int = 0
+    delayed: int = 0
+    in_flight: int = 0
+    enqueued: int = 0
+    dequeued: int = 0
+    acked: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    ack_latencies: Sequence[int] = ()
+
+
+def _depth(st: ChannelStats) -> int:
+    return st.ready + st.delayed + st.in_flight
+
+
+def _increase(now: ChannelStats, before: ChannelStats | None, counter: str) -> int:
+    # Counters are lifetime totals; a channel deleted and created again starts over at zero.
+    was: int = getattr(before, counter) if before else 0
+    return max(0, int(getattr(now, counter)) - was)
+
+
+class ChannelTable:
+    """The pusher's copy of each channel's counts, changed only where the engine saw activity.
+
+    Holds the channels with anything to count (messages, or lifetime counters above zero), and
+    the node's depths as running sums, so keeping it costs O(changed channels).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, ChannelStats] = {}
+        self.sums = dict.fromkeys(_GAUGES, 0)
+
+    def update(self, fresh: Sequence[ChannelStats], gone: Iterable[str]) -> dict[str, ChannelStats]:
+        """Take fresh stats and forget deleted channels; returns each changed channel's
+        previous row (a channel missing there had nothing to count)."""
+        before: dict[str, ChannelStats] = {}
+        for st in fresh:
+            old = self.rows.pop(st.name, None)
+            if old is not None:
+                before[st.name] = old
+                self._add(old, -1)
+            if _depth(st) or any(getattr(st, c) for c in _COUNTERS):
+                self.rows[st.name] = st
+                self._add(st, 1)
+        for name in gone:
+            old = self.rows.pop(name, None)
+            if old is not None:
+                before[name] = old
+                self._add(old, -1)
+        return before
+
+    def deepest(self, n: int, among: Iterable[str] | None = None) -> list[str]:
+        """The `n` channels holding the most messages (those holding any), of all or `among`."""
+        rows = self.rows
+        pool = rows.values() if among is None else [rows[m] for m in set(among) if m in rows]
+        top = heapq.nlargest(n, pool, key=_depth)
+        return [st.name for st in top if _depth(st)]
+
+    def rerank(
+        self, top: list[str], n: int, changed: list[str], before: Mapping[str, ChannelStats]
+    ) -> list[str]:
+        """The new `n` deepest, given the last `top`, the channels that changed since, and their
+        previous rows (`update`'s answer).
+
+        While no channel of the last top lost messages, every channel outside it that did not
+        change still holds no more than the top's least, so ranking the top with the changed
+        channels is exact; otherwise (rarely) every channel is ranked again.
+        """
+        rows = self.rows
+        for name in top:
+            old = before.get(name)
+            if old is not None and (name not in rows or _depth(rows[name]) < _depth(old)):
+                return self.deepest(n)
+        return self.deepest(n, [*top, *changed])
+
+    def _add(self, st: ChannelStats, sign: int) -> None:
+        for gauge in _GAUGES:
+            self.sums[gauge] += sign * getattr(st, gauge)
+
+
 def build_snapshot(
     *,
     node_id: str,
@@ -94,14 +204,29 @@ def build_snapshot(
     stats: Sequence[ChannelStats],
     previous: Mapping[str, ChannelStats],
     latencies: Mapping[str, Sequence[int]],
+    totals: NodeTotals | None = None,
 ) -> dict[str, Any]:
-    """One snapshot, as the watcher's `/ingest` expects it (schema version 1).
+    """One snapshot, as the watcher's `/ingest` expects it (schema version 2).
 
-    Rates are counter deltas against `previous` (the stats of the last snapshot; a channel missing
-    there counts from zero) over `elapsed_ms`; `dead_lettered` is the number of moves to a
-    dead-letter channel in that time; the ack percentiles are over `latencies` (this interval's).
+    `stats` are the channels listed in full. Rates are counter deltas against `previous` (the
+    stats of the last snapshot; a channel missing there counts from zero) over `elapsed_ms`;
+    `dead_lettered` is the number of moves to a dead-letter channel in that time; the ack
+    percentiles are over `latencies` (this interval's). `totals` cover every channel of the node;
+    without them the listed channels are all there is.
     """
     elapsed_s = max(elapsed_ms, 1) / 1000
+    if totals is None:
+        increases = {
+            c: sum(_increase(st, previous.get(st.name), c) for st in stats) for c in _COUNTERS
+        }
+        totals = NodeTotals(
+            channels=len(stats),
+            ready=sum(st.ready for st in stats),
+            delayed=sum(st.delayed for st in stats),
+            in_flight=sum(st.in_flight for st in stats),
+            ack_latencies=[ms for values in latencies.values() for ms in values],
+            **increases,
+        )
     channels = []
     for st in stats:
         before = previous.get(st.name)
@@ -150,6 +275,20 @@ def build_snapshot(
         "system_cpu_percent": round(process.system_cpu_percent, 2),
         "system_memory_percent": round(process.system_memory_percent, 2),
         "store": {"kind": store_kind, "healthy": store_healthy},
+        "channels_total": max(totals.channels, len(channels)),
+        "totals": {
+            "ready": totals.ready,
+            "delayed": totals.delayed,
+            "in_flight": totals.in_flight,
+            "enqueue_rate": round(totals.enqueued / elapsed_s, 3),
+            "dequeue_rate": round(totals.dequeued / elapsed_s, 3),
+            "ack_rate": round(totals.acked / elapsed_s, 3),
+            "nack_rate": round(totals.nacked / elapsed_s, 3),
+            "dead_lettered": totals.dead_lettered,
+            "redelivered": totals.redelivered,
+            "ack_p50_ms": percentile(totals.ack_latencies, 0.50),
+            "ack_p99_ms": percentile(totals.ack_latencies, 0.99),
+        },
         "channels": channels,
     }
 
@@ -174,6 +313,16 @@ class PsutilSampler:
             )
         except psutil.Error:  # pragma: no cover - /proc unreadable
             return ProcessSample(0.0, 0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """What one snapshot says about the channels (see `WatcherPusher._read_channels`)."""
+
+    listed: list[ChannelStats]
+    previous: dict[str, ChannelStats]
+    node: NodeTotals
+    latencies: dict[str, list[int]]
 
 
 @dataclass(slots=True)
@@ -242,7 +391,8 @@ class WatcherPusher:
         self._sampler = sampler
         self._rng = rng or random.Random()
         self._encoder = msgspec.json.Encoder()
-        self._previous: dict[str, ChannelStats] = {}
+        self.table = ChannelTable()
+        self._deepest: list[str] | None = None
         self._previous_ms = self.started_ms
         self._wakeup = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -264,7 +414,7 @@ class WatcherPusher:
         healthy = await self._store_healthy()
         now = self.clock.now_ms() if now_ms is None else now_ms
         elapsed = now - self._previous_ms
-        stats = self.engine.channel_stats(now)
+        read = await self._read_channels(now)
         snapshot = build_snapshot(
             node_id=self.settings.node_id,
             url=self.settings.server_host,
@@ -278,11 +428,11 @@ class WatcherPusher:
             process=self._sampler(),
             store_kind=self.store.kind,
             store_healthy=healthy,
-            stats=stats,
-            previous=self._previous,
-            latencies=self.engine.take_ack_latencies(),
+            stats=read.listed,
+            previous=read.previous,
+            latencies=read.latencies,
+            totals=read.node,
         )
-        self._previous = {st.name: st for st in stats}
         self._previous_ms = now
         self.counters.built += 1
         if len(self.buffer) == self.buffer.maxlen:
@@ -290,6 +440,53 @@ class WatcherPusher:
         self.buffer.append(self._encoder.encode(snapshot))
         self._wakeup.set()
         return snapshot
+
+    async def _read_channels(self, now: int) -> _Read:
+        """Re-read the channels that changed, then pick the ones to list in full.
+
+        Nothing changed: nothing is re-read or re-ranked; only the listed channels (whose oldest
+        message ages) are read again.
+        """
+        engine = self.engine
+        changed = list(engine.take_activity())
+        fresh: list[ChannelStats] = []
+        for i in range(0, len(changed), READ_CHUNK):
+            if i:
+                await asyncio.sleep(0)  # the first snapshot reads every channel: in steps
+            fresh.extend(engine.stats_of(changed[i : i + READ_CHUNK], now))
+        found = {st.name for st in fresh}
+        before = self.table.update(fresh, (n for n in changed if n not in found))
+        increases = dict.fromkeys(_COUNTERS, 0)
+        activity: dict[str, int] = {}
+        for st in fresh:
+            old = before.get(st.name)
+            for c in _COUNTERS:
+                increases[c] += _increase(st, old, c)
+            activity[st.name] = sum(
+                _increase(st, old, c) for c in ("enqueued", "dequeued", "acked", "nacked")
+            )
+        if self._deepest is None:
+            self._deepest = self.table.deepest(TOP_BY_DEPTH)
+        elif changed:
+            self._deepest = self.table.rerank(self._deepest, TOP_BY_DEPTH, changed, before)
+        active = (name for name, amount in activity.items() if amount)
+        busiest = heapq.nlargest(TOP_BY_ACTIVITY, active, key=activity.__getitem__)
+        listed = engine.stats_of(dict.fromkeys([*self._deepest, *busiest]), now)
+        # A listed channel that did not change has the same counters as at the last snapshot.
+        previous: dict[str, ChannelStats] = {}
+        for st in listed:
+            if st.name not in found:
+                previous[st.name] = st
+            elif st.name in before:
+                previous[st.name] = before[st.name]
+        latencies = engine.take_ack_latencies(changed)
+        node = NodeTotals(
+            channels=engine.channel_count(),
+            **self.table.sums,
+            **increases,
+            ack_latencies=[ms for values in latencies.values() for ms in values],
+        )
+        return _Read(listed, previous, node, latencies)
 
     # -- running ----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -115,7 +115,12 @@ def _take(hub: Hub, message: Mapping[str, Any], connection: int, bound: str | No
         counters.malformed += 1
         return None
     names = {ch.name for ch in snap.channels}
-    if len(names) != len(snap.channels) or len(names) > hub.settings.max_channels:
+    listed = len(snap.channels)
+    if (
+        len(names) != listed
+        or listed > hub.settings.max_channels
+        or (snap.v >= 2 and snap.channels_total < listed)
+    ):
         counters.invalid += 1
         return None
     if bound is not None and snap.node_id != bound:

@@ -1,6 +1,9 @@
-"""The snapshot a node sends to `/ingest` every interval (schema version 1), validated with msgspec.
+"""The snapshot a node sends to `/ingest` every interval, validated with msgspec.
 
 Every string is bounded and every number range-checked, so a frame that decodes is safe to keep.
+Version 2 (app/telemetry.py's SCHEMA_VERSION, kept in step) added the node's `totals` and
+`channels_total`: a node with many channels lists only some of them (its deepest and busiest) in
+`channels`. A version 1 snapshot lists every channel, and its totals are added up here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
 Millis = Annotated[float, msgspec.Meta(ge=0.0, le=1e13)]
+
+SCHEMA_VERSION = 2
 
 
 class StoreInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -41,6 +46,22 @@ class ChannelSnapshot(msgspec.Struct, frozen=True):
     nacked_total: Count = 0
 
 
+class NodeTotals(msgspec.Struct, frozen=True):
+    """Every channel of the node added up (rates over the last interval)."""
+
+    ready: Count = 0
+    delayed: Count = 0
+    in_flight: Count = 0
+    enqueue_rate: Rate = 0.0
+    dequeue_rate: Rate = 0.0
+    ack_rate: Rate = 0.0
+    nack_rate: Rate = 0.0
+    dead_lettered: Count = 0
+    redelivered: Count = 0
+    ack_p50_ms: Millis | None = None
+    ack_p99_ms: Millis | None = None
+
+
 class NodeSnapshot(msgspec.Struct, frozen=True):
     type: Literal["snapshot"]
     node_id: Name
@@ -58,7 +79,10 @@ class NodeSnapshot(msgspec.Struct, frozen=True):
     system_memory_percent: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
     store: StoreInfo | None = None
     channels: list[ChannelSnapshot] = []
-    v: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # How many channels the node holds; at least as many as `channels` lists (0: version 1).
+    channels_total: Count = 0
+    totals: NodeTotals | None = None
+    v: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)] = 1
 
 
 decoder = msgspec.json.Decoder(NodeSnapshot)

@@ -34,6 +34,8 @@ class WatcherSettings(BaseSettings):
     max_frames_per_s: Annotated[float, Field(gt=0.0, le=10_000.0)] = 20.0
     flood_close_after: Annotated[int, Field(ge=1)] = 200
     max_nodes: Annotated[int, Field(ge=1, le=100_000)] = 256
+    # Channels one snapshot may list (a node with more lists its deepest and busiest, and counts
+    # the rest in its totals).
     max_channels: Annotated[int, Field(ge=1, le=100_000)] = 1000
     # Browser feed: how many browsers at once, and which page origins may open it
     # (empty: only the watcher's own page).

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from watcher.schema import ChannelSnapshot, NodeSnapshot
+from watcher.schema import NodeSnapshot
 
 Status = Literal["up", "suspect", "down"]
 
@@ -36,7 +36,8 @@ class ChannelPoint(msgspec.Struct, array_like=True, frozen=True):
 
 class HistoryPoint(msgspec.Struct, array_like=True, frozen=True):
     """One node at one moment (watcher time); sent as
-    `[t, cpu, rss, mem%, host cpu%, host mem%, {channel: [...]}]`."""
+    `[t, cpu, rss, mem%, host cpu%, host mem%, {channel: [...]}, [node totals]]`: the channels
+    are those the node listed (its deepest and busiest), the totals cover all of them."""
 
     t: int
     cpu_percent: float
@@ -45,6 +46,7 @@ class HistoryPoint(msgspec.Struct, array_like=True, frozen=True):
     system_cpu_percent: float
     system_memory_percent: float
     channels: dict[str, ChannelPoint]
+    totals: ChannelPoint
 
 
 @dataclass(slots=True)
@@ -77,12 +79,33 @@ class NodeRecord:
     reports: int = 0
     # Dead-letter moves reported since the last history point (history is downsampled).
     pending_dead: dict[str, int] = field(default_factory=dict)
+    pending_dead_total: int = 0
 
 
-def totals(channels: list[ChannelSnapshot]) -> dict[str, float]:
-    """A node's channels added up (rates add; the oldest age and p99 take the maximum)."""
+def totals(snap: NodeSnapshot) -> dict[str, float]:
+    """The node's totals: as it sent them (version 2), or its channels added up (rates add; the
+    oldest age and p99 take the maximum). The oldest age is over the listed channels."""
+    channels = snap.channels
+    oldest = max((ch.oldest_ready_age_ms or 0.0 for ch in channels), default=0.0)
+    node = snap.totals
+    if node is not None:
+        return {
+            "channels": max(snap.channels_total, len(channels)),
+            "listed": len(channels),
+            "ready": node.ready,
+            "delayed": node.delayed,
+            "in_flight": node.in_flight,
+            "enqueue_rate": node.enqueue_rate,
+            "dequeue_rate": node.dequeue_rate,
+            "ack_rate": node.ack_rate,
+            "nack_rate": node.nack_rate,
+            "dead_lettered": node.dead_lettered,
+            "oldest_ready_age_ms": oldest,
+            "ack_p99_ms": node.ack_p99_ms or 0.0,
+        }
     out: dict[str, float] = {
         "channels": len(channels),
+        "listed": len(channels),
         "ready": 0,
         "delayed": 0,
         "in_flight": 0,
@@ -174,11 +197,13 @@ class WatcherState:
                 record.pending_dead[ch.name] = (
                     record.pending_dead.get(ch.name, 0) + ch.dead_lettered
                 )
+        record.pending_dead_total += int(totals(snap)["dead_lettered"])
         point: HistoryPoint | None = None
         last = record.history[-1].t if record.history else None
         if last is None or now_ms - last >= self.step_ms or now_ms < last:
-            point = self._point(snap, now_ms, record.pending_dead)
+            point = self._point(snap, now_ms, record.pending_dead, record.pending_dead_total)
             record.pending_dead = {}
+            record.pending_dead_total = 0
             record.history.append(point)
         self._prune(record, now_ms)
         return record, point
@@ -189,7 +214,10 @@ class WatcherState:
             record.connected = False
 
     @staticmethod
-    def _point(snap: NodeSnapshot, now_ms: int, dead: dict[str, int]) -> HistoryPoint:
+    def _point(
+        snap: NodeSnapshot, now_ms: int, dead: dict[str, int], dead_total: int
+    ) -> HistoryPoint:
+        node = totals(snap)
         return HistoryPoint(
             t=now_ms,
             cpu_percent=snap.cpu_percent,
@@ -213,6 +241,19 @@ class WatcherState:
                 )
                 for ch in snap.channels
             },
+            totals=ChannelPoint(
+                ready=int(node["ready"]),
+                delayed=int(node["delayed"]),
+                in_flight=int(node["in_flight"]),
+                enqueue_rate=node["enqueue_rate"],
+                dequeue_rate=node["dequeue_rate"],
+                ack_rate=node["ack_rate"],
+                nack_rate=node["nack_rate"],
+                dead_lettered=dead_total,
+                oldest_ready_age_ms=node["oldest_ready_age_ms"] or None,
+                ack_p50_ms=snap.totals.ack_p50_ms if snap.totals else None,
+                ack_p99_ms=node["ack_p99_ms"] or None,
+            ),
         )
 
     def _prune(self, record: NodeRecord, now_ms: int) -> None:
@@ -265,7 +306,7 @@ class WatcherState:
             "system_memory_percent": snap.system_memory_percent,
             "store": snap.store,
             "channels": snap.channels,
-            "totals": totals(snap.channels),
+            "totals": totals(snap),
         }
 
     def picture(self, now_ms: int) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, generate_latest
@@ -13,7 +15,9 @@ from starlette.responses import JSONResponse, Response
 
 from app import __version__
 from app.api.deps import Node, node
+from app.engine.queue import QueueEngine
 from app.errors import NotReady, StoreError
+from app.models import ChannelStats
 
 router = APIRouter(tags=["operations"])
 
@@ -48,33 +52,115 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics, labelled by channel")
 async def metrics(request: Request) -> Response:
-    registry: CollectorRegistry = request.app.state.metrics
-    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+    registry: NodeMetrics = request.app.state.metrics
+    return Response(await registry.render(), media_type="text/plain; version=0.0.4")
 
 
-class EngineCollector(Collector):
-    """Reads the engine's counters at scrape time: nothing is counted twice on the hot path."""
+# Channels read between two yields to the event loop while a scrape adds them up.
+_SCRAPE_CHUNK = 5000
+
+_GAUGES = {
+    "ready": ("channel_ready", "Messages ready for delivery"),
+    "delayed": ("channel_delayed", "Messages waiting for their delay"),
+    "in_flight": ("channel_in_flight", "Messages leased and not yet acked"),
+}
+_COUNTERS = {
+    "enqueued": ("enqueued", "Messages enqueued"),
+    "dequeued": ("dequeued", "Deliveries made"),
+    "acked": ("acked", "Messages acked"),
+    "nacked": ("nacked", "Deliveries nacked"),
+    "redelivered": ("redeliveries", "Deliveries after the first"),
+    "dead_lettered": ("dead_lettered", "Messages moved to dead letters or dropped"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeView:
+    """The numbers one scrape exports: node sums, and the deepest channels in full."""
+
+    channels: int
+    sums: dict[str, int]
+    deepest: list[ChannelStats]
+
+
+async def scrape_view(engine: QueueEngine, now: int, per_channel: int) -> ScrapeView:
+    """Add up every channel and keep the `per_channel` deepest, in steps of _SCRAPE_CHUNK
+    channels between which the event loop serves other requests (a node may hold 100,000)."""
+    sums = dict.fromkeys([*_GAUGES, *_COUNTERS], 0)
+    heap: list[tuple[int, str]] = []  # (depth, name): the deepest so far, smallest on top
+    names = list(engine.channels)
+    for i in range(0, len(names), _SCRAPE_CHUNK):
+        if i:
+            await asyncio.sleep(0)
+        for name in names[i : i + _SCRAPE_CHUNK]:
+            ch = engine.channels.get(name)
+            if ch is None:  # deleted while the scrape yielded
+                continue
+            in_flight = ch.in_flight
+            sums["ready"] += max(0, ch.total - in_flight - ch.delayed)
+            sums["delayed"] += ch.delayed
+            sums["in_flight"] += in_flight
+            sums["enqueued"] += ch.enqueued
+            sums["dequeued"] += ch.dequeued
+            sums["acked"] += ch.acked
+            sums["nacked"] += ch.nacked
+            sums["redelivered"] += ch.redelivered
+            sums["dead_lettered"] += ch.dead_lettered
+            depth = max(ch.total, in_flight + ch.delayed)
+            if not per_channel or not depth:
+                continue
+            if len(heap) < per_channel:
+                heapq.heappush(heap, (depth, name))
+            elif depth > heap[0][0]:
+                heapq.heapreplace(heap, (depth, name))
+    ranked = [name for _, name in sorted(heap, reverse=True)]
+    return ScrapeView(len(engine.channels), sums, engine.stats_of(ranked, now))
+
+
+class NodeMetrics(CollectorRegistry):
+    """The node's Prometheus registry. Like RabbitMQ's plugin, whose /metrics aggregates per
+    node unless per-object metrics are asked for, it exports node totals (`lionmq_node_*`) and,
+    labelled by channel, only the METRICS_MAX_CHANNELS deepest channels: with 100,000 channels a
+    full listing would be tens of megabytes per scrape."""
 
     def __init__(self, n: Node) -> None:
+        super().__init__(auto_describe=False)
         self._node = n
+        self.view = ScrapeView(0, {}, [])
+        self.register(_ViewCollector(self))
+
+    async def render(self) -> bytes:
+        n = self._node
+        self.view = await scrape_view(n.engine, n.clock.now_ms(), n.settings.metrics_max_channels)
+        return generate_latest(self)
+
+
+class _ViewCollector(Collector):
+    def __init__(self, registry: NodeMetrics) -> None:
+        self._registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self._node.engine.channel_stats(self._node.clock.now_ms())
-        gauges = {
-            "ready": ("lionmq_channel_ready", "Messages ready for delivery"),
-            "delayed": ("lionmq_channel_delayed", "Messages waiting for their delay"),
-            "in_flight": ("lionmq_channel_in_flight", "Messages leased and not yet acked"),
-        }
-        counters = {
-            "enqueued": ("lionmq_enqueued", "Messages enqueued"),
-            "dequeued": ("lionmq_dequeued", "Deliveries made"),
-            "acked": ("lionmq_acked", "Messages acked"),
-            "nacked": ("lionmq_nacked", "Deliveries nacked"),
-            "redelivered": ("lionmq_redeliveries", "Deliveries after the first"),
-            "dead_lettered": ("lionmq_dead_lettered", "Messages moved to dead letters or dropped"),
-        }
-        for field, (metric, doc) in gauges.items():
-            g = GaugeMetricFamily(metric, doc, labels=["channel"])
+        view = self._registry.view
+        yield GaugeMetricFamily("lionmq_channels", "Channels on this node", value=view.channels)
+        yield GaugeMetricFamily(
+            "lionmq_channels_exported",
+            "Channels exported with a channel label (the deepest; METRICS_MAX_CHANNELS)",
+            value=len(view.deepest),
+        )
+        for field, (metric, doc) in _GAUGES.items():
+            name = metric.removeprefix("channel_")
+            yield GaugeMetricFamily(
+                f"lionmq_node_{name}", f"{doc}, all channels", value=view.sums.get(field, 0)
+            )
+        for field, (metric, doc) in _COUNTERS.items():
+            # Sums of the channels' lifetime counters: deleting a channel lowers them, which
+            # Prometheus reads as a counter reset.
+            yield CounterMetricFamily(
+                f"lionmq_node_{metric}", f"{doc}, all channels", value=view.sums.get(field, 0)
+            )
+        stats = view.deepest
+        for field, (metric, doc) in _GAUGES.items():
+            g = GaugeMetricFamily(f"lionmq_{metric}", doc, labels=["channel"])
             for s in stats:
                 g.add_metric([s.name], getattr(s, field))
             yield g
@@ -86,14 +172,12 @@ class EngineCollector(Collector):
         for s in stats:
             age.add_metric([s.name], (s.oldest_ready_age_ms or 0) / 1000)
         yield age
-        for field, (metric, doc) in counters.items():
-            c = CounterMetricFamily(metric, doc, labels=["channel"])
+        for field, (metric, doc) in _COUNTERS.items():
+            c = CounterMetricFamily(f"lionmq_{metric}", doc, labels=["channel"])
             for s in stats:
                 c.add_metric([s.name], getattr(s, field))
             yield c
 
 
-def metrics_registry(n: Node) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(n))
-    return registry
+def metrics_registry(n: Node) -> NodeMetrics:
+    return NodeMetrics(n)

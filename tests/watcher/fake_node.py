@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -25,27 +26,32 @@ class FakeEngine:
         self.clock = clock
         self.start = clock.now_ms()
 
-    def channel_stats(self, now: int, /) -> list[ChannelStats]:
+    def take_activity(self) -> set[str]:
+        return {"orders"}
+
+    def channel_count(self) -> int:
+        return 1
+
+    def stats_of(self, names: Iterable[str], now: int, /) -> list[ChannelStats]:
         secs = (now - self.start) / 1000
         enq, deq = int(5 * secs), int(2 * secs)
-        return [
-            ChannelStats(
-                name="orders",
-                ready=enq - deq,
-                delayed=3,
-                in_flight=1,
-                enqueued=enq,
-                dequeued=deq,
-                acked=deq,
-                nacked=0,
-                dead_lettered=0,
-                redelivered=0,
-                oldest_ready_age_ms=int(secs * 600),
-            )
-        ]
+        orders = ChannelStats(
+            name="orders",
+            ready=enq - deq,
+            delayed=3,
+            in_flight=1,
+            enqueued=enq,
+            dequeued=deq,
+            acked=deq,
+            nacked=0,
+            dead_lettered=0,
+            redelivered=0,
+            oldest_ready_age_ms=int(secs * 600),
+        )
+        return [orders] if "orders" in names else []
 
-    def take_ack_latencies(self) -> dict[str, list[int]]:
-        return {"orders": [20, 30, 40, 250]}
+    def take_ack_latencies(self, names: Iterable[str], /) -> dict[str, list[int]]:
+        return {"orders": [20, 30, 40, 250]} if "orders" in names else {}
 
 
 class FakeStore:

@@ -122,6 +122,26 @@ async def test_bad_frames_are_dropped_without_harming_another_node(watcher: Proc
         await ws.close()
 
 
+async def test_a_node_with_many_channels_is_kept_and_what_it_lists_is_still_bounded(
+    watcher: Proc,
+) -> None:
+    many = await ingest(watcher)
+    totals = {"ready": 5000, "delayed": 0, "in_flight": 0}
+    await many.send(frame("crowded", v=2, channels_total=100_000, totals=totals))
+    feed = await open_feed(watcher.base_url)
+    await feed.until(lambda f: "crowded" in f.nodes, 5, "the node with many channels")
+    shown = feed.nodes["crowded"]
+    assert shown["totals"]["channels"] == 100_000 and shown["totals"]["ready"] == 5000
+
+    before = await acounters(watcher)
+    await many.send(frame("crowded", v=2, channels_total=0))  # counts fewer than it lists
+    await many.send(frame("crowded", v=3, channels_total=1))  # a version it does not know
+    await wait_counter(watcher, "invalid", before["invalid"] + 2)
+    assert (await acounters(watcher))["accepted"] == before["accepted"]
+    for ws in (many, feed.ws):
+        await ws.close()
+
+
 async def test_a_flooding_connection_is_rate_limited_then_closed(watcher: Proc) -> None:
     good = await ingest(watcher)
     await good.send(frame("calm", ready=7))

@@ -6,6 +6,7 @@ import asyncio
 import random
 import socket
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -139,14 +140,45 @@ def test_advertised_ip() -> None:
 
 
 class FakeEngine:
+    """Channels as stats; a test changes one with `set`, which marks it active."""
+
     def __init__(self) -> None:
-        self.enqueued = 0
+        self.channels: dict[str, ChannelStats] = {"orders": stats("orders")}
+        self.activity: set[str] = set(self.channels)
+        self.latencies: dict[str, list[int]] = {}
+        self.read: list[str] = []
 
-    def channel_stats(self, now: int, /) -> list[ChannelStats]:
-        return [stats("orders", ready=self.enqueued, enqueued=self.enqueued)]
+    @property
+    def enqueued(self) -> int:
+        return self.channels["orders"].enqueued
 
-    def take_ack_latencies(self) -> dict[str, list[int]]:
-        return {"orders": [5]}
+    @enqueued.setter
+    def enqueued(self, n: int) -> None:
+        self.set(stats("orders", ready=n, enqueued=n))
+        self.latencies["orders"] = [5]
+
+    def set(self, st: ChannelStats) -> None:
+        self.channels[st.name] = st
+        self.activity.add(st.name)
+
+    def delete(self, name: str) -> None:
+        del self.channels[name]
+        self.activity.add(name)
+
+    def take_activity(self) -> set[str]:
+        seen, self.activity = self.activity, set()
+        return seen
+
+    def stats_of(self, names: Iterable[str], now: int, /) -> list[ChannelStats]:
+        names = list(names)
+        self.read.extend(names)
+        return [self.channels[n] for n in names if n in self.channels]
+
+    def channel_count(self) -> int:
+        return len(self.channels)
+
+    def take_ack_latencies(self, names: Iterable[str], /) -> dict[str, list[int]]:
+        return {n: self.latencies.pop(n) for n in list(names) if n in self.latencies}
 
 
 class FakeStore:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import msgspec
+
 from watcher.feed import origin_ok
-from watcher.ingest import TokenBucket, token_ok
-from watcher.schema import ChannelSnapshot, NodeSnapshot
+from watcher.hub import Hub
+from watcher.ingest import TokenBucket, _take, token_ok
+from watcher.schema import ChannelSnapshot, NodeSnapshot, NodeTotals
+from watcher.settings import WatcherSettings
 from watcher.state import WatcherState, totals
 
 T0 = 1_700_000_000_000
@@ -93,11 +97,31 @@ def test_totals_add_rates_and_counts_and_take_the_worst_delay() -> None:
             ack_rate=6.0, oldest_ready_age_ms=None, ack_p99_ms=90.0, dead_lettered=3,
         ),
     ]  # fmt: skip
-    t = totals(channels)
+    t = totals(snap(channels=channels))
     assert t["channels"] == 2 and t["ready"] == 12 and t["in_flight"] == 3
     assert t["enqueue_rate"] == 12.0 and t["dequeue_rate"] == 10.0 and t["ack_rate"] == 9.0
     assert t["oldest_ready_age_ms"] == 800.0 and t["ack_p99_ms"] == 90.0
     assert t["dead_lettered"] == 3
+
+
+def test_a_node_with_many_channels_is_shown_by_its_totals_and_count() -> None:
+    listed = [
+        ChannelSnapshot(name="deep", ready=900, delayed=0, in_flight=0, oldest_ready_age_ms=5.0)
+    ]
+    node = NodeTotals(ready=1000, delayed=4, in_flight=2, enqueue_rate=7.0, dead_lettered=3)
+    state = WatcherState(step_ms=1000)
+    kept = state.accept(snap(channels=listed, channels_total=100_000, totals=node, v=2), T0)
+    assert kept is not None
+    record, point = kept
+    view = state.view(record, T0)
+    assert view["status"] == "up"
+    t = view["totals"]
+    assert t["channels"] == 100_000 and t["listed"] == 1
+    assert (t["ready"], t["delayed"], t["in_flight"]) == (1000, 4, 2)
+    assert t["enqueue_rate"] == 7.0 and t["oldest_ready_age_ms"] == 5.0
+    # The history point carries the node totals after the listed channels.
+    assert point is not None and point.totals.ready == 1000 and point.totals.dead_lettered == 3
+    assert set(point.channels) == {"deep"}
 
 
 def test_the_watcher_tracks_at_most_max_nodes() -> None:
@@ -151,3 +175,18 @@ def test_origin_check() -> None:
     assert origin_ok("http://w:8080", "w:8080", frozenset())
     assert not origin_ok("http://evil.example", "w:8080", frozenset())
     assert origin_ok("https://ops.example", "w:8080", frozenset({"https://ops.example"}))
+
+
+def test_ingest_refuses_a_snapshot_listing_more_channels_than_allowed() -> None:
+    settings = WatcherSettings(
+        token="t0ken-t0ken",
+        max_channels=3,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    hub = Hub(settings, clock=lambda: T0)
+    listing = [ChannelSnapshot(name=f"c{i}", ready=0, delayed=0, in_flight=0) for i in range(4)]
+    too_many = msgspec.json.encode(snap(channels=listing, channels_total=100_000, v=2))
+    assert _take(hub, {"bytes": too_many}, 1, None) is None
+    assert hub.state.counters.invalid == 1
+    within = msgspec.json.encode(snap(channels=listing[:3], channels_total=100_000, v=2))
+    assert _take(hub, {"bytes": within}, 1, None) == "n1"

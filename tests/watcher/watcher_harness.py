@@ -121,21 +121,28 @@ class Processes:
             self.spawn(name, ["-m", "watcher"], env, f"http://127.0.0.1:{port}")
         )
 
-    def node(self, watcher: Proc, node_id: str, interval_ms: int = 200) -> Proc:
-        """A real LionMQ node (`python -m app`) pushing to `watcher`."""
+    def node(
+        self,
+        watcher: Proc,
+        node_id: str,
+        interval_ms: int = 200,
+        db: Path | None = None,
+        timeout: float = 15.0,
+    ) -> Proc:
+        """A real LionMQ node (`python -m app`) pushing to `watcher` (on store file `db`)."""
         port = free_port()
         env = {
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "NODE_ID": node_id,
-            "STORE_URL": f"sqlite:///{self.tmp / (str(port) + '.db')}",
+            "STORE_URL": f"sqlite:///{db or self.tmp / (str(port) + '.db')}",
             "WATCHER_URL": watcher.base_url.replace("http://", "ws://") + "/ingest",
             "WATCHER_TOKEN": TOKEN,
             "METRICS_INTERVAL_MS": str(interval_ms),
             "LOG_LEVEL": "warning",
         }
         return self.wait_healthy(
-            self.spawn(f"node-{port}", ["-m", "app"], env, f"http://127.0.0.1:{port}")
+            self.spawn(f"node-{port}", ["-m", "app"], env, f"http://127.0.0.1:{port}"), timeout
         )
 
     def fake_node(self, watcher_base_url: str, node_id: str, interval_ms: int = 200) -> Proc:

@@ -3,8 +3,10 @@
 "use strict";
 
 (() => {
-  // History point layout (see watcher/state.py): [t, cpu, rss, mem%, hostCpu%, hostMem%, {ch: [...]}]
-  const P = { t: 0, cpu: 1, rss: 2, mem: 3, hostCpu: 4, hostMem: 5, ch: 6 };
+  // History point layout (see watcher/state.py):
+  // [t, cpu, rss, mem%, hostCpu%, hostMem%, {ch: [...]}, [node totals]]; a node with many channels
+  // lists only its deepest and busiest, so node-wide series come from the totals.
+  const P = { t: 0, cpu: 1, rss: 2, mem: 3, hostCpu: 4, hostMem: 5, ch: 6, tot: 7 };
   const C = { ready: 0, delayed: 1, inFlight: 2, enq: 3, deq: 4, ack: 5, nack: 6, dead: 7, oldest: 8, p50: 9, p99: 10 };
   const COLORS = ["#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#0891b2", "#db2777", "#65a30d"];
 
@@ -270,7 +272,15 @@
     return f ? rows.filter((r) => r.name.toLowerCase().includes(f) || r.node.toLowerCase().includes(f)) : rows;
   }
 
+  // "top 70 of 100,000": how many channels the table shows of how many the nodes hold.
+  function renderChannelsNote() {
+    let listed = 0, total = 0;
+    for (const n of model.nodes.values()) { listed += n.channels.length; total += n.totals.channels; }
+    $("#channels-note").textContent = total > listed ? `the deepest and busiest ${fmtNum(listed)} of ${fmtNum(total)} channels` : "";
+  }
+
   function renderChannels() {
+    renderChannelsNote();
     const body = $("#channels tbody");
     const rows = channelRows().map((c) => {
       const focused = model.focus.node === c.node && model.focus.channel === c.name;
@@ -327,6 +337,8 @@
 
   function nodeSeries(nodeId, idx, mode) {
     return (model.history.get(nodeId) || []).map((p) => {
+      const tot = p[P.tot];
+      if (tot && tot[idx] !== null && tot[idx] !== undefined) return [p[P.t], tot[idx]];
       let acc = mode === "max" ? null : 0;
       for (const c of Object.values(p[P.ch])) {
         const v = c[idx];
