@@ -16,6 +16,8 @@ from lionmq import Client, ConnectionFailed, LionMQError, Message, RetryPolicy
 from tests.conftest import NodeProcess
 
 NO_RETRY = RetryPolicy(attempts=1)
+DELAY_MS = 8_000
+LEASE_MS = 30_000
 
 
 def drain(client: Client, channel: str, deadline_s: float) -> list[Message]:
@@ -39,8 +41,11 @@ def test_kill_9_keeps_every_promise(node_factory: type[NodeProcess], tmp_path: P
     node = node_factory(data).start()
     with Client(node.url) as client:
         ids = client.enqueue_many("orders", [{"n": i} for i in range(600)])
-        client.enqueue("orders", "later", delay_ms=1500)
-        leased = client.dequeue("orders", 200, visibility_ms=3000)
+        # Delay and lease outlast any restart, even on a loaded machine: the counts below are
+        # then exact. After the restart the leases are shortened with extend (their receipts
+        # must still hold) so the test need not wait for them.
+        client.enqueue("orders", "later", delay_ms=DELAY_MS)
+        leased = client.dequeue("orders", 200, visibility_ms=LEASE_MS)
         acked = leased[:100]
         client.ack("orders", [m.receipt for m in acked])
         still_leased = leased[100:]
@@ -55,6 +60,8 @@ def test_kill_9_keeps_every_promise(node_factory: type[NodeProcess], tmp_path: P
         # A lease taken before the crash still holds its receipt.
         assert client.ack("orders", [still_leased[0].receipt]).acked == 1
         acked_ids = {m.id for m in acked} | {still_leased[0].id}
+        shortened = client.extend("orders", [m.receipt for m in still_leased[1:]], 1000)
+        assert shortened.extended == 99
 
         first = client.dequeue("orders", 1000)
         assert {m.id for m in first} == set(ids[200:])  # never leased: delivered at once
