@@ -136,15 +136,15 @@ async def _long_poll(n: Node, name: str, req: DequeueRequest, receive: Receive) 
         await asyncio.wait((poll, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if poll.done():
+        # Cancelled ourselves (the server dropped the request): the engine gives back any
+        # lease it was writing when the cancellation reaches it.
+        poll.cancel()
+    if not gone.done() or gone.cancelled():
         return poll.result()
-    poll.cancel()
+    # The consumer left. A poll cancelled mid-lease hands its leases back itself; one that
+    # finished in the same instant has leases no one will see: they go back, attempt and all.
     with contextlib.suppress(asyncio.CancelledError):
-        leases = await poll
-        # Leased in the instant the consumer left: hand them straight back.
-        if leases:
-            receipts = [receipt(lease.message.id, lease.attempt) for lease in leases]
-            await n.engine.nack(name, receipts, 0, False)
+        await n.engine.give_back(name, await poll)
     return []
 
 
