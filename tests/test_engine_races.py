@@ -19,7 +19,7 @@ from app.api import messages
 from app.api.deps import Node
 from app.clock import ManualClock
 from app.engine.queue import EngineLimits, QueueEngine
-from app.errors import StoreUnavailable
+from app.errors import ChannelNotFound, StoreUnavailable
 from app.models import ChannelConfig
 from app.settings import Settings
 from app.store.mongo import MongoStore
@@ -246,6 +246,35 @@ async def test_dead_letter_into_a_channel_being_deleted(env: Env) -> None:
     assert bodies(await q.dequeue("jobs.dlq", 10, 0, None)) == ["a"]
     await env.restart()
     assert env.stats("jobs.dlq") == (0, 1, 0)
+
+
+async def test_purge_racing_a_delete_finds_no_channel(env: Env) -> None:
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    env.store.hold("drop_channel")
+    delete = asyncio.ensure_future(q.delete_channel("jobs"))
+    await env.store.reached("drop_channel")
+    with pytest.raises(ChannelNotFound):
+        await q.purge("jobs")
+    with pytest.raises(ChannelNotFound):
+        await q.delete_channel("jobs")
+    env.store.let_go("drop_channel")
+    await delete
+    assert "jobs" not in q.channels
+
+
+async def test_a_failed_delete_leaves_the_channel_as_it_was(env: Env) -> None:
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    env.store.hold("drop_channel", fail=True)
+    delete = asyncio.ensure_future(q.delete_channel("jobs"))
+    await env.store.reached("drop_channel")
+    enqueue = asyncio.ensure_future(q.enqueue("jobs", [msg("b")]))
+    env.store.let_go("drop_channel")
+    with pytest.raises(StoreUnavailable):
+        await delete
+    await enqueue
+    assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["a", "b"]
 
 
 async def test_a_channel_is_built_from_what_the_store_holds(env: Env) -> None:
