@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from mongomock_motor import AsyncMongoMockClient
@@ -298,6 +299,16 @@ async def test_dequeue_does_not_create_a_channel(env: Env) -> None:
     assert q.channels == {}
     await env.restart()
     assert env.engine.channels == {}
+
+
+async def test_dequeues_to_typod_names_make_no_channels(app_client: httpx.AsyncClient) -> None:
+    for i in range(30):
+        r = await app_client.post(f"/channels/typo-{i}/dequeue", json={"max": 5})
+        assert r.status_code == 200 and r.json() == {"messages": []}
+    r = await app_client.post("/channels/typo-w/dequeue", json={"wait_ms": 20})
+    assert r.status_code == 200 and r.json() == {"messages": []}
+    assert (await app_client.get("/channels/typo-0")).status_code == 404
+    assert (await app_client.get("/channels")).json()["channels"] == []
 
 
 async def test_long_poll_on_a_missing_channel_wakes_on_its_first_enqueue(env: Env) -> None:
