@@ -654,8 +654,8 @@ class QueueEngine:
             expired, spent, back = _sort_out(messages, now, ch.config.max_attempts)
         else:
             expired, spent, back = [], messages, []
-        steps = [(ms, why) for ms, why in ((expired, "ttl"), (spent, reason or "max_attempts"))]
-        steps.append((back, ""))
+        # Dead letters (with their reason), then the rest back ("": no dead-lettering).
+        steps = [(expired, "ttl"), (spent, reason or "max_attempts"), (back, "")]
         # Every one is out of reach until its own step is done.
         ch.settling.update(leases)
         for i, (group, why) in enumerate(steps):
