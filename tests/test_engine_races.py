@@ -352,10 +352,33 @@ async def wait_ready(env: Env, name: str) -> None:
     raise AssertionError(f"nothing became ready in {name}")
 
 
+def node_of(env: Env) -> Node:
+    settings = Settings(_env_file=None, store_url="sqlite:///unused.db")  # type: ignore[call-arg]
+    return Node(settings, env.clock, env.store, env.engine, 0)  # type: ignore[arg-type]
+
+
+async def test_request_cancelled_mid_lease_gives_it_back(env: Env) -> None:
+    """wait_ms=0: the server cancels the request task when the client disconnects."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("a dequeue without wait_ms does not listen for a hang-up")
+
+    env.store.hold("lease")
+    handler = asyncio.ensure_future(messages.dequeue(node_of(env), "jobs", b"", receive))
+    await env.store.reached("lease")
+    handler.cancel()
+    env.store.let_go("lease")
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    await wait_ready(env, "jobs")
+    assert [lease.attempt for lease in await q.dequeue("jobs", 1, 0, None)] == [1]
+
+
 async def test_long_poll_whose_consumer_leaves_mid_lease_gives_it_back(env: Env) -> None:
     q = env.engine
-    settings = Settings(_env_file=None, store_url="sqlite:///unused.db")  # type: ignore[call-arg]
-    node = Node(settings, env.clock, env.store, q, 0)  # type: ignore[arg-type]
+    node = node_of(env)
     hung_up = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
