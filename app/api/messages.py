@@ -7,7 +7,6 @@ serves them straight from ASGI and `OPERATIONS` documents them in the OpenAPI sc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -136,15 +135,16 @@ async def _long_poll(n: Node, name: str, req: DequeueRequest, receive: Receive) 
         await asyncio.wait((poll, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        # Cancelled ourselves (the server dropped the request): the engine gives back any
-        # lease it was writing when the cancellation reaches it.
+        # Stop polling, whether the consumer left or this request was cancelled (a no-op if
+        # the poll is done); a poll cancelled mid-lease gives that lease back itself.
         poll.cancel()
     if not gone.done() or gone.cancelled():
         return poll.result()
-    # The consumer left. A poll cancelled mid-lease hands its leases back itself; one that
-    # finished in the same instant has leases no one will see: they go back, attempt and all.
-    with contextlib.suppress(asyncio.CancelledError):
-        await n.engine.give_back(name, await poll)
+    # The consumer left. A poll that finished in the same instant holds leases no one will
+    # see: they go back, attempt and all.
+    await asyncio.wait((poll,))  # unlike `await poll`, a cancellation of ours is not swallowed
+    if not poll.cancelled():
+        await n.engine.give_back(name, poll.result())
     return []
 
 
