@@ -249,6 +249,20 @@ async def test_dead_letter_into_a_channel_being_deleted(env: Env) -> None:
     assert env.stats("jobs.dlq") == (0, 1, 0)
 
 
+async def test_enqueue_cancelled_mid_insert_leaves_nothing_hidden(env: Env) -> None:
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    env.store.hold("insert", after=True)  # stored, the answer not yet back
+    task = asyncio.ensure_future(q.enqueue("jobs", [msg("b")]))
+    await env.store.reached("insert")
+    task.cancel()  # the producer hung up
+    env.store.let_go("insert")
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_ready(env, "jobs", 2)
+    assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["a", "b"]
+
+
 async def test_purge_racing_a_delete_finds_no_channel(env: Env) -> None:
     q = env.engine
     await q.enqueue("jobs", [msg("a")])
@@ -343,10 +357,10 @@ async def test_cancelled_dequeue_gives_its_lease_back(env: Env) -> None:
     assert got[0].attempt == 2
 
 
-async def wait_ready(env: Env, name: str) -> None:
-    """Until the channel has a ready message (the lease given back in the background)."""
+async def wait_ready(env: Env, name: str, count: int = 1) -> None:
+    """Until the channel has `count` ready messages (the change finishing in the background)."""
     for _ in range(500):
-        if env.stats(name)[0]:
+        if env.stats(name)[0] >= count:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"nothing became ready in {name}")

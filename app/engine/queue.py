@@ -328,14 +328,18 @@ class QueueEngine:
             )
         ch.reserved += n
         ch.begin_write()
+        # A task: a producer that hangs up must not leave stored messages uncounted.
+        return await self._outlive(self._background(self._insert(ch, messages, now)))
+
+    async def _insert(self, ch: ChannelState, messages: list[Message], now: int) -> list[int]:
         try:
-            result = await self.store.insert(name, messages, now - self.limits.dedup_window_ms)
+            result = await self.store.insert(ch.name, messages, now - self.limits.dedup_window_ms)
         finally:
-            ch.reserved -= n
+            ch.reserved -= len(messages)
             ch.end_write()
         # A delete waits for this write, so the channel is still the one it was written to
         # (unless the node let go of it meanwhile, and then counts come from the store).
-        if self.channels.get(name) is ch:
+        if self.channels.get(ch.name) is ch:
             self._stored(ch, result.new)
         return result.ids
 
