@@ -7,7 +7,6 @@ serves them straight from ASGI and `OPERATIONS` documents them in the OpenAPI sc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -17,7 +16,6 @@ from starlette.types import Receive
 
 from app.api.codec import SHALLOW_JSON_BYTES, check_depth, decode
 from app.api.deps import Node, channel_name
-from app.engine.ids import receipt
 from app.engine.queue import MAX_DELAY_MS, NewMessage, Outcome
 from app.errors import PayloadTooLarge
 from app.models import Lease
@@ -140,15 +138,16 @@ async def _long_poll(n: Node, name: str, req: DequeueRequest, receive: Receive) 
         await asyncio.wait((poll, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if poll.done():
+        # Stop polling, whether the consumer left or this request was cancelled (a no-op if
+        # the poll is done); a poll cancelled mid-lease gives that lease back itself.
+        poll.cancel()
+    if not gone.done() or gone.cancelled():
         return poll.result()
-    poll.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        leases = await poll
-        # Leased in the instant the consumer left: hand them straight back.
-        if leases:
-            receipts = [receipt(lease.message.id, lease.attempt) for lease in leases]
-            await n.engine.nack(name, receipts, 0, False)
+    # The consumer left. A poll that finished in the same instant holds leases no one will
+    # see: they go back, attempt and all.
+    await asyncio.wait((poll,))  # unlike `await poll`, a cancellation of ours is not swallowed
+    if not poll.cancelled():
+        await n.engine.give_back(name, poll.result())
     return []
 
 

@@ -42,6 +42,12 @@ class ChannelState:
         self.generation = 0  # bumped when the store may hold ready messages the window lacks
         self.epoch = 0  # bumped by purge: writes begun before it must not touch counts after
 
+        # Writes under way that put rows into this channel (insert, dead letters moved in, its
+        # settings): a delete waits for them, or one landing after the drop would recreate it.
+        self.writers = 0
+        self.drained: asyncio.Future[None] | None = None  # set once writers reach 0 (delete)
+        self.deleting: asyncio.Future[None] | None = None  # resolved once the delete is over
+
         self.total = 0  # messages the store holds for this channel
         self.delayed = 0
         self.reserved = 0  # slots promised to enqueues still committing (max_length)
@@ -157,6 +163,14 @@ class ChannelState:
             if gone is not None:
                 gone.add(msg_id)
 
+    def begin_write(self) -> None:
+        self.writers += 1
+
+    def end_write(self) -> None:
+        self.writers -= 1
+        if not self.writers and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
     # -- leases -----------------------------------------------------------------------------
     def lease(self, messages: list[Message], deadline: int) -> list[Lease]:
         leases = []
@@ -174,6 +188,15 @@ class ChannelState:
             self.leases.pop(lease.message.id, None)
             lease.message.attempt -= 1
         self.push_ready(lease.message for lease in leases)
+
+    def take_back(self, leases: list[Lease]) -> list[Lease]:
+        """Take these leases out of reach if they still stand (none of them expired)."""
+        held = []
+        for lease in leases:
+            if self.leases.get(lease.message.id) is lease:
+                del self.leases[lease.message.id]
+                held.append(lease)
+        return held
 
     def claim(self, receipts: list[tuple[int, int]], now: int) -> tuple[list[Lease], list[int]]:
         """Take the leases these (id, attempt) pairs still hold; return them and stale indexes."""

@@ -2,7 +2,13 @@
 
 Every state change follows one rule: take the messages out of reach in memory first (so no one
 else can deliver or ack them), await the store's durable write, then finish the change in memory;
-if the store fails, put everything back as it was and let the caller answer 503.
+if the store fails, put everything back as it was and let the caller answer 503. A purge (or the
+channel leaving memory) bumps the channel's epoch: a write begun before it must not touch memory
+after it. `_complete` is that rule, and every completion (ack, nack, lease expiry, extend,
+dead-lettering, a lease given back) goes through it.
+
+A channel enters memory one way, `adopt` (at start, on first enqueue, and later on a hand-off
+between nodes), which builds its state from what the store holds; it leaves by `release`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from app.clock import Clock
 from app.engine.channel import ChannelState
 from app.engine.ids import IdGenerator, parse_receipts
 from app.engine.timers import Timers
-from app.errors import ChannelFull, ChannelNotFound, InvalidInput, LionMQError, StoreError
+from app.errors import ChannelFull, ChannelNotFound, InvalidInput, LionMQError
 from app.models import (
     DEAD_LETTER_SUFFIX,
     ChannelConfig,
@@ -32,6 +38,8 @@ from app.models import (
 from app.store.base import Store
 
 log = logging.getLogger("lionmq.engine")
+
+T = TypeVar("T")
 
 # How many messages one maintenance pass moves per channel and kind of work; bounds a tick.
 _SWEEP_LIMIT = 1000
@@ -129,7 +137,11 @@ class QueueEngine:
         self.limits = limits or EngineLimits()
         self.ids = IdGenerator(clock)
         self.channels: dict[str, ChannelState] = {}
-        self._creating: dict[str, asyncio.Future[ChannelState]] = {}
+        self._entering: dict[str, asyncio.Task[ChannelState]] = {}
+        # Long polls on channels that do not exist (yet): woken when the channel enters memory.
+        self._absent: dict[str, set[asyncio.Future[None]]] = {}
+        # Writes (and their finish in memory) that outlive the request that began them.
+        self._writes: set[asyncio.Task[Any]] = set()
         self._next_prune = 0
         self._next_wake: int | None = None
         self._failing: dict[str, Failing] = {}
@@ -143,37 +155,40 @@ class QueueEngine:
 
     # -- start and stop ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Rebuild memory from the store: counts, leases still running, the head of each queue."""
-        now = self.clock.now_ms()
+        """Rebuild memory from the store: every channel it holds, adopted one by one."""
         self.ids = IdGenerator(self.clock, floor=await self.store.max_id())
         for name, config in (await self.store.load_channels()).items():
-            ch = self._state(name, config)
-            counts = await self.store.counts(name, now)
-            ch.total, ch.delayed = counts.total, counts.delayed
-            ch.next_due, ch.next_expiry = counts.next_due, counts.next_expiry
-            for m in await self.store.leased(name, now):
-                ch.leases[m.id] = Lease(message=m, attempt=m.attempt, deadline=m.available_at)
-                ch.lease_heap.append((m.available_at, m.id, m.attempt))
-            ch.lease_heap.sort()
-            await self._load_page(ch)
-        for ch in self.channels.values():
-            self._arm(ch)
+            await self.adopt(name, config)
 
     async def stop(self) -> None:
         for ch in self.channels.values():
             ch.wake()
             if ch.loading is not None:
                 ch.loading.cancel()
+        for waiters in self._absent.values():
+            _wake_all(waiters)
+        # Writes under way finish (and settle memory) before the store closes under them.
+        if self._writes:
+            await asyncio.wait(set(self._writes))
+
+    def _background(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
+
+    async def _outlive(self, task: asyncio.Task[T]) -> T:
+        """Await a task that must run to its end even if this caller is cancelled."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure)  # nobody awaits it any more
+            raise
 
     # -- channels ---------------------------------------------------------------------------
-    def _state(self, name: str, config: ChannelConfig) -> ChannelState:
-        ch = ChannelState(name, config, self.limits.window_size)
-        self.channels[name] = ch
-        return ch
-
     def get(self, name: str) -> ChannelState:
         ch = self.channels.get(name)
-        if ch is None:
+        if ch is None or ch.deleting is not None:
             raise ChannelNotFound(f"channel {name!r} does not exist; enqueue to it to create it")
         return ch
 
@@ -188,40 +203,104 @@ class QueueEngine:
     async def ensure(self, name: str, *, dead_letter_target: bool = False) -> ChannelState:
         """The channel, created with default settings (and persisted) on first use."""
         ch = self.channels.get(name)
-        if ch is not None:
-            return ch
-        pending = self._creating.get(name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[ChannelState] = asyncio.get_running_loop().create_future()
-        self._creating[name] = future
-        try:
+        if ch is not None and ch.deleting is None:
+            return ch  # the hot path: no task, no await
+
+        async def create() -> ChannelConfig:
             config = self.default_config(name, dead_letter_target=dead_letter_target)
             await self.store.save_channel(name, config)
-            ch = self._state(name, config)
-            ch.exhausted = True  # a new channel holds nothing in the store
-            future.set_result(ch)
-            return ch
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so an unawaited future does not warn
-            raise
+            return config
+
+        return await self._enter(name, create)
+
+    async def adopt(self, name: str, config: ChannelConfig) -> ChannelState:
+        """Take a channel the store holds into memory (at start; next, on a hand-off)."""
+
+        async def known() -> ChannelConfig:
+            return config
+
+        return await self._enter(name, known)
+
+    async def _enter(
+        self, name: str, settle: Callable[[], Awaitable[ChannelConfig]]
+    ) -> ChannelState:
+        """The channel in memory, built by one task however many callers ask at once.
+
+        A channel being deleted is waited for first: a write that reached the store after its
+        drop would bring the channel back there, unseen by memory.
+        """
+        while True:
+            ch = self.channels.get(name)
+            if ch is not None:
+                if ch.deleting is None:
+                    return ch
+                await asyncio.shield(ch.deleting)
+                continue
+            task = self._entering.get(name)
+            if task is None:
+                task = self._entering[name] = self._background(self._build(name, settle))
+            # Built; round again, since a delete may have begun before this caller resumed.
+            await self._outlive(task)
+
+    async def _build(
+        self, name: str, settle: Callable[[], Awaitable[ChannelConfig]]
+    ) -> ChannelState:
+        """The one path from the store to a channel's memory: counts, running leases, first
+        page. Nothing is assumed empty: whatever the store holds for the name is taken in."""
+        try:
+            config = await settle()
+            ch = ChannelState(name, config, self.limits.window_size)
+            now = self.clock.now_ms()
+            counts = await self.store.counts(name, now)
+            ch.total, ch.delayed = counts.total, counts.delayed
+            ch.next_due, ch.next_expiry = counts.next_due, counts.next_expiry
+            for m in await self.store.leased(name, now):
+                ch.leases[m.id] = Lease(message=m, attempt=m.attempt, deadline=m.available_at)
+                ch.lease_heap.append((m.available_at, m.id, m.attempt))
+            ch.lease_heap.sort()
+            await self._load_page(ch)
         finally:
-            del self._creating[name]
+            del self._entering[name]
+        self.channels[name] = ch
+        self._arm(ch)
+        _wake_all(self._absent.pop(name, ()))
+        return ch
+
+    def release(self, name: str) -> ChannelState | None:
+        """Let go of a channel's memory; the store is left alone. Completions still under way
+        finish in the store, and the epoch keeps them out of this (now stale) state; writes
+        that add to the channel must be over (`_drop` waits for them), or a later `adopt`
+        could miss what they add."""
+        ch = self.channels.pop(name, None)
+        if ch is None:
+            return None
+        self.timers.disarm(name)
+        ch.epoch += 1
+        ch.wake()
+        if ch.loading is not None:
+            ch.loading.cancel()
+        return ch
 
     async def configure(self, name: str, changes: dict[str, Any]) -> ChannelState:
         ch = await self.ensure(name)
         config = replace(ch.config, **changes)
         if config.dead_letter == name:
             raise InvalidInput("dead_letter must name another channel, not the channel itself")
-        await self.store.save_channel(name, config)
+        ch.begin_write()
+        try:
+            await self._outlive(self._background(self.store.save_channel(name, config)))
+        finally:
+            ch.end_write()
         ch.config = config
         return ch
 
     @_noted
     async def purge(self, name: str) -> int:
         ch = self.get(name)
-        count = await self.store.purge(name)
+        return await self._outlive(self._background(self._purge(ch)))
+
+    async def _purge(self, ch: ChannelState) -> int:
+        count = await self.store.purge(ch.name)
         ch.epoch += 1
         ch.total = max(0, ch.total - count)
         ch.delayed = 0
@@ -237,11 +316,25 @@ class QueueEngine:
     @_noted
     async def delete_channel(self, name: str) -> None:
         ch = self.get(name)
-        await self.store.drop_channel(name)
-        del self.channels[name]
-        self.timers.disarm(name)
-        ch.epoch += 1
-        ch.wake()
+        deleting = ch.deleting = asyncio.get_running_loop().create_future()
+        await self._outlive(self._background(self._drop(ch, deleting)))
+
+    async def _drop(self, ch: ChannelState, deleting: asyncio.Future[None]) -> None:
+        """No new write may reach the channel (`ensure` waits while `deleting` is set); those
+        under way finish first, so none lands after the drop to recreate it unseen."""
+        try:
+            if ch.writers:
+                ch.drained = asyncio.get_running_loop().create_future()
+                await ch.drained
+            await self.store.drop_channel(ch.name)
+        except BaseException:
+            ch.deleting = None  # still there, as it was
+            raise
+        else:
+            self.release(ch.name)
+        finally:
+            ch.drained = None
+            deleting.set_result(None)
 
     def stats_of(self, names: Iterable[str], now: int) -> list[ChannelStats]:
         """The stats of the named channels that exist, in the order named."""
@@ -290,11 +383,19 @@ class QueueEngine:
                 )
             )
         ch.reserved += n
+        ch.begin_write()
+        # A task: a producer that hangs up must not leave stored messages uncounted.
+        return await self._outlive(self._background(self._insert(ch, messages, now)))
+
+    async def _insert(self, ch: ChannelState, messages: list[Message], now: int) -> list[int]:
         try:
-            result = await self.store.insert(name, messages, now - self.limits.dedup_window_ms)
+            result = await self.store.insert(ch.name, messages, now - self.limits.dedup_window_ms)
         finally:
-            ch.reserved -= n
-        if self.channels.get(name) is ch:
+            ch.reserved -= len(messages)
+            ch.end_write()
+        # A delete waits for this write, so the channel is still the one it was written to
+        # (unless the node let go of it meanwhile, and then counts come from the store).
+        if self.channels.get(ch.name) is ch:
             self._stored(ch, result.new)
         return result.ids
 
@@ -332,16 +433,25 @@ class QueueEngine:
     async def dequeue(
         self, name: str, max_count: int, wait_ms: int, visibility_ms: int | None
     ) -> list[Lease]:
-        ch = await self.ensure(name)
+        """Lease up to `max_count` messages, waiting up to `wait_ms` for one. An unknown
+        channel is not created: it has nothing to give, and a long poll waits for it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         while True:
-            leases = await self._take(ch, max_count, visibility_ms or ch.config.visibility_ms)
+            ch = self.channels.get(name)
+            leases: list[Lease] = []
+            if ch is not None:
+                leases = await self._take(ch, max_count, visibility_ms or ch.config.visibility_ms)
             remaining = deadline - loop.time()
-            if leases or remaining <= 0 or self.channels.get(name) is not ch:
+            if leases or remaining <= 0:
                 return leases
             waiter: asyncio.Future[None] = loop.create_future()
-            ch.waiters.append(waiter)
+            if ch is not None:
+                ch.waiters.append(waiter)
+                waiters = None
+            else:
+                waiters = self._absent.setdefault(name, set())
+                waiters.add(waiter)
             try:
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
@@ -349,6 +459,10 @@ class QueueEngine:
             finally:
                 if not waiter.done():
                     waiter.cancel()
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters and self._absent.get(name) is waiters:
+                        del self._absent[name]
 
     async def _take(self, ch: ChannelState, n: int, visibility_ms: int) -> list[Lease]:
         if ch.needs_page():
@@ -357,41 +471,102 @@ class QueueEngine:
         if not ch.ready and ch.loading is not None:
             await asyncio.shield(ch.loading)
         now = self.clock.now_ms()
+        epoch = ch.epoch
         messages = ch.pop_ready(n)
         if not messages:
             return []
-        messages = await self._drop_dead(ch, messages, now)
+        messages = await self._drop_dead(ch, epoch, messages, now)
         if not messages:
             return []
         deadline = now + visibility_ms
         leases = ch.lease(messages, deadline)
+        # A task: once leased in memory, the write must finish even if the caller leaves.
+        write = self._background(
+            self.store.lease(ch.name, [(m.id, m.attempt) for m in messages], deadline)
+        )
         try:
-            # Shielded: once leased in memory, the write must finish even if the caller leaves.
-            await asyncio.shield(
-                self.store.lease(ch.name, [(m.id, m.attempt) for m in messages], deadline)
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The consumer left while its lease was being written: no one holds these
+            # receipts, so once the write is done they go back, attempt and all.
+            self._background(self._abandoned(ch, epoch, leases, write)).add_done_callback(
+                _log_failure
             )
-        except StoreError:
-            ch.unlease(leases)
-            ch.wake()
             raise
+        except BaseException:
+            if ch.epoch == epoch:
+                ch.unlease(leases)
+                ch.wake()
+            raise
+        if ch.epoch != epoch:
+            return []  # purged while the lease was written: nothing left to deliver
         ch.dequeued += len(leases)
         ch.redelivered += sum(1 for lease in leases if lease.attempt > 1)
         self._timer(ch, deadline)
         return leases
 
+    async def _abandoned(
+        self, ch: ChannelState, epoch: int, leases: list[Lease], write: asyncio.Task[None]
+    ) -> None:
+        try:
+            await write
+        except BaseException:
+            if ch.epoch == epoch:
+                ch.unlease(leases)
+                ch.wake()
+            raise
+        await self._give_back(ch, epoch, leases)
+
+    async def give_back(self, name: str, leases: list[Lease]) -> None:
+        """Leases that never reached their consumer (it hung up): ready again at once, with
+        the attempt they spent given back too, since no one saw the delivery."""
+        ch = self.channels.get(name)
+        if ch is None or not leases:
+            return
+        ch.dequeued -= len(leases)
+        ch.redelivered -= sum(1 for lease in leases if lease.attempt > 1)
+        await self._give_back(ch, ch.epoch, leases)
+
+    async def _give_back(self, ch: ChannelState, epoch: int, leases: list[Lease]) -> None:
+        held = ch.take_back(leases)
+        if not held:
+            return  # ended meanwhile (expired): the normal path had it
+
+        def finish() -> None:
+            ch.unlease(held)
+            ch.wake(len(held))
+
+        # A lease whose deadline has passed is ready: writing one with the previous attempt
+        # and deadline 0 is, in the store's own terms, the delivery that never happened.
+        pairs = [(lease.message.id, lease.attempt - 1) for lease in held]
+        await self._complete(
+            ch,
+            epoch,
+            [lease.message.id for lease in held],
+            lambda: self.store.lease(ch.name, pairs, 0),
+            lambda: ch.restore(held),
+            finish,
+        )
+
     async def _drop_dead(
-        self, ch: ChannelState, messages: list[Message], now: int
+        self, ch: ChannelState, epoch: int, messages: list[Message], now: int
     ) -> list[Message]:
         """Dead-letter what may not be delivered any more (TTL run out, attempts used up)."""
         expired, spent, fine = _sort_out(messages, now, ch.config.max_attempts)
-        try:
-            if expired:
-                await self._dead_letter(ch, expired, "ttl")
-            if spent:
-                await self._dead_letter(ch, spent, "max_attempts")
-        except StoreError:
-            ch.push_ready(fine)  # taken off the window for this delivery, which now fails
-            raise
+        steps = [(expired, "ttl"), (spent, "max_attempts")]
+        for i, (group, why) in enumerate(steps):
+            if not group:
+                continue
+            try:
+                await self._dead_letter(
+                    ch, epoch, group, why, functools.partial(ch.push_ready, group)
+                )
+            except BaseException:
+                # Taken off the window for this delivery, which now fails (or was abandoned).
+                if ch.epoch == epoch:
+                    ch.push_ready(fine)
+                    ch.push_ready(m for later, _ in steps[i + 1 :] for m in later)
+                raise
         return fine
 
     # -- timers ----------------------------------------------------------------------------
@@ -422,7 +597,7 @@ class QueueEngine:
         return seen if seen is not None else set(self.channels)
 
     async def _load_page(self, ch: ChannelState) -> None:
-        generation = ch.generation
+        generation, epoch = ch.generation, ch.epoch
         ch.exhausted = False
         gone: set[int] = set()
         ch.gone = gone
@@ -433,9 +608,60 @@ class QueueEngine:
         finally:
             ch.gone = None
             ch.loading = None
+        if ch.epoch != epoch:
+            return  # purged while the page was read: the page may hold what the purge took
         ch.add_page(page, gone, complete=len(page) < ch.page_size and ch.generation == generation)
         if ch.ready:
             ch.wake(len(ch.ready))
+
+    # -- completions ------------------------------------------------------------------------
+    async def _complete(
+        self,
+        ch: ChannelState,
+        epoch: int,
+        ids: list[int],
+        write: Callable[[], Awaitable[object]],
+        undo: Callable[[], None],
+        finish: Callable[[], None],
+    ) -> bool:
+        """The engine's one rule, for every message leaving a lease or the channel.
+
+        The messages (`ids`, already off the window and out of `leases`) are held out of reach
+        as settling; the durable write runs to its end even if the caller is cancelled; then
+        `finish` completes the change in memory, or on failure `undo` puts it back. Neither
+        runs once the epoch moved (a purge or release came between): memory then no longer
+        holds these messages, and putting them back would resurrect what the store dropped.
+        Returns whether the change was finished in memory.
+        """
+        if ch.epoch != epoch:
+            return False
+        ch.settling.update(ids)
+        return await self._outlive(
+            self._background(self._settle(ch, epoch, ids, write, undo, finish))
+        )
+
+    async def _settle(
+        self,
+        ch: ChannelState,
+        epoch: int,
+        ids: list[int],
+        write: Callable[[], Awaitable[object]],
+        undo: Callable[[], None],
+        finish: Callable[[], None],
+    ) -> bool:
+        try:
+            await write()
+        except BaseException:
+            if ch.epoch == epoch:
+                ch.settling.difference_update(ids)
+                undo()
+                self._arm(ch)  # leases put back may be due already: their timer fired
+            raise
+        if ch.epoch != epoch:
+            return False
+        ch.settling.difference_update(ids)
+        finish()
+        return True
 
     # -- ack, nack, extend ------------------------------------------------------------------
     def _claim(self, name: str, receipts: list[str]) -> tuple[ChannelState | None, Claim]:
@@ -452,19 +678,23 @@ class QueueEngine:
     async def ack(self, name: str, receipts: list[str]) -> Outcome:
         ch, claim = self._claim(name, receipts)
         if ch is not None and claim.held:
-            ids = [lease.message.id for lease in claim.held]
-            ch.settling.update(ids)
-            epoch = ch.epoch
-            try:
-                await self.store.delete(name, ids)
-            except StoreError:
-                ch.restore(claim.held)
-                raise
-            if ch.epoch == epoch:
+            held = claim.held
+            ids = [lease.message.id for lease in held]
+
+            def finish() -> None:
                 ch.forget(ids)
                 ch.total -= len(ids)
                 ch.acked += len(ids)
-                ch.record_ack_latency(claim.now, claim.held)
+                ch.record_ack_latency(claim.now, held)
+
+            await self._complete(
+                ch,
+                ch.epoch,
+                ids,
+                lambda: self.store.delete(name, ids),
+                lambda: ch.restore(held),
+                finish,
+            )
         return Outcome(len(claim.held), claim.stale)
 
     @_noted
@@ -482,90 +712,137 @@ class QueueEngine:
     async def extend(self, name: str, receipts: list[str], visibility_ms: int) -> Outcome:
         ch, claim = self._claim(name, receipts)
         if ch is not None and claim.held:
+            held = claim.held
+            ids = [lease.message.id for lease in held]
             deadline = claim.now + visibility_ms
-            try:
-                await self.store.extend(name, [lease.message.id for lease in claim.held], deadline)
-            except StoreError:
-                ch.restore(claim.held)
-                raise
-            for lease in claim.held:
-                lease.deadline = deadline
-            ch.restore(claim.held)
-            self._timer(ch, deadline)
+
+            def finish() -> None:
+                for lease in held:
+                    lease.deadline = deadline
+                ch.restore(held)
+                self._timer(ch, deadline)
+
+            await self._complete(
+                ch,
+                ch.epoch,
+                ids,
+                lambda: self.store.extend(name, ids, deadline),
+                lambda: ch.restore(held),
+                finish,
+            )
         return Outcome(len(claim.held), claim.stale)
 
     async def _return(
         self, ch: ChannelState, held: list[Lease], now: int, delay_ms: int, reason: str | None
     ) -> None:
         """Leases that ended without an ack: ready again, delayed, or dead-lettered."""
+        epoch = ch.epoch
+        leases = {lease.message.id: lease for lease in held}
         messages = [lease.message for lease in held]
         if reason is None:
             expired, spent, back = _sort_out(messages, now, ch.config.max_attempts)
         else:
             expired, spent, back = [], messages, []
-        try:
-            if expired:
-                await self._dead_letter(ch, expired, "ttl")
-            if spent:
-                await self._dead_letter(ch, spent, reason or "max_attempts")
-            if back:
-                available_at = now + delay_ms if delay_ms else 0
-                ids = [m.id for m in back]
-                ch.settling.update(ids)
-                try:
-                    await self.store.release(ch.name, ids, available_at)
-                finally:
-                    ch.settling.difference_update(ids)
-                for m in back:
-                    m.leased = False
-                if available_at:
-                    ch.delayed += len(back)
-                    self._set_due(ch, available_at)
+        # Dead letters (with their reason), then the rest back ("": no dead-lettering).
+        steps = [(expired, "ttl"), (spent, reason or "max_attempts"), (back, "")]
+        # Every one is out of reach until its own step is done.
+        ch.settling.update(leases)
+        for i, (group, why) in enumerate(steps):
+            if not group:
+                continue
+            mine = [leases[m.id] for m in group]
+            try:
+                if why:
+                    await self._dead_letter(
+                        ch, epoch, group, why, functools.partial(ch.restore, mine)
+                    )
                 else:
-                    ch.push_ready(back)
-                    ch.wake(len(back))
-        except StoreError:
-            ch.restore([lease for lease in held if not ch.holds(lease.message.id)])
-            raise
+                    await self._release(ch, epoch, mine, now + delay_ms if delay_ms else 0)
+            except BaseException:
+                if ch.epoch == epoch:  # the later steps never ran: those leases go back as well
+                    ch.restore([leases[m.id] for later, _ in steps[i + 1 :] for m in later])
+                raise
+
+    async def _release(self, ch: ChannelState, epoch: int, held: list[Lease], at: int) -> None:
+        back = [lease.message for lease in held]
+
+        def finish() -> None:
+            for m in back:
+                m.leased = False
+            if at:
+                ch.delayed += len(back)
+                self._set_due(ch, at)
+            else:
+                ch.push_ready(back)
+                ch.wake(len(back))
+
+        ids = [m.id for m in back]
+        await self._complete(
+            ch,
+            epoch,
+            ids,
+            lambda: self.store.release(ch.name, ids, at),
+            lambda: ch.restore(held),
+            finish,
+        )
 
     # -- dead letters -----------------------------------------------------------------------
-    async def _dead_letter(self, ch: ChannelState, messages: list[Message], reason: str) -> None:
-        """Move messages to the channel's dead-letter channel (or drop them), durably."""
+    async def _dead_letter(
+        self,
+        ch: ChannelState,
+        epoch: int,
+        messages: list[Message],
+        reason: str,
+        undo: Callable[[], None] | None = None,
+    ) -> bool:
+        """Move messages to the channel's dead-letter channel (or drop them), durably.
+
+        Returns whether memory was finished (False: a purge came between, nothing counted)."""
         ids = [m.id for m in messages]
-        ch.settling.update(ids)
+        # Off the window too (those TTL expiry finds may sit there); back on it if this fails.
+        was_ready = [m for m in messages if ch.ready.pop(m.id, None) is not None]
         for msg_id in ids:
-            ch.ready.pop(msg_id, None)
             ch.leases.pop(msg_id, None)
         target_name = ch.config.dead_letter
-        target = None
-        moved: list[Message] = []
-        try:
-            if target_name is not None:
-                target = await self.ensure(target_name, dead_letter_target=True)
-                now = self.clock.now_ms()
-                first = self.ids.take(len(messages))
-                moved = [
-                    Message(
-                        id=first + i,
-                        body=m.body,
-                        headers=_dead_headers(m, ch.name, reason),
-                        enqueued_at=now,
-                    )
-                    for i, m in enumerate(messages)
-                ]
-            epoch = ch.epoch
-            await self.store.move(ch.name, ids, target_name, moved)
-        except StoreError:
-            ch.settling.difference_update(ids)
-            ch.push_ready(messages)
-            raise
-        if ch.epoch == epoch:
+
+        async def move() -> None:
+            if target_name is None:
+                await self.store.move(ch.name, ids, None, [])
+                return
+            target = await self.ensure(target_name, dead_letter_target=True)
+            if ch.epoch != epoch:
+                return  # purged meanwhile: no copies of what the purge took
+            now = self.clock.now_ms()
+            first = self.ids.take(len(messages))
+            moved = [
+                Message(
+                    id=first + i,
+                    body=m.body,
+                    headers=_dead_headers(m, ch.name, reason),
+                    enqueued_at=now,
+                )
+                for i, m in enumerate(messages)
+            ]
+            target.begin_write()
+            try:
+                await self.store.move(ch.name, ids, target_name, moved)
+            finally:
+                target.end_write()
+            if self.channels.get(target_name) is target:
+                self._stored(target, moved)
+
+        def put_back() -> None:
+            ch.push_ready(was_ready)
+            if undo is not None:
+                undo()
+
+        def finish() -> None:
             ch.forget(ids)
             ch.total -= len(ids)
             ch.dead_lettered += len(ids)
-        if target is not None and self.channels.get(target.name) is target:
-            self._stored(target, moved)
-        log.info("dead-lettered %d message(s) from %s (%s)", len(ids), ch.name, reason)
+            log.info("dead-lettered %d message(s) from %s (%s)", len(ids), ch.name, reason)
+
+        return await self._complete(ch, epoch, ids, move, put_back, finish)
 
     # -- maintenance ------------------------------------------------------------------------
     async def tick(self, now: int) -> int | None:
@@ -686,7 +963,10 @@ class QueueEngine:
         return {name: f.detail for name, f in self._failing.items()}
 
     async def _promote(self, ch: ChannelState, now: int) -> None:
+        epoch = ch.epoch
         due = await self.store.promote_due(ch.name, now, _SWEEP_LIMIT)
+        if ch.epoch != epoch:
+            return  # purged meanwhile: what was promoted is gone
         ch.delayed = max(0, ch.delayed - len(due))
         if due:
             ch.add_promoted(due)
@@ -695,12 +975,13 @@ class QueueEngine:
         ch.next_due = now if len(due) == _SWEEP_LIMIT else await self.store.next_due(ch.name)
 
     async def _expire(self, ch: ChannelState, now: int) -> None:
+        epoch = ch.epoch
         found = await self.store.expired(ch.name, now, _SWEEP_LIMIT)
         dead = [m for m in found if m.id not in ch.leases and m.id not in ch.settling]
         if dead:
             delayed = sum(1 for m in dead if not m.leased and m.available_at > now)
-            await self._dead_letter(ch, dead, "ttl")
-            ch.delayed = max(0, ch.delayed - delayed)
+            if await self._dead_letter(ch, epoch, dead, "ttl"):
+                ch.delayed = max(0, ch.delayed - delayed)
         more = len(found) == _SWEEP_LIMIT
         ch.next_expiry = now if more else await self.store.next_expiry(ch.name, now)
 
@@ -722,9 +1003,16 @@ def _sort_out(
     return expired, spent, fine
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """For tasks no caller awaits any more: their failure still gets a line in the log."""
     if not task.cancelled() and task.exception() is not None:
-        log.warning("paging from the store failed: %s", task.exception())
+        log.warning("a store call no request waits for failed: %r", task.exception())
+
+
+def _wake_all(waiters: Iterable[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _dead_headers(m: Message, channel: str, reason: str) -> bytes:
