@@ -71,7 +71,7 @@ class AsyncClient(ClientBase):
                 outcome = attempts.failed(error)
             if not isinstance(outcome, Wait):
                 return outcome
-            await asyncio.sleep(outcome.seconds)
+            await self._retry.async_sleep(outcome.seconds)
 
     # -- messages --------------------------------------------------------------------------
 

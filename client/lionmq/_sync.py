@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -65,7 +64,7 @@ class Client(ClientBase):
                 outcome = attempts.failed(error)
             if not isinstance(outcome, Wait):
                 return outcome
-            time.sleep(outcome.seconds)
+            self._retry.sleep(outcome.seconds)
 
     # -- messages --------------------------------------------------------------------------
 
