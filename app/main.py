@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from app import __version__
-from app.api import channels, health, hotpath, messages, problems
+from app.api import channels, docs, health, hotpath, messages, problems
 from app.api.auth import BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
@@ -96,8 +96,11 @@ def create_app(
         version=__version__,
         description="A durable HTTP message queue: enqueue, dequeue under a lease, ack.",
         lifespan=lifespan,
+        docs_url=None,  # served by app.api.docs, without a CDN
+        redoc_url=None,
     )
     problems.install(app)
+    docs.install(app)
     app.include_router(channels.router)
     app.include_router(health.router)
     schemas: list[type[Any]] = [*messages.SCHEMAS, *channels.SCHEMAS, problems.Problem]
