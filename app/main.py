@@ -12,7 +12,7 @@ from starlette.types import ASGIApp
 
 from app import __version__
 from app.api import channels, docs, health, hotpath, messages, problems
-from app.api.auth import BearerAuth
+from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
 from app.clock import Clock, SystemClock
@@ -103,8 +103,14 @@ def create_app(
     docs.install(app)
     app.include_router(channels.router)
     app.include_router(health.router)
-    schemas: list[type[Any]] = [*messages.SCHEMAS, *channels.SCHEMAS, problems.Problem]
-    install_schemas(app, schemas, hotpath.openapi_paths())
+    schemas: list[type[Any]] = [
+        *messages.SCHEMAS,
+        *channels.SCHEMAS,
+        *health.SCHEMAS,
+        problems.Problem,
+    ]
+    open_paths = OPEN_PATHS if settings.api_token else None
+    install_schemas(app, schemas, hotpath.openapi_paths(), open_paths=open_paths)
     return app
 
 

@@ -5,20 +5,45 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import msgspec
 from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app import __version__
+from app.api.codec import json_response_doc, problem_docs
 from app.api.deps import Node, node
 from app.errors import NotReady, StoreError
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", summary="The process lives")
+class Health(msgspec.Struct):
+    """The process is up (it says nothing of the store: see /ready)."""
+
+    status: str
+    node_id: str
+    version: str
+    uptime_s: float
+
+
+class Ready(msgspec.Struct):
+    """The store answers: the node can take traffic."""
+
+    status: str
+    store: str
+
+
+SCHEMAS: list[type[msgspec.Struct]] = [Health, Ready]
+
+
+@router.get(
+    "/health",
+    summary="The process lives",
+    responses={**json_response_doc(Health, 200, "The node is up"), **problem_docs()},
+)
 async def health(request: Request) -> JSONResponse:
     n = node(request)
     uptime_s = (n.clock.now_ms() - n.started_at) / 1000
@@ -32,7 +57,11 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/ready", summary="The store answers (503 otherwise)")
+@router.get(
+    "/ready",
+    summary="The store answers (503 otherwise)",
+    responses={**json_response_doc(Ready, 200, "The store answers"), **problem_docs(503)},
+)
 async def ready(request: Request) -> JSONResponse:
     n = node(request)
     try:
@@ -43,7 +72,12 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "store": n.store.kind})
 
 
-@router.get("/metrics", summary="Prometheus metrics, labelled by channel")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics, labelled by channel",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format 0.0.4"}, **problem_docs()},
+)
 async def metrics(request: Request) -> Response:
     registry: CollectorRegistry = request.app.state.metrics
     return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
