@@ -12,6 +12,7 @@ import msgspec
 from fastapi import FastAPI
 from starlette.requests import Request
 
+from app.api.problems import PROBLEM_JSON
 from app.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 
 T = TypeVar("T")
@@ -52,7 +53,6 @@ def json_response_doc(model: type[Any], status: int, description: str) -> dict[i
     }
 
 
-PROBLEM_JSON = "application/problem+json"
 _PROBLEM = {PROBLEM_JSON: {"schema": {"$ref": _REF.format(name="Problem")}}}
 PROBLEMS: dict[int, str] = {
     400: "Malformed JSON, or a malformed receipt",
