@@ -75,7 +75,10 @@ class Proc:
 
 def _listens(pid: int, port: int) -> bool:
     try:
-        sockets = psutil.Process(pid).net_connections(kind="tcp")
+        process = psutil.Process(pid)
+        # net_connections since psutil 6; connections before (pyproject allows 5.9).
+        listing = getattr(process, "net_connections", None) or process.connections
+        sockets = listing(kind="tcp")
     except psutil.NoSuchProcess:
         return False
     return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets)
