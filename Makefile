@@ -4,10 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt watcher bench bench-peer bench-transport chromium clean
+.PHONY: run test test-deps lint fmt watcher bench bench-peer bench-transport clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "make: LionMQ needs Python 3.11 or newer as $(PY) (on Debian: apt-get install python3)" >&2; \
+	  exit 1; }
+	@# Debian's python3 lacks ensurepip until python3-venv is installed: `-m venv` fails then.
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "make: $(PY) cannot create a virtual environment (its venv or ensurepip module is" \
+	    "missing): on Debian, apt-get install python3-venv" >&2; \
+	  exit 1; }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ./client -e '.[dev,bench]'
 	touch $(STAMP)
@@ -19,14 +26,23 @@ run: $(STAMP)
 watcher: $(STAMP)
 	$(BIN)/python -m watcher
 
-# The browser test drives Debian's Chromium; install it from apt when it is missing.
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the browser test"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# Debian packages the suite uses, installed with apt when missing (fresh containers and CI run
+# as root, where there is no sudo): chromium for the browser test, docker-compose (1.29) to
+# validate the compose files. One `apt-get update`, then one install of whatever is missing.
+TEST_PACKAGES := chromium docker-compose
 
-test: $(STAMP) chromium
+test-deps:
+	@missing=""; \
+	for pkg in $(TEST_PACKAGES); do \
+	  command -v $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	[ -z "$$missing" ] || { \
+	  echo "installing Debian's$$missing for the tests"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo=sudo; fi; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
+
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

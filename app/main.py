@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from app import __version__
-from app.api import channels, health, hotpath, messages, problems
-from app.api.auth import BearerAuth
+from app.api import channels, docs, health, hotpath, messages, problems
+from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
 from app.api.guard import Guard
@@ -115,12 +115,21 @@ def create_app(
         version=__version__,
         description="A durable HTTP message queue: enqueue, dequeue under a lease, ack.",
         lifespan=lifespan,
+        docs_url=None,  # served by app.api.docs, without a CDN
+        redoc_url=None,
     )
     problems.install(app)
+    docs.install(app)
     app.include_router(channels.router)
     app.include_router(health.router)
-    schemas: list[type[Any]] = [*messages.SCHEMAS, *channels.SCHEMAS, problems.Problem]
-    install_schemas(app, schemas, hotpath.openapi_paths())
+    schemas: list[type[Any]] = [
+        *messages.SCHEMAS,
+        *channels.SCHEMAS,
+        *health.SCHEMAS,
+        problems.Problem,
+    ]
+    open_paths = OPEN_PATHS if settings.api_token else None
+    install_schemas(app, schemas, hotpath.openapi_paths(), open_paths=open_paths)
     return app
 
 

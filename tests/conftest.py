@@ -53,6 +53,7 @@ class NodeProcess:
             "NODE_ID": f"test-{self.port}",
             "STORE_URL": f"sqlite:///{data_dir}/lionmq.db",
             "LOG_LEVEL": "warning",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -65,8 +66,14 @@ class NodeProcess:
     def start(self, timeout: float = 20) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
+            # Run from the data dir, not ROOT: settings read `.env` from the working directory,
+            # and a developer's .env must not change what a test starts.
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app"], cwd=ROOT, env=self.env, stdout=log, stderr=log
+                [sys.executable, "-m", "app"],
+                cwd=self.data_dir,
+                env=self.env,
+                stdout=log,
+                stderr=log,
             )
         wait_until(self._healthy, timeout, f"node on port {self.port} (log: {self.log})")
         return self
@@ -114,7 +121,9 @@ def node(node_factory: type[NodeProcess], tmp_path: Path) -> NodeProcess:
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    """Settings for an in-process node: from the arguments only, never from a `.env`."""
     return Settings(
+        _env_file=None,  # type: ignore[call-arg]
         store_url=f"sqlite:///{tmp_path}/inproc.db",
         node_id="inproc",
         **overrides,  # type: ignore[arg-type]

@@ -72,7 +72,12 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
 def test_bad_setting_stops_the_node_with_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "PORT": "eighty", "STORE_URL": f"sqlite:///{tmp_path}/x.db"}
     run = subprocess.run(
-        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "app"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
@@ -82,7 +87,12 @@ def test_bad_setting_stops_the_node_with_one_clear_line(tmp_path: Path) -> None:
 def test_unknown_store_url_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "STORE_URL": "postgres://x/y"}
     run = subprocess.run(
-        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "app"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert run.returncode == 2 and "STORE_URL" in run.stderr
 

@@ -6,10 +6,12 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.docs import ASSETS_URL, DOCS_URL
 from app.api.problems import problem
 
 # Probes must answer without a token; the docs carry no data and let a person find the API.
-OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/ready", DOCS_URL, "/openapi.json"})
+OPEN_PREFIX = ASSETS_URL + "/"
 
 
 class BearerAuth:
@@ -18,7 +20,9 @@ class BearerAuth:
         self.expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS:
+        path: str = scope.get("path", "")
+        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+        if scope["type"] in ("http", "websocket") and not open_path:
             given = b""
             for name, value in scope["headers"]:
                 if name == b"authorization":

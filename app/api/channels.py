@@ -8,7 +8,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.api.codec import decode, json_body_doc, json_response_doc, read_body
+from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
 from app.api.deps import channel_name, node
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
@@ -106,7 +106,9 @@ def _info(ch: ChannelState, now: int) -> ChannelInfo:
 
 
 @router.get(
-    "", summary="Every channel with its counts", responses=json_response_doc(ChannelList, 200, "")
+    "",
+    summary="Every channel with its counts",
+    responses={**json_response_doc(ChannelList, 200, "Every channel"), **problem_docs()},
 )
 async def list_channels(request: Request) -> Response:
     n = node(request)
@@ -118,7 +120,10 @@ async def list_channels(request: Request) -> Response:
 @router.get(
     "/{channel}",
     summary="A channel's settings and counts",
-    responses=json_response_doc(ChannelInfo, 200, "Settings, counts and totals"),
+    responses={
+        **json_response_doc(ChannelInfo, 200, "Settings, counts and totals"),
+        **problem_docs(404, 422),
+    },
 )
 async def get_channel(channel: str, request: Request) -> Response:
     n = node(request)
@@ -130,7 +135,10 @@ async def get_channel(channel: str, request: Request) -> Response:
     "/{channel}",
     summary="Create a channel or change its settings",
     openapi_extra=json_body_doc(ChannelSettings),
-    responses=json_response_doc(ChannelInfo, 200, "The channel as it now is"),
+    responses={
+        **json_response_doc(ChannelInfo, 200, "The channel as it now is"),
+        **problem_docs(400, 413, 422, 503),
+    },
 )
 async def put_channel(channel: str, request: Request) -> Response:
     n = node(request)
@@ -149,7 +157,10 @@ async def put_channel(channel: str, request: Request) -> Response:
 @router.post(
     "/{channel}/purge",
     summary="Delete every message of the channel (in flight too); keep its settings",
-    responses=json_response_doc(Purged, 200, "How many messages were deleted"),
+    responses={
+        **json_response_doc(Purged, 200, "How many messages were deleted"),
+        **problem_docs(404, 422, 503),
+    },
 )
 async def purge_channel(channel: str, request: Request) -> Response:
     n = node(request)
@@ -161,6 +172,7 @@ async def purge_channel(channel: str, request: Request) -> Response:
     status_code=204,
     summary="Delete the channel, its settings and its messages",
     response_class=Response,
+    responses={204: {"description": "Deleted"}, **problem_docs(404, 422, 503)},
 )
 async def delete_channel(channel: str, request: Request) -> Response:
     n = node(request)

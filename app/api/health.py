@@ -7,13 +7,15 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import msgspec
 from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app import __version__
+from app.api.codec import json_response_doc, problem_docs
 from app.api.deps import Node, node
 from app.engine.queue import QueueEngine
 from app.errors import NotReady, StoreError
@@ -22,7 +24,30 @@ from app.models import ChannelStats
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", summary="The process lives")
+class Health(msgspec.Struct):
+    """The process is up (it says nothing of the store: see /ready)."""
+
+    status: str
+    node_id: str
+    version: str
+    uptime_s: float
+
+
+class Ready(msgspec.Struct):
+    """The store answers: the node can take traffic."""
+
+    status: str
+    store: str
+
+
+SCHEMAS: list[type[msgspec.Struct]] = [Health, Ready]
+
+
+@router.get(
+    "/health",
+    summary="The process lives",
+    responses={**json_response_doc(Health, 200, "The node is up"), **problem_docs()},
+)
 async def health(request: Request) -> JSONResponse:
     n = node(request)
     uptime_s = (n.clock.now_ms() - n.started_at) / 1000
@@ -36,7 +61,14 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/ready", summary="The store answers and maintenance keeps up (503 otherwise)")
+@router.get(
+    "/ready",
+    summary="The store answers and maintenance keeps up (503 otherwise)",
+    responses={
+        **json_response_doc(Ready, 200, "The store answers and maintenance keeps up"),
+        **problem_docs(503),
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     n = node(request)
     problem = n.maintenance.problem()
@@ -50,7 +82,12 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "store": n.store.kind})
 
 
-@router.get("/metrics", summary="Prometheus metrics, labelled by channel")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics, labelled by channel",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format 0.0.4"}, **problem_docs()},
+)
 async def metrics(request: Request) -> Response:
     registry: NodeMetrics = request.app.state.metrics
     return Response(await registry.render(), media_type="text/plain; version=0.0.4")

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.codec import json_body_doc, json_response_doc, refuse_declared_oversize
+from app.api.codec import json_body_doc, json_response_doc, problem_docs, refuse_declared_oversize
 from app.api.deps import Node
 from app.api.messages import OPERATIONS
 from app.api.problems import problem, problem_for
@@ -90,10 +90,7 @@ def openapi_paths() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for verb, op in OPERATIONS.items():
         responses = json_response_doc(op.response, op.status, "Success")
-        responses["default"] = {
-            "description": "Problem details (4xx, 5xx)",
-            "content": {"application/problem+json": {"schema": {"$ref": _PROBLEM_REF}}},
-        }
+        responses.update(problem_docs(*_PROBLEMS.get(verb, _COMMON_PROBLEMS)))
         paths[f"{_PREFIX}{{channel}}/{verb}"] = {
             "post": {
                 "tags": ["messages"],
@@ -110,5 +107,8 @@ def openapi_paths() -> dict[str, Any]:
     return paths
 
 
-_PROBLEM_REF = "#/components/schemas/Problem"
+# What a message operation can answer besides success (and 401 with a token); `default`
+# covers the rest. Only enqueue can find a channel full.
+_COMMON_PROBLEMS = (400, 413, 422, 503)
+_PROBLEMS = {"enqueue": (400, 413, 422, 429, 503)}
 _CHANNEL = {"type": "string", "pattern": CHANNEL_NAME_PATTERN}

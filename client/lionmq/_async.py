@@ -71,7 +71,7 @@ class AsyncClient(ClientBase):
                 outcome = attempts.failed(error)
             if not isinstance(outcome, Wait):
                 return outcome
-            await asyncio.sleep(outcome.seconds)
+            await self._retry.async_sleep(outcome.seconds)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -146,8 +146,9 @@ class AsyncClient(ClientBase):
         **options: Unpack[opt.ConsumeOptions],
     ) -> None:
         """Like `Client.consume`, with an async handler run as up to `concurrency` tasks.
-        Cancelling it (Ctrl-C under `asyncio.run`) cancels running handlers and nacks their
-        messages; setting `stop` lets them finish first."""
+        Setting `stop`, or a first Ctrl-C in the main thread, lets running handlers finish;
+        cancelling it (a second Ctrl-C under `asyncio.run`) cancels them and nacks their
+        messages."""
         from lionmq._consume_async import consume
 
         config = ConsumeConfig.build(concurrency, batch, options)

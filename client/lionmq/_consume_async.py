@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lionmq.consume import ConsumeConfig, Op, Tracker
+from lionmq.consume import ConsumeConfig, Op, Tracker, ctrl_c_stops
 from lionmq.errors import ConnectionFailed, ServerError
 from lionmq.message import AsyncMessage
 
@@ -24,23 +25,37 @@ async def consume(
     stop: asyncio.Event | None,
 ) -> None:
     stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # The signal handler runs outside the loop: hand the stop to it.
+    with ctrl_c_stops(channel, lambda: loop.call_soon_threadsafe(stop.set)):
+        await _consume(client, channel, handler, config, stop)
+
+
+async def _consume(
+    client: AsyncClient,
+    channel: str,
+    handler: Callable[[AsyncMessage], Awaitable[object]],
+    config: ConsumeConfig,
+    stop: asyncio.Event,
+) -> None:
     tracker = Tracker(client._wire, channel, config)
     slot = asyncio.Event()  # a handler finished: there may be room to fetch more
     flush_now = asyncio.Event()
     keeper_done = asyncio.Event()
     gate = asyncio.Semaphore(config.concurrency)  # batch > concurrency fetches ahead
-    running: dict[asyncio.Task[None], AsyncMessage] = {}
-    begun: set[str] = set()  # receipts whose handler got past the gate
+    # Each task's message, and whether its handler got past the gate; a task leaves when done,
+    # so this holds no more than the messages in hand however long the consumer runs.
+    running: dict[asyncio.Task[None], _Job] = {}
 
-    async def handle(message: AsyncMessage) -> None:
+    async def handle(job: _Job) -> None:
         error: Exception | None = None
         async with gate:
-            begun.add(message.receipt)
+            job.begun = True
             try:
-                await handler(message)
+                await handler(job.message)
             except Exception as exc:
                 error = exc
-        if tracker.finish(message, error):
+        if tracker.finish(job.message, error):
             flush_now.set()
         slot.set()
 
@@ -69,8 +84,9 @@ async def consume(
             if not tracker.received(messages, stop.is_set()):
                 break
             for message in messages:
-                task = asyncio.create_task(handle(message))
-                running[task] = message
+                job = _Job(message)
+                task = asyncio.create_task(handle(job))
+                running[task] = job
                 task.add_done_callback(lambda done: running.pop(done, None))
     except asyncio.CancelledError:
         # Cancelled (Ctrl-C under asyncio.run): no waiting for handlers, release what is held.
@@ -78,10 +94,10 @@ async def consume(
         raise
     finally:
         # Fetched ahead and not started: they go back at once.
-        waiting = [task for task, m in running.items() if m.receipt not in begun]
+        waiting = [task for task, job in running.items() if not job.begun]
         for task in waiting:
             task.cancel()
-        tracker.release(running[task].receipt for task in waiting)
+        tracker.release(running[task].message.receipt for task in waiting)
         flush_now.set()
         if drain and running:
             await asyncio.wait(running, timeout=config.drain_timeout)
@@ -93,6 +109,12 @@ async def consume(
         flush_now.set()
         await keeper
         await _send(client, tracker, tracker.due())
+
+
+@dataclass(slots=True)
+class _Job:
+    message: AsyncMessage
+    begun: bool = False
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

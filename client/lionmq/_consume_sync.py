@@ -8,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
-from lionmq.consume import ConsumeConfig, Op, Tracker
+from lionmq.consume import ConsumeConfig, Op, Tracker, ctrl_c_stops
 from lionmq.errors import ConnectionFailed, ServerError
 from lionmq.message import Message
 
@@ -24,6 +24,17 @@ def consume(
     stop: threading.Event | None,
 ) -> None:
     stop = stop if stop is not None else threading.Event()
+    with ctrl_c_stops(channel, stop.set):
+        _consume(client, channel, handler, config, stop)
+
+
+def _consume(
+    client: Client,
+    channel: str,
+    handler: Callable[[Message], object],
+    config: ConsumeConfig,
+    stop: threading.Event,
+) -> None:
     tracker = Tracker(client._wire, channel, config)
     slot = threading.Event()  # a handler finished: there may be room to fetch more
     flush_now = threading.Event()

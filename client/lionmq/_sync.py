@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -65,7 +64,7 @@ class Client(ClientBase):
                 outcome = attempts.failed(error)
             if not isinstance(outcome, Wait):
                 return outcome
-            time.sleep(outcome.seconds)
+            self._retry.sleep(outcome.seconds)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -141,7 +140,9 @@ class Client(ClientBase):
         """Runs `handler` on every message of `channel`, on `concurrency` threads, until `stop`
         is set or Ctrl-C. A handler that returns gets its message acked (in batches); one that
         raises gets it nacked. Leases of slow handlers are extended. On stop, messages not yet
-        started are nacked and running handlers finish (see `drain_timeout`)."""
+        started are nacked and running handlers finish (see `drain_timeout`). In the main
+        thread a first Ctrl-C logs one line and stops as `stop` does; a second one raises
+        KeyboardInterrupt at once (what is still held is nacked)."""
         from lionmq._consume_sync import consume
 
         consume(self, channel, handler, ConsumeConfig.build(concurrency, batch, options), stop)

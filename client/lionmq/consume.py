@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Literal
 
 from lionmq.errors import LionMQError
@@ -192,6 +195,37 @@ class Tracker:
             error,
             exc_info=not isinstance(error, LionMQError),
         )
+
+
+@contextmanager
+def ctrl_c_stops(channel: str, stop: Callable[[], object]) -> Iterator[None]:
+    """While a consumer runs in the main thread, the first Ctrl-C (SIGINT) stops it as its `stop`
+    event would: one log line, the messages in hand are settled, and `consume` returns. Raising
+    KeyboardInterrupt (or cancelling, under `asyncio.run`) at whatever line was running instead
+    would print a long traceback, and could drop a fetched batch before it was tracked.
+
+    The first Ctrl-C puts back the handler that was there before, so a second one does what it
+    always did (KeyboardInterrupt by default: quit without waiting for running handlers). A
+    SIGINT that is ignored, or not handled from Python, is left alone."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, previous)
+        if getattr(previous, "_lionmq_consumer", False):
+            previous(signum, frame)  # another consumer in this thread stops too
+        log.warning("Ctrl-C: consumer of %r stopping (press it again to quit now)", channel)
+        stop()
+
+    on_sigint._lionmq_consumer = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _chunks(receipts: list[str]) -> list[list[str]]:

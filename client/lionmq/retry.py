@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from lionmq.errors import ConnectionFailed, LionMQError, ServerError, error_for
@@ -25,6 +28,12 @@ class RetryPolicy:
     """Tries in all, the first included; 1 disables retrying."""
     base_delay: float = 0.1
     max_delay: float = 5.0
+    random: Callable[[], float] = field(default=random.random, repr=False)
+    """The jitter's source: a float in [0, 1), like `random.random` (pass a seeded one to test)."""
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    """How `Client` waits between tries."""
+    async_sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, repr=False)
+    """How `AsyncClient` waits between tries."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.base_delay < 0 or self.max_delay < self.base_delay:
@@ -36,7 +45,7 @@ class RetryPolicy:
         "Equal jitter": half the exponential step is fixed, half random, so clients that failed
         together spread out, yet none retries at once."""
         step = min(self.max_delay, self.base_delay * 2.0**retry)
-        return step / 2 + random.uniform(0, step / 2)
+        return step / 2 + self.random() * step / 2
 
     def begin(self) -> Attempts:
         return Attempts(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -159,3 +160,37 @@ async def test_keeps_consuming_when_the_node_fails_for_a_while(
     async with consuming(aclient, handler, error_pause=0.01):
         await node.await_for(lambda: len(node.channel("jobs").acked) == 1)
     assert len(node.bodies("/ack")) == 1  # the handler's own ack; consume sent none
+
+
+async def test_a_long_run_keeps_no_record_of_finished_messages(
+    aclient: AsyncClient, node: FakeNode
+) -> None:
+    # What the consumer keeps per message must go when the message is done: measured, while it
+    # idles, as the memory still held by allocations made in the consume loop, after 1,000 and
+    # after 5,000 messages.
+    async def handler(message: AsyncMessage) -> None:
+        await asyncio.sleep(0)
+
+    def held_by_the_loop() -> int:
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*_consume_async.py")]
+        )
+        return sum(stat.size for stat in snapshot.statistics("filename"))
+
+    async def idle_after(total: int) -> int:
+        await node.await_for(lambda: len(node.channel("jobs").acked) == total, seconds=20)
+        await node.await_for(lambda: len(node.bodies("/dequeue")) > polls + 2)  # idle polls
+        return held_by_the_loop()
+
+    tracemalloc.start()
+    try:
+        async with consuming(aclient, handler, concurrency=50, batch=100):
+            node.seed("jobs", 1000)
+            polls = 0
+            after_1000 = await idle_after(1000)
+            polls = len(node.bodies("/dequeue"))
+            node.seed("jobs", 4000)
+            after_5000 = await idle_after(5000)
+    finally:
+        tracemalloc.stop()
+    assert after_5000 - after_1000 < 8 * 1024, (after_1000, after_5000)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 
 import httpx
 import lionmq
 import pytest
-from lionmq import Client, NewMessage, RetryPolicy, protocol
+from lionmq import AsyncClient, Client, NewMessage, RetryPolicy, protocol
 from lionmq_fake import FakeNode
 
 
@@ -19,6 +20,46 @@ def test_backoff_grows_exponentially_within_bounds() -> None:
         delays = [policy.backoff(retry) for _ in range(200)]
         assert all(step / 2 <= d <= step for d in delays), (retry, min(delays), max(delays))
         assert len(set(delays)) > 1  # jittered
+
+
+def test_waits_come_from_the_injected_random_source_and_sleep(node: FakeNode) -> None:
+    slept: list[float] = []
+    policy = RetryPolicy(
+        attempts=4, base_delay=0.1, max_delay=0.3, random=lambda: 0.5, sleep=slept.append
+    )
+    node.faults.extend([503] * 10)
+    with (
+        Client("http://node", transport=node.transport(), retry=policy) as client,
+        pytest.raises(lionmq.ServiceUnavailable),
+    ):
+        client.health()
+    # Half of each step fixed, half jitter (here half of that): steps 0.1, 0.2, then 0.3 (capped).
+    assert slept == pytest.approx([0.075, 0.15, 0.225])
+    assert len(node.requests) == 4
+
+
+async def test_async_waits_use_the_injected_sleep(node: FakeNode) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    policy = RetryPolicy(
+        attempts=3, base_delay=0.2, max_delay=1.0, random=lambda: 0.0, async_sleep=sleep
+    )
+    node.faults.extend([503, 502])
+    async with AsyncClient("http://node", transport=node.async_transport(), retry=policy) as c:
+        assert (await c.health())["status"] == "ok"
+    assert slept == pytest.approx([0.1, 0.2])
+
+
+def test_a_seeded_random_source_repeats_its_backoffs() -> None:
+    def delays(seed: int) -> list[float]:
+        policy = RetryPolicy(attempts=6, random=random.Random(seed).random)
+        return [policy.backoff(retry) for retry in range(5)]
+
+    assert delays(7) == delays(7)
+    assert delays(7) != delays(8)
 
 
 def test_policy_rejects_nonsense() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +73,17 @@ class Proc:
                 self.popen.wait(5)
 
 
+def _listens(pid: int, port: int) -> bool:
+    try:
+        process = psutil.Process(pid)
+        # net_connections since psutil 6; connections before (pyproject allows 5.9).
+        listing = getattr(process, "net_connections", None) or process.connections
+        sockets = listing(kind="tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets)
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(url, timeout=0.5).status_code == 200
@@ -98,11 +110,15 @@ class Processes:
         self.started.append(proc)
         return proc
 
-    def wait_healthy(self, proc: Proc, timeout: float = 15.0) -> Proc:
+    def wait_healthy(self, proc: Proc, timeout: float = 30.0) -> Proc:
+        port = int(proc.base_url.rsplit(":", 1)[1])
+
         def ready() -> bool:
             if not proc.alive():
                 raise AssertionError(f"{proc.name} exited:\n{proc.output()}")
-            return _healthy(proc.base_url + "/health")
+            # The port was free when picked, but another process (other tests share this
+            # machine) may have taken it since: talk only to a server that is our child.
+            return _listens(proc.popen.pid, port) and _healthy(proc.base_url + "/health")
 
         wait_until(ready, timeout, f"{proc.name} /health")
         return proc
@@ -123,24 +139,25 @@ class Processes:
 
     def node(
         self,
-        watcher: Proc,
+        watcher: Proc | None,
         node_id: str,
         interval_ms: int = 200,
         db: Path | None = None,
         timeout: float = 15.0,
     ) -> Proc:
-        """A real LionMQ node (`python -m app`) pushing to `watcher` (on store file `db`)."""
+        """A real LionMQ node (`python -m app`) pushing to `watcher` (if any), on store `db`."""
         port = free_port()
         env = {
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "NODE_ID": node_id,
             "STORE_URL": f"sqlite:///{db or self.tmp / (str(port) + '.db')}",
-            "WATCHER_URL": watcher.base_url.replace("http://", "ws://") + "/ingest",
-            "WATCHER_TOKEN": TOKEN,
             "METRICS_INTERVAL_MS": str(interval_ms),
             "LOG_LEVEL": "warning",
         }
+        if watcher is not None:
+            env["WATCHER_URL"] = watcher.base_url.replace("http://", "ws://") + "/ingest"
+            env["WATCHER_TOKEN"] = TOKEN
         return self.wait_healthy(
             self.spawn(f"node-{port}", ["-m", "app"], env, f"http://127.0.0.1:{port}"), timeout
         )
