@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-deps lint fmt watcher bench bench-peer bench-transport clean
+.PHONY: run test test-slow test-deps lint fmt watcher bench bench-peer bench-transport clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -44,6 +44,10 @@ test-deps:
 
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
+
+# The long versions of the chaos and scale tests (`-m slow`); `make test` runs the short ones.
+test-slow: $(STAMP) test-deps
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from lionmq import Client, ConnectionFailed, LionMQError, Message, RetryPolicy
 
 from tests.conftest import NodeProcess
@@ -78,7 +77,6 @@ def test_kill_9_keeps_every_promise(node_factory: type[NodeProcess], tmp_path: P
     assert len(comeback) == 99 and all(m.attempt == 2 for m in comeback)
 
 
-@pytest.mark.slow
 def test_kill_9_during_enqueues_loses_no_201(
     node_factory: type[NodeProcess], tmp_path: Path
 ) -> None:

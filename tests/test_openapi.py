@@ -70,7 +70,7 @@ async def running_node(tmp_path: Path, token: bool) -> AsyncIterator[Node]:
     app: FastAPI = create_app(settings, store=store)  # type: ignore[arg-type]
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://node") as http,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as http,
     ):
         yield Node(http, store, token)
 
@@ -85,7 +85,7 @@ Provoke = Callable[[Node, str], Awaitable[httpx.Response]]
 """Given the node and a concrete path, make the request that must answer the status."""
 
 BIG = b'{"messages": [{"body": "' + b"x" * MAX_REQUEST + b'"}]}'
-STALE = b"1a1fcd7a2b400000-1"  # well formed, held by no one
+STALE = b"1a1fcd7a2b400000-1"  # stands for a receipt (unsigned: refused with 400)
 RECEIPT = b'{"receipts": ["%s"]}' % STALE
 
 
@@ -94,8 +94,10 @@ def hot(op_body: bytes) -> dict[str, Provoke]:
     needed, RECEIPT stands for it: a stale one, or a held one to reach the store)."""
 
     async def ok(n: Node, path: str) -> httpx.Response:
+        # Receipts are signed: only one the node issued is answered 200.
+        body = await held(n) if STALE in op_body else op_body
         await n.enqueue("c")
-        return await n.call("POST", path, op_body)
+        return await n.call("POST", path, body)
 
     async def held(n: Node) -> bytes:
         return op_body.replace(STALE, await n.lease("c"))
