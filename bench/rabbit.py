@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -28,6 +27,7 @@ import psutil
 from bench.config import Profile
 from bench.install import version
 from bench.ports import accepts, free_port, spawn, wait_ready
+from bench.shape import Runner
 from bench.stats import Results, RunMatrix, RunResult
 
 PACKAGE = "rabbitmq-server"
@@ -165,10 +165,7 @@ async def wait_amqp(url: str, within_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
-Runner = Callable[[RabbitServer, int, Profile], Awaitable[RunResult]]
-
-
-def runners(client: str) -> dict[int, Runner]:
+def runners(client: str) -> dict[int, Runner[RabbitServer]]:
     if client == "pika":
         from bench import rabbit_pika
 
@@ -195,7 +192,9 @@ async def run(
             scenario_runners = runners(client)
 
             async def run_one(
-                number: int, size: int, scenario_runners: dict[int, Runner] = scenario_runners
+                number: int,
+                size: int,
+                scenario_runners: dict[int, Runner[RabbitServer]] = scenario_runners,
             ) -> RunResult:
                 return await scenario_runners[number](server, size, profile)
 

@@ -133,7 +133,7 @@ async def test_nats_adapter_runs_every_scenario() -> None:
         assert _listening(server.pid) == {"127.0.0.1"}
         outcomes = {
             n: await asyncio.wait_for(jetstream.run_scenario(server, n, 16, TINY), 20)
-            for n in jetstream.SCENARIOS
+            for n in jetstream.RUNNERS
         }
         pid = server.pid
     _check_every_scenario("nats/nats-py", outcomes)
