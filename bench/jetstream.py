@@ -16,18 +16,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import nats
-import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -41,7 +37,7 @@ from nats.js.api import (
 
 from bench.config import Profile
 from bench.install import version
-from bench.ports import accepts, free_port, spawn, wait_ready
+from bench.ports import ServerProcess, terminate
 from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, runners
 from bench.stats import Budget, Record, Results, RunMatrix, RunResult, body
 
@@ -63,20 +59,14 @@ def log(message: str) -> None:
     print(message, flush=True, file=sys.stderr)
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """Our own nats-server with JetStream on 127.0.0.1, its store under one temp dir."""
 
-    def __init__(self, *, boot_timeout: float = 30.0) -> None:
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.boot_timeout = boot_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="nats-bench-"))
-        self.proc: subprocess.Popen[bytes] | None = None
+    NAME = "nats-server"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def __init__(self, *, boot_timeout: float = 30.0) -> None:
+        super().__init__(prefix="nats-bench-", boot_timeout=boot_timeout)
+        self.url = f"nats://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -92,47 +82,13 @@ class NatsServer:
             f"bench-{self.port}",
         ]
 
-    def start(self) -> NatsServer:
-        with (self.dir / "server.out").open("wb") as out:
-            self.proc = spawn(self.command(), dict(os.environ), self.dir, out)
-        what = f"nats-server's client port {self.port}"
-        wait_ready(self._accepting, self.boot_timeout, what, self.stop)
+    def start(self) -> Self:
+        self.launch(self.command(), os.environ, f"nats-server's client port {self.port}")
         return self
 
-    def _accepting(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            tail = (self.dir / "server.out").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {tail}")
-        return accepts(self.port)
-
-    def rss_bytes(self) -> int:
-        return int(psutil.Process(self.pid).memory_info().rss)
-
-    def stop(self) -> None:
+    def end(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGTERM to our server's PID (it flushes the store and exits), SIGKILL after 10 s."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        terminate(proc, 10, group=False)
 
 
 async def wait_jetstream(url: str, within_s: float) -> None:

@@ -13,20 +13,17 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import psutil
 
 from bench.config import Profile
 from bench.install import version
-from bench.ports import accepts, free_port, spawn, wait_ready
+from bench.ports import ServerProcess, free_port, terminate
 from bench.shape import Runner
 from bench.stats import Results, RunMatrix, RunResult
 
@@ -45,15 +42,15 @@ def log(message: str) -> None:
     print(message, flush=True, file=sys.stderr)
 
 
-class RabbitServer:
+class RabbitServer(ServerProcess):
     """Our own rabbitmq-server on 127.0.0.1, everything under one temp dir."""
 
+    NAME = "rabbitmq-server"
+
     def __init__(self, *, boot_timeout: float = 90.0) -> None:
-        self.port = free_port()
+        super().__init__(prefix="rabbit-bench-", boot_timeout=boot_timeout)
         self.node = f"bench-{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
-        self.boot_timeout = boot_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="rabbit-bench-"))
         self.epmd_port = free_port()
         self.env = {
             **os.environ,
@@ -73,29 +70,13 @@ class RabbitServer:
             "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
             "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
         }
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> RabbitServer:
+    def start(self) -> Self:
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
         (self.dir / "rabbitmq-env.conf").write_text("")
-        with (self.dir / "server.out").open("wb") as out:
-            self.proc = spawn([str(SERVER)], self.env, self.dir, out)
-        what = f"RabbitMQ's AMQP port {self.port}"
-        wait_ready(self._accepting, self.boot_timeout, what, self.stop)
+        self.launch([str(SERVER)], self.env, f"RabbitMQ's AMQP port {self.port}")
         return self
-
-    def _accepting(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            tail = (self.dir / "server.out").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}: {tail}")
-        return accepts(self.port)
 
     def rss_bytes(self) -> int:
         """The server's resident memory: the Erlang VM and its helpers."""
@@ -107,26 +88,20 @@ class RabbitServer:
                     total += proc.memory_info().rss
         return total
 
+    def end(self, proc: subprocess.Popen[bytes]) -> None:
+        """rabbitmqctl stop, then SIGTERM to the process group, SIGKILL after 10 s."""
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run(
+                [str(CTL), "-n", self.node, "stop"],
+                env=self.env,
+                capture_output=True,
+                timeout=30,
+            )
+        terminate(proc, 10)
+
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                subprocess.run(
-                    [str(CTL), "-n", self.node, "stop"],
-                    env=self.env,
-                    capture_output=True,
-                    timeout=30,
-                )
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        super().stop()
         self._stop_epmd()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_epmd(self) -> None:
         """epmd daemonizes out of our process group: find ours by its port and end it."""
@@ -136,17 +111,6 @@ class RabbitServer:
             with contextlib.suppress(psutil.Error):
                 if proc.environ().get("ERL_EPMD_PORT") == str(self.epmd_port):
                     proc.kill()
-
-    def __enter__(self) -> RabbitServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 async def wait_amqp(url: str, within_s: float) -> None:
