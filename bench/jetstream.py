@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -38,8 +37,8 @@ from nats.js.api import (
 from bench.config import Profile
 from bench.install import version
 from bench.ports import ServerProcess, terminate
-from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, runners
-from bench.stats import Budget, Record, Results, RunMatrix, RunResult, body
+from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, run_clients, runners
+from bench.stats import Budget, Record, Results, RunMatrix, body, log
 
 PACKAGE = "nats-server"
 SERVER = Path("/usr/sbin/nats-server")
@@ -53,10 +52,6 @@ DURABILITY = (
 DURABLE = "bench"
 # Upper bound on waiting for the acks of one batch of publishes (a lost reply must not hang).
 PUBLISH_ACKS_S = 30.0
-
-
-def log(message: str) -> None:
-    print(message, flush=True, file=sys.stderr)
 
 
 class NatsServer(ServerProcess):
@@ -156,25 +151,18 @@ class JsConsumer:
             await ack_all(messages, confirm=pull.confirm)
 
 
-class Js(AsyncBroker):
+class Js(AsyncBroker[Client]):
     """Connections to one server (one per producer or consumer) and a run's streams."""
 
     hold_back_s = 0.002
     subscribe_s = 0.2  # the consumer is parked in its fetch before the first send
 
     def __init__(self, server: NatsServer) -> None:
-        self.server = server
-        self.connections: list[Client] = []
-
-    @property
-    def pid(self) -> int:
-        return self.server.pid
-
-    def rss_bytes(self) -> int:
-        return self.server.rss_bytes()
+        super().__init__(server)
+        self.url = server.url
 
     async def context(self) -> JetStreamContext:
-        nc = await nats.connect(self.server.url, allow_reconnect=False)
+        nc = await nats.connect(self.url, allow_reconnect=False)
         self.connections.append(nc)
         return nc.jetstream(timeout=PUBLISH_ACKS_S)
 
@@ -224,18 +212,8 @@ class Js(AsyncBroker):
             js = await self.context()
             await js.delete_stream(name)
 
-    async def close(self) -> None:
-        for nc in self.connections:
-            with contextlib.suppress(Exception):
-                await nc.close()
-        self.connections.clear()
-
 
 RUNNERS: dict[int, Runner[NatsServer]] = runners(Js)
-
-
-async def run_scenario(server: NatsServer, number: int, size: int, p: Profile) -> RunResult:
-    return await RUNNERS[number](server, size, p)
 
 
 async def run(
@@ -249,10 +227,6 @@ async def run(
     with NatsServer() as server:
         log(f"[nats] {version(PACKAGE)} pid {server.pid} on {server.url}")
         await wait_jetstream(server.url, server.boot_timeout)
-
-        async def run_one(number: int, size: int) -> RunResult:
-            return await run_scenario(server, number, size, profile)
-
-        name = "nats/nats-py"
-        await run_matrix(name, run_one, args, results.setdefault(name, {}))
+        clients = {"nats-py": RUNNERS}
+        await run_clients("nats", server, clients, args, profile, results, run_matrix)
     return version(PACKAGE)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Self
@@ -24,8 +23,8 @@ import psutil
 from bench.config import Profile
 from bench.install import version
 from bench.ports import ServerProcess, free_port, terminate
-from bench.shape import Runner
-from bench.stats import Results, RunMatrix, RunResult
+from bench.shape import Runner, run_clients
+from bench.stats import Results, RunMatrix, log
 
 PACKAGE = "rabbitmq-server"
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -36,10 +35,6 @@ DURABILITY = (
     "confirmed (publisher confirms, or tx.commit-ok for pika's batches of 100), which RabbitMQ "
     "sends once the messages are written and fsynced; manual acks, multiple=true every 100"
 )
-
-
-def log(message: str) -> None:
-    print(message, flush=True, file=sys.stderr)
 
 
 class RabbitServer(ServerProcess):
@@ -152,16 +147,6 @@ async def run(
     with RabbitServer() as server:
         log(f"[rabbitmq] {version(PACKAGE)} pid {server.pid} on {server.url} ({server.node})")
         await wait_amqp(server.url, server.boot_timeout)
-        for client in args.rabbitmq_clients:
-            scenario_runners = runners(client)
-
-            async def run_one(
-                number: int,
-                size: int,
-                scenario_runners: dict[int, Runner[RabbitServer]] = scenario_runners,
-            ) -> RunResult:
-                return await scenario_runners[number](server, size, profile)
-
-            name = f"rabbitmq/{client}"
-            await run_matrix(name, run_one, args, results.setdefault(name, {}))
+        clients = {client: runners(client) for client in args.rabbitmq_clients}
+        await run_clients("rabbitmq", server, clients, args, profile, results, run_matrix)
     return version(PACKAGE)

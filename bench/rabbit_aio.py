@@ -98,25 +98,18 @@ class AmqpConsumer:
             await channel.close()
 
 
-class Amqp(AsyncBroker):
+class Amqp(AsyncBroker[AbstractConnection]):
     """Connections to one server; each producer or consumer gets its own channel."""
 
     hold_back_s = 0.005
     subscribe_s = 0.5  # the consumer is subscribed before the first publish
 
     def __init__(self, server: RabbitServer) -> None:
-        self.server = server
-        self.connections: list[AbstractConnection] = []
-
-    @property
-    def pid(self) -> int:
-        return self.server.pid
-
-    def rss_bytes(self) -> int:
-        return self.server.rss_bytes()
+        super().__init__(server)
+        self.url = server.url
 
     async def connection(self) -> AbstractConnection:
-        connection = await aio_pika.connect(self.server.url)
+        connection = await aio_pika.connect(self.url)
         self.connections.append(connection)
         return connection
 
@@ -151,12 +144,6 @@ class Amqp(AsyncBroker):
             channel = await self.channel(self.connections[0])
             await channel.queue_delete(name)
             await channel.close()
-
-    async def close(self) -> None:
-        for connection in self.connections:
-            with contextlib.suppress(Exception):
-                await connection.close()
-        self.connections.clear()
 
 
 RUNNERS: dict[int, Runner[RabbitServer]] = runners(Amqp)

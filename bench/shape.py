@@ -10,19 +10,24 @@ result building, the drain, the long queue and the table.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from bench.config import Profile
+from bench.ports import ServerProcess
 from bench.stats import (
     Budget,
     Metrics,
     PeakRss,
     Record,
+    Results,
+    RunMatrix,
     RunResult,
     body,
     latency_metrics,
@@ -162,20 +167,38 @@ class Consumer(Protocol):
         ...
 
 
-class AsyncBroker(ABC):
-    """An asyncio client's connections to one server, for one scenario run."""
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+class AsyncBroker(ABC, Generic[C]):
+    """An asyncio client's connections (`C`) to one server, for one scenario run; `close()`
+    closes every one."""
 
     hold_back_s: float
     """How often an end-to-end producer held back by its credit looks again."""
     subscribe_s: float
     """The paced run's pause between starting its consumer and the first publish."""
 
-    @property
-    @abstractmethod
-    def pid(self) -> int: ...
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.connections: list[C] = []
 
-    @abstractmethod
-    def rss_bytes(self) -> int: ...
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    def rss_bytes(self) -> int:
+        return self.server.rss_bytes()
+
+    async def close(self) -> None:
+        for connection in self.connections:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        self.connections.clear()
 
     @abstractmethod
     async def queue(self, tag: str, max_unacked: int) -> str: ...
@@ -194,9 +217,6 @@ class AsyncBroker(ABC):
     @abstractmethod
     async def consumers(self, queue: str, n: int) -> list[Consumer]:
         """n consumers of `queue`, each on a connection of its own."""
-
-    @abstractmethod
-    async def close(self) -> None: ...
 
     async def produce(
         self,
@@ -239,7 +259,7 @@ class AsyncBroker(ABC):
         return await measured_run([self.pid], work, counter)
 
 
-async def batch_enqueue(b: AsyncBroker, size: int, p: Profile) -> RunResult:
+async def batch_enqueue(b: AsyncBroker[Any], size: int, p: Profile) -> RunResult:
     queue = await b.queue("batch", p.drain_prefill)
     counter = Budget(p.batch_total, p.deadline_s)
     publishers = await b.publishers(p.batch_producers)
@@ -257,7 +277,7 @@ async def batch_enqueue(b: AsyncBroker, size: int, p: Profile) -> RunResult:
         await b.delete(queue)
 
 
-async def single_enqueue(b: AsyncBroker, size: int, p: Profile) -> RunResult:
+async def single_enqueue(b: AsyncBroker[Any], size: int, p: Profile) -> RunResult:
     queue = await b.queue("single", p.drain_prefill)
     counter = Budget(p.single_total, p.deadline_s)
     latencies: list[float] = []
@@ -281,7 +301,7 @@ async def single_enqueue(b: AsyncBroker, size: int, p: Profile) -> RunResult:
         await b.delete(queue)
 
 
-async def end_to_end(b: AsyncBroker, size: int, p: Profile) -> RunResult:
+async def end_to_end(b: AsyncBroker[Any], size: int, p: Profile) -> RunResult:
     queue = await b.queue("e2e", p.e2e_backlog + p.e2e_consumers * p.batch_size)
     produced = Budget(p.e2e_total, p.deadline_s)
     received = Budget(p.e2e_total, p.deadline_s)
@@ -307,7 +327,7 @@ async def end_to_end(b: AsyncBroker, size: int, p: Profile) -> RunResult:
         await b.delete(queue)
 
 
-async def paced(b: AsyncBroker, size: int, p: Profile) -> RunResult:
+async def paced(b: AsyncBroker[Any], size: int, p: Profile) -> RunResult:
     """p.paced_rate single publishes a second, each sent on schedule in its own task and
     counted once confirmed; one consumer long-polls (PACED_PULL)."""
     queue = await b.queue("paced", p.drain_prefill)
@@ -348,7 +368,7 @@ async def paced(b: AsyncBroker, size: int, p: Profile) -> RunResult:
         await b.delete(queue)
 
 
-Scenario = Callable[[AsyncBroker, int, Profile], Awaitable[RunResult]]
+Scenario = Callable[[AsyncBroker[Any], int, Profile], Awaitable[RunResult]]
 SCENARIOS: dict[int, Scenario] = table(
     batch_enqueue, single_enqueue, drain, end_to_end, paced, long_queue
 )
@@ -356,7 +376,7 @@ SCENARIOS: dict[int, Scenario] = table(
 Runner = Callable[[S, int, Profile], Awaitable[RunResult]]
 
 
-def runners(connect: Callable[[S], AsyncBroker]) -> dict[int, Runner[S]]:
+def runners(connect: Callable[[S], AsyncBroker[Any]]) -> dict[int, Runner[S]]:
     """Each scenario run with connections of its own to a server, closed when it ends."""
 
     def with_connections(scenario: Scenario) -> Runner[S]:
@@ -370,3 +390,25 @@ def runners(connect: Callable[[S], AsyncBroker]) -> dict[int, Runner[S]]:
         return run
 
     return {n: with_connections(scenario) for n, scenario in SCENARIOS.items()}
+
+
+async def run_clients(
+    peer: str,
+    server: S,
+    clients: dict[str, dict[int, Runner[S]]],
+    args: argparse.Namespace,
+    profile: Profile,
+    results: Results,
+    run_matrix: RunMatrix,
+) -> None:
+    """Runs the matrix against `server` with each client in turn; results go to
+    `results["<peer>/<client>"]`."""
+    for client, scenarios in clients.items():
+
+        async def run_one(
+            number: int, size: int, scenarios: dict[int, Runner[S]] = scenarios
+        ) -> RunResult:
+            return await scenarios[number](server, size, profile)
+
+        name = f"{peer}/{client}"
+        await run_matrix(name, run_one, args, results.setdefault(name, {}))
