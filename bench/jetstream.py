@@ -36,7 +36,7 @@ from nats.js.api import (
 
 from bench.config import Profile
 from bench.install import version
-from bench.ports import ServerProcess, terminate
+from bench.ports import ServerProcess, terminate, until_answers
 from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, run_clients, runners
 from bench.stats import Budget, Record, Results, RunMatrix, body, log
 
@@ -88,19 +88,15 @@ class NatsServer(ServerProcess):
 
 async def wait_jetstream(url: str, within_s: float) -> None:
     """The port accepts before JetStream has recovered its store: wait until it answers."""
-    deadline = time.monotonic() + within_s
-    while True:
+
+    async def attempt() -> None:
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
         try:
-            nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
-            try:
-                await nc.jetstream().account_info()
-                return
-            finally:
-                await nc.close()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+
+    await until_answers(attempt, within_s)
 
 
 class JsPublisher:

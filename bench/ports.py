@@ -3,6 +3,7 @@ NATS controllers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -11,7 +12,7 @@ import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from subprocess import STDOUT, Popen, TimeoutExpired
 from types import TracebackType
@@ -43,6 +44,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+async def until_answers(attempt: Callable[[], Awaitable[None]], within_s: float) -> None:
+    """Retries `attempt` (a client's handshake: a port accepts before its server answers)
+    every 0.2 s until it succeeds; its last error once `within_s` have passed."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def spawn(command: list[str], env: Mapping[str, str], cwd: Path, out: IO[bytes]) -> Popen[bytes]:

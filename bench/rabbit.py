@@ -10,11 +10,9 @@ RabbitMQ's figures are RabbitMQ's, not one client's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Self
 
@@ -22,7 +20,7 @@ import psutil
 
 from bench.config import Profile
 from bench.install import version
-from bench.ports import ServerProcess, free_port, terminate
+from bench.ports import ServerProcess, free_port, terminate, until_answers
 from bench.shape import Runner, run_clients
 from bench.stats import Results, RunMatrix, log
 
@@ -112,16 +110,11 @@ async def wait_amqp(url: str, within_s: float) -> None:
     """The AMQP port accepts before the broker answers: wait for a real handshake."""
     import aio_pika
 
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            connection = await aio_pika.connect(url, timeout=5)
-            await connection.close()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    async def attempt() -> None:
+        connection = await aio_pika.connect(url, timeout=5)
+        await connection.close()
+
+    await until_answers(attempt, within_s)
 
 
 def runners(client: str) -> dict[int, Runner[RabbitServer]]:
