@@ -18,7 +18,6 @@ import contextlib
 import os
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Self
 
@@ -37,7 +36,16 @@ from nats.js.api import (
 from bench.config import Profile
 from bench.install import version
 from bench.ports import ServerProcess, terminate, until_answers
-from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, run_clients, runners
+from bench.shape import (
+    AsyncBroker,
+    Consumer,
+    Publisher,
+    Pull,
+    Runner,
+    queue_name,
+    run_clients,
+    runners,
+)
 from bench.stats import Budget, Record, Results, RunMatrix, body, log
 
 PACKAGE = "nats-server"
@@ -182,7 +190,7 @@ class Js(AsyncBroker[Client]):
     async def queue(self, tag: str, max_unacked: int) -> str:
         """A file-stored work-queue stream whose subject is its name, and its durable pull
         consumer with explicit acks."""
-        name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+        name = queue_name(tag)
         js = await self.context()
         await js.add_stream(
             StreamConfig(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 
 import aio_pika
 from aio_pika.abc import (
@@ -22,7 +21,7 @@ from aio_pika.abc import (
 )
 
 from bench.rabbit import RabbitServer
-from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, runners
+from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, queue_name, runners
 from bench.stats import Budget, Record, body
 
 ACK_EVERY = 100
@@ -133,7 +132,7 @@ class Amqp(AsyncBroker[AbstractConnection]):
         return [AmqpConsumer(c, queue) for c in await self.channels(n)]
 
     async def queue(self, tag: str, max_unacked: int) -> str:
-        name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+        name = queue_name(tag)
         channel = await self.channel(self.connections[0] if self.connections else None)
         await channel.declare_queue(name, durable=True)
         await channel.close()

@@ -17,7 +17,6 @@ import contextlib
 import queue as queues
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -36,6 +35,7 @@ from bench.shape import (
     drain_pull,
     e2e_pull,
     measured_run,
+    queue_name,
     throughput,
 )
 from bench.stats import Budget, Metrics, Record, RunResult, body, latency_metrics, recorder
@@ -92,7 +92,7 @@ async def threads(*work: Callable[[], None]) -> None:
 
 
 def _declare(url: str, tag: str) -> str:
-    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    name = queue_name(tag)
     with connect(url) as connection:
         connection.channel().queue_declare(name, durable=True)
     return name

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from lionmq import AsyncClient
@@ -17,12 +16,8 @@ from lionmq import AsyncClient
 from bench import shape
 from bench.config import Profile
 from bench.node import Node
-from bench.shape import check_filled, throughput
+from bench.shape import check_filled, queue_name, throughput
 from bench.stats import Budget, Metrics, RunResult, body, latency_metrics, measured, sent_at
-
-
-def channel_name(tag: str) -> str:
-    return f"bench-{tag}-{uuid.uuid4().hex[:8]}"
 
 
 async def _measured(
@@ -49,7 +44,7 @@ async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Prof
 
 
 async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = channel_name("batch")
+    channel = queue_name("batch")
     budget = Budget(p.batch_total, p.deadline_s)
 
     async def producer() -> None:
@@ -69,7 +64,7 @@ async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) 
 
 
 async def single_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = channel_name("single")
+    channel = queue_name("single")
     budget = Budget(p.single_total, p.deadline_s)
     latencies: list[float] = []
 
@@ -121,7 +116,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
     `e2e_backlog` messages wait (the credit a broker's flow control gives), so the latency is
     the pipeline's, not the age of a backlog growing without bound. Consumers dequeue 100 and
     send the ack without waiting for it before their next dequeue."""
-    channel = channel_name("e2e")
+    channel = queue_name("e2e")
     produced = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
     received = 0
@@ -173,7 +168,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
 async def paced(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
     """p.paced_rate single enqueues a second for p.paced_seconds, each sent on schedule in its
     own task; one consumer long-polls (max 100, wait 1 s) and acks in the background."""
-    channel = channel_name("paced")
+    channel = queue_name("paced")
     total = int(p.paced_rate * p.paced_seconds)
     budget = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
@@ -242,7 +237,7 @@ class Lion:
         return self.node.rss_bytes()
 
     async def queue(self, tag: str, max_unacked: int) -> str:
-        return channel_name(tag)  # a channel exists once enqueued to
+        return queue_name(tag)  # a channel exists once enqueued to
 
     async def delete(self, name: str) -> None:
         await _drop(self.client, name)

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ S = TypeVar("S")
 def table(batch: T, single: T, drain: T, end_to_end: T, paced: T, long: T) -> dict[int, T]:
     """The six scenarios by their number (`bench.config.SCENARIOS`)."""
     return {1: batch, 2: single, 3: drain, 4: end_to_end, 5: paced, 6: long}
+
+
+def queue_name(tag: str) -> str:
+    """A run's own queue (channel, stream): `bench-<tag>-<8 hex>`."""
+    return f"bench-{tag}-{uuid.uuid4().hex[:8]}"
 
 
 def throughput(done: int, start: float) -> Metrics:
