@@ -22,7 +22,7 @@ from bench.peers import PEERS
 from bench.peers import parse as parse_peers
 from bench.rabbit import CLIENTS as RABBIT_CLIENTS
 from bench.scenarios import RUNNERS
-from bench.stats import SIZES, Results, RunOne, RunResult, ScenarioResult
+from bench.stats import SIZES, Results, RunOne, RunResult, ScenarioResult, log
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -83,10 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.json = RESULTS_DIR / f"{stamp}.json"
     args.long_runs = (QUICK if args.quick else FULL).long_runs
     return args
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 async def run_matrix(

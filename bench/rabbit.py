@@ -10,25 +10,19 @@ RabbitMQ's figures are RabbitMQ's, not one client's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import psutil
 
 from bench.config import Profile
 from bench.install import version
-from bench.ports import accepts, free_port, spawn, wait_ready
-from bench.stats import Results, RunMatrix, RunResult
+from bench.ports import ServerProcess, free_port, terminate, until_answers
+from bench.shape import Runner, run_clients
+from bench.stats import Results, RunMatrix, log
 
 PACKAGE = "rabbitmq-server"
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -41,19 +35,15 @@ DURABILITY = (
 )
 
 
-def log(message: str) -> None:
-    print(message, flush=True, file=sys.stderr)
-
-
-class RabbitServer:
+class RabbitServer(ServerProcess):
     """Our own rabbitmq-server on 127.0.0.1, everything under one temp dir."""
 
+    NAME = "rabbitmq-server"
+
     def __init__(self, *, boot_timeout: float = 90.0) -> None:
-        self.port = free_port()
+        super().__init__(prefix="rabbit-bench-", boot_timeout=boot_timeout)
         self.node = f"bench-{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
-        self.boot_timeout = boot_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="rabbit-bench-"))
         self.epmd_port = free_port()
         self.env = {
             **os.environ,
@@ -73,29 +63,13 @@ class RabbitServer:
             "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
             "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
         }
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> RabbitServer:
+    def start(self) -> Self:
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
         (self.dir / "rabbitmq-env.conf").write_text("")
-        with (self.dir / "server.out").open("wb") as out:
-            self.proc = spawn([str(SERVER)], self.env, self.dir, out)
-        what = f"RabbitMQ's AMQP port {self.port}"
-        wait_ready(self._accepting, self.boot_timeout, what, self.stop)
+        self.launch([str(SERVER)], self.env, f"RabbitMQ's AMQP port {self.port}")
         return self
-
-    def _accepting(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            tail = (self.dir / "server.out").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}: {tail}")
-        return accepts(self.port)
 
     def rss_bytes(self) -> int:
         """The server's resident memory: the Erlang VM and its helpers."""
@@ -107,26 +81,20 @@ class RabbitServer:
                     total += proc.memory_info().rss
         return total
 
+    def end(self, proc: subprocess.Popen[bytes]) -> None:
+        """rabbitmqctl stop, then SIGTERM to the process group, SIGKILL after 10 s."""
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run(
+                [str(CTL), "-n", self.node, "stop"],
+                env=self.env,
+                capture_output=True,
+                timeout=30,
+            )
+        terminate(proc, 10)
+
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                subprocess.run(
-                    [str(CTL), "-n", self.node, "stop"],
-                    env=self.env,
-                    capture_output=True,
-                    timeout=30,
-                )
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        super().stop()
         self._stop_epmd()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_epmd(self) -> None:
         """epmd daemonizes out of our process group: find ours by its port and end it."""
@@ -137,38 +105,19 @@ class RabbitServer:
                 if proc.environ().get("ERL_EPMD_PORT") == str(self.epmd_port):
                     proc.kill()
 
-    def __enter__(self) -> RabbitServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 async def wait_amqp(url: str, within_s: float) -> None:
     """The AMQP port accepts before the broker answers: wait for a real handshake."""
     import aio_pika
 
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            connection = await aio_pika.connect(url, timeout=5)
-            await connection.close()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    async def attempt() -> None:
+        connection = await aio_pika.connect(url, timeout=5)
+        await connection.close()
+
+    await until_answers(attempt, within_s)
 
 
-Runner = Callable[[RabbitServer, int, Profile], Awaitable[RunResult]]
-
-
-def runners(client: str) -> dict[int, Runner]:
+def runners(client: str) -> dict[int, Runner[RabbitServer]]:
     if client == "pika":
         from bench import rabbit_pika
 
@@ -191,14 +140,6 @@ async def run(
     with RabbitServer() as server:
         log(f"[rabbitmq] {version(PACKAGE)} pid {server.pid} on {server.url} ({server.node})")
         await wait_amqp(server.url, server.boot_timeout)
-        for client in args.rabbitmq_clients:
-            scenario_runners = runners(client)
-
-            async def run_one(
-                number: int, size: int, scenario_runners: dict[int, Runner] = scenario_runners
-            ) -> RunResult:
-                return await scenario_runners[number](server, size, profile)
-
-            name = f"rabbitmq/{client}"
-            await run_matrix(name, run_one, args, results.setdefault(name, {}))
+        clients = {client: runners(client) for client in args.rabbitmq_clients}
+        await run_clients("rabbitmq", server, clients, args, profile, results, run_matrix)
     return version(PACKAGE)

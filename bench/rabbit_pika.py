@@ -17,28 +17,28 @@ import contextlib
 import queue as queues
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from bench import shape
 from bench.config import Profile
 from bench.rabbit import RabbitServer
-from bench.stats import (
-    Budget,
-    Metrics,
-    PeakRss,
-    Record,
-    RunResult,
-    body,
-    latency_metrics,
-    long_queue_result,
-    measured,
-    recorder,
+from bench.shape import (
+    PACED_PULL,
+    Pull,
+    Runner,
+    check_filled,
+    drain_pull,
+    e2e_pull,
+    measured_run,
+    queue_name,
+    throughput,
 )
+from bench.stats import Budget, Metrics, Record, RunResult, body, latency_metrics, recorder
 
 ACK_EVERY = 100
 PERSISTENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
@@ -92,7 +92,7 @@ async def threads(*work: Callable[[], None]) -> None:
 
 
 def _declare(url: str, tag: str) -> str:
-    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    name = queue_name(tag)
     with connect(url) as connection:
         connection.channel().queue_declare(name, durable=True)
     return name
@@ -101,16 +101,6 @@ def _declare(url: str, tag: str) -> str:
 def _delete(url: str, name: str) -> None:
     with connect(url) as connection:
         connection.channel().queue_delete(name)
-
-
-async def declare(server: RabbitServer, tag: str) -> str:
-    return await asyncio.to_thread(_declare, server.url, tag)
-
-
-async def delete(server: RabbitServer, name: str) -> None:
-    """Deletes a run's queue so that later runs start from the same broker; best effort."""
-    with contextlib.suppress(Exception):
-        await asyncio.to_thread(_delete, server.url, name)
 
 
 def produce(
@@ -142,14 +132,14 @@ def consume(
     connection: BlockingConnection,
     queue: str,
     counter: Budget,
-    prefetch: int,
+    pull: Pull,
     record: Record | None = None,
 ) -> None:
-    """Consumes until every consumer together has received `counter.total`, or its deadline;
-    acks with multiple=true every ACK_EVERY deliveries and once more at the end. Deliveries
-    it did not count go back to the queue when it cancels."""
+    """Consumes (basic.qos `pull.prefetch`) until every consumer together has received
+    `counter.total`, or its deadline; acks with multiple=true every ACK_EVERY deliveries and
+    once more at the end. Deliveries it did not count go back to the queue when it cancels."""
     channel = connection.channel()
-    channel.basic_qos(prefetch_count=prefetch)
+    channel.basic_qos(prefetch_count=pull.prefetch)
     unacked, last_tag = 0, 0
     for method, _props, payload in channel.consume(queue, inactivity_timeout=IDLE_S):
         if method is not None:
@@ -170,19 +160,48 @@ def consume(
     channel.close()
 
 
-async def fill(server: RabbitServer, queue: str, size: int, total: int, p: Profile) -> None:
-    """Fills `queue` with `total` messages: transactions of p.fill_batch, 4 producers."""
-    counter = Budget(total, p.fill_deadline_s)
-    async with connected(server, 4) as connections:
-        await threads(
-            *(partial(produce, c, queue, size, counter, p.fill_batch) for c in connections)
-        )
-    if counter.timed_out:
-        raise TimeoutError(f"filled only {counter.done} of {total} in {p.fill_deadline_s}s")
+class Pika:
+    """A server's queues as the shared drain and long queue use them (`bench.shape.Queues`)."""
+
+    def __init__(self, server: RabbitServer) -> None:
+        self.server = server
+
+    def rss_bytes(self) -> int:
+        return self.server.rss_bytes()
+
+    async def queue(self, tag: str, max_unacked: int) -> str:
+        return await asyncio.to_thread(_declare, self.server.url, tag)
+
+    async def delete(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(_delete, self.server.url, name)
+
+    async def fill(self, queue: str, size: int, total: int, p: Profile) -> None:
+        """Fills `queue` with `total` messages: transactions of p.fill_batch, 4 producers."""
+        counter = Budget(total, p.fill_deadline_s)
+        async with connected(self.server, 4) as connections:
+            await threads(
+                *(partial(produce, c, queue, size, counter, p.fill_batch) for c in connections)
+            )
+        check_filled(counter, p)
+
+    async def drain_queue(self, queue: str, total: int, p: Profile) -> RunResult:
+        counter = Budget(total, p.deadline_s)
+        async with connected(self.server, p.drain_consumers) as connections:
+
+            async def work() -> Metrics:
+                start = time.perf_counter()
+                await threads(
+                    *(partial(consume, c, queue, counter, drain_pull(p)) for c in connections)
+                )
+                return throughput(counter.done, start)
+
+            return await measured_run([self.server.pid], work, counter)
 
 
 async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
-    queue = await declare(server, "batch")
+    rabbit = Pika(server)
+    queue = await rabbit.queue("batch", p.drain_prefill)
     counter = Budget(p.batch_total, p.deadline_s)
     try:
         async with connected(server, p.batch_producers) as connections:
@@ -192,13 +211,11 @@ async def batch_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResul
                 await threads(
                     *(partial(produce, c, queue, size, counter, p.batch_size) for c in connections)
                 )
-                elapsed = time.perf_counter() - start
-                return {"msg_s": counter.done / elapsed, "count": counter.done}
+                return throughput(counter.done, start)
 
-            metrics = await measured([server.pid], work, counter)
-        return RunResult(metrics, partial=counter.cut_short)
+            return await measured_run([server.pid], work, counter)
     finally:
-        await delete(server, queue)
+        await rabbit.delete(queue)
 
 
 def _confirmed_channel(connection: BlockingConnection) -> BlockingChannel:
@@ -208,7 +225,8 @@ def _confirmed_channel(connection: BlockingConnection) -> BlockingChannel:
 
 
 async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResult:
-    queue = await declare(server, "single")
+    rabbit = Pika(server)
+    queue = await rabbit.queue("single", p.drain_prefill)
     counter = Budget(p.single_total, p.deadline_s)
     latencies: list[float] = []
 
@@ -227,41 +245,16 @@ async def single_enqueue(server: RabbitServer, size: int, p: Profile) -> RunResu
             async def work() -> Metrics:
                 start = time.perf_counter()
                 await threads(*(partial(producer, c) for c in connections))
-                rate = counter.done / (time.perf_counter() - start)
-                return {"msg_s": rate, "count": counter.done, **latency_metrics(latencies)}
+                return {**throughput(counter.done, start), **latency_metrics(latencies)}
 
-            metrics = await measured([server.pid], work, counter)
-        return RunResult(metrics, partial=counter.cut_short)
+            return await measured_run([server.pid], work, counter)
     finally:
-        await delete(server, queue)
-
-
-async def drain_queue(server: RabbitServer, queue: str, total: int, p: Profile) -> RunResult:
-    counter = Budget(total, p.deadline_s)
-    prefetch = 2 * p.drain_batch
-    async with connected(server, p.drain_consumers) as connections:
-
-        async def work() -> Metrics:
-            start = time.perf_counter()
-            await threads(*(partial(consume, c, queue, counter, prefetch) for c in connections))
-            elapsed = time.perf_counter() - start
-            return {"msg_s": counter.done / elapsed, "count": counter.done}
-
-        metrics = await measured([server.pid], work, counter)
-    return RunResult(metrics, partial=counter.cut_short)
-
-
-async def drain(server: RabbitServer, size: int, p: Profile) -> RunResult:
-    queue = await declare(server, "drain")
-    try:
-        await fill(server, queue, size, p.drain_prefill, p)
-        return await drain_queue(server, queue, p.drain_prefill, p)
-    finally:
-        await delete(server, queue)
+        await rabbit.delete(queue)
 
 
 async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
-    queue = await declare(server, "e2e")
+    rabbit = Pika(server)
+    queue = await rabbit.queue("e2e", p.e2e_backlog + p.e2e_consumers * p.batch_size)
     produced = Budget(p.e2e_total, p.deadline_s)
     received = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
@@ -279,18 +272,13 @@ async def end_to_end(server: RabbitServer, size: int, p: Profile) -> RunResult:
                         )
                         for c in producers
                     ),
-                    *(
-                        partial(consume, c, queue, received, 5 * p.batch_size, record)
-                        for c in consumers
-                    ),
+                    *(partial(consume, c, queue, received, e2e_pull(p), record) for c in consumers),
                 )
-                rate = received.done / (time.perf_counter() - start)
-                return {"msg_s": rate, "count": received.done, **latency_metrics(latencies)}
+                return {**throughput(received.done, start), **latency_metrics(latencies)}
 
-            metrics = await measured([server.pid], work, received)
-        return RunResult(metrics, partial=produced.cut_short or received.cut_short)
+            return await measured_run([server.pid], work, received, produced)
     finally:
-        await delete(server, queue)
+        await rabbit.delete(queue)
 
 
 # Publisher threads of the paced run: enough that a confirm's fsync never holds up the pace.
@@ -300,8 +288,9 @@ PACED_PUBLISHERS = 16
 async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
     """p.paced_rate single confirmed publishes a second: a scheduler stamps each body when it
     is due and hands it to a pool of publisher threads, which all have their confirm-mode
-    channel open before the first is due; one consumer (prefetch 100)."""
-    queue = await declare(server, "paced")
+    channel open before the first is due; one consumer (PACED_PULL)."""
+    rabbit = Pika(server)
+    queue = await rabbit.queue("paced", p.drain_prefill)
     total = int(p.paced_rate * p.paced_seconds)
     received = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
@@ -344,7 +333,7 @@ async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
 
             async def work() -> Metrics:
                 consuming = asyncio.ensure_future(
-                    threads(partial(consume, consumer, queue, received, 100, record))
+                    threads(partial(consume, consumer, queue, received, PACED_PULL, record))
                 )
                 await asyncio.sleep(0.5)  # the consumer is subscribed before the first publish
                 await threads(scheduler, *(partial(publisher, c) for c in publishers))
@@ -355,43 +344,19 @@ async def paced(server: RabbitServer, size: int, p: Profile) -> RunResult:
                     **latency_metrics(latencies),
                 }
 
-            metrics = await measured([server.pid], work, received)
-        return RunResult(metrics, partial=received.cut_short)
+            return await measured_run([server.pid], work, received)
     finally:
-        await delete(server, queue)
+        await rabbit.delete(queue)
+
+
+async def drain(server: RabbitServer, size: int, p: Profile) -> RunResult:
+    return await shape.drain(Pika(server), size, p)
 
 
 async def long_queue(server: RabbitServer, size: int, p: Profile) -> RunResult:
-    shallow = await declare(server, "shallow")
-    deep = await declare(server, "deep")
-    try:
-        async with PeakRss(server.rss_bytes) as memory:
-            await fill(server, shallow, size, p.long_drain, p)
-            empty = await drain_queue(server, shallow, p.long_drain, p)
-            t0 = time.perf_counter()
-            await fill(server, deep, size, p.long_depth, p)
-            fill_s = time.perf_counter() - t0
-            await asyncio.sleep(p.settle_s)
-            rss_full = server.rss_bytes()
-            at_depth = await drain_queue(server, deep, p.long_drain, p)
-    finally:
-        await delete(server, shallow)
-        await delete(server, deep)
-    return long_queue_result(
-        depth=p.long_depth,
-        fill_s=fill_s,
-        rss_full=rss_full,
-        memory=memory,
-        empty=empty,
-        at_depth=at_depth,
-    )
+    return await shape.long_queue(Pika(server), size, p)
 
 
-RUNNERS: dict[int, Callable[[RabbitServer, int, Profile], Awaitable[RunResult]]] = {
-    1: batch_enqueue,
-    2: single_enqueue,
-    3: drain,
-    4: end_to_end,
-    5: paced,
-    6: long_queue,
-}
+RUNNERS: dict[int, Runner[RabbitServer]] = shape.table(
+    batch_enqueue, single_enqueue, drain, end_to_end, paced, long_queue
+)

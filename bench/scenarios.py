@@ -9,28 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from lionmq import AsyncClient
 
+from bench import shape
 from bench.config import Profile
 from bench.node import Node
-from bench.stats import (
-    Budget,
-    Metrics,
-    PeakRss,
-    RunResult,
-    body,
-    latency_metrics,
-    long_queue_result,
-    measured,
-    sent_at,
-)
-
-
-def channel_name(tag: str) -> str:
-    return f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+from bench.shape import check_filled, queue_name, throughput
+from bench.stats import Budget, Metrics, RunResult, body, latency_metrics, measured, sent_at
 
 
 async def _measured(
@@ -43,7 +30,7 @@ async def _measured(
     return RunResult(metrics, partial=budget.timed_out)
 
 
-async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Profile) -> int:
+async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Profile) -> None:
     """Fills `channel` with `total` messages (batches of p.fill_batch, 4 producers)."""
     budget = Budget(total, p.fill_deadline_s)
 
@@ -53,13 +40,11 @@ async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Prof
             budget.add(n)
 
     await asyncio.gather(*(producer() for _ in range(4)))
-    if budget.timed_out:
-        raise TimeoutError(f"filled only {budget.done} of {total} in {p.fill_deadline_s}s")
-    return budget.done
+    check_filled(budget, p)
 
 
 async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = channel_name("batch")
+    channel = queue_name("batch")
     budget = Budget(p.batch_total, p.deadline_s)
 
     async def producer() -> None:
@@ -70,7 +55,7 @@ async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) 
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(*(producer() for _ in range(p.batch_producers)))
-        return {"msg_s": budget.done / (time.perf_counter() - start), "count": budget.done}
+        return throughput(budget.done, start)
 
     try:
         return await _measured(node, work, budget)
@@ -79,7 +64,7 @@ async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) 
 
 
 async def single_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = channel_name("single")
+    channel = queue_name("single")
     budget = Budget(p.single_total, p.deadline_s)
     latencies: list[float] = []
 
@@ -93,8 +78,7 @@ async def single_enqueue(client: AsyncClient, node: Node, size: int, p: Profile)
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(*(producer() for _ in range(p.single_concurrency)))
-        rate = budget.done / (time.perf_counter() - start)
-        return {"msg_s": rate, "count": budget.done, **latency_metrics(latencies)}
+        return {**throughput(budget.done, start), **latency_metrics(latencies)}
 
     try:
         return await _measured(node, work, budget)
@@ -122,18 +106,9 @@ async def drain_channel(
     async def work() -> Metrics:
         start = time.perf_counter()
         await asyncio.gather(*(consumer() for _ in range(p.drain_consumers)))
-        return {"msg_s": budget.done / (time.perf_counter() - start), "count": budget.done}
+        return throughput(budget.done, start)
 
     return await _measured(node, work, budget)
-
-
-async def drain(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = channel_name("drain")
-    try:
-        await fill(client, channel, size, p.drain_prefill, p)
-        return await drain_channel(client, node, channel, p.drain_prefill, p)
-    finally:
-        await _drop(client, channel)
 
 
 async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
@@ -141,7 +116,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
     `e2e_backlog` messages wait (the credit a broker's flow control gives), so the latency is
     the pipeline's, not the age of a backlog growing without bound. Consumers dequeue 100 and
     send the ack without waiting for it before their next dequeue."""
-    channel = channel_name("e2e")
+    channel = queue_name("e2e")
     produced = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
     received = 0
@@ -179,10 +154,10 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
             *(producer() for _ in range(p.e2e_producers)),
             *(consumer() for _ in range(p.e2e_consumers)),
         )
-        rate = received / (time.perf_counter() - start)
+        metrics = throughput(received, start)  # delivered; the acks may still be on their way
         if acks:
             await asyncio.gather(*acks)
-        return {"msg_s": rate, "count": received, **latency_metrics(latencies)}
+        return {**metrics, **latency_metrics(latencies)}
 
     try:
         return await _measured(node, work, produced)
@@ -193,7 +168,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
 async def paced(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
     """p.paced_rate single enqueues a second for p.paced_seconds, each sent on schedule in its
     own task; one consumer long-polls (max 100, wait 1 s) and acks in the background."""
-    channel = channel_name("paced")
+    channel = queue_name("paced")
     total = int(p.paced_rate * p.paced_seconds)
     budget = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
@@ -245,45 +220,43 @@ async def paced(client: AsyncClient, node: Node, size: int, p: Profile) -> RunRe
         await _drop(client, channel)
 
 
-async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    """Drain rate over p.long_drain messages from a channel holding just those, then from one
-    holding p.long_depth; the node's RSS once the deep channel is full (and its peak)."""
-    shallow, deep = channel_name("shallow"), channel_name("deep")
-    try:
-        async with PeakRss(node.rss_bytes) as memory:
-            await fill(client, shallow, size, p.long_drain, p)
-            empty = await drain_channel(client, node, shallow, p.long_drain, p)
-            await _drop(client, shallow)
-            t0 = time.perf_counter()
-            filled = await fill(client, deep, size, p.long_depth, p)
-            fill_s = time.perf_counter() - t0
-            await asyncio.sleep(p.settle_s)
-            rss_full = node.rss_bytes()
-            at_depth = await drain_channel(client, node, deep, p.long_drain, p)
-    finally:
-        await _drop(client, shallow)
-        await _drop(client, deep)
-    return long_queue_result(
-        depth=filled,
-        fill_s=fill_s,
-        rss_full=rss_full,
-        memory=memory,
-        empty=empty,
-        at_depth=at_depth,
-    )
-
-
 async def _drop(client: AsyncClient, channel: str) -> None:
     """Deletes a run's channel so that later runs start from the same store; best effort."""
     with contextlib.suppress(Exception):
         await client.delete_channel(channel)
 
 
-RUNNERS: dict[int, Callable[[AsyncClient, Node, int, Profile], Awaitable[RunResult]]] = {
-    1: batch_enqueue,
-    2: single_enqueue,
-    3: drain,
-    4: end_to_end,
-    5: paced,
-    6: long_queue,
-}
+class Lion:
+    """A node's channels as the shared drain and long queue use them (`bench.shape.Queues`)."""
+
+    def __init__(self, client: AsyncClient, node: Node) -> None:
+        self.client = client
+        self.node = node
+
+    def rss_bytes(self) -> int:
+        return self.node.rss_bytes()
+
+    async def queue(self, tag: str, max_unacked: int) -> str:
+        return queue_name(tag)  # a channel exists once enqueued to
+
+    async def delete(self, name: str) -> None:
+        await _drop(self.client, name)
+
+    async def fill(self, queue: str, size: int, total: int, p: Profile) -> None:
+        await fill(self.client, queue, size, total, p)
+
+    async def drain_queue(self, queue: str, total: int, p: Profile) -> RunResult:
+        return await drain_channel(self.client, self.node, queue, total, p)
+
+
+async def drain(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
+    return await shape.drain(Lion(client, node), size, p)
+
+
+async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
+    return await shape.long_queue(Lion(client, node), size, p)
+
+
+RUNNERS: dict[int, Callable[[AsyncClient, Node, int, Profile], Awaitable[RunResult]]] = shape.table(
+    batch_enqueue, single_enqueue, drain, end_to_end, paced, long_queue
+)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,11 @@ def body(size: int) -> str:
 def sent_at(value: Any) -> float:
     """The send time (seconds since the epoch) carried by a `body()`."""
     return int(str(value)[:16]) / 1e6
+
+
+def log(message: str) -> None:
+    """Progress, on stderr (stdout carries the table)."""
+    print(message, flush=True, file=sys.stderr)
 
 
 Record = Callable[[float, list[bytes]], None]

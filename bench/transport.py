@@ -27,8 +27,7 @@ import httpx
 from lionmq._senders import AiohttpSender, AsyncSender, HttpxSender
 from lionmq.protocol import Call, Reply
 
-from bench.node import kill_group
-from bench.ports import free_port, spawn, wait_ready
+from bench.ports import free_port, spawn, terminate, wait_ready
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -81,7 +80,7 @@ def server() -> Iterator[str]:
 
     def stop() -> None:
         if proc.poll() is None:
-            kill_group(proc)
+            terminate(proc, 3.0)
         shutil.rmtree(workdir, ignore_errors=True)
 
     wait_ready(ready, 15, f"the transport bench server on {url}", stop)

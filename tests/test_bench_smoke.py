@@ -132,8 +132,8 @@ async def test_nats_adapter_runs_every_scenario() -> None:
         await jetstream.wait_jetstream(server.url, 15)
         assert _listening(server.pid) == {"127.0.0.1"}
         outcomes = {
-            n: await asyncio.wait_for(jetstream.run_scenario(server, n, 16, TINY), 20)
-            for n in jetstream.SCENARIOS
+            n: await asyncio.wait_for(run(server, 16, TINY), 20)
+            for n, run in jetstream.RUNNERS.items()
         }
         pid = server.pid
     _check_every_scenario("nats/nats-py", outcomes)
