@@ -176,6 +176,10 @@ _HEADERS_LATE = _plain_response(
 _BODY_LATE = _plain_response(
     b"408 Request Timeout", "the request's body did not arrive within BODY_TIMEOUT_MS"
 )
+_MALFORMED = _plain_response(
+    b"400 Bad Request",
+    "the request is not valid HTTP/1.1 (request line, a header, Content-Length or chunking)",
+)
 _HEADERS_TOO_LARGE = _plain_response(
     b"431 Request Header Fields Too Large",
     f"the request line and headers pass {MAX_HEADER_BYTES} bytes",
@@ -230,6 +234,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._disarm()
             if want:
                 self._arm(want)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own answer to a request its parser refuses is text/plain; every error of
+        # the node is problem details (its warning line is still logged).
+        self.transport.write(_MALFORMED)
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         self._headers_due = True

@@ -1,0 +1,88 @@
+"""Hostile requests from outside, on the wire: a real node process, raw sockets.
+
+Each test is one promise of the node's HTTP surface that an attack run found broken: every
+error is problem details, ambiguous requests are refused, and nothing bad is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NodeProcess
+
+TOKEN = "attack-token"
+AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    n = NodeProcess(Path(tmp_path_factory.mktemp("attacks")), API_TOKEN=TOKEN)
+    n.start()
+    yield n
+    n.kill9()
+
+
+def exchange(node: NodeProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes on a new connection; (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def _length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30  # no length: read until the node closes
+
+
+def assert_problem(answer: tuple[int, dict[str, str], bytes], status: int) -> dict[str, object]:
+    got, headers, body = answer
+    assert got == status, (got, body)
+    assert headers.get("content-type") == "application/problem+json", headers
+    problem: dict[str, object] = json.loads(body)
+    assert problem["status"] == status and problem["detail"], problem
+    return problem
+
+
+ENQUEUE = b'{"messages":[{"body":1}]}'
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # Two lengths, or a length and chunking: the classic request-smuggling shapes.
+        b"POST /channels/a/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+        b"\r\nContent-Length: 25\r\nContent-Length: 3\r\n\r\n" + ENQUEUE,
+        b"POST /channels/a/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+        b"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n19\r\n"
+        + ENQUEUE
+        + b"\r\n0\r\n\r\n",
+        b"POST /channels/a/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: +25\r\n\r\n",
+        b"GET /channels/\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /channels HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ],
+    ids=["two-lengths", "length-and-chunked", "signed-length", "raw-byte-path", "bad-header", "h2"],
+)
+def test_requests_the_parser_refuses_get_problem_details(
+    node: NodeProcess, request_bytes: bytes
+) -> None:
+    assert_problem(
+        exchange(node, request_bytes.replace(b"\r\n\r\n", b"\r\n" + AUTH + b"\r\n", 1)), 400
+    )
