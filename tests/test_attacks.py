@@ -86,3 +86,11 @@ def test_requests_the_parser_refuses_get_problem_details(
     assert_problem(
         exchange(node, request_bytes.replace(b"\r\n\r\n", b"\r\n" + AUTH + b"\r\n", 1)), 400
     )
+
+
+@pytest.mark.parametrize("hosts", [(b"evil.example", b"127.0.0.1"), (b"127.0.0.1", b"127.0.0.1")])
+def test_a_request_with_two_hosts_is_refused(node: NodeProcess, hosts: tuple[bytes, bytes]) -> None:
+    """The guard read the last Host and Starlette the first (the 307 of a trailing slash sent
+    clients to http://evil.example/...): a request with two must not be served at all."""
+    request = b"POST /channels/a/ HTTP/1.1\r\nHost: %s\r\nHost: %s\r\n%sContent-Length: 0\r\n\r\n"
+    assert_problem(exchange(node, request % (*hosts, AUTH)), 400)
