@@ -205,6 +205,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._headers_due = False  # a request has begun and its headers are not complete
         self._body_due = False  # a request's headers are complete and its body is not
         self._header_bytes = 0  # read so far of headers not yet complete
+        self._begun_in_read = False  # a request began in the read being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.guard.max_connections:
@@ -222,8 +223,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._begun_in_read = False
         super().data_received(data)
-        if self._headers_due:
+        if self._begun_in_read:
+            # The read that starts a request may end a previous one (pipelining: its body, up
+            # to a whole read); which of its bytes are the new headers the parser does not
+            # say, so the count starts with the next read (the bound is one read higher).
+            self._header_bytes = 0
+        elif self._headers_due:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self.transport.write(_HEADERS_TOO_LARGE)
@@ -243,6 +250,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._headers_due = True
+        self._begun_in_read = True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:

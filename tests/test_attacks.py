@@ -129,3 +129,33 @@ def test_numbers_any_consumer_can_parse_are_stored_as_sent(node: NodeProcess) ->
     assert status == 200, answer
     bodies = [m["body"] for m in json.loads(answer)["messages"]]
     assert bodies == [json.loads(n) for n in numbers]
+
+
+def test_a_pipelined_request_after_a_large_body_is_not_taken_for_huge_headers(
+    node: NodeProcess,
+) -> None:
+    """The bytes of a read that began a request were all counted as its headers: a 70 KB
+    enqueue followed in the same read by the start of the next request got 431 and a closed
+    connection, though the enqueue was stored (a producer would retry it: a duplicate)."""
+    body = json.dumps({"messages": [{"body": "x" * 70_000}]}).encode()
+    first = (
+        b"POST /channels/pipelined/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\n%s"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    ) % (AUTH, len(body), body)
+    second = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(first + second[:10])
+        # The first answer comes before the rest of the second request is sent.
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 201 "), data[:200]
+        s.sendall(second[10:])
+        while data.count(b"HTTP/1.1 ") < 2:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert b"HTTP/1.1 200 " in data.partition(b"\r\n\r\n")[2], data[-300:]
