@@ -92,10 +92,12 @@ async def test_bad_frames_are_dropped_without_harming_another_node(watcher: Proc
     await bad.send(frame("evil", interval_ms=5))  # an interval out of range
     await bad.send(frame("<b>" * 200))  # an overlong node id
     await bad.send(json.dumps([1, 2, 3]))
+    # Nested past the recursion limit: the decoder's RecursionError ended the connection.
+    await bad.send('{"type":"snapshot","x":' + "[" * 1500 + "]" * 1500 + "}")
     await bad.send(frame("steady", ready=0, url="x" * MAX_FRAME))  # oversized
     await wait_counter(watcher, "oversized", before["oversized"] + 1)
     after = await acounters(watcher)
-    assert after["malformed"] - before["malformed"] == 2
+    assert after["malformed"] - before["malformed"] == 3
     assert after["invalid"] - before["invalid"] == 5
     assert after["accepted"] == before["accepted"]
 
