@@ -159,3 +159,20 @@ def test_a_pipelined_request_after_a_large_body_is_not_taken_for_huge_headers(
             assert chunk, data
             data += chunk
     assert b"HTTP/1.1 200 " in data.partition(b"\r\n\r\n")[2], data[-300:]
+
+
+def upgrade(path: str, *extra: bytes) -> bytes:
+    head = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    ).encode()
+    return head + b"".join(extra) + b"\r\n"
+
+
+def test_a_websocket_handshake_is_refused_with_problem_details(node: NodeProcess) -> None:
+    """The node serves no WebSocket; the router's refusal was an empty text/plain 403."""
+    assert_problem(exchange(node, upgrade("/channels", AUTH)), 404)
+    assert_problem(exchange(node, upgrade("/channels/a/enqueue", AUTH)), 404)
+    page = b"Origin: http://evil.example\r\n"
+    assert "evil.example" in str(assert_problem(exchange(node, upgrade("/x", AUTH, page)), 403))
+    assert_problem(exchange(node, upgrade("/channels")), 401)

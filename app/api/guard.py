@@ -71,9 +71,7 @@ class Guard:
             status, detail = self._refusal(scope, host, origin, site, mode, content_type, has_body)
         if not status:
             await self.app(scope, receive, send)
-        elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
-        else:
+        else:  # a WebSocket handshake is refused with the same HTTP answer
             await problem(status, detail)(scope, receive, send)
 
     def _refusal(
