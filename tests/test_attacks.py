@@ -176,3 +176,26 @@ def test_a_websocket_handshake_is_refused_with_problem_details(node: NodeProcess
     page = b"Origin: http://evil.example\r\n"
     assert "evil.example" in str(assert_problem(exchange(node, upgrade("/x", AUTH, page)), 403))
     assert_problem(exchange(node, upgrade("/channels")), 401)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/metrics", "GET"),
+        ("DELETE", "/channels", "GET"),
+        ("PATCH", "/channels/a", "GET, PUT, DELETE"),
+        ("GET", "/channels/a/purge", "POST"),
+        ("GET", "/channels/a/ack", "POST"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+    ],
+)
+def test_a_method_not_allowed_names_the_allowed_ones(
+    node: NodeProcess, method: str, path: str, allowed: str
+) -> None:
+    """RFC 9110: a 405 carries Allow. The hot path's did; the router's was lost on its way to
+    problem details (and would have named only the first route's methods: GET for PATCH
+    /channels/a, which also takes PUT and DELETE)."""
+    request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    answer = exchange(node, request.encode() + AUTH + b"\r\n")
+    assert_problem(answer, 405)
+    assert answer[1].get("allow") == allowed, answer[1]
