@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,6 +200,25 @@ async def test_a_page_from_another_origin_cannot_open_the_feed(watcher: Proc) ->
         await connect(url, origin="http://evil.example", proxy=None)  # type: ignore[arg-type]
     ok = await connect(url, origin=watcher.base_url, proxy=None)  # type: ignore[arg-type]
     await ok.close()
+
+
+def test_a_rebound_page_cannot_open_the_feed(watcher: Proc) -> None:
+    """DNS rebinding: a page at evil.example, re-resolved to this machine, asks with its own
+    name as Host and Origin. Matching each other, they passed, and any site read the feed."""
+    port = watcher.base_url.rpartition(":")[2]
+
+    def handshake(name: str) -> bytes:
+        request = (
+            f"GET /feed HTTP/1.1\r\nHost: {name}:{port}\r\nOrigin: http://{name}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as s:
+            s.sendall(request.encode())
+            return s.recv(256)
+
+    assert handshake("evil.example").startswith(b"HTTP/1.1 403 ")
+    assert handshake("localhost").startswith(b"HTTP/1.1 101 ")
 
 
 def test_health_and_page(watcher: Proc) -> None:
