@@ -176,6 +176,10 @@ _HEADERS_LATE = _plain_response(
 _BODY_LATE = _plain_response(
     b"408 Request Timeout", "the request's body did not arrive within BODY_TIMEOUT_MS"
 )
+_MALFORMED = _plain_response(
+    b"400 Bad Request",
+    "the request is not valid HTTP/1.1 (request line, a header, Content-Length or chunking)",
+)
 _HEADERS_TOO_LARGE = _plain_response(
     b"431 Request Header Fields Too Large",
     f"the request line and headers pass {MAX_HEADER_BYTES} bytes",
@@ -201,6 +205,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._headers_due = False  # a request has begun and its headers are not complete
         self._body_due = False  # a request's headers are complete and its body is not
         self._header_bytes = 0  # read so far of headers not yet complete
+        self._begun_in_read = False  # a request began in the read being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.guard.max_connections:
@@ -218,8 +223,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._begun_in_read = False
         super().data_received(data)
-        if self._headers_due:
+        if self._begun_in_read:
+            # The read that starts a request may end a previous one (pipelining: its body, up
+            # to a whole read); which of its bytes are the new headers the parser does not
+            # say, so the count starts with the next read (the bound is one read higher).
+            self._header_bytes = 0
+        elif self._headers_due:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self.transport.write(_HEADERS_TOO_LARGE)
@@ -231,8 +242,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if want:
                 self._arm(want)
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own answer to a request its parser refuses is text/plain; every error of
+        # the node is problem details (its warning line is still logged).
+        self.transport.write(_MALFORMED)
+        self.transport.close()
+
     def on_message_begin(self) -> None:
         self._headers_due = True
+        self._begun_in_read = True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:

@@ -1,7 +1,8 @@
 """`/feed`: the browsers' WebSocket. The full picture at once, then every update.
 
 Browsers only listen: whatever they send is read and thrown away. A page from another origin is
-refused (unless listed in WATCHER_ALLOWED_ORIGINS), and so is a page beyond WATCHER_MAX_BROWSERS.
+refused (unless listed in WATCHER_ALLOWED_ORIGINS; the watcher's own page counts as its own only
+under a loopback name or WATCHER_HOST), and so is a page beyond WATCHER_MAX_BROWSERS.
 With WATCHER_VIEW_TOKEN set, a browser must also offer it, base64url-encoded, as the WebSocket
 subprotocol `lionmq.token.<token>` next to `lionmq.view` (the one the watcher selects): a header
 browsers can set and servers do not log, unlike a query string. Without it the feed closes at
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket
 
+from app.settings import host_name
 from watcher.hub import Browser, Hub
 
 log = logging.getLogger("watcher.feed")
@@ -33,12 +35,23 @@ VIEW_PROTOCOL = "lionmq.view"
 TOKEN_PROTOCOL = "lionmq.token."
 
 
-def origin_ok(origin: str | None, host: str | None, allowed: frozenset[str]) -> bool:
-    """Non-browser clients send no Origin; a browser page must come from here or be allowed."""
+# The names the watcher's own page is reached by without WATCHER_ALLOWED_ORIGINS.
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def origin_ok(
+    origin: str | None, host: str | None, allowed: frozenset[str], own_names: frozenset[str]
+) -> bool:
+    """Non-browser clients send no Origin; a browser page must be allowed, or be the watcher's
+    own page under one of `own_names`. A page that merely matches the Host is not enough: after
+    DNS rebinding, an attacker's page at evil.example (re-resolved to this machine) asks with
+    `Host: evil.example` and reads the feed."""
     if origin is None:
         return True
     origin = origin.rstrip("/")
-    return origin in allowed or (host is not None and urlsplit(origin).netloc == host)
+    if origin in allowed:
+        return True
+    return host is not None and urlsplit(origin).netloc == host and host_name(host) in own_names
 
 
 def view_token_ok(subprotocols: list[str], expected: str) -> bool:
@@ -60,7 +73,8 @@ def view_token_ok(subprotocols: list[str], expected: str) -> bool:
 async def feed(ws: WebSocket) -> None:
     hub: Hub = ws.app.state.hub
     settings = hub.settings
-    if not origin_ok(ws.headers.get("origin"), ws.headers.get("host"), settings.origins):
+    own_names = LOOPBACK_NAMES | {host_name(settings.host)}
+    if not origin_ok(ws.headers.get("origin"), ws.headers.get("host"), settings.origins, own_names):
         await ws.close(code=POLICY_VIOLATION)
         return
     offered: list[str] = ws.scope.get("subprotocols", [])

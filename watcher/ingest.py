@@ -111,7 +111,9 @@ def _take(hub: Hub, message: Mapping[str, Any], connection: int, bound: str | No
     except msgspec.ValidationError:
         counters.invalid += 1
         return None
-    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
+    # msgspec raises UnicodeDecodeError for bad UTF-8, and RecursionError for JSON nested
+    # past Python's recursion limit (in a field the schema does not know, skipped but walked).
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         counters.malformed += 1
         return None
     names = {ch.name for ch in snap.channels}

@@ -50,6 +50,15 @@ _DEPTH_DETAIL = f"the JSON nests deeper than MAX_JSON_DEPTH ({MAX_JSON_DEPTH}) a
 # Each level costs at least two bytes ("[]"): JSON this short cannot be too deep. Callers test it
 # inline, before calling `check_depth`, which keeps the per-message cost one comparison.
 SHALLOW_JSON_BYTES = 2 * MAX_JSON_DEPTH + 1
+# A number no consumer can parse (msgspec and most JSON libraries refuse 1e400 or 10**5000)
+# would be stored, and then fail every dequeue batch that holds it. It needs a three-digit
+# exponent or a run of 200 or more digits (a double ends near 1.8e308, Python's int parsing at
+# 4300 digits). Two C-speed scans find every such number (and a few harmless look-alikes, in
+# strings too): only those requests are parsed in full.
+_EXPONENT = re.compile(rb"[0-9][eE]\+?[0-9]{3}")
+_DIGITS_AS_NINES = bytes.maketrans(b"0123456789", b"9" * 10)
+_LONG_DIGIT_RUN = b"9" * 200
+_HUGE_DETAIL = "a number no JSON consumer could parse; send it as a string"
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"[]{}", b"()()")
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
@@ -59,7 +68,9 @@ def decode(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     """Decode and validate a request body: 400 unless it is JSON in UTF-8, 422 unless it fits the
     schema. msgspec checks that a string it decodes is UTF-8 (raising UnicodeDecodeError, not
     DecodeError) but passes raw values (message bodies) unchecked, so the whole body is checked
-    once here; escaped lone surrogates ("\\ud800") msgspec refuses anywhere, bodies included."""
+    once here; escaped lone surrogates ("\\ud800") msgspec refuses anywhere, bodies included.
+    Numbers in raw values are not checked either: one that may be out of range (see
+    _EXPONENT) has the whole body parsed once more, which refuses it as it would a field."""
     if not data.isascii():
         try:
             data.decode()
@@ -68,11 +79,24 @@ def decode(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
                 f"the body is not valid UTF-8 (byte {exc.start}); JSON must be sent in UTF-8"
             ) from None
     try:
-        return decoder.decode(data)
+        value = decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise InvalidInput(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(_DEPTH_DETAIL) from None
+    if _EXPONENT.search(data) or _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_NINES):
+        _refuse_huge_numbers(data)
+    return value
+
+
+def _refuse_huge_numbers(data: bytes) -> None:
+    """Parse all of `data` (valid JSON), raw values included: 422 for a number out of range."""
+    try:
+        msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"{exc}: {_HUGE_DETAIL}") from None
     except RecursionError:
         raise InvalidInput(_DEPTH_DETAIL) from None
 

@@ -33,6 +33,11 @@ class HotPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
+        if scope["type"] == "websocket":
+            # No route takes a WebSocket; the router would refuse with a bare, empty 403.
+            detail = f"this node serves no WebSocket (asked at {path}); see /docs for the API"
+            await problem(404, detail)(scope, receive, send)
+            return
         if scope["type"] != "http" or not path.startswith(_PREFIX):
             await self.app(scope, receive, send)
             return

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Mount
 
 from app.errors import LionMQError
 
@@ -56,6 +57,20 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is invalid"
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH")
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods some route serves at the request's path (asked of each route, as the router
+    asks; mounts are left out: they take any method and refuse inside)."""
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    )
+
+
 def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LionMQError)
@@ -72,6 +87,10 @@ def install(app: FastAPI) -> None:
             detail = f"no endpoint at {request.url.path}; see /docs for the API"
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs"
+            # A 405 names the methods the resource has (RFC 9110); the router's own Allow
+            # names only those of the first route that matched the path.
+            allowed = _allowed_methods(request)
+            return problem(405, detail, **({"Allow": allowed} if allowed else {}))
         return problem(exc.status_code, detail)
 
     async def unexpected(request: Request, exc: Exception) -> Response:

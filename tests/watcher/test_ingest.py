@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,10 +93,12 @@ async def test_bad_frames_are_dropped_without_harming_another_node(watcher: Proc
     await bad.send(frame("evil", interval_ms=5))  # an interval out of range
     await bad.send(frame("<b>" * 200))  # an overlong node id
     await bad.send(json.dumps([1, 2, 3]))
+    # Nested past the recursion limit: the decoder's RecursionError ended the connection.
+    await bad.send('{"type":"snapshot","x":' + "[" * 1500 + "]" * 1500 + "}")
     await bad.send(frame("steady", ready=0, url="x" * MAX_FRAME))  # oversized
     await wait_counter(watcher, "oversized", before["oversized"] + 1)
     after = await acounters(watcher)
-    assert after["malformed"] - before["malformed"] == 2
+    assert after["malformed"] - before["malformed"] == 3
     assert after["invalid"] - before["invalid"] == 5
     assert after["accepted"] == before["accepted"]
 
@@ -197,6 +200,25 @@ async def test_a_page_from_another_origin_cannot_open_the_feed(watcher: Proc) ->
         await connect(url, origin="http://evil.example", proxy=None)  # type: ignore[arg-type]
     ok = await connect(url, origin=watcher.base_url, proxy=None)  # type: ignore[arg-type]
     await ok.close()
+
+
+def test_a_rebound_page_cannot_open_the_feed(watcher: Proc) -> None:
+    """DNS rebinding: a page at evil.example, re-resolved to this machine, asks with its own
+    name as Host and Origin. Matching each other, they passed, and any site read the feed."""
+    port = watcher.base_url.rpartition(":")[2]
+
+    def handshake(name: str) -> bytes:
+        request = (
+            f"GET /feed HTTP/1.1\r\nHost: {name}:{port}\r\nOrigin: http://{name}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as s:
+            s.sendall(request.encode())
+            return s.recv(256)
+
+    assert handshake("evil.example").startswith(b"HTTP/1.1 403 ")
+    assert handshake("localhost").startswith(b"HTTP/1.1 101 ")
 
 
 def test_health_and_page(watcher: Proc) -> None:

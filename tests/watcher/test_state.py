@@ -171,10 +171,13 @@ def test_token_bucket() -> None:
 
 
 def test_origin_check() -> None:
-    assert origin_ok(None, "w:8080", frozenset())
-    assert origin_ok("http://w:8080", "w:8080", frozenset())
-    assert not origin_ok("http://evil.example", "w:8080", frozenset())
-    assert origin_ok("https://ops.example", "w:8080", frozenset({"https://ops.example"}))
+    own = frozenset({"localhost", "w"})
+    assert origin_ok(None, "w:8080", frozenset(), own)
+    assert origin_ok("http://w:8080", "w:8080", frozenset(), own)
+    assert not origin_ok("http://evil.example", "w:8080", frozenset(), own)
+    # DNS rebinding: the attacker's page and Host agree, under the attacker's name.
+    assert not origin_ok("http://evil.example:8080", "evil.example:8080", frozenset(), own)
+    assert origin_ok("https://ops.example", "w:8080", frozenset({"https://ops.example"}), own)
 
 
 def test_ingest_refuses_a_snapshot_listing_more_channels_than_allowed() -> None:
