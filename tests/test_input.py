@@ -263,6 +263,10 @@ async def _filled(client: httpx.AsyncClient, channel: str = "keep") -> None:
         {"origin": EVIL, "content-type": "application/json"},  # an older browser
         {"origin": "null", "content-type": "application/json"},  # a sandboxed frame, a file
         {"origin": "http://localhost.evil.example:8000", "content-type": "application/json"},
+        # A page on another local port (a dev server, say) is another site.
+        {"origin": "http://127.0.0.1:3000", "content-type": "application/json"},
+        {"origin": "http://localhost:3000", "sec-fetch-site": "same-site"},
+        {"sec-fetch-site": "CROSS-SITE", "content-type": "application/json"},
         {"sec-fetch-site": "cross-site", "content-type": "application/json"},
         {"sec-fetch-site": "same-site", "content-type": "application/json"},
         {"host": "attacker.example", "content-type": "application/json"},
@@ -314,9 +318,14 @@ async def test_a_body_must_be_declared_json(app_client: httpx.AsyncClient) -> No
 
 async def test_what_the_guard_lets_through(app_client: httpx.AsyncClient) -> None:
     ok = [
-        {"sec-fetch-site": "same-origin", "origin": "http://localhost:8000"},
+        {"sec-fetch-site": "same-origin", "origin": "http://localhost"},
+        {
+            "sec-fetch-site": "same-origin",
+            "origin": "http://localhost:8000",
+            "host": "localhost:8000",
+        },
+        {"origin": "http://localhost:80"},
         {"sec-fetch-site": "none"},  # typed into the address bar
-        {"sec-fetch-site": "same-site", "origin": "http://127.0.0.1:3000"},
         {"host": "LOCALHOST:9"},
         {"host": "[::1]:8000"},
         {"host": "127.0.0.1"},
@@ -426,3 +435,10 @@ async def test_the_watcher_drops_a_frame_that_is_not_utf8() -> None:
         await app(scope, receive, send)  # type: ignore[arg-type]
         assert app.state.hub.state.counters.malformed == 2
     assert sent == [{"type": "websocket.accept", "subprotocol": None, "headers": []}]
+
+
+async def test_two_content_types_are_refused(app_client: httpx.AsyncClient) -> None:
+    """The guard would judge one and the app read another: refused, as two Hosts are."""
+    headers = [("content-type", "text/plain"), ("content-type", "application/json")]
+    r = await app_client.post("/channels/x/enqueue", content=b'{"messages": []}', headers=headers)
+    assert_problem(r, 400, "Content-Type")

@@ -48,13 +48,14 @@ class Guard:
             return
         host = origin = site = mode = content_type = None
         has_body = False
-        hosts = 0
+        hosts = types = 0
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
                 hosts += 1
             elif name == b"content-type":
                 content_type = value
+                types += 1
             elif name == b"content-length":
                 has_body = value.strip() != b"0"
             elif name == b"transfer-encoding":
@@ -62,11 +63,12 @@ class Guard:
             elif name == b"origin":
                 origin = value
             elif name == b"sec-fetch-site":
-                site = value
+                site = value.lower()
             elif name == b"sec-fetch-mode":
                 mode = value
-        if hosts > 1:
-            status, detail = 400, "the request has more than one Host header"
+        if hosts > 1 or types > 1:
+            which = "Host" if hosts > 1 else "Content-Type"
+            status, detail = 400, f"the request has more than one {which} header"
         else:
             status, detail = self._refusal(scope, host, origin, site, mode, content_type, has_body)
         if not status:
@@ -96,7 +98,7 @@ class Guard:
                 " ALLOWED_HOSTS if clients reach the node by it"
             )
         if origin is not None:
-            if host_name(origin.decode("latin-1").partition("://")[2]) not in self.names:
+            if not self._same_origin(origin, host):
                 return 403, (
                     f"requests from pages of {_text(origin)!r} are refused: the node serves"
                     " clients, not other sites' pages"
@@ -110,6 +112,23 @@ class Guard:
                 f"send the body as JSON, with 'Content-Type: application/json' (not {given!r})",
             )
         return 0, ""
+
+    def _same_origin(self, origin: bytes, host: bytes | None) -> bool:
+        """A page's requests count only from the node's own origin: one of its names, and the
+        very host and port the request is sent to (a page on another local port, say a dev
+        server, is another site)."""
+        authority = origin.decode("latin-1").partition("://")[2]
+        if host_name(authority) not in self.names:
+            return False
+        return host is None or _authority(authority) == _authority(host.decode("latin-1"))
+
+
+def _authority(value: str) -> str:
+    """`host[:port]` compared as browsers do: lower case, the scheme's default port left out."""
+    value = value.strip().lower()
+    for default in (":80", ":443"):
+        value = value.removesuffix(default)
+    return value
 
 
 def _is_json(content_type: bytes | None) -> bool:
