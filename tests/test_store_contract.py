@@ -530,3 +530,31 @@ async def test_real_mongo_store_time_is_near_the_hosts() -> None:
         assert abs(await store.store_time_ms() - time.time_ns() // 1_000_000) < 60_000
     finally:
         await store.close()
+
+
+async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Two nodes on one file: while A did not own the shard, B dropped two channels and made
+    them again, so each now has the other's old key. A, fenced for its next ownership period,
+    writes to the channels by their names, not by the keys it had cached."""
+    path = str(tmp_path / "k.db")
+    a, b = SQLiteStore(path, clock=clock), SQLiteStore(path, clock=clock)
+    await a.open()
+    await b.open()
+    try:
+        await a.insert("x", [msg(1)], 0)  # A caches x and y
+        await a.insert("y", [msg(2)], 0)
+        await b.drop_channel("y")
+        await b.drop_channel("x")
+        await b.insert("y", [msg(3)], 0)  # y gets the key x had, x the key y had
+        await b.insert("x", [msg(4)], 0)
+        lease = await a.take_lease("s1", "a", "http://a:1", 2_000)
+        assert lease is not None
+        a.fence("s1", lease.epoch)
+        await a.insert("x", [msg(5)], 0)
+        assert await all_ids(b, "x") == [4, 5]
+        assert await all_ids(b, "y") == [3]
+    finally:
+        await a.close()
+        await b.close()

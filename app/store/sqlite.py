@@ -753,9 +753,18 @@ class SQLiteStore:
 
     def fence(self, shard: str, epoch: int) -> None:
         self._fence = (shard, epoch)
+        self._forget_keys()
 
     def unfence(self) -> None:
         self._fence = None
+        self._forget_keys()
+
+    def _forget_keys(self) -> None:
+        """Start an ownership period from the store: while this node did not own them, another
+        one sharing the file may have dropped channels and given their keys to new ones (keys
+        are MAX + 1), and a stale name -> key would send writes to another channel. Replaced,
+        not cleared, so the writer thread never sees a dict change size under it."""
+        self._keys = {}
 
     async def take_lease(
         self, shard: str, owner: str, owner_url: str, ttl_ms: int, *, from_epoch: int | None = None
