@@ -160,8 +160,12 @@ class Store(Protocol):
         """Take the shard's lease until store time + `ttl_ms`, at epoch + 1: when nobody ever held
         it (epoch 1), when it has expired by the store's clock (or was released), or, for a
         hand-off, when `from_epoch` is given and still the stored epoch (the holder agreed, so
-        its expiry does not matter). None when another holder's lease is live. Of concurrent
-        takers exactly one wins. Not fenced: taking a lease is itself a compare-and-set."""
+        its expiry does not matter). None while the lease is live and not handed over, even to
+        its own holder, which renews instead (a take would bump the epoch and fence out its own
+        writes in flight). Of concurrent takers exactly one wins. Not fenced: taking a lease is
+        itself a compare-and-set. The lease runs from the store's clock at some moment during
+        the call, so a holder that counts `ttl_ms` on its own monotonic clock from before it
+        called (less a margin for clock rates) never thinks it holds a lease that has expired."""
         ...
 
     async def renew_lease(
@@ -231,10 +235,17 @@ def check_topology_version(expected: int | None, version: int) -> None:
         )
 
 
-def fenced(shard: str, epoch: int, stored: int | None) -> Fenced:
-    """The refusal of a write fenced at `epoch` when the store holds `stored` for the shard."""
+def fenced(shard: str, epoch: int, stored: int | None, *, late: bool = False) -> Fenced:
+    """The refusal of a write fenced at `epoch` when the store holds `stored` for the shard;
+    `late` when the refusal came only after the write (a store without transactions)."""
     now = "no lease" if stored is None else f"epoch {stored}"
+    outcome = (
+        "the write may have reached the store before the takeover was seen, but it is not"
+        " acknowledged"
+        if late
+        else "so nothing was written"
+    )
     return Fenced(
         f"this node wrote for shard {shard!r} as its owner at epoch {epoch}, but the store now"
-        f" holds {now}: another node owns the shard, so nothing was written; retry at the owner"
+        f" holds {now}: another node owns the shard, {outcome}; retry at the owner"
     )

@@ -179,7 +179,7 @@ def _fenced_write(
             return await method(self, *args, **kwargs)
         await self._check_fence(*fence)
         result = await method(self, *args, **kwargs)
-        await self._check_fence(*fence)
+        await self._check_fence(*fence, late=True)
         return result
 
     return guarded
@@ -643,12 +643,12 @@ class MongoStore:
     def unfence(self) -> None:
         self._fence = None
 
-    async def _check_fence(self, shard: str, epoch: int) -> None:
+    async def _check_fence(self, shard: str, epoch: int, *, late: bool = False) -> None:
         with _translated():
             doc = await self._leases.find_one({"_id": shard}, {"epoch": True})
         stored = None if doc is None else int(doc["epoch"])
         if stored != epoch:
-            raise fenced(shard, epoch, stored)
+            raise fenced(shard, epoch, stored, late=late)
 
     async def take_lease(
         self, shard: str, owner: str, owner_url: str, ttl_ms: int, *, from_epoch: int | None = None
