@@ -24,9 +24,12 @@ writer, each a compare-and-set inside its own BEGIN IMMEDIATE transaction, so of
 exactly one wins, whatever connection or process they come from. Expiry is judged by this host's
 wall clock (or the `clock` given), read inside that transaction. A fenced write is checked inside
 the transaction of its commit group, before COMMIT: one indexed SELECT of the shard's epoch per
-group (again only after a lease write in the same group), under the write lock, so no other
-writer can move the epoch between the check and the commit. A deposed owner's write is refused,
-never applied. Unfenced writes read nothing.
+group (read again only after an unfenced write in the group, which may be a lease's), under the
+write lock, so no other writer can move the epoch between the check and the commit. A deposed
+owner's write is refused, never applied. Unfenced writes read nothing.
+
+Several SQLiteStores may share the file within one process (the tests' second node); the
+`unix-excl` VFS keeps other processes out (see above).
 """
 
 from __future__ import annotations
