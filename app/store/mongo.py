@@ -19,7 +19,9 @@ are single-document `find_one_and_update`s (the first take an `insert_one` on th
 Fencing without transactions (a standalone server has none): a fenced write reads the shard's
 epoch before it and again after it. Epochs only grow, so when both reads find the fenced epoch,
 the epoch was that one for the whole write: a write that returns was applied while this node
-owned the shard. That part is guaranteed. What is not: a takeover between the first read and
+owned the shard. That part is guaranteed (on a replica set with the default majority write
+concern: a deposed MongoDB primary may answer the epoch reads from stale data, but it cannot
+acknowledge the write). What is not: a takeover between the first read and
 the write lets a deposed owner's write land late (the window is one round trip plus the
 write); the second read then raises `Fenced`, so the request fails and nothing is acknowledged,
 but the write stays applied (an insert stays, with its dedup record, so the client's retry is
