@@ -776,14 +776,19 @@ class StoreContract:
         store's fence is atomic (on MongoDB without transactions it may have landed whole)."""
         assert await store.take_lease(SHARD, *A, TTL) is not None
         store.fence(SHARD, 1)
-        ids_ = iter(range(1, 2_000))
+        # Until the takeover refuses them: another connection's lease write can wait some
+        # 100 ms for the write lock while these keep it busy. Bounded in count and time.
+        ids_ = iter(range(1, 1_000_000))
+        deadline = asyncio.get_running_loop().time() + 10
         accepted: set[int] = set()
         refused: set[int] = set()
         under_way = asyncio.Event()
 
         async def produce() -> None:
-            for i in ids_:  # shared: each producer takes the next id; bounded
+            for i in ids_:  # shared: each producer takes the next id
                 await asyncio.sleep(0)  # let the others run, even on a store that never waits
+                if asyncio.get_running_loop().time() > deadline:
+                    return
                 try:
                     await store.insert(CH, [msg(i, dedup_id=f"d{i}")], 0)
                 except Fenced:
