@@ -81,5 +81,13 @@ class NotReady(StoreUnavailable):
     title = "Not ready"
 
 
+class Fenced(StoreUnavailable):
+    """A write by a node that no longer owns the shard: its lease's epoch moved on (another node
+    took the shard over). Nothing of the write was applied; the client refreshes its routing and
+    retries at the owner."""
+
+    title = "Not the owner"
+
+
 class ConfigError(LionMQError):
     """A setting is wrong; the node refuses to start."""

@@ -7,7 +7,12 @@ Subclass `StoreContract` in a test module that provides three fixtures:
 - `reopen`: an async callable that closes a store and returns a new opened one over the same data
   (same SQLite file, same MongoDB database);
 - `outage`: an async context manager factory: `async with outage(store):` makes the store's
-  writes fail the way a retry can fix (a full disk, a dropped connection).
+  writes fail the way a retry can fix (a full disk, a dropped connection);
+- `clock`: the `ManualClock` that `store` (and `twin`) use as the store's clock, which judges
+  lease expiry;
+- `twin`: a second opened store over the same data with the same clock, as another node sees it
+  (another SQLiteStore on the same file with its own connections, another MongoStore on the
+  same database).
 
 Times are plain integers (milliseconds); ids are chosen by the tests, as the engine would.
 """
@@ -22,9 +27,10 @@ from typing import Any
 
 import pytest
 
-from app.errors import StoreError, StoreTooLarge, StoreUnavailable
+from app.clock import ManualClock
+from app.errors import Fenced, StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, Message
-from app.store.base import SECRET_BYTES, Store
+from app.store.base import SECRET_BYTES, ShardLease, Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
 Outage = Callable[[Store], AbstractAsyncContextManager[None]]
@@ -32,6 +38,11 @@ Outage = Callable[[Store], AbstractAsyncContextManager[None]]
 NOW = 1_000_000
 CH = "orders"
 OTHER = "other"
+SHARD = "s1"
+TTL = 2_000
+A = ("node-a", "http://a:7100")
+B = ("node-b", "http://b:7100")
+C = ("node-c", "http://c:7100")
 
 
 def msg(id: int, body: bytes | None = None, **fields: Any) -> Message:
@@ -510,3 +521,291 @@ class StoreContract:
 
     async def test_concurrent_first_secrets_agree(self, store: Store) -> None:
         assert len(set(await asyncio.gather(*(store.secret() for _ in range(8))))) == 1
+
+    # -- ownership: shard leases ------------------------------------------------------------
+    async def test_first_take_and_a_live_lease_refuses_others(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        assert await store.leases() == {}
+        assert await store.store_time_ms() == clock.now_ms()
+        now = clock.now_ms()
+        first = await store.take_lease(SHARD, *A, TTL)
+        assert first == ShardLease(SHARD, A[0], A[1], epoch=1, expires_at=now + TTL)
+        assert await store.leases() == {SHARD: first}
+        clock.advance(TTL - 1)  # one ms before expiry by the store's clock: still live
+        assert await store.take_lease(SHARD, *B, TTL) is None
+        # Its holder too must renew rather than take it again (a take would bump the epoch).
+        assert await store.take_lease(SHARD, *A, TTL) is None
+        # A wrong from_epoch is no hand-off.
+        assert await store.take_lease(SHARD, *B, TTL, from_epoch=7) is None
+        assert await store.leases() == {SHARD: first}
+        # Shards are independent.
+        other = await store.take_lease("s2", *B, TTL)
+        assert other is not None and other.epoch == 1 and other.owner == B[0]
+
+    async def test_an_expired_lease_goes_to_the_next_taker_at_a_new_epoch(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        await store.take_lease(SHARD, *A, TTL)
+        clock.advance(TTL)  # expires_at <= store time: free
+        now = clock.now_ms()
+        taken = await store.take_lease(SHARD, *B, 500)
+        assert taken == ShardLease(SHARD, B[0], B[1], epoch=2, expires_at=now + 500)
+        # The old holder lost it for good: renewing or releasing its epoch does nothing.
+        assert await store.renew_lease(SHARD, A[0], 1, TTL) is None
+        assert await store.release_lease(SHARD, A[0], 1) is False
+        assert await store.leases() == {SHARD: taken}
+
+    async def test_renew_extends_from_the_store_clock_while_owner_and_epoch_match(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        held = await store.take_lease(SHARD, *A, TTL)
+        assert held is not None
+        clock.advance(1_500)
+        renewed = await store.renew_lease(SHARD, A[0], 1, TTL)
+        assert renewed == ShardLease(SHARD, A[0], A[1], 1, clock.now_ms() + TTL)
+        assert await store.renew_lease(SHARD, B[0], 1, TTL) is None  # not the owner
+        assert await store.renew_lease(SHARD, A[0], 2, TTL) is None  # not the epoch
+        assert await store.renew_lease("s9", A[0], 1, TTL) is None  # never taken
+        # Expired but taken by no one: the epoch never moved, so renewing is still safe.
+        clock.advance(TTL + 10_000)
+        late = await store.renew_lease(SHARD, A[0], 1, TTL)
+        assert late == ShardLease(SHARD, A[0], A[1], 1, clock.now_ms() + TTL)
+        assert await store.leases() == {SHARD: late}
+
+    async def test_release_expires_now_and_the_next_take_bumps_the_epoch(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        await store.take_lease(SHARD, *A, TTL)
+        assert await store.release_lease(SHARD, B[0], 1) is False  # not the owner
+        assert await store.release_lease(SHARD, A[0], 2) is False  # not the epoch
+        assert await store.release_lease(SHARD, A[0], 1) is True
+        assert await store.leases() == {SHARD: ShardLease(SHARD, A[0], A[1], 1, 0)}
+        # A holder that let go cannot renew its way back ...
+        assert await store.renew_lease(SHARD, A[0], 1, TTL) is None
+        # ... and taking it again, with no time passed, is a new epoch, even for the same node.
+        again = await store.take_lease(SHARD, *A, TTL)
+        assert again == ShardLease(SHARD, A[0], A[1], 2, clock.now_ms() + TTL)
+
+    async def test_hand_off_with_from_epoch_takes_a_live_lease_at_once(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        await store.take_lease(SHARD, *A, TTL)  # live for TTL more
+        handed = await store.take_lease(SHARD, *B, TTL, from_epoch=1)
+        assert handed == ShardLease(SHARD, B[0], B[1], 2, clock.now_ms() + TTL)
+        # The agreement was for epoch 1 only: replaying it fails.
+        assert await store.take_lease(SHARD, *C, TTL, from_epoch=1) is None
+        assert await store.renew_lease(SHARD, A[0], 1, TTL) is None
+        onward = await store.take_lease(SHARD, *C, TTL, from_epoch=2)
+        assert onward is not None and onward.epoch == 3 and onward.owner == C[0]
+        # from_epoch on a shard nobody held: a plain first take.
+        fresh = await store.take_lease("s2", *A, TTL, from_epoch=0)
+        assert fresh is not None and fresh.epoch == 1
+
+    async def test_epochs_grow_by_one_and_are_never_reused(
+        self, store: Store, clock: ManualClock, reopen: Reopen
+    ) -> None:
+        epochs: list[int] = []
+        for i in range(6):
+            owner = (A, B, C)[i % 3]
+            lease = await store.take_lease(SHARD, *owner, TTL)
+            assert lease is not None
+            epochs.append(lease.epoch)
+            if i % 2:
+                assert await store.release_lease(SHARD, owner[0], lease.epoch)
+            else:
+                clock.advance(TTL)
+        store = await reopen(store)  # the epoch is in the store, not in a node
+        lease = await store.take_lease(SHARD, *A, TTL)
+        assert lease is not None
+        assert [*epochs, lease.epoch] == [1, 2, 3, 4, 5, 6, 7]
+
+    async def test_of_concurrent_takers_exactly_one_wins(
+        self, store: Store, twin: Store, clock: ManualClock
+    ) -> None:
+        owners = [(f"node-{i}", f"http://n{i}:7100") for i in range(8)]
+
+        async def race(**kw: Any) -> ShardLease:
+            stores = (store, twin)
+            won = await asyncio.gather(
+                *(stores[i % 2].take_lease(SHARD, *o, TTL, **kw) for i, o in enumerate(owners))
+            )
+            winners = [w for w in won if w is not None]
+            assert len(winners) == 1, won
+            assert (await store.leases())[SHARD] == winners[0]
+            return winners[0]
+
+        assert (await race()).epoch == 1  # the first take ever
+        clock.advance(TTL)
+        assert (await race()).epoch == 2  # after expiry
+        assert (await race(from_epoch=2)).epoch == 3  # hand-offs from one epoch
+
+    # -- ownership: topology ----------------------------------------------------------------
+    async def test_topology_is_changed_by_compare_and_set_on_its_version(
+        self, store: Store, twin: Store, reopen: Reopen
+    ) -> None:
+        assert await store.topology() is None
+        assert await store.swap_topology(None, 1, b'{"version": 1}') is True
+        assert await twin.swap_topology(None, 1, b'{"other": 1}') is False  # exists already
+        assert await twin.topology() == (1, b'{"version": 1}')
+        assert await store.swap_topology(1, 2, b"v2") is True
+        assert await twin.swap_topology(1, 2, b"stale") is False  # lost the race to v2
+        assert await store.swap_topology(5, 6, b"ahead") is False
+        for expected, version in [(2, 2), (2, 1), (None, 0)]:
+            with pytest.raises(StoreError, match="must grow"):
+                await store.swap_topology(expected, version, b"x")
+        # Concurrent swaps from one version: exactly one wins, and its document is stored.
+        docs = [b"from-%d" % i for i in range(6)]
+        stores = (store, twin)
+        won = await asyncio.gather(
+            *(stores[i % 2].swap_topology(2, 3, d) for i, d in enumerate(docs))
+        )
+        assert sum(won) == 1
+        assert await store.topology() == (3, docs[won.index(True)])
+        store = await reopen(store)
+        assert await store.topology() == (3, docs[won.index(True)])
+
+    # -- ownership: fencing -----------------------------------------------------------------
+    async def test_fenced_writes_apply_while_the_epoch_holds(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        lease = await store.take_lease(SHARD, *A, TTL)
+        assert lease is not None
+        store.fence(SHARD, lease.epoch)
+        await store.save_channel(CH, ChannelConfig())
+        await store.insert(CH, [msg(1), msg(2), msg(3)], dedup_since=0)
+        await store.lease(CH, [(1, 1)], NOW + 100)
+        await store.delete(CH, [1])
+        # Expired, but nobody took it: the epoch is unchanged, so writes still apply.
+        clock.advance(TTL * 10)
+        await store.move(CH, [2], "dlq", [msg(10)])
+        assert await all_ids(store) == [3]
+        assert await all_ids(store, "dlq") == [10]
+        # Released for a hand-off: the holder's last commits still apply until the taker comes.
+        assert await store.release_lease(SHARD, A[0], lease.epoch)
+        await store.insert(CH, [msg(4)], dedup_since=0)
+        assert await all_ids(store) == [3, 4]
+
+    async def test_a_deposed_owners_writes_are_refused(
+        self, store: Store, twin: Store, clock: ManualClock
+    ) -> None:
+        """Store A is fenced at epoch 1; node B (another store over the same data) takes the
+        shard at epoch 2; every write of A then raises Fenced."""
+        await self._refused_after_takeover(store, twin, clock)
+
+    async def test_a_deposed_owners_writes_are_refused_on_one_store(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """The same with one store playing both owners: the fence is read from the store, not
+        remembered by the store object."""
+        await self._refused_after_takeover(store, store, clock)
+
+    async def _refused_after_takeover(self, a: Store, b: Store, clock: ManualClock) -> None:
+        config = ChannelConfig(max_length=5)
+        await a.save_channel(CH, config)
+        await a.insert(CH, [msg(1, dedup_id="x"), msg(2), msg(3, available_at=NOW - 1)], 0)
+        await a.insert(CH, [msg(5, dedup_id="old", enqueued_at=1)], 0)
+        await a.lease(CH, [(2, 1)], NOW + 100)
+        assert await a.take_lease(SHARD, *A, TTL) is not None
+        a.fence(SHARD, 1)
+        clock.advance(TTL)  # A's lease lapses (say A was paused) ...
+        assert await b.take_lease(SHARD, *B, TTL) is not None  # ... and B takes over: epoch 2
+
+        writes: dict[str, Callable[[], Awaitable[Any]]] = {
+            "insert": lambda: a.insert(CH, [msg(4, dedup_id="y")], 0),
+            "lease (dequeue)": lambda: a.lease(CH, [(1, 1)], NOW + 100),
+            "delete (ack)": lambda: a.delete(CH, [1, 2]),
+            "release (nack)": lambda: a.release(CH, [2], 0),
+            "extend": lambda: a.extend(CH, [2], NOW + 9_000),
+            "move (dead-letter)": lambda: a.move(CH, [1], "dlq", [msg(10)]),
+            "purge": lambda: a.purge(CH),
+            "promote_due": lambda: a.promote_due(CH, NOW, 10),
+            "prune_dedup": lambda: a.prune_dedup(NOW, 10),
+            "save_channel": lambda: a.save_channel(CH, ChannelConfig(max_length=1)),
+            "drop_channel": lambda: a.drop_channel(CH),
+        }
+        for what, write in writes.items():
+            with pytest.raises(Fenced) as refused:
+                await write()
+            err = refused.value
+            assert isinstance(err, StoreUnavailable), what
+            assert (err.status, err.title, err.retry_after) == (503, "Not the owner", 1), what
+            assert repr(SHARD) in err.detail and "epoch 1" in err.detail, what
+            assert "epoch 2" in err.detail, what
+
+        # Nothing of any of them is in the store.
+        in_flight = replace(msg(2), leased=True, attempt=1, available_at=NOW + 100)
+        assert await b.load_channels() == {CH: config}
+        assert await b.page_ready(CH, 0, NOW, 10) == [
+            msg(1),
+            msg(3, available_at=NOW - 1),  # not promoted
+            msg(5, enqueued_at=1),
+        ]
+        assert await b.leased(CH, NOW) == [in_flight]
+        assert await all_ids(b) == [1, 2, 3, 5]
+        assert await all_ids(b, "dlq") == []
+        # Dedup ids: "y" was not recorded, "old" was not pruned.
+        b.fence(SHARD, 2)  # B writes as the owner it is
+        again = await b.insert(CH, [msg(6, dedup_id="y"), msg(7, dedup_id="old")], 0)
+        assert again.ids == [6, 5]
+        b.unfence()
+        # Lease calls are not fenced: A sees it lost the shard and can follow the new epoch.
+        assert await a.renew_lease(SHARD, A[0], 1, TTL) is None
+        assert (await a.leases())[SHARD].epoch == 2
+        a.unfence()
+        await a.delete(CH, [6])  # unfenced (a standalone store): applied
+        assert await all_ids(b) == [1, 2, 3, 5]
+
+    async def test_a_fence_on_a_shard_nobody_holds_refuses(self, store: Store) -> None:
+        store.fence(SHARD, 1)
+        with pytest.raises(Fenced, match="no lease"):
+            await store.insert(CH, [msg(1)], 0)
+        assert await all_ids(store) == []
+        # Lease, topology and secret calls pass a fence.
+        assert await store.take_lease(SHARD, *A, TTL) is not None
+        assert await store.swap_topology(None, 1, b"t")
+        assert len(await store.secret()) == SECRET_BYTES
+        await store.insert(CH, [msg(1)], 0)  # epoch 1 is now the stored one
+        assert await all_ids(store) == [1]
+
+    async def test_writes_racing_a_takeover_are_applied_only_under_the_old_epoch(
+        self, store: Store, twin: Store
+    ) -> None:
+        """Producers of a fenced owner keep enqueueing while another node takes the shard over
+        (a hand-off): each enqueue that returned is stored; each refused one is absent where the
+        store's fence is atomic (on MongoDB without transactions it may have landed whole)."""
+        assert await store.take_lease(SHARD, *A, TTL) is not None
+        store.fence(SHARD, 1)
+        # Until the takeover refuses them: another connection's lease write can wait some
+        # 100 ms for the write lock while these keep it busy. Bounded in count and time.
+        ids_ = iter(range(1, 1_000_000))
+        deadline = asyncio.get_running_loop().time() + 10
+        accepted: set[int] = set()
+        refused: set[int] = set()
+        under_way = asyncio.Event()
+
+        async def produce() -> None:
+            for i in ids_:  # shared: each producer takes the next id
+                await asyncio.sleep(0)  # let the others run, even on a store that never waits
+                if asyncio.get_running_loop().time() > deadline:
+                    return
+                try:
+                    await store.insert(CH, [msg(i, dedup_id=f"d{i}")], 0)
+                except Fenced:
+                    refused.add(i)
+                    return
+                accepted.add(i)
+                if len(accepted) >= 20:
+                    under_way.set()
+
+        async def take_over() -> None:
+            await asyncio.wait_for(under_way.wait(), 5)
+            assert await twin.take_lease(SHARD, *B, TTL, from_epoch=1) is not None
+
+        await asyncio.gather(*(produce() for _ in range(4)), take_over())
+        assert len(accepted) >= 20 and refused
+        stored = set(await all_ids(twin))
+        assert accepted <= stored
+        if store.atomic_fence:
+            assert stored == accepted
+        assert stored <= accepted | refused

@@ -10,10 +10,12 @@ import asyncio
 import os
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from app.errors import StoreError, StoreTooLarge, StoreUnavailable
+from app.clock import ManualClock
+from app.errors import Fenced, StoreError, StoreTooLarge, StoreUnavailable
 from app.models import Message
 from app.store import mongo as mongo_store
 from app.store import sqlite as sqlite_store
@@ -51,21 +54,33 @@ MakeStore = Callable[[], Store]
 LIMIT = 64 * 1024
 
 
+@pytest.fixture
+def clock() -> ManualClock:
+    """The stores' clock, which judges lease expiry: moved by the tests."""
+    return ManualClock(NOW)
+
+
 @pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
-async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    """A factory of unopened stores that all see the same data."""
+async def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
+) -> AsyncIterator[MakeStore]:
+    """A factory of unopened stores that all see the same data, on one clock."""
     if request.param == "sqlite":
         path = str(tmp_path / "lionmq.db")
-        yield lambda: SQLiteStore(path, max_message_bytes=LIMIT)
+        yield lambda: SQLiteStore(path, max_message_bytes=LIMIT, clock=clock)
     elif request.param == "mongomock":
         client: Any = AsyncMongoMockClient()
-        yield lambda: MongoStore(client=client, database="lionmq_test", max_message_bytes=LIMIT)
+        yield lambda: MongoStore(
+            client=client, database="lionmq_test", max_message_bytes=LIMIT, clock=clock
+        )
     else:
         url = os.environ.get("MONGODB_URL")
         if not url:
             pytest.skip("MONGODB_URL is not set: no real MongoDB to run the contract against")
         name = f"lionmq_test_{uuid.uuid4().hex[:16]}"
-        yield lambda: MongoStore(url, database=name, timeout_ms=5_000, max_message_bytes=LIMIT)
+        yield lambda: MongoStore(
+            url, database=name, timeout_ms=5_000, max_message_bytes=LIMIT, clock=clock
+        )
         admin: Any = AsyncIOMotorClient(url, serverSelectionTimeoutMS=5_000)
         try:
             await admin.drop_database(name)
@@ -84,6 +99,15 @@ async def opened() -> AsyncIterator[list[Store]]:
 
 @pytest.fixture
 async def store(make_store: MakeStore, opened: list[Store]) -> Store:
+    s = make_store()
+    await s.open()
+    opened.append(s)
+    return s
+
+
+@pytest.fixture
+async def twin(store: Store, make_store: MakeStore, opened: list[Store]) -> Store:
+    """Another node's store over the same data: its own connections, or its own client."""
     s = make_store()
     await s.open()
     opened.append(s)
@@ -410,3 +434,161 @@ async def test_stores_sharing_data_agree_on_one_secret(
         opened.append(s)
     secrets = await asyncio.gather(*(s.secret() for s in stores for _ in range(3)))
     assert len(set(secrets)) == 1
+
+
+# -- ownership specifics --------------------------------------------------------------------
+
+
+async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A fenced write queued behind a takeover in the same commit group is refused: the epoch is
+    read inside the group's transaction, and read again after a lease write."""
+    store = SQLiteStore(str(tmp_path / "f.db"), clock=clock)
+    await store.open()
+    try:
+        assert await store.take_lease("s1", "a", "http://a:1", 2_000) is not None
+        store.fence("s1", 1)
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            entered.set()
+            gate.wait(5)
+
+        async def until(ready: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 5
+            while not ready():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.001)
+
+        blocker = asyncio.ensure_future(store._write(hold, fenced=False))
+        # The writer holds the blocker's group: what follows waits, then goes as one group.
+        await until(entered.is_set, "the writer never took the blocker")
+        before = asyncio.ensure_future(store.insert(CH, [msg(1)], 0))
+        take = asyncio.ensure_future(store.take_lease("s1", "b", "http://b:1", 2_000, from_epoch=1))
+        after = asyncio.ensure_future(store.insert(CH, [msg(2)], 0))
+        await until(lambda: store._queue.qsize() == 3, "three writes queued")
+        gate.set()
+        await blocker
+        await before
+        taken = await take
+        assert taken is not None and taken.epoch == 2
+        with pytest.raises(Fenced, match="epoch 2"):
+            await after
+        assert await all_ids(store) == [1]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_store_time_is_the_hosts_wall_clock(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "t.db"))
+    await store.open()
+    try:
+        before = time.time_ns() // 1_000_000
+        now = await store.store_time_ms()
+        assert before <= now <= time.time_ns() // 1_000_000
+        lease = await store.take_lease("s1", "a", "http://a:1", 1_000)
+        assert lease is not None and before + 1_000 <= lease.expires_at
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        datetime(2026, 11, 21, 13, 0, 0, 123_456),  # motor's default: naive UTC
+        datetime(2026, 11, 21, 13, 0, 0, 123_456, tzinfo=UTC),  # tz_aware clients
+    ],
+)
+async def test_mongo_store_time_is_the_servers_local_time(
+    local: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a clock given, the server's `hello` says what time it is (mongomock has no
+    `hello`, so the answer is stood in for here; MONGODB_URL runs the real one below)."""
+    client: Any = AsyncMongoMockClient()
+    store = MongoStore(client=client, database="clock")
+    await store.open()
+
+    async def hello(self: Any, name: str) -> dict[str, Any]:
+        assert name == "hello"
+        return {"isWritablePrimary": True, "localTime": local}
+
+    monkeypatch.setattr(type(client.admin), "command", hello)
+    expected = int(datetime(2026, 11, 21, 13, tzinfo=UTC).timestamp()) * 1000 + 123
+    assert await store.store_time_ms() == expected
+    lease = await store.take_lease("s1", "a", "http://a:1", 500)
+    assert lease is not None and lease.expires_at == expected + 500
+
+
+async def test_real_mongo_store_time_is_near_the_hosts() -> None:
+    url = os.environ.get("MONGODB_URL")
+    if not url:
+        pytest.skip("MONGODB_URL is not set: no real MongoDB server clock to read")
+    store = MongoStore(url, database=f"lionmq_test_{uuid.uuid4().hex[:16]}", timeout_ms=5_000)
+    await store.open()
+    try:
+        assert abs(await store.store_time_ms() - time.time_ns() // 1_000_000) < 60_000
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Two nodes on one file: while A did not own the shard, B dropped two channels and made
+    them again, so each now has the other's old key. A, fenced for its next ownership period,
+    writes to the channels by their names, not by the keys it had cached."""
+    path = str(tmp_path / "k.db")
+    a, b = SQLiteStore(path, clock=clock), SQLiteStore(path, clock=clock)
+    await a.open()
+    await b.open()
+    try:
+        await a.insert("x", [msg(1)], 0)  # A caches x and y
+        await a.insert("y", [msg(2)], 0)
+        await b.drop_channel("y")
+        await b.drop_channel("x")
+        await b.insert("y", [msg(3)], 0)  # y gets the key x had, x the key y had
+        await b.insert("x", [msg(4)], 0)
+        lease = await a.take_lease("s1", "a", "http://a:1", 2_000)
+        assert lease is not None
+        a.fence("s1", lease.epoch)
+        await a.insert("x", [msg(5)], 0)
+        assert await all_ids(b, "x") == [4, 5]
+        assert await all_ids(b, "y") == [3]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_mongo_fenced_write_refused_after_it_when_the_takeover_came_during_it(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without transactions the second epoch read is what refuses a write that a takeover
+    overtook: the request fails (nothing acknowledged), saying the write may have landed."""
+    mongo = MongoStore(client=AsyncMongoMockClient(), database="late", clock=clock)
+    await mongo.open()
+    lease = await mongo.take_lease("s1", "a", "http://a:1", 60_000)
+    assert lease is not None
+    mongo.fence("s1", lease.epoch)
+    await mongo.insert(CH, [msg(1)], 0)
+    inner = mongo._messages
+
+    class TakeoverDuringInsert:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        async def insert_many(self, docs: Any, **kwargs: Any) -> Any:
+            taken = await mongo.take_lease("s1", "b", "http://b:1", 60_000, from_epoch=1)
+            assert taken is not None and taken.epoch == 2
+            return await inner.insert_many(docs, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MongoStore, "_messages", property(lambda self: TakeoverDuringInsert()))
+        with pytest.raises(Fenced, match="may have reached the store") as refused:
+            await mongo.insert(CH, [msg(2)], 0)
+    assert "epoch 1" in refused.value.detail and "epoch 2" in refused.value.detail
+    assert not mongo.atomic_fence
+    assert await all_ids(mongo) == [1, 2]  # landed: what the docs say rests on timing
+    with pytest.raises(Fenced, match="nothing was written"):
+        await mongo.insert(CH, [msg(3)], 0)  # refused before it is sent from then on
+    assert await all_ids(mongo) == [1, 2]

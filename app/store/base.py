@@ -9,18 +9,41 @@ applies whole or not at all. On failure it raises `StoreUnavailable` when a retr
 `available_at` encodes a message's state in one indexed column: 0 is ready, a future time with
 `leased` is a lease deadline, a future time without it is a delay. A lease whose deadline has passed
 is ready again without any write, which is what makes crash recovery free.
+
+Ownership. Nodes that share a store split it into shards; the store is the only arbiter of who
+owns one. Each shard has a lease (`ShardLease`): owner, epoch, expiry on the store's clock
+(`store_time_ms`). Taking, renewing and releasing it are compare-and-set operations, so of
+several nodes racing for a shard exactly one wins. The epoch grows by one on every take (a new
+owner, or the same one after expiry or release) and is never reused. A store `fence`d at
+(shard, epoch) applies a write only if that shard's stored lease still has that epoch, and
+raises `Fenced` otherwise: a deposed owner's late write is refused. The topology document is
+versioned and changed by compare-and-set on its version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from app.errors import StoreTooLarge
+from app.errors import Fenced, StoreError, StoreTooLarge
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 
 # Size of the store's secret (see Store.secret), in bytes.
 SECRET_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ShardLease:
+    """Who owns a shard, as the store records it."""
+
+    shard: str
+    owner: str  # the node id of the holder
+    owner_url: str  # where the holder serves (SERVER_HOST)
+    epoch: int  # 1 for the first holder; +1 on every take, never reused
+    # Store-clock ms at which the lease lapses; 0 once released. A lease with
+    # expires_at <= store_time_ms() is free to take.
+    expires_at: int
 
 
 class Store(Protocol):
@@ -28,6 +51,10 @@ class Store(Protocol):
     # The largest message (body plus encoded headers) this store can hold; the node refuses to
     # start with a MAX_MESSAGE_BYTES above it.
     max_message_bytes: int
+    # Whether a write refused as `Fenced` is certain to have applied nothing (SQLite: checked in
+    # its transaction). False where a deposed owner's late write can land before it is refused
+    # (MongoDB without transactions; see app/store/mongo.py).
+    atomic_fence: bool
 
     async def open(self) -> None:
         """Connect and create the schema and indexes. Nothing connects before this."""
@@ -120,6 +147,67 @@ class Store(Protocol):
         """The highest message id ever stored that is still present (0 when empty)."""
         ...
 
+    # -- ownership --------------------------------------------------------------------------
+    async def store_time_ms(self) -> int:
+        """The store's clock (ms since the epoch), which judges every lease's expiry: the server's
+        where it has one (MongoDB), else this host's wall clock (SQLite). Stores built with an
+        explicit `clock` use it instead (tests move it)."""
+        ...
+
+    async def take_lease(
+        self, shard: str, owner: str, owner_url: str, ttl_ms: int, *, from_epoch: int | None = None
+    ) -> ShardLease | None:
+        """Take the shard's lease until store time + `ttl_ms`, at epoch + 1: when nobody ever held
+        it (epoch 1), when it has expired by the store's clock (or was released), or, for a
+        hand-off, when `from_epoch` is given and still the stored epoch (the holder agreed, so
+        its expiry does not matter). None while the lease is live and not handed over, even to
+        its own holder, which renews instead (a take would bump the epoch and fence out its own
+        writes in flight). Of concurrent takers exactly one wins. Not fenced: taking a lease is
+        itself a compare-and-set. The lease runs from the store's clock at some moment during
+        the call, so a holder that counts `ttl_ms` on its own monotonic clock from before it
+        called (less a margin for clock rates) never thinks it holds a lease that has expired."""
+        ...
+
+    async def renew_lease(
+        self, shard: str, owner: str, epoch: int, ttl_ms: int
+    ) -> ShardLease | None:
+        """Extend the lease to store time + `ttl_ms` while (owner, epoch) still match, even if it
+        expired meanwhile: as long as no one took it, the epoch did not move, so no other owner
+        can have written under fencing, and holding on is as safe as before. None when the lease
+        is lost: taken by another (a new epoch) or released (a holder that let go stays gone)."""
+        ...
+
+    async def release_lease(self, shard: str, owner: str, epoch: int) -> bool:
+        """Expire the lease now (graceful stop, hand-off) if (owner, epoch) match; whether it
+        did. The epoch stays: the next take, by anyone, bumps it."""
+        ...
+
+    async def leases(self) -> dict[str, ShardLease]:
+        """Every shard's lease, live or not, by shard."""
+        ...
+
+    async def topology(self) -> tuple[int, bytes] | None:
+        """The stored topology document and its version, or None before the first one."""
+        ...
+
+    async def swap_topology(self, expected_version: int | None, version: int, doc: bytes) -> bool:
+        """Store `doc` as `version` if the stored version is still `expected_version` (None: no
+        topology stored yet); whether it did. Of concurrent swaps from one version exactly one
+        wins. `version` must be greater than `expected_version` (`StoreError` otherwise)."""
+        ...
+
+    def fence(self, shard: str, epoch: int) -> None:
+        """From now on every write of messages or channels (insert, lease, release, extend,
+        delete, move, purge, promote_due, prune_dedup, drop_channel, save_channel) is applied
+        only if `shard`'s stored lease still has `epoch`; otherwise none of it is, and it raises
+        `Fenced`. Lease, topology and secret calls are not fenced. Each write is judged by the
+        fence in force when it was called."""
+        ...
+
+    def unfence(self) -> None:
+        """Writes are applied unconditionally again (a standalone node never fences)."""
+        ...
+
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:
         """A random key made on first use and kept in the store: the same for every node that
@@ -137,3 +225,27 @@ def check_sizes(messages: Sequence[Message], limit: int, kind: str) -> None:
                 f"a message of {size} bytes (body plus encoded headers) is larger than the"
                 f" {kind} store can hold ({limit} bytes); send it in smaller parts"
             )
+
+
+def check_topology_version(expected: int | None, version: int) -> None:
+    """A topology's version only grows."""
+    if version <= (expected or 0):
+        raise StoreError(
+            f"topology version {version} does not follow version {expected}: it must grow"
+        )
+
+
+def fenced(shard: str, epoch: int, stored: int | None, *, late: bool = False) -> Fenced:
+    """The refusal of a write fenced at `epoch` when the store holds `stored` for the shard;
+    `late` when the refusal came only after the write (a store without transactions)."""
+    now = "no lease" if stored is None else f"epoch {stored}"
+    outcome = (
+        "the write may have reached the store before the takeover was seen, but it is not"
+        " acknowledged"
+        if late
+        else "so nothing was written"
+    )
+    return Fenced(
+        f"this node wrote for shard {shard!r} as its owner at epoch {epoch}, but the store now"
+        f" holds {now}: another node owns the shard, {outcome}; retry at the owner"
+    )

@@ -5,18 +5,44 @@ by ordering their writes and undoing their own partial work on failure (see each
 write uses a journaled write concern (majority by default), so it is durable when it returns.
 
 Layout: `messages` keyed by the engine's int64 message id (`_id`), `dedup` with one record per
-(channel, dedup id) that outlives the message, and `channels` keyed by channel name.
+(channel, dedup id) that outlives the message, `channels` keyed by channel name, `leases` keyed
+by shard, and `meta` holding the secret and the topology.
+
+Ownership (see `app.store.base`). The store's clock is the server's: `store_time_ms` reads
+`localTime` from `hello`. A lease operation reads it first and then compare-and-sets on it, so
+expiry is judged by a server time at most one round trip old: a lease looks live a little longer
+(never shorter) to a taker, and runs from a moment before the call returned, so a holder that
+counts its lease from before it called never overestimates it. Taking, renewing and releasing
+are single-document `find_one_and_update`s (the first take an `insert_one` on the shard's
+`_id`), atomic on any server, so of racing takers exactly one wins.
+
+Fencing without transactions (a standalone server has none): a fenced write reads the shard's
+epoch before it and again after it. Epochs only grow, so when both reads find the fenced epoch,
+the epoch was that one for the whole write: a write that returns was applied while this node
+owned the shard. That part is guaranteed (on a replica set with the default majority write
+concern: a deposed MongoDB primary may answer the epoch reads from stale data, but it cannot
+acknowledge the write). What is not: a takeover between the first read and
+the write lets a deposed owner's write land late (the window is one round trip plus the
+write); the second read then raises `Fenced`, so the request fails and nothing is acknowledged,
+but the write stays applied (an insert stays, with its dedup record, so the client's retry is
+deduplicated rather than lost). The new owner reads the store when it takes over; a late write
+it did not see is a stored message it pages in, or a lease that hides a message until its
+deadline: a delay, never a loss. Keeping that window short rests on timing: an owner stops
+writing before its lease can have run out by its own monotonic clock. Multi-document
+transactions on a replica set would close the window (the write and an epoch check in one
+transaction); they are not used yet because mongomock, which the tests run on, has no sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bson.errors import BSONError
 from motor.motor_asyncio import AsyncIOMotorClient
@@ -32,12 +58,21 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
+from app.clock import Clock
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
 from app.settings import mongo_database
-from app.store.base import SECRET_BYTES, check_sizes
+from app.store.base import (
+    SECRET_BYTES,
+    ShardLease,
+    check_sizes,
+    check_topology_version,
+    fenced,
+)
 
 Doc = dict[str, Any]
+P = ParamSpec("P")
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +169,37 @@ def _from_doc(doc: Mapping[str, Any]) -> Message:
     )
 
 
+def _fenced_write(
+    method: Callable[Concatenate[MongoStore, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[MongoStore, P], Coroutine[Any, Any, T]]:
+    """A write that, while the store is fenced, runs between two reads of the shard's epoch
+    (see the module docstring for what that guarantees)."""
+
+    async def guarded(self: MongoStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        fence = self._fence  # the fence in force when the write was called
+        if fence is None:
+            return await method(self, *args, **kwargs)
+        await self._check_fence(*fence)
+        result = await method(self, *args, **kwargs)
+        await self._check_fence(*fence, late=True)
+        return result
+
+    return guarded
+
+
+def _lease(doc: Mapping[str, Any]) -> ShardLease:
+    return ShardLease(
+        shard=str(doc["_id"]),
+        owner=str(doc["owner"]),
+        owner_url=str(doc["owner_url"]),
+        epoch=int(doc["epoch"]),
+        expires_at=int(doc["expires_at"]),
+    )
+
+
 class MongoStore:
     kind = "mongodb"
+    atomic_fence = False  # without transactions: see the module docstring
     max_message_bytes = MAX_MESSAGE_BYTES
 
     def __init__(
@@ -148,10 +212,12 @@ class MongoStore:
         timeout_ms: int = 5_000,
         client: Any = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        clock: Clock | None = None,
     ) -> None:
         """Remember the settings only; `open()` connects. `client` injects a ready client (tests
         pass `mongomock_motor.AsyncMongoMockClient()`); an injected client is not closed here.
-        `max_message_bytes` may lower the store's limit (tests use a small one)."""
+        `max_message_bytes` may lower the store's limit (tests use a small one). `clock`
+        replaces the server's clock as the store's clock (tests move it; mongomock has none)."""
         self._url = url
         self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         self._database = database or (mongo_database(url) if url else "") or "lionmq"
@@ -162,6 +228,8 @@ class MongoStore:
         self._db: Any = None
         # Dedup ids being inserted right now, each with the future of the batch that holds it.
         self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._clock = clock
+        self._fence: tuple[str, int] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -223,6 +291,10 @@ class MongoStore:
     def _channels(self) -> Any:
         return self._collection("channels")
 
+    @property
+    def _leases(self) -> Any:
+        return self._collection("leases")
+
     def _collection(self, name: str) -> Any:
         if self._db is None:
             raise StoreError("MongoDB store is not open")
@@ -237,10 +309,12 @@ class MongoStore:
             for d in docs
         }
 
+    @_fenced_write
     async def save_channel(self, name: str, config: ChannelConfig) -> None:
         with _translated():
             await self._channels.replace_one({"_id": name}, dataclasses.asdict(config), upsert=True)
 
+    @_fenced_write
     async def drop_channel(self, name: str) -> None:
         # Settings go last: a failure part-way leaves a channel with fewer messages, never
         # orphaned messages of a channel that no longer exists.
@@ -250,6 +324,7 @@ class MongoStore:
             await self._channels.delete_one({"_id": name})
 
     # -- writes -----------------------------------------------------------------------------
+    @_fenced_write
     async def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
@@ -375,6 +450,7 @@ class MongoStore:
         except PyMongoError as exc:
             log.warning("MongoDB undo after a failed write failed too: %s", exc)
 
+    @_fenced_write
     async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
         if not leases:
             return
@@ -393,6 +469,7 @@ class MongoStore:
                 ordered=False,
             )
 
+    @_fenced_write
     async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
         if ids:
             with _translated():
@@ -401,6 +478,7 @@ class MongoStore:
                     {"$set": {"leased": False, "available_at": available_at}},
                 )
 
+    @_fenced_write
     async def extend(self, channel: str, ids: Sequence[int], deadline: int) -> None:
         if ids:
             with _translated():
@@ -410,11 +488,13 @@ class MongoStore:
                     {"$set": {"available_at": deadline}},
                 )
 
+    @_fenced_write
     async def delete(self, channel: str, ids: Sequence[int]) -> None:
         if ids:
             with _translated():
                 await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
 
+    @_fenced_write
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
     ) -> None:
@@ -448,13 +528,17 @@ class MongoStore:
                     raise
         # Deliberately no undo if this fails: the delete may have applied server-side, and
         # removing the copies then would lose the messages.
-        await self.delete(channel, ids)
+        if ids:
+            with _translated():
+                await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
 
+    @_fenced_write
     async def purge(self, channel: str) -> int:
         with _translated():
             result = await self._messages.delete_many({"channel": channel})
         return int(result.deleted_count)
 
+    @_fenced_write
     async def promote_due(self, channel: str, now: int, limit: int) -> list[Message]:
         query = {"channel": channel, "leased": False, "available_at": {"$gt": 0, "$lte": now}}
         with _translated():
@@ -472,6 +556,7 @@ class MongoStore:
             m.available_at = 0
         return promoted
 
+    @_fenced_write
     async def prune_dedup(self, before: int, limit: int) -> int:
         with _translated():
             old = self._dedup.find({"used_at": {"$lt": before}}, {"_id": 1}).limit(limit)
@@ -542,6 +627,97 @@ class MongoStore:
                 {}, projection={"_id": True}, sort=[("_id", DESCENDING)]
             )
         return 0 if doc is None else int(doc["_id"])
+
+    # -- ownership --------------------------------------------------------------------------
+    async def store_time_ms(self) -> int:
+        if self._clock is not None:
+            return self._clock.now_ms()
+        if self._client is None:
+            raise StoreUnavailable("MongoDB store is not open")
+        with _translated():
+            hello = await self._client.admin.command("hello")
+        local = hello["localTime"]  # a UTC datetime, naive or aware
+        return int(calendar.timegm(local.utctimetuple()) * 1000 + local.microsecond // 1000)
+
+    def fence(self, shard: str, epoch: int) -> None:
+        self._fence = (shard, epoch)
+
+    def unfence(self) -> None:
+        self._fence = None
+
+    async def _check_fence(self, shard: str, epoch: int, *, late: bool = False) -> None:
+        with _translated():
+            doc = await self._leases.find_one({"_id": shard}, {"epoch": True})
+        stored = None if doc is None else int(doc["epoch"])
+        if stored != epoch:
+            raise fenced(shard, epoch, stored, late=late)
+
+    async def take_lease(
+        self, shard: str, owner: str, owner_url: str, ttl_ms: int, *, from_epoch: int | None = None
+    ) -> ShardLease | None:
+        now = await self.store_time_ms()
+        holder = {"owner": owner, "owner_url": owner_url, "expires_at": now + ttl_ms}
+        free: list[Doc] = [{"expires_at": {"$lte": now}}]
+        if from_epoch is not None:
+            free.append({"epoch": from_epoch})  # the holder agreed to hand over
+        with _translated():
+            doc = await self._leases.find_one_and_update(
+                {"_id": shard, "$or": free},
+                {"$set": holder, "$inc": {"epoch": 1}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:  # held by someone live, or never taken: only then can this insert
+                try:
+                    await self._leases.insert_one({"_id": shard, "epoch": 1, **holder})
+                except DuplicateKeyError:
+                    return None
+                doc = {"_id": shard, "epoch": 1, **holder}
+        return _lease(doc)
+
+    async def renew_lease(
+        self, shard: str, owner: str, epoch: int, ttl_ms: int
+    ) -> ShardLease | None:
+        now = await self.store_time_ms()
+        with _translated():
+            doc = await self._leases.find_one_and_update(
+                {"_id": shard, "owner": owner, "epoch": epoch, "expires_at": {"$gt": 0}},
+                {"$set": {"expires_at": now + ttl_ms}},
+                return_document=ReturnDocument.AFTER,
+            )
+        return None if doc is None else _lease(doc)
+
+    async def release_lease(self, shard: str, owner: str, epoch: int) -> bool:
+        with _translated():
+            result = await self._leases.update_one(
+                {"_id": shard, "owner": owner, "epoch": epoch}, {"$set": {"expires_at": 0}}
+            )
+        return bool(result.matched_count)
+
+    async def leases(self) -> dict[str, ShardLease]:
+        with _translated():
+            docs = await self._leases.find({}).to_list(None)
+        return {str(d["_id"]): _lease(d) for d in docs}
+
+    async def topology(self) -> tuple[int, bytes] | None:
+        with _translated():
+            doc = await self._collection("meta").find_one({"_id": "topology"})
+        return None if doc is None else (int(doc["version"]), bytes(doc["doc"]))
+
+    async def swap_topology(self, expected_version: int | None, version: int, doc: bytes) -> bool:
+        check_topology_version(expected_version, version)
+        meta = self._collection("meta")
+        fields = {"version": version, "doc": bytes(doc)}
+        with _translated():
+            if expected_version is None:
+                try:
+                    await meta.insert_one({"_id": "topology", **fields})
+                except DuplicateKeyError:
+                    return False
+                return True
+            result = await meta.update_one(
+                {"_id": "topology", "version": expected_version}, {"$set": fields}
+            )
+        return bool(result.matched_count)
 
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:

@@ -18,6 +18,18 @@ Two failures of the file system under a running node are handled here:
   503 and `ping` reports why, until the path names the same files again (the file moved back,
   a hard link restored); otherwise restart the node. A group committed while its file had no
   path is never acknowledged.
+
+Ownership (see `app.store.base`): shard leases and the topology are rows written by the same
+writer, each a compare-and-set inside its own BEGIN IMMEDIATE transaction, so of racing takers
+exactly one wins, whatever connection or process they come from. Expiry is judged by this host's
+wall clock (or the `clock` given), read inside that transaction. A fenced write is checked inside
+the transaction of its commit group, before COMMIT: one indexed SELECT of the shard's epoch per
+group (read again only after an unfenced write in the group, which may be a lease's), under the
+write lock, so no other writer can move the epoch between the check and the commit. A deposed
+owner's write is refused, never applied. Unfenced writes read nothing.
+
+Several SQLiteStores may share the file within one process (the tests' second node); the
+`unix-excl` VFS keeps other processes out (see above).
 """
 
 from __future__ import annotations
@@ -35,9 +47,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+from app.clock import Clock, SystemClock
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
-from app.store.base import SECRET_BYTES, check_sizes
+from app.store.base import (
+    SECRET_BYTES,
+    ShardLease,
+    check_sizes,
+    check_topology_version,
+    fenced,
+)
 
 T = TypeVar("T")
 
@@ -64,7 +83,9 @@ class _Lease:
 # the writer merges with their neighbours into one statement for the whole group.
 _Op = Callable[[sqlite3.Connection], Any] | _Insert | _Delete | _Lease
 _MERGED = (_Insert, _Delete, _Lease)
-_Pending = tuple[_Op, "asyncio.Future[Any]"]
+# (shard, epoch) a write is fenced at, or None.
+_Fence = tuple[str, int] | None
+_Pending = tuple[_Op, "asyncio.Future[Any]", _Fence]
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 # Most writes a single transaction gathers; bounds how long one commit can make others wait.
@@ -101,7 +122,21 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (ch, dedup_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_by_age ON dedup (used_at);
+-- expires_at is on the store's clock; 0 once released.
+CREATE TABLE IF NOT EXISTS shard_leases (
+    shard TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    owner_url TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS topology (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    doc BLOB NOT NULL
+);
 """
+_LEASE_COLUMNS = "shard, owner, owner_url, epoch, expires_at"
 
 _COLUMNS = "id, body, headers, enqueued_at, available_at, expires_at, attempt, leased"
 _INSERT_MESSAGES = "INSERT INTO messages"
@@ -194,10 +229,20 @@ def _translate(exc: BaseException) -> StoreError:
 
 class SQLiteStore:
     kind = "sqlite"
+    atomic_fence = True
 
-    def __init__(self, path: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        """`max_message_bytes` may lower the store's limit (tests use a small one)."""
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        clock: Clock | None = None,
+    ) -> None:
+        """`max_message_bytes` may lower the store's limit (tests use a small one); `clock`
+        replaces the host's wall clock as the store's clock (tests move it)."""
         self._path = path
+        self._clock: Clock = clock or SystemClock()
+        self._fence: _Fence = None
         self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         # (path, st_dev, st_ino) of the database and its WAL, as opened.
         self._files: list[tuple[str, int, int]] = []
@@ -315,14 +360,28 @@ class SQLiteStore:
         lost: str | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # Stored epoch by shard, read in this transaction for the fenced writes of the group;
+            # forgotten after an unfenced write, which may be a lease's.
+            epochs: dict[str, int | None] = {}
             i = 0
             while i < len(group):
-                kind = type(group[i][0])
+                op, future, fence = group[i]
+                if fence is not None:
+                    shard, epoch = fence
+                    if shard not in epochs:
+                        epochs[shard] = _stored_epoch(conn, shard)
+                    if epochs[shard] != epoch:
+                        outcomes.append((future, None, fenced(shard, epoch, epochs[shard])))
+                        i += 1
+                        continue
+                kind = type(op)
                 j = i + 1
                 if kind in _MERGED:
-                    while j < len(group) and type(group[j][0]) is kind:
+                    while j < len(group) and type(group[j][0]) is kind and group[j][2] == fence:
                         j += 1
                 outcomes += self._apply_run(conn, group[i:j])
+                if fence is None:
+                    epochs.clear()
                 i = j
             lost = self._lost()
             if lost is None:
@@ -332,7 +391,7 @@ class SQLiteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._forget_new_keys(conn)
-            return [(future, None, _translate(exc)) for _, future in group]
+            return [(future, None, _translate(exc)) for _, future, _ in group]
         if lost is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -342,7 +401,7 @@ class SQLiteStore:
             # names, so it must not be acknowledged.
             lost = self._lost()
         if lost is not None:
-            return [(future, None, StoreUnavailable(lost)) for _, future in group]
+            return [(future, None, StoreUnavailable(lost)) for _, future, _ in group]
         return outcomes
 
     def _apply_run(self, conn: sqlite3.Connection, run: list[_Pending]) -> list[_Outcome]:
@@ -350,7 +409,7 @@ class SQLiteStore:
         by one, each in its own savepoint, so only the faulty one fails."""
         conn.execute("SAVEPOINT run")
         try:
-            results = self._apply(conn, [op for op, _ in run])
+            results = self._apply(conn, [op for op, _, _ in run])
         except Exception as exc:
             if not conn.in_transaction:
                 # SQLite rolled the whole transaction back itself (a full disk, an I/O error):
@@ -363,7 +422,7 @@ class SQLiteStore:
                 return [(run[0][1], None, exc)]
             return [out for pending in run for out in self._apply_run(conn, [pending])]
         conn.execute("RELEASE run")
-        return [(future, result, None) for (_, future), result in zip(run, results, strict=True)]
+        return [(future, result, None) for (_, future, _), result in zip(run, results, strict=True)]
 
     def _apply(self, conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
         first = ops[0]
@@ -459,15 +518,16 @@ class SQLiteStore:
         with contextlib.suppress(sqlite3.Error):
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        result: T = await self._submit(op)
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, fenced: bool = True) -> T:
+        result: T = await self._submit(op, fenced=fenced)
         return result
 
-    async def _submit(self, op: _Op) -> Any:
+    async def _submit(self, op: _Op, *, fenced: bool = True) -> Any:
+        """Queue a write for the writer; `fenced` ones carry the fence in force now."""
         if self._writer is None or self._loop is None:
             raise StoreUnavailable("the embedded store is not open")
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((op, future))
+        self._queue.put((op, future, self._fence if fenced else None))
         try:
             return await future
         except sqlite3.Error as exc:
@@ -690,6 +750,93 @@ class SQLiteStore:
         )
         return value or 0
 
+    # -- ownership --------------------------------------------------------------------------
+    async def store_time_ms(self) -> int:
+        return self._clock.now_ms()
+
+    def fence(self, shard: str, epoch: int) -> None:
+        self._fence = (shard, epoch)
+        self._forget_keys()
+
+    def unfence(self) -> None:
+        self._fence = None
+        self._forget_keys()
+
+    def _forget_keys(self) -> None:
+        """Start an ownership period from the store: while this node did not own them, another
+        one sharing the file may have dropped channels and given their keys to new ones (keys
+        are MAX + 1), and a stale name -> key would send writes to another channel. Replaced,
+        not cleared, so the writer thread never sees a dict change size under it."""
+        self._keys = {}
+
+    async def take_lease(
+        self, shard: str, owner: str, owner_url: str, ttl_ms: int, *, from_epoch: int | None = None
+    ) -> ShardLease | None:
+        def op(conn: sqlite3.Connection) -> ShardLease | None:
+            now = self._clock.now_ms()  # under the write lock: no taker can come in between
+            row = conn.execute(
+                "SELECT epoch, expires_at FROM shard_leases WHERE shard = ?", (shard,)
+            ).fetchone()
+            if row is not None and row[1] > now and row[0] != from_epoch:
+                return None  # a live holder that did not agree to hand over
+            lease = ShardLease(shard, owner, owner_url, row[0] + 1 if row else 1, now + ttl_ms)
+            conn.execute(
+                f"INSERT OR REPLACE INTO shard_leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (lease.shard, lease.owner, lease.owner_url, lease.epoch, lease.expires_at),
+            )
+            return lease
+
+        return await self._write(op, fenced=False)
+
+    async def renew_lease(
+        self, shard: str, owner: str, epoch: int, ttl_ms: int
+    ) -> ShardLease | None:
+        def op(conn: sqlite3.Connection) -> ShardLease | None:
+            row = conn.execute(
+                "UPDATE shard_leases SET expires_at = ? WHERE shard = ? AND owner = ?"
+                f" AND epoch = ? AND expires_at > 0 RETURNING {_LEASE_COLUMNS}",
+                (self._clock.now_ms() + ttl_ms, shard, owner, epoch),
+            ).fetchone()
+            return None if row is None else ShardLease(*row)
+
+        return await self._write(op, fenced=False)
+
+    async def release_lease(self, shard: str, owner: str, epoch: int) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "UPDATE shard_leases SET expires_at = 0 WHERE shard = ? AND owner = ?"
+                    " AND epoch = ?",
+                    (shard, owner, epoch),
+                ).rowcount
+            )
+
+        return await self._write(op, fenced=False)
+
+    async def leases(self) -> dict[str, ShardLease]:
+        rows = await self._read(
+            lambda conn: conn.execute(f"SELECT {_LEASE_COLUMNS} FROM shard_leases").fetchall()
+        )
+        return {row[0]: ShardLease(*row) for row in rows}
+
+    async def topology(self) -> tuple[int, bytes] | None:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT version, doc FROM topology").fetchone()
+        )
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    async def swap_topology(self, expected_version: int | None, version: int, doc: bytes) -> bool:
+        check_topology_version(expected_version, version)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if expected_version is None:
+                sql = "INSERT OR IGNORE INTO topology (id, version, doc) VALUES (1, ?, ?)"
+                return bool(conn.execute(sql, (version, doc)).rowcount)
+            sql = "UPDATE topology SET version = ?, doc = ? WHERE id = 1 AND version = ?"
+            return bool(conn.execute(sql, (version, doc, expected_version)).rowcount)
+
+        return await self._write(op, fenced=False)
+
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:
         fresh = os.urandom(SECRET_BYTES)
@@ -703,7 +850,13 @@ class SQLiteStore:
             row = conn.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()
             return bytes(row[0])
 
-        return await self._write(op)
+        return await self._write(op, fenced=False)
+
+
+def _stored_epoch(conn: sqlite3.Connection, shard: str) -> int | None:
+    """The epoch of the shard's lease (None: never taken): the fence's one indexed read."""
+    row = conn.execute("SELECT epoch FROM shard_leases WHERE shard = ?", (shard,)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _lease_rows(conn: sqlite3.Connection, rows: list[Any]) -> None:
