@@ -424,3 +424,22 @@ async def test_long_poll_whose_consumer_leaves_mid_lease_gives_it_back(env: Env)
     await wait_ready(env, "jobs")
     got = await q.dequeue("jobs", 1, 0, None)
     assert got[0].attempt == 1
+
+
+async def test_dequeue_waiting_on_a_page_survives_a_delete(env: Env) -> None:
+    """A delete lets go of the channel and cancels its page load; a dequeue that was waiting
+    on that load finds nothing (no CancelledError, which the API would answer with a 500)."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    ch = q.channels["jobs"]
+    ch.ready.clear()  # as if the window had let it go: the next dequeue pages it in
+    ch.cursor, ch.exhausted = 0, False
+    env.store.hold("page_ready")
+    task = asyncio.ensure_future(q.dequeue("jobs", 10, 0, None))
+    await env.store.reached("page_ready")
+    await q.delete_channel("jobs")
+    env.store.let_go("page_ready")
+    assert await task == []
+    assert "jobs" not in q.channels
+    await q.enqueue("jobs", [msg("b")])
+    assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["b"]

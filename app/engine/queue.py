@@ -469,7 +469,13 @@ class QueueEngine:
             ch.loading = asyncio.ensure_future(self._load_page(ch))
             ch.loading.add_done_callback(_log_failure)
         if not ch.ready and ch.loading is not None:
-            await asyncio.shield(ch.loading)
+            loading = ch.loading
+            # Not shield(): a load cancelled because the channel left memory (a delete, the
+            # node stopping) must not reach this caller as its own cancellation.
+            await asyncio.wait({loading})
+            if loading.cancelled() or self.channels.get(ch.name) is not ch:
+                return []
+            loading.result()  # the load's store failure is this dequeue's
         now = self.clock.now_ms()
         epoch = ch.epoch
         messages = ch.pop_ready(n)
