@@ -443,3 +443,21 @@ async def test_dequeue_waiting_on_a_page_survives_a_delete(env: Env) -> None:
     assert "jobs" not in q.channels
     await q.enqueue("jobs", [msg("b")])
     assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["b"]
+
+
+async def test_purge_while_a_dequeue_dead_letters_part_of_its_batch(env: Env) -> None:
+    """The purge takes the batch's deliverable part too: the dequeue must not lease it in
+    memory afterwards (such a lease would, on expiry, make the purged message ready again)."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a", ttl_ms=100), msg("b")])
+    env.clock.advance(150)  # a expired
+    env.store.hold("move")
+    dequeue = asyncio.ensure_future(q.dequeue("jobs", 2, 0, 1000))
+    await env.store.reached("move")
+    assert await q.purge("jobs") == 2
+    env.store.let_go("move")
+    assert await dequeue == []
+    assert env.stats("jobs") == (0, 0, 0)
+    env.clock.advance(2000)  # past any lease the dequeue might have left
+    await q.tick(env.clock.now_ms())
+    assert await q.dequeue("jobs", 10, 0, None) == []

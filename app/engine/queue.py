@@ -482,8 +482,8 @@ class QueueEngine:
         if not messages:
             return []
         messages = await self._drop_dead(ch, epoch, messages, now)
-        if not messages:
-            return []
+        if not messages or ch.epoch != epoch:
+            return []  # (purged meanwhile: leasing them would hold what the store dropped)
         deadline = now + visibility_ms
         leases = ch.lease(messages, deadline)
         # A task: once leased in memory, the write must finish even if the caller leaves.
