@@ -445,6 +445,32 @@ async def test_dequeue_waiting_on_a_page_survives_a_delete(env: Env) -> None:
     assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["b"]
 
 
+async def test_ttl_expiry_does_not_take_a_message_being_delivered(env: Env) -> None:
+    """A dequeue dead-letters the expired part of its batch before leasing the rest; while that
+    move is written, the rest is held for this delivery, so a TTL sweep falling due meanwhile
+    must not dead-letter one of them too (delivered and dead-lettered both, counted twice)."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a", ttl_ms=100), msg("b", ttl_ms=200)])
+    env.clock.advance(150)  # a expired, b not yet
+    env.store.hold("move")
+    dequeue = asyncio.ensure_future(q.dequeue("jobs", 2, 0, None))
+    await env.store.reached("move")  # a on its way to jobs.dlq; b popped for this delivery
+    env.clock.advance(100)  # b's TTL runs out too
+    tick = asyncio.ensure_future(q.tick(env.clock.now_ms()))
+    await asyncio.sleep(0.05)
+    env.store.let_go("move")
+    got = await dequeue
+    await tick
+    dead = await q.dequeue("jobs.dlq", 10, 0, None)
+    delivered = bodies(got) + bodies(dead)
+    assert sorted(delivered) == ["a", "b"], delivered  # each exactly once
+    if got:  # the delivery won: its receipt holds
+        assert (await q.ack("jobs", receipts(got))).done == 1
+    await q.ack("jobs.dlq", receipts(dead))
+    assert env.stats("jobs") == (0, 0, 0)
+    assert q.channels["jobs"].total == 0
+
+
 async def test_purge_while_a_dequeue_dead_letters_part_of_its_batch(env: Env) -> None:
     """The purge takes the batch's deliverable part too: the dequeue must not lease it in
     memory afterwards (such a lease would, on expiry, make the purged message ready again)."""

@@ -559,7 +559,13 @@ class QueueEngine:
     ) -> list[Message]:
         """Dead-letter what may not be delivered any more (TTL run out, attempts used up)."""
         expired, spent, fine = _sort_out(messages, now, ch.config.max_attempts)
+        if not expired and not spent:
+            return fine
         steps = [(expired, "ttl"), (spent, "max_attempts")]
+        # Off the window but not leased yet: held as settling while the dead letters are
+        # written (each group leaves it with its own step), so a TTL sweep cannot dead-letter
+        # one of them too and a page read cannot make one ready again meanwhile.
+        ch.settling.update(m.id for m in messages)
         for i, (group, why) in enumerate(steps):
             if not group:
                 continue
@@ -570,9 +576,12 @@ class QueueEngine:
             except BaseException:
                 # Taken off the window for this delivery, which now fails (or was abandoned).
                 if ch.epoch == epoch:
-                    ch.push_ready(fine)
-                    ch.push_ready(m for later, _ in steps[i + 1 :] for m in later)
+                    rest = fine + [m for later, _ in steps[i + 1 :] for m in later]
+                    ch.settling.difference_update(m.id for m in rest)
+                    ch.push_ready(rest)
                 raise
+        if ch.epoch == epoch:
+            ch.settling.difference_update(m.id for m in fine)
         return fine
 
     # -- timers ----------------------------------------------------------------------------
