@@ -383,6 +383,14 @@ class StoreContract:
         assert await store.page_ready("orders.dlq", 0, NOW, 10) == dead
         assert await store.max_id() == 21
 
+    async def test_move_copies_only_what_the_channel_still_holds(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
+        await store.delete(CH, [1])  # gone before the move (a purge, an ack)
+        copies = [Message(20, b"1", None, NOW + 1), Message(21, b"2", None, NOW + 1)]
+        assert await store.move(CH, [1, 2], "orders.dlq", copies) == [copies[1]]
+        assert await all_ids(store) == []
+        assert await store.page_ready("orders.dlq", 0, NOW, 10) == [copies[1]]
+
     async def test_move_without_target_drops(self, store: Store) -> None:
         await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
         await store.move(CH, [1], None, [])

@@ -487,3 +487,16 @@ async def test_purge_while_a_dequeue_dead_letters_part_of_its_batch(env: Env) ->
     env.clock.advance(2000)  # past any lease the dequeue might have left
     await q.tick(env.clock.now_ms())
     assert await q.dequeue("jobs", 10, 0, None) == []
+
+
+async def test_dead_letter_written_after_a_purge_brings_nothing_back(env: Env) -> None:
+    """A nack to the dead-letter channel whose move reaches the store after a purge: the purge
+    took the message, so no copy of it may appear in the dead-letter channel."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    got = await q.dequeue("jobs", 1, 0, None)
+    await racing_purge(env, "move", q.nack("jobs", receipts(got), 0, True))
+    assert await q.dequeue("jobs.dlq", 10, 0, None) == []
+    await env.restart()
+    assert env.stats("jobs.dlq") == (0, 0, 0)
+    assert env.stats("jobs") == (0, 0, 0)

@@ -840,11 +840,12 @@ class QueueEngine:
             ]
             target.begin_write()
             try:
-                await self.store.move(ch.name, ids, target_name, moved)
+                # Only what the source still held is copied (a purge may have come first).
+                copied = await self.store.move(ch.name, ids, target_name, moved)
             finally:
                 target.end_write()
             if self.channels.get(target_name) is target:
-                self._stored(target, moved)
+                self._stored(target, copied)
 
         def put_back() -> None:
             ch.push_ready(was_ready)
