@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
-from app.models import ChannelConfig, ChannelCounts, Message
+from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, Message
 from app.store.base import SECRET_BYTES, Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
@@ -487,11 +487,16 @@ class StoreContract:
         assert failed.value.status == 413 and failed.value.retry_after is None
         assert await all_ids(store) == [1]  # nothing of the batch, nor its dedup id
         assert ids((await store.insert(CH, [msg(4, dedup_id="d")], dedup_since=0)).new) == [4]
-        # A dead letter that grew past the limit: refused, and the source keeps the message.
+        # A dead letter may pass the limit by the headers dead-lettering adds, no more: past
+        # that it is refused, and the source keeps the message.
+        grown = replace(over, id=5, body=over.body + b"x" * (DEAD_LETTER_HEADROOM - 1))
+        too_big = replace(grown, id=6, body=grown.body + b"x")
         with pytest.raises(StoreTooLarge):
-            await store.move(CH, [4], "dlq", [replace(over, id=5)])
+            await store.move(CH, [4], "dlq", [too_big])
         assert await all_ids(store) == [1, 4]
         assert await all_ids(store, "dlq") == []
+        assert await store.move(CH, [4], "dlq", [grown]) == [grown]
+        assert await all_ids(store, "dlq") == [5]
 
     async def test_outage_is_retryable_and_leaves_nothing(
         self, store: Store, outage: Outage

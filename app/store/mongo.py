@@ -33,7 +33,13 @@ from pymongo.errors import (
 )
 
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
-from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import (
+    DEAD_LETTER_HEADROOM,
+    ChannelConfig,
+    ChannelCounts,
+    EnqueueResult,
+    Message,
+)
 from app.settings import mongo_database
 from app.store.base import SECRET_BYTES, check_sizes
 
@@ -421,7 +427,8 @@ class MongoStore:
         # No transactions: insert into the target first, then delete from the source. A failure
         # or crash between the two leaves the message in both channels (a duplicate, which
         # at-least-once delivery tolerates), never in neither.
-        check_sizes(moved, self.max_message_bytes, self.kind)
+        # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
+        check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
         copies: list[Message] = []
         if target is not None and moved:
             # Copies of what the source still holds only: a purge or delete that came first

@@ -36,7 +36,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
-from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import (
+    DEAD_LETTER_HEADROOM,
+    ChannelConfig,
+    ChannelCounts,
+    EnqueueResult,
+    Message,
+)
 from app.store.base import SECRET_BYTES, check_sizes
 
 T = TypeVar("T")
@@ -565,7 +571,8 @@ class SQLiteStore:
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
     ) -> list[Message]:
-        check_sizes(moved, self.max_message_bytes, self.kind)
+        # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
+        check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
 
         def op(conn: sqlite3.Connection) -> list[Message]:
             copies: list[Message] = []
