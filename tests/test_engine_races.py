@@ -500,3 +500,20 @@ async def test_dead_letter_written_after_a_purge_brings_nothing_back(env: Env) -
     await env.restart()
     assert env.stats("jobs.dlq") == (0, 0, 0)
     assert env.stats("jobs") == (0, 0, 0)
+
+
+async def test_batch_of_a_dequeue_abandoned_mid_dead_letter_wakes_a_long_poll(env: Env) -> None:
+    """The consumer leaves while part of its batch is dead-lettered: the rest is ready again,
+    and a long poll waiting meanwhile gets it at once, not at the end of its wait."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a", ttl_ms=100), msg("b")])
+    env.clock.advance(150)  # a expired
+    env.store.hold("move")
+    first = asyncio.ensure_future(q.dequeue("jobs", 2, 0, None))
+    await env.store.reached("move")
+    waiting = asyncio.ensure_future(q.dequeue("jobs", 1, 10_000, None))
+    await asyncio.sleep(0.05)  # the long poll waits: nothing is ready
+    first.cancel()
+    got = await asyncio.wait_for(waiting, 2)
+    assert bodies(got) == ["b"]
+    env.store.let_go("move")

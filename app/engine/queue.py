@@ -579,6 +579,7 @@ class QueueEngine:
                     rest = fine + [m for later, _ in steps[i + 1 :] for m in later]
                     ch.settling.difference_update(m.id for m in rest)
                     ch.push_ready(rest)
+                    ch.wake(len(rest))
                 raise
         if ch.epoch == epoch:
             ch.settling.difference_update(m.id for m in fine)
