@@ -17,6 +17,11 @@ CHANNEL_NAME = re.compile(_CHANNEL_NAME)
 CHANNEL_NAME_PATTERN = f"^{_CHANNEL_NAME}$"
 CHANNEL_NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 DEAD_LETTER_SUFFIX = ".dlq"
+# Bytes a dead-lettered copy may grow by: the x-dead-letter-* headers the engine adds (a channel
+# name of at most 128 characters, a reason, an attempt count, a message id: under 400 bytes
+# encoded). A store accepts a dead letter this much past its message limit, so a message it
+# took in can always be dead-lettered; each store's limit leaves room for it.
+DEAD_LETTER_HEADROOM = 1024
 
 
 @dataclass(slots=True)

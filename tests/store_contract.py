@@ -29,7 +29,7 @@ import pytest
 
 from app.clock import ManualClock
 from app.errors import Fenced, StoreError, StoreTooLarge, StoreUnavailable
-from app.models import ChannelConfig, ChannelCounts, Message
+from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, Message
 from app.store.base import SECRET_BYTES, ShardLease, Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
@@ -394,6 +394,14 @@ class StoreContract:
         assert await store.page_ready("orders.dlq", 0, NOW, 10) == dead
         assert await store.max_id() == 21
 
+    async def test_move_copies_only_what_the_channel_still_holds(self, store: Store) -> None:
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
+        await store.delete(CH, [1])  # gone before the move (a purge, an ack)
+        copies = [Message(20, b"1", None, NOW + 1), Message(21, b"2", None, NOW + 1)]
+        assert await store.move(CH, [1, 2], "orders.dlq", copies) == [copies[1]]
+        assert await all_ids(store) == []
+        assert await store.page_ready("orders.dlq", 0, NOW, 10) == [copies[1]]
+
     async def test_move_without_target_drops(self, store: Store) -> None:
         await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
         await store.move(CH, [1], None, [])
@@ -490,11 +498,16 @@ class StoreContract:
         assert failed.value.status == 413 and failed.value.retry_after is None
         assert await all_ids(store) == [1]  # nothing of the batch, nor its dedup id
         assert ids((await store.insert(CH, [msg(4, dedup_id="d")], dedup_since=0)).new) == [4]
-        # A dead letter that grew past the limit: refused, and the source keeps the message.
+        # A dead letter may pass the limit by the headers dead-lettering adds, no more: past
+        # that it is refused, and the source keeps the message.
+        grown = replace(over, id=5, body=over.body + b"x" * (DEAD_LETTER_HEADROOM - 1))
+        too_big = replace(grown, id=6, body=grown.body + b"x")
         with pytest.raises(StoreTooLarge):
-            await store.move(CH, [4], "dlq", [replace(over, id=5)])
+            await store.move(CH, [4], "dlq", [too_big])
         assert await all_ids(store) == [1, 4]
         assert await all_ids(store, "dlq") == []
+        assert await store.move(CH, [4], "dlq", [grown]) == [grown]
+        assert await all_ids(store, "dlq") == [5]
 
     async def test_outage_is_retryable_and_leaves_nothing(
         self, store: Store, outage: Outage

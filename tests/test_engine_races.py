@@ -424,3 +424,96 @@ async def test_long_poll_whose_consumer_leaves_mid_lease_gives_it_back(env: Env)
     await wait_ready(env, "jobs")
     got = await q.dequeue("jobs", 1, 0, None)
     assert got[0].attempt == 1
+
+
+async def test_dequeue_waiting_on_a_page_survives_a_delete(env: Env) -> None:
+    """A delete lets go of the channel and cancels its page load; a dequeue that was waiting
+    on that load finds nothing (no CancelledError, which the API would answer with a 500)."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    ch = q.channels["jobs"]
+    ch.ready.clear()  # as if the window had let it go: the next dequeue pages it in
+    ch.cursor, ch.exhausted = 0, False
+    env.store.hold("page_ready")
+    task = asyncio.ensure_future(q.dequeue("jobs", 10, 0, None))
+    await env.store.reached("page_ready")
+    await q.delete_channel("jobs")
+    env.store.let_go("page_ready")
+    assert await task == []
+    assert "jobs" not in q.channels
+    await q.enqueue("jobs", [msg("b")])
+    assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["b"]
+
+
+async def test_ttl_expiry_does_not_take_a_message_being_delivered(env: Env) -> None:
+    """A dequeue dead-letters the expired part of its batch before leasing the rest; while that
+    move is written, the rest is held for this delivery, so a TTL sweep falling due meanwhile
+    must not dead-letter one of them too (delivered and dead-lettered both, counted twice)."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a", ttl_ms=100), msg("b", ttl_ms=200)])
+    env.clock.advance(150)  # a expired, b not yet
+    env.store.hold("move")
+    dequeue = asyncio.ensure_future(q.dequeue("jobs", 2, 0, None))
+    await env.store.reached("move")  # a on its way to jobs.dlq; b popped for this delivery
+    env.clock.advance(100)  # b's TTL runs out too
+    tick = asyncio.ensure_future(q.tick(env.clock.now_ms()))
+    await asyncio.sleep(0.05)
+    env.store.let_go("move")
+    got = await dequeue
+    await tick
+    dead = await q.dequeue("jobs.dlq", 10, 0, None)
+    delivered = bodies(got) + bodies(dead)
+    assert sorted(delivered) == ["a", "b"], delivered  # each exactly once
+    if got:  # the delivery won: its receipt holds
+        assert (await q.ack("jobs", receipts(got))).done == 1
+    await q.ack("jobs.dlq", receipts(dead))
+    assert env.stats("jobs") == (0, 0, 0)
+    assert q.channels["jobs"].total == 0
+
+
+async def test_purge_while_a_dequeue_dead_letters_part_of_its_batch(env: Env) -> None:
+    """The purge takes the batch's deliverable part too: the dequeue must not lease it in
+    memory afterwards (such a lease would, on expiry, make the purged message ready again)."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a", ttl_ms=100), msg("b")])
+    env.clock.advance(150)  # a expired
+    env.store.hold("move")
+    dequeue = asyncio.ensure_future(q.dequeue("jobs", 2, 0, 1000))
+    await env.store.reached("move")
+    assert await q.purge("jobs") == 2
+    env.store.let_go("move")
+    assert await dequeue == []
+    assert env.stats("jobs") == (0, 0, 0)
+    env.clock.advance(2000)  # past any lease the dequeue might have left
+    await q.tick(env.clock.now_ms())
+    assert await q.dequeue("jobs", 10, 0, None) == []
+
+
+async def test_dead_letter_written_after_a_purge_brings_nothing_back(env: Env) -> None:
+    """A nack to the dead-letter channel whose move reaches the store after a purge: the purge
+    took the message, so no copy of it may appear in the dead-letter channel."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    got = await q.dequeue("jobs", 1, 0, None)
+    await racing_purge(env, "move", q.nack("jobs", receipts(got), 0, True))
+    assert await q.dequeue("jobs.dlq", 10, 0, None) == []
+    await env.restart()
+    assert env.stats("jobs.dlq") == (0, 0, 0)
+    assert env.stats("jobs") == (0, 0, 0)
+
+
+async def test_batch_of_a_dequeue_abandoned_mid_dead_letter_wakes_a_long_poll(env: Env) -> None:
+    """The consumer leaves while part of its batch is dead-lettered: the rest is ready again,
+    and a long poll waiting meanwhile gets it at once, not at the end of its wait."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a", ttl_ms=100), msg("b")])
+    env.clock.advance(150)  # a expired
+    env.store.hold("move")
+    first = asyncio.ensure_future(q.dequeue("jobs", 2, 0, None))
+    await env.store.reached("move")
+    waiting = asyncio.ensure_future(q.dequeue("jobs", 1, 10_000, None))
+    await asyncio.sleep(0.05)  # the long poll waits: nothing is ready
+    first.cancel()
+    got = await asyncio.wait_for(waiting, 2)
+    assert bodies(got) == ["b"]
+    env.store.let_go("move")

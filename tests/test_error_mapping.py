@@ -13,8 +13,10 @@ import pytest
 from fastapi import FastAPI
 from mongomock_motor import AsyncMongoMockClient
 
+from app.engine.queue import _dead_headers
 from app.errors import ConfigError, StoreError, StoreUnavailable
 from app.main import create_app
+from app.models import DEAD_LETTER_HEADROOM, Message
 from app.store.mongo import MongoStore
 from app.store.sqlite import SQLiteStore
 from tests.conftest import make_settings
@@ -132,3 +134,38 @@ async def test_node_refuses_a_max_message_bytes_its_store_cannot_hold(tmp_path: 
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         pass
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "mongomock"])
+async def test_a_message_at_the_limit_can_be_dead_lettered(tmp_path: Path, kind: str) -> None:
+    """Dead-lettering adds headers: a message the store took in at its limit must still fit as
+    a dead letter. Refused, it stayed in flight for good (its nack a 413 telling the consumer
+    to send smaller parts, and every lease expiry a maintenance failure: /ready 503)."""
+    limit = 1000
+    store: Any = (
+        SQLiteStore(str(tmp_path / "t.db"), max_message_bytes=limit)
+        if kind == "sqlite"
+        else MongoStore(client=AsyncMongoMockClient(), database="t", max_message_bytes=limit)
+    )
+    app: FastAPI = create_app(make_settings(tmp_path, max_message_bytes=limit), store=store)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://localhost") as c,
+    ):
+        assert (await c.put("/channels/p", json={"max_attempts": 1})).is_success
+        big = {"messages": [{"body": "x" * (limit - 2)}]}  # with its quotes: exactly the limit
+        assert (await c.post("/channels/p/enqueue", json=big)).status_code == 201
+        got = (await c.post("/channels/p/dequeue", json={"max": 1})).json()["messages"]
+        r = await c.post("/channels/p/nack", json={"receipts": [got[0]["receipt"]]})
+        assert r.status_code == 200 and r.json()["nacked"] == 1, r.text
+        dead = (await c.post("/channels/p.dlq/dequeue", json={"max": 1})).json()["messages"]
+        assert [m["body"] for m in dead] == [big["messages"][0]["body"]]
+        assert (await c.get("/channels/p")).json()["counts"]["in_flight"] == 0
+        assert (await c.get("/ready")).status_code == 200
+
+
+def test_dead_letter_headers_fit_the_headroom() -> None:
+    """The most the engine's dead-letter headers add: the longest name, the largest id."""
+    worst = Message(id=2**63 - 1, body=b"x", headers=None, enqueued_at=0, attempt=1000)
+    added = len(_dead_headers(worst, "c" * 128, "max_attempts"))
+    assert added <= DEAD_LETTER_HEADROOM

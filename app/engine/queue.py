@@ -469,15 +469,21 @@ class QueueEngine:
             ch.loading = asyncio.ensure_future(self._load_page(ch))
             ch.loading.add_done_callback(_log_failure)
         if not ch.ready and ch.loading is not None:
-            await asyncio.shield(ch.loading)
+            loading = ch.loading
+            # Not shield(): a load cancelled because the channel left memory (a delete, the
+            # node stopping) must not reach this caller as its own cancellation.
+            await asyncio.wait({loading})
+            if loading.cancelled() or self.channels.get(ch.name) is not ch:
+                return []
+            loading.result()  # the load's store failure is this dequeue's
         now = self.clock.now_ms()
         epoch = ch.epoch
         messages = ch.pop_ready(n)
         if not messages:
             return []
         messages = await self._drop_dead(ch, epoch, messages, now)
-        if not messages:
-            return []
+        if not messages or ch.epoch != epoch:
+            return []  # (purged meanwhile: leasing them would hold what the store dropped)
         deadline = now + visibility_ms
         leases = ch.lease(messages, deadline)
         # A task: once leased in memory, the write must finish even if the caller leaves.
@@ -553,7 +559,13 @@ class QueueEngine:
     ) -> list[Message]:
         """Dead-letter what may not be delivered any more (TTL run out, attempts used up)."""
         expired, spent, fine = _sort_out(messages, now, ch.config.max_attempts)
+        if not expired and not spent:
+            return fine
         steps = [(expired, "ttl"), (spent, "max_attempts")]
+        # Off the window but not leased yet: held as settling while the dead letters are
+        # written (each group leaves it with its own step), so a TTL sweep cannot dead-letter
+        # one of them too and a page read cannot make one ready again meanwhile.
+        ch.settling.update(m.id for m in messages)
         for i, (group, why) in enumerate(steps):
             if not group:
                 continue
@@ -564,9 +576,13 @@ class QueueEngine:
             except BaseException:
                 # Taken off the window for this delivery, which now fails (or was abandoned).
                 if ch.epoch == epoch:
-                    ch.push_ready(fine)
-                    ch.push_ready(m for later, _ in steps[i + 1 :] for m in later)
+                    rest = fine + [m for later, _ in steps[i + 1 :] for m in later]
+                    ch.settling.difference_update(m.id for m in rest)
+                    ch.push_ready(rest)
+                    ch.wake(len(rest))
                 raise
+        if ch.epoch == epoch:
+            ch.settling.difference_update(m.id for m in fine)
         return fine
 
     # -- timers ----------------------------------------------------------------------------
@@ -825,11 +841,12 @@ class QueueEngine:
             ]
             target.begin_write()
             try:
-                await self.store.move(ch.name, ids, target_name, moved)
+                # Only what the source still held is copied (a purge may have come first).
+                copied = await self.store.move(ch.name, ids, target_name, moved)
             finally:
                 target.end_write()
             if self.channels.get(target_name) is target:
-                self._stored(target, moved)
+                self._stored(target, copied)
 
         def put_back() -> None:
             ch.push_ready(was_ready)

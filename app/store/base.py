@@ -103,8 +103,11 @@ class Store(Protocol):
 
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
-    ) -> None:
-        """Delete `ids` from `channel` and insert `moved` into `target` (if any), atomically."""
+    ) -> list[Message]:
+        """Delete `ids` from `channel` and insert `moved` into `target` (if any), atomically;
+        `moved[i]` is the copy of `ids[i]`. Only copies of messages the channel still holds
+        are inserted (one purged or deleted meanwhile must not come back as a dead letter);
+        returns the copies inserted."""
         ...
 
     async def purge(self, channel: str) -> int:

@@ -60,7 +60,13 @@ from pymongo.errors import (
 
 from app.clock import Clock
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
-from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import (
+    DEAD_LETTER_HEADROOM,
+    ChannelConfig,
+    ChannelCounts,
+    EnqueueResult,
+    Message,
+)
 from app.settings import mongo_database
 from app.store.base import (
     SECRET_BYTES,
@@ -497,17 +503,30 @@ class MongoStore:
     @_fenced_write
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
-    ) -> None:
+    ) -> list[Message]:
         # No transactions: insert into the target first, then delete from the source. A failure
         # or crash between the two leaves the message in both channels (a duplicate, which
         # at-least-once delivery tolerates), never in neither.
-        check_sizes(moved, self.max_message_bytes, self.kind)
+        # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
+        check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
+        copies: list[Message] = []
         if target is not None and moved:
-            moved_ids = [m.id for m in moved]
+            # Copies of what the source still holds only: a purge or delete that came first
+            # took the rest, which must not come back as dead letters.
+            with _translated():
+                held = {
+                    d["_id"]
+                    async for d in self._messages.find(
+                        {"channel": channel, "_id": {"$in": list(ids)}}, {"_id": 1}
+                    )
+                }
+            copies = [c for i, c in zip(ids, moved, strict=True) if i in held]
+        if target is not None and copies:
+            moved_ids = [m.id for m in copies]
             try:
                 with _translated():
                     await self._messages.insert_many(
-                        [_to_doc(target, m) for m in moved], ordered=False
+                        [_to_doc(target, m) for m in copies], ordered=False
                     )
             except StoreError as exc:
                 cause = exc.__cause__
@@ -531,6 +550,7 @@ class MongoStore:
         if ids:
             with _translated():
                 await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
+        return copies
 
     @_fenced_write
     async def purge(self, channel: str) -> int:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 from app.clock import Clock, SystemClock
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
-from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, EnqueueResult, Message
 from app.store.base import (
     SECRET_BYTES,
     ShardLease,
@@ -624,16 +624,22 @@ class SQLiteStore:
 
     async def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
-    ) -> None:
-        check_sizes(moved, self.max_message_bytes, self.kind)
+    ) -> list[Message]:
+        # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
+        check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
 
-        def op(conn: sqlite3.Connection) -> None:
-            _delete_ids(conn, ids)
+        def op(conn: sqlite3.Connection) -> list[Message]:
+            copies: list[Message] = []
             if target is not None and moved:
+                held = _existing_ids(conn, ids)
+                copies = [c for i, c in zip(ids, moved, strict=True) if i in held]
+            _delete_ids(conn, ids)
+            if target is not None and copies:
                 key = self._key(conn, target)
-                _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, moved))
+                _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, copies))
+            return copies
 
-        await self._write(op)
+        return await self._write(op)
 
     async def purge(self, channel: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -870,6 +876,19 @@ def _lease_rows(conn: sqlite3.Connection, rows: list[Any]) -> None:
             " WHERE messages.id = v.column1",
             chunk,
         )
+
+
+def _existing_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> set[int]:
+    found: set[int] = set()
+    for start in range(0, len(ids), _MAX_VALUES):
+        chunk = list(ids[start : start + _MAX_VALUES])
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM messages WHERE id IN ({_marks(len(chunk))})", chunk
+            )
+        )
+    return found
 
 
 def _delete_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
