@@ -20,7 +20,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from bench.rabbit import RabbitServer
+from bench.rabbit_server import RabbitServer
 from bench.shape import AsyncBroker, Consumer, Publisher, Pull, Runner, queue_name, runners
 from bench.stats import Budget, Record, body
 

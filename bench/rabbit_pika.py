@@ -26,7 +26,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 
 from bench import shape
 from bench.config import Profile
-from bench.rabbit import RabbitServer
+from bench.rabbit_server import RabbitServer
 from bench.shape import (
     PACED_PULL,
     Pull,
