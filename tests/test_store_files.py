@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -310,3 +311,35 @@ def test_full_disk_makes_the_node_unready_until_space_is_back(
     again.start()
     ready_after = httpx.get(again.url + "/channels/c", timeout=10).json()["counts"]["ready"]
     assert ready_after == accepted + 1  # every 201 kept, none of the 503s
+
+
+@pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
+    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path]
+) -> None:
+    """It used to fail at the node-secret write with SQLITE_READONLY inside the lifespan, and
+    uvicorn printed the traceback."""
+    data = tmp_path / "ro-start"
+    node = node_factory(data).start()
+    assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
+    node.stop()
+    for f in sorted(data.glob("lionmq.db*")):
+        subprocess.run(["chattr", "+i", str(f)], check=True)
+        immutable.append(f)
+    again = NodeProcess(data, port=node.port)
+    done = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=data,
+        env=again.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    store = str(data / "lionmq.db")
+    named = [line for line in done.stderr.splitlines() if store in line]
+    assert named == [
+        f"lionmq: cannot start (sqlite {store}): the embedded store failed: attempt to write a"
+        " readonly database (SQLITE_READONLY)"
+    ], done.stderr
