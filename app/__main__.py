@@ -8,7 +8,7 @@ import sys
 import uvicorn
 
 from app import __version__
-from app.errors import ConfigError, StoreUnavailable
+from app.errors import ConfigError
 from app.main import create_app
 from app.server import (
     AccessLog,
@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         server.run()
-    except StoreUnavailable as exc:
-        print(f"{PROG}: cannot open the store: {exc.detail}", file=sys.stderr)
+    except SystemExit:  # uvicorn's way out of a failed start-up (exit status 3)
+        # A failure the node names (the lifespan recorded it and kept its traceback from
+        # uvicorn): one line, not a traceback.
+        failure: str | None = getattr(app.state, "start_failure", None)
+        if failure is None:
+            raise
+        print(f"{PROG}: {failure}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
 

@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import channels, docs, health, hotpath, messages, problems
@@ -20,7 +20,7 @@ from app.clock import Clock, SystemClock
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
-from app.errors import ConfigError
+from app.errors import ConfigError, LionMQError
 from app.models import ChannelConfig
 from app.settings import Settings
 from app.store import build_store
@@ -62,6 +62,24 @@ class NodeApp(FastAPI):
         super().__init__(**kwargs)
         self._settings = settings
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            send = self._quiet_start_failure(send)
+        await super().__call__(scope, receive, send)
+
+    def _quiet_start_failure(self, send: Send) -> Send:
+        """A start-up that failed for a reason the node names (`state.start_failure`: a store
+        it cannot open or write, a limit it cannot keep) is reported by `python -m app` in one
+        line: the server is not handed the traceback Starlette formats for it."""
+
+        async def quiet(message: Message) -> None:
+            failed = message["type"] == "lifespan.startup.failed"
+            if failed and getattr(self.state, "start_failure", None) is not None:
+                message = {"type": message["type"], "message": ""}
+            await send(message)
+
+        return quiet
+
     def build_middleware_stack(self) -> ASGIApp:
         s = self._settings
         app: ASGIApp = hotpath.HotPath(super().build_middleware_stack())
@@ -80,34 +98,43 @@ def create_app(
         # Each part is closed, in reverse order, whatever fails: opening it or a later one,
         # serving, or closing another. Each is registered before it opens, as a part that
         # fails half-way through opening may hold something already (closing is harmless).
-        async with AsyncExitStack() as resources:
-            the_store = store or build_store(settings)
-            check_store_limits(settings, the_store)
-            resources.push_async_callback(the_store.close)
-            await the_store.open()
-            engine = QueueEngine(the_store, clock, engine_limits(settings))
-            resources.push_async_callback(engine.stop)
-            await engine.start()
-            maintenance = Maintenance(engine, clock)
-            resources.push_async_callback(maintenance.stop)
-            await maintenance.start()
-            receipts = ReceiptSigner(await the_store.secret())
-            node = Node(settings, clock, the_store, engine, clock.now_ms(), maintenance, receipts)
-            app.state.node = node
-            app.state.metrics = health.metrics_registry(node)
-            if settings.watcher_url:
-                from app.telemetry import WatcherPusher
+        started = False
+        try:
+            async with AsyncExitStack() as resources:
+                the_store = store or build_store(settings)
+                check_store_limits(settings, the_store)
+                resources.push_async_callback(the_store.close)
+                await the_store.open()
+                engine = QueueEngine(the_store, clock, engine_limits(settings))
+                resources.push_async_callback(engine.stop)
+                await engine.start()
+                maintenance = Maintenance(engine, clock)
+                resources.push_async_callback(maintenance.stop)
+                await maintenance.start()
+                receipts = ReceiptSigner(await the_store.secret())
+                node = Node(
+                    settings, clock, the_store, engine, clock.now_ms(), maintenance, receipts
+                )
+                app.state.node = node
+                app.state.metrics = health.metrics_registry(node)
+                if settings.watcher_url:
+                    from app.telemetry import WatcherPusher
 
-                pusher = WatcherPusher(settings, engine, the_store, clock)
-                resources.push_async_callback(pusher.stop)
-                await pusher.start()
-            log.info(
-                "node %s ready on %s (store: %s)",
-                settings.node_id,
-                settings.server_host,
-                settings.store_label,
-            )
-            yield
+                    pusher = WatcherPusher(settings, engine, the_store, clock)
+                    resources.push_async_callback(pusher.stop)
+                    await pusher.start()
+                log.info(
+                    "node %s ready on %s (store: %s)",
+                    settings.node_id,
+                    settings.server_host,
+                    settings.store_label,
+                )
+                started = True
+                yield
+        except LionMQError as exc:
+            if not started:  # named in one line by `python -m app` (see NodeApp)
+                app.state.start_failure = f"cannot start ({settings.store_label}): {exc.detail}"
+            raise
 
     app = NodeApp(
         settings=settings,

@@ -517,3 +517,48 @@ async def test_batch_of_a_dequeue_abandoned_mid_dead_letter_wakes_a_long_poll(en
     got = await asyncio.wait_for(waiting, 2)
     assert bodies(got) == ["b"]
     env.store.let_go("move")
+
+
+# -- a delayed release racing the promotion of due delays --------------------------------------
+async def test_promotion_answering_before_a_delayed_nack_loses_nothing(env: Env) -> None:
+    """The nack's release is written (a delayed by 10 ms) but its answer is late; a promotion
+    falling due meanwhile finds a due in the store and makes it ready there. The release's
+    finish must then put a in the window, not count it delayed: the store will never promote
+    it again, so counted as delayed it would stay hidden until a restart."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    got = await q.dequeue("jobs", 1, 0, None)
+    env.store.hold("release", after=True)
+    nack = asyncio.ensure_future(q.nack("jobs", receipts(got), 10, False))
+    await env.store.reached("release")  # durable in the store; memory not finished yet
+    await q.enqueue("jobs", [msg("b", delay_ms=15)])  # arms the channel's timer
+    env.clock.advance(20)
+    await q.tick(env.clock.now_ms())  # promotes a (from the store) and b
+    env.store.let_go("release")
+    assert (await nack).done == 1
+    assert env.stats("jobs") == (2, 0, 0)
+    first = bodies(await q.dequeue("jobs", 10, 0, None))  # a from the window (b paged in)
+    assert sorted(first + bodies(await q.dequeue("jobs", 10, 0, None))) == ["a", "b"]
+
+
+async def test_a_delayed_nack_whose_write_fails_after_a_promotion_is_redelivered(env: Env) -> None:
+    """The same race with the release's answer lost: the lease is restored, and the message is
+    delivered again once it expires, counted once."""
+    q = env.engine
+    await q.enqueue("jobs", [msg("a")])
+    got = await q.dequeue("jobs", 1, 0, 5_000)
+    env.store.hold("release", after=True, fail=True)
+    nack = asyncio.ensure_future(q.nack("jobs", receipts(got), 10, False))
+    await env.store.reached("release")
+    await q.enqueue("jobs", [msg("b", delay_ms=15)])
+    env.clock.advance(20)
+    await q.tick(env.clock.now_ms())
+    env.store.let_go("release")
+    with pytest.raises(StoreUnavailable):
+        await nack
+    assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["b"]
+    assert env.stats("jobs") == (0, 2, 0)
+    env.clock.advance(5_000)
+    await q.tick(env.clock.now_ms())
+    assert bodies(await q.dequeue("jobs", 10, 0, None)) == ["a"]
+    assert env.stats("jobs") == (0, 2, 0)

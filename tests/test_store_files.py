@@ -5,10 +5,13 @@ The node must answer 503 (never 201 for a write it cannot keep) and must not die
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +188,158 @@ def test_read_only_store_answers_503_and_the_node_lives(
     again = node_factory(data, port=node.port).start()
     got = _post(again, "/channels/c/dequeue", {"max": 10}).json()["messages"]
     assert [m["body"] for m in got] == [1, 5]
+
+
+# -- a full disk ----------------------------------------------------------------------------
+BIG = "x" * 20_000  # a message body that needs pages of its own (less than the probe's)
+
+
+async def test_full_store_is_unready_while_idle_and_ready_once_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads work on a full store, so a read-only ping said "ready" while every write failed.
+    `max_page_count` fills the database in-process as a full disk would."""
+    monkeypatch.setattr("app.store.sqlite._PROBE_EVERY_S", 0.0)  # every ping probes
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        await store.insert(CH, [msg(1)], dedup_since=0)
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))  # = now
+        with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
+            await store.insert(CH, [msg(2, BIG.encode())], dedup_since=0)
+        for _ in range(3):  # idle: each ping's own write fails too
+            with pytest.raises(StoreUnavailable, match=r"are failing .*SQLITE_FULL"):
+                await store.ping()
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"))
+        await store.ping()  # no traffic needed: the probe finds writes work again
+        await store.insert(CH, [msg(3, BIG.encode())], dedup_since=0)
+        assert await all_ids(store) == [1, 3]
+    finally:
+        await store.close()
+
+
+async def test_a_failing_store_is_probed_at_most_every_half_second(tmp_path: Path) -> None:
+    """Concurrent pings share one probe, and a ping within _PROBE_EVERY_S of the last probe
+    reports the recorded failure without writing."""
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))
+        with pytest.raises(StoreUnavailable):
+            await store.insert(CH, [msg(2, BIG.encode())], dedup_since=0)
+        writes: list[object] = []
+        real = store._write
+
+        async def counted(op: Any, *, fenced: bool = True) -> Any:
+            writes.append(op)
+            return await real(op, fenced=fenced)
+
+        store._write = counted  # type: ignore[method-assign]
+        results = await asyncio.gather(*(store.ping() for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        assert len(writes) == 1
+    finally:
+        await store.close()
+
+
+def _tmpfs_problem() -> str | None:
+    """Why a small tmpfs cannot be mounted here (it needs root and mount(8))."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        return "mount/umount are not installed"
+    with tempfile.TemporaryDirectory() as probe:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", probe],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            return f"mount -t tmpfs fails: {done.stderr.strip()}"
+        subprocess.run(["umount", probe], check=True)
+    return None
+
+
+TMPFS_PROBLEM = _tmpfs_problem()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs, unmounted at teardown whatever happens."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+@pytest.mark.skipif(TMPFS_PROBLEM is not None, reason=f"needs a tmpfs: {TMPFS_PROBLEM}")
+def test_full_disk_makes_the_node_unready_until_space_is_back(
+    small_disk: Path, node_factory: type[NodeProcess], tmp_path: Path
+) -> None:
+    node = node_factory(small_disk, port=None)
+    node.log = tmp_path / "node.log"  # not on the full disk
+    node.start()
+    for _ in range(400):  # 3 MiB fills within ~150 of these
+        r = _post(node, "/channels/c/enqueue", {"messages": [{"body": BIG}]})
+        if r.status_code != 201:
+            break
+    assert r.status_code == 503, r.text
+    assert "SQLITE_FULL" in r.json()["detail"]
+    accepted = httpx.get(node.url + "/channels/c", timeout=10).json()["counts"]["ready"]
+    # Idle with the disk full: unready every time it is asked, for longer than a probe period.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        ready = httpx.get(node.url + "/ready", timeout=10)
+        assert ready.status_code == 503, ready.text
+        assert "are failing" in ready.json()["detail"], ready.text
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    wait_until(
+        lambda: httpx.get(node.url + "/ready", timeout=5).status_code == 200,
+        3,
+        "ready again once the disk has room, without traffic",
+    )
+    assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
+    assert node.proc is not None and node.proc.poll() is None, node.log.read_text()
+    node.stop()
+    again = node_factory(small_disk, port=node.port)
+    again.log = node.log
+    again.start()
+    ready_after = httpx.get(again.url + "/channels/c", timeout=10).json()["counts"]["ready"]
+    assert ready_after == accepted + 1  # every 201 kept, none of the 503s
+
+
+@pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
+    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path]
+) -> None:
+    """It used to fail at the node-secret write with SQLITE_READONLY inside the lifespan, and
+    uvicorn printed the traceback."""
+    data = tmp_path / "ro-start"
+    node = node_factory(data).start()
+    assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
+    node.stop()
+    for f in sorted(data.glob("lionmq.db*")):
+        subprocess.run(["chattr", "+i", str(f)], check=True)
+        immutable.append(f)
+    again = NodeProcess(data, port=node.port)
+    done = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=data,
+        env=again.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    store = str(data / "lionmq.db")
+    named = [line for line in done.stderr.splitlines() if store in line]
+    assert named == [
+        f"lionmq: cannot start (sqlite {store}): the embedded store failed: attempt to write a"
+        " readonly database (SQLITE_READONLY)"
+    ], done.stderr

@@ -34,6 +34,9 @@ class ChannelState:
         self.leases: dict[int, Lease] = {}
         self.lease_heap: list[tuple[int, int, int]] = []  # (deadline, id, attempt)
         self.settling: set[int] = set()  # acked or moving out, awaiting the store
+        # Ids whose delayed release is being written -> whether a promotion found them due
+        # meanwhile (the store then holds them ready: the release's finish must too).
+        self.delaying: dict[int, bool] = {}
 
         self.cursor = 0
         self.exhausted = False

@@ -309,6 +309,7 @@ class QueueEngine:
         ch.leases.clear()
         ch.lease_heap.clear()
         ch.settling.clear()
+        ch.delaying.clear()
         ch.cursor, ch.exhausted = 0, False
         ch.next_due = ch.next_expiry = None
         return count
@@ -781,25 +782,32 @@ class QueueEngine:
 
     async def _release(self, ch: ChannelState, epoch: int, held: list[Lease], at: int) -> None:
         back = [lease.message for lease in held]
+        ids = [m.id for m in back]
+        if at:
+            # A promotion may find these due (and make them ready in the store) before this
+            # write answers; it notes them here, and the finish makes them ready too.
+            ch.delaying.update(dict.fromkeys(ids, False))
+
+        def promoted() -> list[Message]:
+            return [m for m in back if ch.delaying.pop(m.id, False)] if at else back
 
         def finish() -> None:
             for m in back:
                 m.leased = False
-            if at:
-                ch.delayed += len(back)
+            ready = promoted()
+            if len(ready) < len(back):
+                ch.delayed += len(back) - len(ready)
                 self._set_due(ch, at)
-            else:
-                ch.push_ready(back)
-                ch.wake(len(back))
+            if ready:
+                ch.push_ready(ready)
+                ch.wake(len(ready))
 
-        ids = [m.id for m in back]
+        def undo() -> None:
+            promoted()  # forgotten: the restored leases end (and are released) again
+            ch.restore(held)
+
         await self._complete(
-            ch,
-            epoch,
-            ids,
-            lambda: self.store.release(ch.name, ids, at),
-            lambda: ch.restore(held),
-            finish,
+            ch, epoch, ids, lambda: self.store.release(ch.name, ids, at), undo, finish
         )
 
     # -- dead letters -----------------------------------------------------------------------
@@ -984,7 +992,12 @@ class QueueEngine:
         due = await self.store.promote_due(ch.name, now, _SWEEP_LIMIT)
         if ch.epoch != epoch:
             return  # purged meanwhile: what was promoted is gone
-        ch.delayed = max(0, ch.delayed - len(due))
+        # Delayed releases still being written are not counted delayed yet: their finish
+        # makes them ready (the store will never promote them again).
+        early = [m.id for m in due if m.id in ch.delaying]
+        for msg_id in early:
+            ch.delaying[msg_id] = True
+        ch.delayed = max(0, ch.delayed - (len(due) - len(early)))
         if due:
             ch.add_promoted(due)
             ch.wake(len(due))

@@ -42,6 +42,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -214,6 +215,15 @@ _TRANSIENT = {
 }
 
 
+# While writes fail, `ping` tries a tiny one of its own at most this often: a node with no traffic
+# learns that space (or write access) is back, and an idle one with a full disk stays unready.
+_PROBE_EVERY_S = 0.5
+_PROBE_BYTES = 64 * 1024
+
+# The meta table (node secret, write probe), made on use: a store from before it gains it.
+_META = "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)"
+
+
 def _translate(exc: BaseException) -> StoreError:
     """A driver error as the domain's: transient ones become `StoreUnavailable`."""
     if isinstance(exc, StoreError):
@@ -241,6 +251,7 @@ class SQLiteStore:
         """`max_message_bytes` may lower the store's limit (tests use a small one); `clock`
         replaces the host's wall clock as the store's clock (tests move it)."""
         self._path = path
+        self._where = os.path.abspath(path)  # for messages, as the node started
         self._clock: Clock = clock or SystemClock()
         self._fence: _Fence = None
         self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
@@ -251,6 +262,11 @@ class SQLiteStore:
         self._writer: threading.Thread | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The last commit group's transient failure (why, time.monotonic() of it); set and
+        # cleared by the writer thread (one reference assignment), read by `ping`.
+        self._failure: tuple[str, float] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._probed_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -296,9 +312,47 @@ class SQLiteStore:
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
-        problem = self._lost() or self._unwritable()
+        problem = self._lost() or self._unwritable() or await self._write_failure()
         if problem is not None:
             raise StoreUnavailable(problem)
+
+    async def _write_failure(self) -> str | None:
+        """Why writes are failing (the last commit group failed, e.g. the disk is full), or
+        None. Reads cannot tell: while writes fail, a tiny write of our own (shared by
+        concurrent pings, one per _PROBE_EVERY_S) finds out whether they work again."""
+        failure = self._failure
+        if failure is None:
+            return None
+        if self._probe is None and time.monotonic() - self._probed_at >= _PROBE_EVERY_S:
+            self._probed_at = time.monotonic()
+            self._probe = asyncio.ensure_future(self._write(self._probe_op, fenced=False))
+        if self._probe is not None:
+            probe = self._probe
+            try:
+                await asyncio.shield(probe)
+            except StoreUnavailable as exc:
+                # Failed alone (its group may have committed without it): still failing.
+                self._failure = self._failure or (exc.detail, failure[1])
+            finally:
+                if self._probe is probe and probe.done():
+                    self._probe = None
+        failure = self._failure
+        if failure is None:
+            return None
+        detail, since = failure
+        return (
+            f"writes to the store {self._where} are failing (for"
+            f" {time.monotonic() - since:.1f} s): {detail}"
+        )
+
+    def _probe_op(self, conn: sqlite3.Connection) -> None:
+        conn.execute(_META)
+        # Room for a batch, written and given back: a write that fits in the last free corner
+        # of the disk would say "ready" while every real batch fails.
+        conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('write_probe', randomblob(?))", (_PROBE_BYTES,)
+        )
+        conn.execute("DELETE FROM meta WHERE name = 'write_probe'")
 
     def _lost(self) -> str | None:
         """Why the store's path no longer names the files it has open, or None. Two stats."""
@@ -386,12 +440,16 @@ class SQLiteStore:
             lost = self._lost()
             if lost is None:
                 conn.execute("COMMIT")
+                self._failure = None
         except sqlite3.Error as exc:
             # The commit itself failed (disk full, I/O error): nothing of the group is kept.
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._forget_new_keys(conn)
-            return [(future, None, _translate(exc)) for _, future, _ in group]
+            error = _translate(exc)
+            if isinstance(error, StoreUnavailable) and self._failure is None:
+                self._failure = (error.detail, time.monotonic())  # for ping: since when
+            return [(future, None, error) for _, future, _ in group]
         if lost is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -848,10 +906,7 @@ class SQLiteStore:
         fresh = os.urandom(SECRET_BYTES)
 
         def op(conn: sqlite3.Connection) -> bytes:
-            # Made here rather than in _SCHEMA: a store from before this table gains it on use.
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)"
-            )
+            conn.execute(_META)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('secret', ?)", (fresh,))
             row = conn.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()
             return bytes(row[0])
