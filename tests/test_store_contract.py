@@ -466,6 +466,8 @@ async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
         await until(entered.is_set, "the writer never took the blocker")
         before = asyncio.ensure_future(store.insert(CH, [msg(1)], 0))
         take = asyncio.ensure_future(store.take_lease("s1", "b", "http://b:1", 2_000, from_epoch=1))
+        # The takeover queues when its task first runs; the insert after it, once it has.
+        await until(lambda: store._queue.qsize() == 2, "the takeover queued")
         after = asyncio.ensure_future(store.insert(CH, [msg(2)], 0))
         await until(lambda: store._queue.qsize() == 3, "three writes queued")
         gate.set()

@@ -31,6 +31,7 @@ from app.models import (
     DEAD_LETTER_SUFFIX,
     ChannelConfig,
     ChannelStats,
+    EnqueueResult,
     Lease,
     Message,
     valid_channel_name,
@@ -112,6 +113,7 @@ _header_decoder = msgspec.json.Decoder(dict[str, str])
 
 P = ParamSpec("P")
 R = TypeVar("R")
+W = TypeVar("W")
 
 
 def _noted(
@@ -137,7 +139,7 @@ class QueueEngine:
         self.limits = limits or EngineLimits()
         self.ids = IdGenerator(clock)
         self.channels: dict[str, ChannelState] = {}
-        self._entering: dict[str, asyncio.Task[ChannelState]] = {}
+        self._entering: dict[str, asyncio.Future[ChannelState]] = {}
         # Long polls on channels that do not exist (yet): woken when the channel enters memory.
         self._absent: dict[str, set[asyncio.Future[None]]] = {}
         # Writes (and their finish in memory) that outlive the request that began them.
@@ -171,19 +173,48 @@ class QueueEngine:
         if self._writes:
             await asyncio.wait(set(self._writes))
 
-    def _background(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.ensure_future(coro)
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        return task
+    def _background(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """`work` running on its own (a coroutine becomes a task; a store's future stays one),
+        tracked so that `stop` waits for it."""
+        future = asyncio.ensure_future(work)
+        self._writes.add(future)
+        future.add_done_callback(self._writes.discard)
+        return future
 
-    async def _outlive(self, task: asyncio.Task[T]) -> T:
-        """Await a task that must run to its end even if this caller is cancelled."""
+    async def _outlive(self, future: asyncio.Future[T]) -> T:
+        """Await work that must run to its end even if this caller is cancelled."""
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
-            task.add_done_callback(_log_failure)  # nobody awaits it any more
+            future.add_done_callback(_log_failure)  # nobody awaits it any more
             raise
+
+    async def _settled(
+        self,
+        write: Callable[[], Awaitable[W]],
+        settle: Callable[[W | None, BaseException | None], R],
+    ) -> R:
+        """A store write whose end memory must hear of, even if this caller is cancelled.
+
+        `settle(result, error)` runs as soon as the write ends, as a callback on its future,
+        and its answer is this call's; on failure the write's error is raised once `settle`
+        has put memory back. A store that answers with a future of its own (SQLite's writer)
+        costs no task here: the hot path's ack, nack, extend and enqueue each pay one shield.
+        """
+        try:
+            future = self._background(write())
+        except BaseException as exc:  # refused before it was queued (too large, store closed)
+            settle(None, exc)
+            raise
+        outcome: list[R] = []
+
+        def done(f: asyncio.Future[W]) -> None:
+            error = asyncio.CancelledError() if f.cancelled() else f.exception()
+            outcome.append(settle(None if error is not None else f.result(), error))
+
+        future.add_done_callback(done)  # before the shield's: it runs first
+        await self._outlive(future)
+        return outcome[0]
 
     # -- channels ---------------------------------------------------------------------------
     def get(self, name: str) -> ChannelState:
@@ -385,20 +416,21 @@ class QueueEngine:
             )
         ch.reserved += n
         ch.begin_write()
-        # A task: a producer that hangs up must not leave stored messages uncounted.
-        return await self._outlive(self._background(self._insert(ch, messages, now)))
 
-    async def _insert(self, ch: ChannelState, messages: list[Message], now: int) -> list[int]:
-        try:
-            result = await self.store.insert(ch.name, messages, now - self.limits.dedup_window_ms)
-        finally:
-            ch.reserved -= len(messages)
+        def settle(result: EnqueueResult | None, error: BaseException | None) -> list[int]:
+            ch.reserved -= n
             ch.end_write()
-        # A delete waits for this write, so the channel is still the one it was written to
-        # (unless the node let go of it meanwhile, and then counts come from the store).
-        if self.channels.get(ch.name) is ch:
-            self._stored(ch, result.new)
-        return result.ids
+            if result is None:
+                return []
+            # A delete waits for this write, so the channel is still the one it was written
+            # to (unless the node let go of it meanwhile, and then counts come from the store).
+            if self.channels.get(ch.name) is ch:
+                self._stored(ch, result.new)
+            return result.ids
+
+        # Settled from the write's end: a producer that hangs up leaves nothing uncounted.
+        since = now - self.limits.dedup_window_ms
+        return await self._settled(lambda: self.store.insert(ch.name, messages, since), settle)
 
     def _stored(self, ch: ChannelState, new: list[Message]) -> None:
         """Account for messages just made durable in this channel and wake its consumers."""
@@ -487,7 +519,7 @@ class QueueEngine:
             return []  # (purged meanwhile: leasing them would hold what the store dropped)
         deadline = now + visibility_ms
         leases = ch.lease(messages, deadline)
-        # A task: once leased in memory, the write must finish even if the caller leaves.
+        # Once leased in memory, the write must finish even if the caller leaves.
         write = self._background(
             self.store.lease(ch.name, [(m.id, m.attempt) for m in messages], deadline)
         )
@@ -513,7 +545,7 @@ class QueueEngine:
         return leases
 
     async def _abandoned(
-        self, ch: ChannelState, epoch: int, leases: list[Lease], write: asyncio.Task[None]
+        self, ch: ChannelState, epoch: int, leases: list[Lease], write: asyncio.Future[None]
     ) -> None:
         try:
             await write
@@ -653,32 +685,21 @@ class QueueEngine:
         if ch.epoch != epoch:
             return False
         ch.settling.update(ids)
-        return await self._outlive(
-            self._background(self._settle(ch, epoch, ids, write, undo, finish))
-        )
 
-    async def _settle(
-        self,
-        ch: ChannelState,
-        epoch: int,
-        ids: list[int],
-        write: Callable[[], Awaitable[object]],
-        undo: Callable[[], None],
-        finish: Callable[[], None],
-    ) -> bool:
-        try:
-            await write()
-        except BaseException:
-            if ch.epoch == epoch:
-                ch.settling.difference_update(ids)
-                undo()
-                self._arm(ch)  # leases put back may be due already: their timer fired
-            raise
-        if ch.epoch != epoch:
-            return False
-        ch.settling.difference_update(ids)
-        finish()
-        return True
+        def settle(_: object, error: BaseException | None) -> bool:
+            if error is not None:
+                if ch.epoch == epoch:
+                    ch.settling.difference_update(ids)
+                    undo()
+                    self._arm(ch)  # leases put back may be due already: their timer fired
+                return False
+            if ch.epoch != epoch:
+                return False
+            ch.settling.difference_update(ids)
+            finish()
+            return True
+
+        return await self._settled(write, settle)
 
     # -- ack, nack, extend ------------------------------------------------------------------
     def _claim(self, name: str, receipts: list[str]) -> tuple[ChannelState | None, Claim]:
@@ -1033,7 +1054,7 @@ def _sort_out(
     return expired, spent, fine
 
 
-def _log_failure(task: asyncio.Task[Any]) -> None:
+def _log_failure(task: asyncio.Future[Any]) -> None:
     """For tasks no caller awaits any more: their failure still gets a line in the log."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("a store call no request waits for failed: %r", task.exception())

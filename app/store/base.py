@@ -23,7 +23,7 @@ versioned and changed by compare-and-set on its version.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,9 +77,11 @@ class Store(Protocol):
         ...
 
     # -- writes -----------------------------------------------------------------------------
-    async def insert(
+    # The hot writes are awaitables, not coroutines: a store may answer with a future of its
+    # own (SQLite's writer does), which the engine shields and settles without a task.
+    def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
-    ) -> EnqueueResult:
+    ) -> Awaitable[EnqueueResult]:
         """Store a batch, all or nothing.
 
         A message whose `dedup_id` was used in this channel at or after `dedup_since` (by an
@@ -88,23 +90,25 @@ class Store(Protocol):
         """
         ...
 
-    async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
+    def lease(
+        self, channel: str, leases: Sequence[tuple[int, int]], deadline: int
+    ) -> Awaitable[None]:
         """Mark (id, attempt) pairs as leased until `deadline`."""
         ...
 
-    async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
+    def release(self, channel: str, ids: Sequence[int], available_at: int) -> Awaitable[None]:
         """End leases: ready again at `available_at` (0: now)."""
         ...
 
-    async def extend(self, channel: str, ids: Sequence[int], deadline: int) -> None: ...
+    def extend(self, channel: str, ids: Sequence[int], deadline: int) -> Awaitable[None]: ...
 
-    async def delete(self, channel: str, ids: Sequence[int]) -> None:
+    def delete(self, channel: str, ids: Sequence[int]) -> Awaitable[None]:
         """Acked: forget these messages for good."""
         ...
 
-    async def move(
+    def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
-    ) -> list[Message]:
+    ) -> Awaitable[list[Message]]:
         """Delete `ids` from `channel` and insert `moved` into `target` (if any), atomically;
         `moved[i]` is the copy of `ids[i]`. Only copies of messages the channel still holds
         are inserted (one purged or deleted meanwhile must not come back as a dead letter);

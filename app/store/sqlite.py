@@ -265,7 +265,7 @@ class SQLiteStore:
         # The last commit group's transient failure (why, time.monotonic() of it); set and
         # cleared by the writer thread (one reference assignment), read by `ping`.
         self._failure: tuple[str, float] | None = None
-        self._probe: asyncio.Task[None] | None = None
+        self._probe: asyncio.Future[None] | None = None
         self._probed_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -576,20 +576,22 @@ class SQLiteStore:
         with contextlib.suppress(sqlite3.Error):
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T], *, fenced: bool = True) -> T:
-        result: T = await self._submit(op, fenced=fenced)
-        return result
+    def _write(
+        self, op: Callable[[sqlite3.Connection], T], *, fenced: bool = True
+    ) -> asyncio.Future[T]:
+        return self._submit(op, fenced=fenced)
 
-    async def _submit(self, op: _Op, *, fenced: bool = True) -> Any:
-        """Queue a write for the writer; `fenced` ones carry the fence in force now."""
+    def _submit(self, op: _Op, *, fenced: bool = True) -> asyncio.Future[Any]:
+        """Queue a write for the writer; `fenced` ones carry the fence in force now.
+
+        The answer is the writer's own future (settled on the loop, errors translated), not a
+        coroutine: the engine shields it and settles memory from a callback on it, so a hot
+        write costs no task of its own."""
         if self._writer is None or self._loop is None:
             raise StoreUnavailable("the embedded store is not open")
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put((op, future, self._fence if fenced else None))
-        try:
-            return await future
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+        return future
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Reads see committed data only (their own WAL snapshot) and are short: run inline,
@@ -652,37 +654,41 @@ class SQLiteStore:
         await self._write(op)
 
     # -- writes -----------------------------------------------------------------------------
-    async def insert(
+    # The hot writes answer with the writer's future (see `_submit`).
+    def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
-    ) -> EnqueueResult:
+    ) -> asyncio.Future[EnqueueResult]:
         check_sizes(messages, self.max_message_bytes, self.kind)
-        result: EnqueueResult = await self._submit(_Insert(channel, messages, dedup_since))
-        return result
+        return self._submit(_Insert(channel, messages, dedup_since))
 
-    async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
-        await self._submit(_Lease(leases, deadline))
+    def lease(
+        self, channel: str, leases: Sequence[tuple[int, int]], deadline: int
+    ) -> asyncio.Future[None]:
+        return self._submit(_Lease(leases, deadline))
 
-    async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
-        await self._update_many(
+    def release(self, channel: str, ids: Sequence[int], available_at: int) -> asyncio.Future[None]:
+        return self._update_many(
             "UPDATE messages SET leased = 0, available_at = ? WHERE id IN ({})", available_at, ids
         )
 
-    async def extend(self, channel: str, ids: Sequence[int], deadline: int) -> None:
-        await self._update_many(
+    def extend(self, channel: str, ids: Sequence[int], deadline: int) -> asyncio.Future[None]:
+        return self._update_many(
             "UPDATE messages SET available_at = ? WHERE leased = 1 AND id IN ({})", deadline, ids
         )
 
-    async def delete(self, channel: str, ids: Sequence[int]) -> None:
-        await self._submit(_Delete(ids))
+    def delete(self, channel: str, ids: Sequence[int]) -> asyncio.Future[None]:
+        return self._submit(_Delete(ids))
 
-    async def _update_many(self, sql: str, value: int, ids: Sequence[int]) -> None:
-        await self._write(
-            lambda conn: conn.execute(sql.format(_marks(len(ids))), (value, *ids)) if ids else None
-        )
+    def _update_many(self, sql: str, value: int, ids: Sequence[int]) -> asyncio.Future[None]:
+        def op(conn: sqlite3.Connection) -> None:
+            if ids:
+                conn.execute(sql.format(_marks(len(ids))), (value, *ids))
 
-    async def move(
+        return self._write(op)
+
+    def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
-    ) -> list[Message]:
+    ) -> asyncio.Future[list[Message]]:
         # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
         check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
 
@@ -697,7 +703,7 @@ class SQLiteStore:
                 _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, copies))
             return copies
 
-        return await self._write(op)
+        return self._write(op)
 
     async def purge(self, channel: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -958,5 +964,9 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             continue
         if error is None:
             future.set_result(result)
+        elif isinstance(error, sqlite3.Error):
+            translated = _translate(error)
+            translated.__cause__ = error
+            future.set_exception(translated)
         else:
             future.set_exception(error)
