@@ -134,7 +134,7 @@ async def scrape_view(engine: QueueEngine, now: int, per_channel: int) -> Scrape
             if ch is None:  # deleted while the scrape yielded
                 continue
             in_flight = ch.in_flight
-            sums["ready"] += max(0, ch.total - in_flight - ch.delayed)
+            sums["ready"] += ch.ready_count
             sums["delayed"] += ch.delayed
             sums["in_flight"] += in_flight
             sums["enqueued"] += ch.enqueued
