@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 import httpx
 
 from lionmq import options as opt
-from lionmq._base import DEFAULT_URL, ClientBase
+from lionmq._base import DEFAULT_URL, ClientBase, Seeds
 from lionmq._senders import AiohttpSender, AsyncSender, HttpxSender
 from lionmq.consume import ConsumeConfig
 from lionmq.errors import ConnectionFailed
 from lionmq.message import AsyncMessage
-from lionmq.models import AckResult, ChannelInfo, ExtendResult, NackResult, NewMessage
-from lionmq.protocol import Call
-from lionmq.retry import Wait
+from lionmq.models import (
+    AckResult,
+    ChannelInfo,
+    ClusterInfo,
+    ExtendResult,
+    NackResult,
+    NewMessage,
+)
+from lionmq.protocol import Call, Got, Send
+from lionmq.topology import ShardSpec, Topology
 
 T = TypeVar("T")
 
@@ -34,7 +41,7 @@ class AsyncClient(ClientBase):
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: Seeds = DEFAULT_URL,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Unpack[opt.ClientOptions],
@@ -42,9 +49,9 @@ class AsyncClient(ClientBase):
         super().__init__(base_url, options)
         headers, timeout = self._default_headers, self._timeout
         self._sender: AsyncSender = (
-            AiohttpSender(base_url, headers, timeout, self._max_connections)
+            AiohttpSender(headers, timeout, self._max_connections)
             if transport is None
-            else HttpxSender(base_url, headers, timeout, transport)
+            else HttpxSender(headers, timeout, transport)
         )
 
     async def aclose(self) -> None:
@@ -63,15 +70,23 @@ class AsyncClient(ClientBase):
         await self.aclose()
 
     async def _call(self, call: Call[T]) -> T:
-        send, attempts = self._sender.send, self._retry.begin()
-        while True:
-            try:
-                outcome = attempts.outcome(call, await send(call))
-            except ConnectionFailed as error:  # no response came
-                outcome = attempts.failed(error)
-            if not isinstance(outcome, Wait):
-                return outcome
-            await self._retry.async_sleep(outcome.seconds)
+        """Drives the router's exchange (routing, refreshes, retries) over asyncio."""
+        steps, send = self._router.exchange(call, self._retry.begin()), self._sender.send
+        got: Got = None
+        try:
+            while True:
+                step = steps.send(got)
+                if isinstance(step, Send):
+                    try:
+                        got = await send(step.url, step.call)
+                    except ConnectionFailed as error:  # no response came
+                        got = error
+                else:
+                    await self._retry.async_sleep(step.seconds)
+                    got = None
+        except StopIteration as done:
+            result: T = done.value
+            return result
 
     # -- messages --------------------------------------------------------------------------
 
@@ -132,6 +147,26 @@ class AsyncClient(ClientBase):
 
     async def ready(self) -> bool:
         return await self._call(self._wire.ready())
+
+    # -- the cluster -----------------------------------------------------------------------
+
+    async def cluster(self) -> ClusterInfo:
+        """Like `Client.cluster`."""
+        info = await self._call(self._wire.cluster())
+        self._router.learn(info)
+        return info
+
+    async def set_nodes(
+        self,
+        shards: Sequence[Mapping[str, Any] | ShardSpec] | None = None,
+        *,
+        primaries: Sequence[str] | None = None,
+        backups: Mapping[str, Sequence[str]] | None = None,
+    ) -> Topology:
+        """Like `Client.set_nodes`."""
+        topology = await self._call(self._set_nodes_call(shards, primaries, backups))
+        self._router.invalidate()
+        return topology
 
     # -- consuming -------------------------------------------------------------------------
 

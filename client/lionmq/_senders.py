@@ -6,7 +6,8 @@ httpx's request model on aiohttp cost more client CPU per request than the node 
 it. An injected httpx transport (`ASGITransport`, `MockTransport` in tests) goes through
 `HttpxSender`; `Client` (threads) sends through `SyncHttpxSender`.
 
-A sender raises `ConnectionFailed` (chained to the underlying error) when no response came;
+A sender sends a call to the node whose base URL it is given (`lionmq.protocol.Router` picks
+it) and raises `ConnectionFailed` (chained to the underlying error) when no response came;
 everything else about a call (statuses, parsing, retries) is the caller's.
 """
 
@@ -27,7 +28,8 @@ KEEPALIVE_S = 15.0
 
 
 class AsyncSender(Protocol):
-    async def send(self, call: Call[Any]) -> Reply: ...
+    async def send(self, url: str, call: Call[Any]) -> Reply:
+        """Sends `call` to the node whose base URL is `url`."""
 
     async def aclose(self) -> None: ...
 
@@ -41,16 +43,14 @@ class AiohttpSender:
     keeps no cookies."""
 
     _MAX_URLS = 1024
-    """Paths whose parsed URL is kept; past that the cache starts over (many channels)."""
+    """URLs kept parsed; past that the cache starts over (many channels)."""
 
     def __init__(
         self,
-        base_url: str,
         headers: Mapping[str, str],
         timeout: float,
         max_connections: int,
     ) -> None:
-        self._base = str(URL(base_url)).rstrip("/")
         self._headers = dict(headers)
         self._timeout = timeout
         self._max_connections = max_connections
@@ -82,23 +82,24 @@ class AiohttpSender:
         )
         return self._session
 
-    def _url(self, path: str) -> URL:
-        url = self._urls.get(path)
+    def _url(self, full: str) -> URL:
+        url = self._urls.get(full)
         if url is None:
             if len(self._urls) >= self._MAX_URLS:
                 self._urls.clear()
             # The protocol layer quotes every path segment it builds.
-            url = self._urls[path] = URL(self._base + path, encoded=True)
+            url = self._urls[full] = URL(full, encoded=True)
         return url
 
-    async def send(self, call: Call[Any]) -> Reply:
+    async def send(self, url: str, call: Call[Any]) -> Reply:
         session = self._session or self._open()
         timeout = self._timeouts(call.long_poll_s) if call.long_poll_s else self._plain
         try:
             async with session.request(
                 call.method,
-                self._url(call.path),
+                self._url(url + call.path),
                 data=call.content,
+                headers=call.headers,
                 timeout=timeout,
                 allow_redirects=False,
             ) as response:
@@ -133,18 +134,15 @@ class HttpxSender:
 
     def __init__(
         self,
-        base_url: str,
         headers: Mapping[str, str],
         timeout: float,
         transport: httpx.AsyncBaseTransport,
     ) -> None:
         self._timeout = timeout
-        self._http = httpx.AsyncClient(
-            base_url=base_url, headers=headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
 
-    async def send(self, call: Call[Any]) -> Reply:
-        request = _request(self._http, self._timeout, call)
+    async def send(self, url: str, call: Call[Any]) -> Reply:
+        request = _request(self._http, self._timeout, url, call)
         try:
             return _reply(await self._http.send(request))
         except httpx.TransportError as exc:
@@ -160,7 +158,6 @@ class SyncHttpxSender:
 
     def __init__(
         self,
-        base_url: str,
         headers: Mapping[str, str],
         timeout: float,
         max_connections: int,
@@ -169,15 +166,14 @@ class SyncHttpxSender:
         self._timeout = timeout
         size = max_connections
         self._http = httpx.Client(
-            base_url=base_url,
             headers=headers,
             timeout=timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
         )
 
-    def send(self, call: Call[Any]) -> Reply:
-        request = _request(self._http, self._timeout, call)
+    def send(self, url: str, call: Call[Any]) -> Reply:
+        request = _request(self._http, self._timeout, url, call)
         try:
             return _reply(self._http.send(request))
         except httpx.TransportError as exc:
@@ -188,12 +184,13 @@ class SyncHttpxSender:
 
 
 def _request(
-    http: httpx.Client | httpx.AsyncClient, timeout: float, call: Call[Any]
+    http: httpx.Client | httpx.AsyncClient, timeout: float, url: str, call: Call[Any]
 ) -> httpx.Request:
     return http.build_request(
         call.method,
-        call.path,
+        url + call.path,
         content=call.content,
+        headers=call.headers,
         # A long poll answers only after its wait: the read timeout must cover it.
         timeout=httpx.Timeout(timeout, read=timeout + call.long_poll_s)
         if call.long_poll_s

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 import httpx
 
 from lionmq import options as opt
-from lionmq._base import DEFAULT_URL, ClientBase
+from lionmq._base import DEFAULT_URL, ClientBase, Seeds
 from lionmq._senders import SyncHttpxSender
 from lionmq.consume import ConsumeConfig
 from lionmq.errors import ConnectionFailed
 from lionmq.message import Message
-from lionmq.models import AckResult, ChannelInfo, ExtendResult, NackResult, NewMessage
-from lionmq.protocol import Call
-from lionmq.retry import Wait
+from lionmq.models import (
+    AckResult,
+    ChannelInfo,
+    ClusterInfo,
+    ExtendResult,
+    NackResult,
+    NewMessage,
+)
+from lionmq.protocol import Call, Got, Send
+from lionmq.topology import ShardSpec, Topology
 
 T = TypeVar("T")
 
@@ -31,14 +38,14 @@ class Client(ClientBase):
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: Seeds = DEFAULT_URL,
         *,
         transport: httpx.BaseTransport | None = None,
         **options: Unpack[opt.ClientOptions],
     ) -> None:
         super().__init__(base_url, options)
         self._sender = SyncHttpxSender(
-            base_url, self._default_headers, self._timeout, self._max_connections, transport
+            self._default_headers, self._timeout, self._max_connections, transport
         )
 
     def close(self) -> None:
@@ -56,15 +63,23 @@ class Client(ClientBase):
         self.close()
 
     def _call(self, call: Call[T]) -> T:
-        attempts = self._retry.begin()
-        while True:
-            try:
-                outcome = attempts.outcome(call, self._sender.send(call))
-            except ConnectionFailed as error:
-                outcome = attempts.failed(error)
-            if not isinstance(outcome, Wait):
-                return outcome
-            self._retry.sleep(outcome.seconds)
+        """Drives the router's exchange (routing, refreshes, retries) over blocking I/O."""
+        steps, send = self._router.exchange(call, self._retry.begin()), self._sender.send
+        got: Got = None
+        try:
+            while True:
+                step = steps.send(got)
+                if isinstance(step, Send):
+                    try:
+                        got = send(step.url, step.call)
+                    except ConnectionFailed as error:
+                        got = error
+                else:
+                    self._retry.sleep(step.seconds)
+                    got = None
+        except StopIteration as done:
+            result: T = done.value
+            return result
 
     # -- messages --------------------------------------------------------------------------
 
@@ -124,6 +139,30 @@ class Client(ClientBase):
 
     def ready(self) -> bool:
         return self._call(self._wire.ready())
+
+    # -- the cluster -----------------------------------------------------------------------
+
+    def cluster(self) -> ClusterInfo:
+        """The cluster as the current seed sees it: shards, their nodes and acting owners,
+        every node's role and status. Also refreshes this client's routes."""
+        info = self._call(self._wire.cluster())
+        self._router.learn(info)
+        return info
+
+    def set_nodes(
+        self,
+        shards: Sequence[Mapping[str, Any] | ShardSpec] | None = None,
+        *,
+        primaries: Sequence[str] | None = None,
+        backups: Mapping[str, Sequence[str]] | None = None,
+    ) -> Topology:
+        """Reshapes the cluster: `set_nodes([{"primary": url, "backups": [url, ...]}, ...])`, or
+        `set_nodes(primaries=[url, ...], backups={primary: [url, ...]})`. Needs the client's
+        `admin_token`. Checked here first (InvalidTopology, nothing sent); returns the topology
+        stored. Shards keep their ids; channels that move are handed off by the nodes."""
+        topology = self._call(self._set_nodes_call(shards, primaries, backups))
+        self._router.invalidate()
+        return topology
 
     # -- consuming -------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ class BadRequest(LionMQError):
 
 
 class Unauthorized(LionMQError):
+    """401: a missing or wrong token; also 403, a token without the right to the route (a
+    cluster change needs the admin token, and a node without ADMIN_TOKEN set refuses it)."""
+
     status = 401
 
 
@@ -81,6 +84,7 @@ _BY_STATUS: dict[int, type[LionMQError]] = {
     )
     if cls.status is not None
 }
+_BY_STATUS[403] = Unauthorized
 
 
 class _Problem(msgspec.Struct):

@@ -112,3 +112,69 @@ class ChannelList(msgspec.Struct):
 
 class PurgeReply(msgspec.Struct):
     purged: int = 0
+
+
+# -- the cluster (GET /cluster) ----------------------------------------------------------------
+
+
+class ClusterShard(msgspec.Struct, frozen=True):
+    """A shard as `GET /cluster` shows it: its configured nodes and who serves it now."""
+
+    id: str
+    primary: str | None = None
+    """The configured primary; None for the implicit shard of a store without a topology."""
+    backups: tuple[str, ...] = ()
+    owner: str | None = None
+    """URL of the acting owner (the node holding the shard's lease); None during a failover."""
+    owner_id: str | None = None
+    epoch: int = 0
+    lease_expires_in_ms: int | None = None
+    channels: int | None = None
+    slot: int | None = None
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Where the shard's channels are best sent, best first: the acting owner, then the
+        configured nodes (a backup forwards, or answers 503 until it has taken over)."""
+        ranked = (self.owner, self.primary, *self.backups)
+        return tuple(dict.fromkeys(url for url in ranked if url))
+
+
+class ClusterNode(msgspec.Struct, frozen=True):
+    url: str
+    id: str | None = None
+    role: str = "unassigned"
+    """"primary", "backup", "standalone" or "unassigned"."""
+    shards: tuple[str, ...] = ()
+    status: str = "up"
+    """"up", "suspect" or "down", from the node's last report."""
+    heartbeat_age_ms: int | None = None
+    lag: dict[str, int] | None = None
+    applied_version: int | None = None
+
+
+class ClusterSelf(msgspec.Struct, frozen=True):
+    """The node that answered."""
+
+    id: str
+    url: str
+    role: str
+
+
+class ClusterInfo(msgspec.Struct, frozen=True):
+    """The cluster as `GET /cluster` shows it (`Client.cluster()`); version 0 means no topology
+    is stored: one implicit shard served by whichever node holds its lease."""
+
+    version: int
+    shards: tuple[ClusterShard, ...]
+    node: ClusterSelf | None = None
+    nodes: tuple[ClusterNode, ...] = ()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every node URL the document names, each once."""
+        named = [url for shard in self.shards for url in shard.nodes]
+        named += [node.url for node in self.nodes]
+        if self.node is not None:
+            named.append(self.node.url)
+        return tuple(dict.fromkeys(named))

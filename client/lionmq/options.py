@@ -36,6 +36,8 @@ class ClientOptions(TypedDict, total=False):
 
     token: str | None
     """Sent as `Authorization: Bearer <token>`, for a node with API_TOKEN set."""
+    admin_token: str | None
+    """Sent instead of `token` by `set_nodes`, for a cluster with ADMIN_TOKEN set."""
     timeout: float
     """Seconds for connecting and for each read (default 10); a long poll adds its wait."""
     retry: RetryPolicy

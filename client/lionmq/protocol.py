@@ -7,20 +7,22 @@ hand the `Reply` back to `Call.result`; nothing here knows how bytes travel.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import msgspec
 
-from lionmq.errors import UnexpectedResponse
+from lionmq.errors import ConnectionFailed, UnexpectedResponse, error_for
 from lionmq.models import (
     AckResult,
     ChannelInfo,
     ChannelList,
+    ClusterInfo,
     Delivery,
     DequeueBody,
     DequeueReply,
@@ -33,12 +35,26 @@ from lionmq.models import (
     ReceiptsBody,
 )
 from lionmq.options import ChannelOptions
+from lionmq.placement import Ring
+from lionmq.topology import SetNodes, Topology
+
+if TYPE_CHECKING:
+    from lionmq.retry import Attempts
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 MAX_WAIT_MS = 30_000
 """The node's long-poll bound: a dequeue never waits longer than this."""
+
+CLUSTER_PATH = "/cluster"
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Try again after `seconds`."""
+
+    seconds: float
 
 
 class Reply(NamedTuple):
@@ -67,6 +83,11 @@ class Call(Generic[T_co]):
     long_poll_s: float = 0.0
     """Extra read time for a long poll, added to the client's timeout."""
     ok: frozenset[int] = OK
+    channel: str | None = None
+    """The channel the call is about: it goes to the owner of the channel's shard. None: to
+    the client's current seed."""
+    headers: Mapping[str, str] | None = None
+    """Headers to add to (or override of) the client's own, for this call only."""
 
     def result(self, reply: Reply) -> T_co:
         """The parsed value of a reply whose status is in `ok`."""
@@ -107,13 +128,16 @@ class Wire:
         self._purged: Callable[[Reply], int] = lambda r: purged(r).purged
         health = _decoding(msgspec.json.Decoder(dict[str, Any]))
         self._health: Callable[[Reply], dict[str, Any]] = health
+        self._cluster = _decoding(msgspec.json.Decoder(ClusterInfo))
+        self._topology = _decoding(msgspec.json.Decoder(Topology))
 
     # -- messages --------------------------------------------------------------------------
 
     def enqueue(self, channel: str, messages: list[NewMessage]) -> Call[list[str]]:
         """Encodes the batch once, dedup ids included, so every retry sends the same bytes."""
         content = self._encode(EnqueueBody(messages))
-        return Call("POST", f"{_channel(channel)}/enqueue", self._ids, content, ok=CREATED)
+        path = f"{_channel(channel)}/enqueue"
+        return Call("POST", path, self._ids, content, ok=CREATED, channel=channel)
 
     def dequeue(
         self, channel: str, max: int, wait_ms: int, visibility_ms: int | None
@@ -125,6 +149,7 @@ class Wire:
             self._deliveries,
             content,
             long_poll_s=min(wait_ms, MAX_WAIT_MS) / 1000,
+            channel=channel,
         )
 
     def ack(self, channel: str, receipts: Sequence[str]) -> Call[AckResult]:
@@ -145,25 +170,26 @@ class Wire:
     def _receipts(
         self, channel: str, verb: str, body: ReceiptsBody, parse: Callable[[Reply], T]
     ) -> Call[T]:
-        return Call("POST", f"{_channel(channel)}/{verb}", parse, self._encode(body))
+        path = f"{_channel(channel)}/{verb}"
+        return Call("POST", path, parse, self._encode(body), channel=channel)
 
     # -- channels and node -----------------------------------------------------------------
 
     def put_channel(self, channel: str, settings: ChannelOptions) -> Call[ChannelInfo]:
         content = self._encode(settings)
-        return Call("PUT", _channel(channel), self._info, content)
+        return Call("PUT", _channel(channel), self._info, content, channel=channel)
 
     def get_channel(self, channel: str) -> Call[ChannelInfo]:
-        return Call("GET", _channel(channel), self._info)
+        return Call("GET", _channel(channel), self._info, channel=channel)
 
     def list_channels(self) -> Call[list[ChannelInfo]]:
         return Call("GET", "/channels", self._list)
 
     def purge(self, channel: str) -> Call[int]:
-        return Call("POST", f"{_channel(channel)}/purge", self._purged)
+        return Call("POST", f"{_channel(channel)}/purge", self._purged, channel=channel)
 
     def delete(self, channel: str) -> Call[None]:
-        return Call("DELETE", _channel(channel), _none, ok=_DELETED)
+        return Call("DELETE", _channel(channel), _none, ok=_DELETED, channel=channel)
 
     def health(self) -> Call[dict[str, Any]]:
         return Call("GET", "/health", self._health)
@@ -171,6 +197,18 @@ class Wire:
     def ready(self) -> Call[bool]:
         # 503 is an answer here ("not ready"), not a failure to retry.
         return Call("GET", "/ready", _is_ready, ok=_READY)
+
+    # -- the cluster -----------------------------------------------------------------------
+
+    def cluster(self) -> Call[ClusterInfo]:
+        return Call("GET", CLUSTER_PATH, self._cluster)
+
+    def set_nodes(self, request: SetNodes, admin_token: str | None) -> Call[Topology]:
+        """`request` validated already (`lionmq.topology`): a bad one never leaves the client.
+        Cluster changes take the admin token, not the API token."""
+        headers = {"authorization": f"Bearer {admin_token}"} if admin_token else None
+        content = self._encode(request)
+        return Call("PUT", "/cluster/nodes", self._topology, content, headers=headers)
 
 
 _DELETED = frozenset({200, 204})
@@ -234,3 +272,203 @@ def new_messages(
         else:
             out.append(body)
     return out
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+NODE_HEADER = "x-lionmq-node"
+"""On every message response of a node that knows the cluster API (standalone ones too)."""
+FORWARDED_BY_HEADER = "x-lionmq-forwarded-by"
+"""On a response the node that got the request forwarded to the channel's owner."""
+
+MIN_REFRESH_S = 0.5
+"""Topology fetches are at least this far apart (the first excepted), so a hint that keeps
+coming (every reply forwarded, a 503 to many requests at once) costs a fetch per interval,
+not one per request."""
+DOWN_S = 5.0
+"""A node that could not be reached is passed over for this long, unless no other is left."""
+MAX_ROUTES = 4096
+"""Channels whose target is remembered; past that the memo starts over (many channels)."""
+
+
+class Send(NamedTuple):
+    """Send `call` to the node at `url` (a base URL: scheme, host, port and any prefix)."""
+
+    url: str
+    call: Call[Any]
+
+
+Step = Send | Wait
+"""What an exchange asks its driver to do next."""
+Got = Reply | ConnectionFailed | None
+"""What the driver hands back: the reply to a `Send`, or why none came; None after a `Wait`."""
+
+
+class Router:
+    """Where each call goes, and when the client's view of the cluster must be fetched again.
+
+    Both clients drive `exchange` (a generator of `Step`s), so the rules live here once:
+
+    * A call about a channel goes to the node serving the channel's shard
+      (`lionmq.placement.shard_for` over the shard ids): the acting owner, else the configured
+      primary, else a backup (which forwards, or answers 503 until it has taken over).
+      Other calls (health, listing channels, the cluster itself) go to the current seed.
+    * With one shard (a standalone node, or one primary and its standbys) every call goes to the
+      current seed, as it did before clusters: the URL a node advertises may not be the one this
+      client reaches it by.
+    * The topology is fetched (`GET /cluster`) before the first channel call when several seeds
+      are given; with one seed, only once the node shows it speaks the cluster API (an
+      `X-LionMQ-Node` header), so a node from before clusters gets exactly the requests it
+      always got. A node that answers 404 to `GET /cluster` has no cluster: nothing is
+      fetched again.
+    * It is fetched again, at most every `MIN_REFRESH_S`, after a forwarded response
+      (`X-LionMQ-Forwarded-By`: the view is out of date), and in a cluster after a 503 (a
+      shard changing hands) or a node that could not be reached; that node is passed over for
+      `DOWN_S` (the next seed becomes the current one).
+
+    The call itself is never rebuilt when it is sent again elsewhere: an enqueue keeps the
+    bytes, dedup ids included, it was built with. Mutations are single assignments under the
+    GIL; two threads refreshing at once cost one fetch more, never a wrong route.
+    """
+
+    def __init__(self, seeds: Sequence[str], wire: Wire, clock: Callable[[], float]) -> None:
+        self._seeds = tuple(dict.fromkeys(seed.rstrip("/") for seed in seeds))
+        if not self._seeds:
+            raise ValueError("give at least one node URL")
+        self._wire = wire
+        self._clock = clock
+        self.home = self._seeds[0]
+        """Where calls without a channel go; the next seed once it cannot be reached."""
+        self._nodes: tuple[str, ...] = ()  # the node URLs the last topology named
+        self._ring: Ring | None = None  # None: one shard, everything goes to `home`
+        self._shard_nodes: dict[str, tuple[str, ...]] = {}
+        self._routes: dict[str, str] = {}  # channel -> url, memo of `_pick`
+        self._down: dict[str, float] = {}  # url -> when it could not be reached
+        self.cluster = len(self._seeds) > 1
+        """Several nodes known: failover signs (503, unreachable) earn the failover allowance
+        and a topology refresh."""
+        self._learned = False
+        self._stale = self.cluster
+        self._refreshing = False
+        self._refreshed_at = -math.inf
+
+    # -- the one loop ----------------------------------------------------------------------
+
+    def exchange(self, call: Call[T], attempts: Attempts) -> Generator[Step, Got, T]:
+        """Sends `call` until it has a result (the generator's return value) or fails for
+        good (the error is raised), refreshing the view of the cluster as its answers ask."""
+        while True:
+            if self._stale and call.channel is not None:
+                yield from self._refresh()
+            url = self.target(call.channel)
+            got = yield Send(url, call)
+            if isinstance(got, Reply):
+                self._observe(url, got)
+                outcome = attempts.outcome(call, got, self.cluster)
+            else:
+                assert got is not None, "a Send is answered with a Reply or ConnectionFailed"
+                self._unreachable(url)
+                outcome = attempts.failed(got, self.cluster)
+            if not isinstance(outcome, Wait):
+                return outcome
+            yield outcome
+
+    def target(self, channel: str | None) -> str:
+        """The base URL `channel`'s calls go to now (the current seed for None)."""
+        if channel is None or self._ring is None:
+            return self.home
+        return self._routes.get(channel) or self._pick(channel)
+
+    def learn(self, info: ClusterInfo | None) -> None:
+        """Takes in a topology (None: the node has no cluster API)."""
+        self._learned = True
+        self._stale = False
+        self._nodes = info.urls if info is not None else ()
+        self.cluster = len(self._seeds) > 1 or len(self._nodes) > 1
+        shards = info.shards if info is not None else ()
+        if len(shards) > 1:
+            ids = [shard.id for shard in shards]
+            if self._ring is None or self._ring.shard_ids != frozenset(ids):
+                self._ring = Ring(ids)
+            self._shard_nodes = {shard.id: shard.nodes for shard in shards}
+        else:
+            self._ring, self._shard_nodes = None, {}
+        now = self._clock()
+        self._down = {url: at for url, at in self._down.items() if now - at < DOWN_S}
+        self._routes = {}
+
+    def invalidate(self) -> None:
+        """The topology changed (this client changed it): fetch it before the next call."""
+        self._stale = True
+        self._refreshed_at = -math.inf
+
+    # -- the rules -------------------------------------------------------------------------
+
+    def _pick(self, channel: str) -> str:
+        assert self._ring is not None
+        nodes = self._shard_nodes.get(self._ring.shard_for(channel), ())
+        down = self._down
+        url = next((u for u in nodes if u not in down), None)
+        if url is None:  # the shard has nobody reachable: any node may forward, or answer 503
+            url = next(
+                (u for u in self._candidates() if u not in down), nodes[0] if nodes else self.home
+            )
+        if len(self._routes) >= MAX_ROUTES:
+            self._routes = {}
+        self._routes[channel] = url
+        return url
+
+    def _observe(self, url: str, reply: Reply) -> None:
+        headers = reply.headers
+        if self._learned:
+            if FORWARDED_BY_HEADER in headers:
+                self._stale = True
+        elif NODE_HEADER in headers:  # a node with the cluster API: learn its topology
+            self._stale = True
+        if reply.status == 503 and self.cluster:
+            self._stale = True
+        if self._down and url in self._down:
+            del self._down[url]
+            self._routes = {}
+
+    def _unreachable(self, url: str) -> None:
+        if not self.cluster:
+            return  # one node: nowhere else to go, retry it as before clusters
+        self._down[url] = self._clock()
+        self._routes = {}
+        self._stale = True
+        if url == self.home:
+            self.home = next((u for u in self._candidates() if u not in self._down), url)
+
+    def _candidates(self) -> tuple[str, ...]:
+        """The nodes to ask for the topology (or to send a call without a channel), the
+        current seed first, then the other seeds, then the nodes the topology names."""
+        return tuple(dict.fromkeys((self.home, *self._seeds, *self._nodes)))
+
+    def _refresh(self) -> Generator[Step, Got, None]:
+        """Fetches the topology from the first node that answers; leaves the view as it was
+        when none does (the call itself then meets the failure, and retries)."""
+        if self._refreshing or self._clock() - self._refreshed_at < MIN_REFRESH_S:
+            return
+        self._refreshing, self._stale = True, False
+        self._refreshed_at = self._clock()
+        call = self._wire.cluster()
+        try:
+            candidates = self._candidates()
+            up = [u for u in candidates if u not in self._down]
+            for url in up or candidates:
+                got = yield Send(url, call)
+                if not isinstance(got, Reply):
+                    self._unreachable(url)
+                    continue
+                if got.status == 200:
+                    self.learn(call.result(got))
+                    return
+                if got.status == 404:  # a node from before clusters
+                    self.learn(None)
+                    return
+                if got.status < 500:  # a wrong token: the caller has to know
+                    raise error_for(got.status, got.content, got.reason)
+            self._stale = True
+        finally:
+            self._refreshing = False

@@ -9,10 +9,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from lionmq.errors import ConnectionFailed, LionMQError, ServerError, error_for
-from lionmq.protocol import Call, Reply
+from lionmq.errors import (
+    ConnectionFailed,
+    LionMQError,
+    ServerError,
+    ServiceUnavailable,
+    error_for,
+)
+from lionmq.protocol import Call, Reply, Wait
 
 T = TypeVar("T")
+
+FAILOVER_POLL_S = 0.5
+"""Past `attempts`, a request to a cluster is retried at least this often, so it goes on within
+about this long after a shard's new owner starts serving."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +44,20 @@ class RetryPolicy:
     """How `Client` waits between tries."""
     async_sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, repr=False)
     """How `AsyncClient` waits between tries."""
+    failover_timeout: float = 10.0
+    """Seconds a request to a cluster (several seeds, or a topology naming several nodes) keeps
+    being retried after `attempts` ran out, while the answer is 503 or a node is unreachable:
+    a shard whose primary died has no owner until a backup takes it over (about 3 s), and the
+    request should outlast that rather than fail. 0 turns it off. A single standalone node
+    never gets it."""
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    """Seconds of a monotonic clock, for `failover_timeout` and topology refreshes."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.base_delay < 0 or self.max_delay < self.base_delay:
             raise ValueError("need attempts >= 1 and 0 <= base_delay <= max_delay")
+        if self.failover_timeout < 0:
+            raise ValueError("failover_timeout must be >= 0")
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (0 for the first retry).
@@ -48,14 +68,8 @@ class RetryPolicy:
         return step / 2 + self.random() * step / 2
 
     def begin(self) -> Attempts:
+        """The retry state of one call."""
         return Attempts(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Try again after `seconds`."""
-
-    seconds: float
 
 
 class Attempts:
@@ -63,28 +77,51 @@ class Attempts:
     `Wait` before the next try, or raises the error for the caller when no try is left or
     retrying cannot help."""
 
-    __slots__ = ("_policy", "_tries")
+    __slots__ = ("_policy", "_tries", "_until")
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._policy = policy
         self._tries = 1
+        self._until: float | None = None  # end of the failover allowance, once it started
 
-    def outcome(self, call: Call[T], reply: Reply) -> T | Wait:
+    def outcome(self, call: Call[T], reply: Reply, cluster: bool = False) -> T | Wait:
+        """`cluster`: the request goes to a cluster, so the failover allowance applies."""
         if reply.status in call.ok:
             return call.result(reply)
         error = error_for(reply.status, reply.content, reply.reason)
-        return self._next(error, reply.headers.get("retry-after"))
+        return self._next(error, reply.headers.get("retry-after"), cluster)
 
-    def failed(self, error: ConnectionFailed) -> Wait:
-        return self._next(error, None)
+    def failed(self, error: ConnectionFailed, cluster: bool = False) -> Wait:
+        return self._next(error, None, cluster)
 
-    def _next(self, error: LionMQError, retry_after: str | None) -> Wait:
-        retryable = isinstance(error, ConnectionFailed | ServerError)
-        if not retryable or self._tries >= self._policy.attempts:
+    def _next(self, error: LionMQError, retry_after: str | None, cluster: bool) -> Wait:
+        policy = self._policy
+        if not isinstance(error, ConnectionFailed | ServerError):
             raise error
-        delay = self._policy.backoff(self._tries - 1)
+        if self._tries < policy.attempts:
+            delay = policy.backoff(self._tries - 1)
+        else:
+            delay = self._failover_delay(error, cluster)
         self._tries += 1
         if retry_after is not None and retry_after.isdigit():
             # The node knows best when it will be back, but never wait past the policy's bound.
-            delay = min(max(delay, float(retry_after)), self._policy.max_delay)
+            delay = min(max(delay, float(retry_after)), policy.max_delay)
         return Wait(delay)
+
+    def _failover_delay(self, error: LionMQError, cluster: bool) -> float:
+        """The wait before one more try past `attempts`, or `error` raised: only a cluster's
+        failover signs (503, an unreachable node) earn more tries, for `failover_timeout`."""
+        policy = self._policy
+        if not (cluster and policy.failover_timeout and _failover_sign(error)):
+            raise error
+        now = policy.clock()
+        if self._until is None:
+            self._until = now + policy.failover_timeout
+        left = self._until - now
+        if left <= 0:
+            raise error
+        return min(policy.backoff(min(self._tries - 1, 32)), FAILOVER_POLL_S, left)
+
+
+def _failover_sign(error: LionMQError) -> bool:
+    return isinstance(error, ConnectionFailed | ServiceUnavailable)
