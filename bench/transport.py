@@ -36,11 +36,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 REPLY = b'{"ids":["1"]}'
 HEADERS = {"content-type": "application/json", "user-agent": "lionmq-bench-transport"}
 CALL: Call[Reply] = Call("POST", "/", lambda reply: reply, b'{"messages":[{"body":1}]}')
-SENDERS: dict[str, Callable[[str], AsyncSender]] = {
-    "httpx (AsyncHTTPTransport)": lambda url: HttpxSender(
-        url, HEADERS, 10.0, httpx.AsyncHTTPTransport()
-    ),
-    "lionmq default (aiohttp)": lambda url: AiohttpSender(url, HEADERS, 10.0, 100),
+SENDERS: dict[str, Callable[[], AsyncSender]] = {
+    "httpx (AsyncHTTPTransport)": lambda: HttpxSender(HEADERS, 10.0, httpx.AsyncHTTPTransport()),
+    "lionmq default (aiohttp)": lambda: AiohttpSender(HEADERS, 10.0, 100),
 }
 CONCURRENCY = (1, 32)
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,12 +89,12 @@ def server() -> Iterator[str]:
 
 
 async def measure(
-    url: str, make: Callable[[str], AsyncSender], concurrency: int, total: int, seconds: float
+    url: str, make: Callable[[], AsyncSender], concurrency: int, total: int, seconds: float
 ) -> tuple[float, float]:
     """Requests per second, and client CPU microseconds per request."""
-    sender = make(url)
+    sender = make()
     try:
-        await sender.send(CALL)  # connect outside the measurement
+        await sender.send(url, CALL)  # connect outside the measurement
         done = 0
         deadline = time.perf_counter() + seconds
 
@@ -104,7 +102,7 @@ async def measure(
             nonlocal done
             while done < total and time.perf_counter() < deadline:
                 done += 1
-                reply = await sender.send(CALL)
+                reply = await sender.send(url, CALL)
                 if reply.status != 200:
                     raise RuntimeError(f"the bench server answered {reply.status}")
 
