@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 
 class AsyncClient(ClientBase):
-    """A LionMQ client for asyncio; each method mirrors `Client`'s.
+    """A LionMQ client for asyncio; each method mirrors `Client`'s, and so do the URLs it
+    takes (one node, or seeds of a cluster) and how it routes in a cluster.
 
     By default requests travel straight over one aiohttp session, which holds its throughput
     under concurrent requests where httpx's own pool does not, at a fraction of the CPU per

@@ -32,6 +32,11 @@ T = TypeVar("T")
 class Client(ClientBase):
     """A LionMQ client for threaded code; safe to share between threads.
 
+    `base_url` is one node's URL, or several (seeds of a cluster). In a cluster each channel's
+    calls go straight to the node serving its shard, and a failover shows only as a delay
+    (see `lionmq.protocol.Router` for the rules); a single standalone node gets exactly the
+    requests it got before clusters.
+
     Connection errors and 5xx are retried per `retry`; every other failure raises a
     `LionMQError` subclass. Use it as a context manager, or call `close()`.
     """

@@ -344,6 +344,7 @@ class Router:
         self._shard_nodes: dict[str, tuple[str, ...]] = {}
         self._routes: dict[str, str] = {}  # channel -> url, memo of `_pick`
         self._down: dict[str, float] = {}  # url -> when it could not be reached
+        # `_down` is replaced, never changed in place: another thread may be iterating it.
         self.cluster = len(self._seeds) > 1
         """Several nodes known: failover signs (503, unreachable) earn the failover allowance
         and a topology refresh."""
@@ -427,14 +428,14 @@ class Router:
             self._stale = True
         if reply.status == 503 and self.cluster:
             self._stale = True
-        if self._down and url in self._down:
-            del self._down[url]
+        if self._down and url in self._down:  # it answers again
+            self._down = {u: at for u, at in self._down.items() if u != url}
             self._routes = {}
 
     def _unreachable(self, url: str) -> None:
         if not self.cluster:
             return  # one node: nowhere else to go, retry it as before clusters
-        self._down[url] = self._clock()
+        self._down = {**self._down, url: self._clock()}
         self._routes = {}
         self._stale = True
         if url == self.home:
