@@ -72,8 +72,21 @@ class AsyncClient(ClientBase):
 
     async def _call(self, call: Call[T]) -> T:
         """Drives the router's exchange (routing, refreshes, retries) over asyncio."""
-        steps, send = self._router.exchange(call, self._retry.begin()), self._sender.send
+        router, send = self._router, self._sender.send
         got: Got = None
+        url = router.first(call)
+        if url is not None:  # the fast path: one try that succeeds needs no more
+            try:
+                reply = await send(url, call)
+            except ConnectionFailed as error:
+                got = error
+            else:
+                if reply.status in call.ok:
+                    router.observe(url, reply)
+                    return call.result(reply)
+                got = reply
+        steps = router.exchange(call, self._retry.begin(), url, got)
+        got = None
         try:
             while True:
                 step = steps.send(got)

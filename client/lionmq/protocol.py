@@ -355,16 +355,29 @@ class Router:
 
     # -- the one loop ----------------------------------------------------------------------
 
-    def exchange(self, call: Call[T], attempts: Attempts) -> Generator[Step, Got, T]:
+    def first(self, call: Call[Any]) -> str | None:
+        """Where to send `call` straight away, or None when the view must be fetched first.
+
+        The drivers' fast path: a call whose first try succeeds costs this, `observe` and
+        the parse, and no `exchange` at all."""
+        if self._stale and call.channel is not None:
+            return None
+        return self.target(call.channel)
+
+    def exchange(
+        self, call: Call[T], attempts: Attempts, url: str | None = None, got: Got = None
+    ) -> Generator[Step, Got, T]:
         """Sends `call` until it has a result (the generator's return value) or fails for
-        good (the error is raised), refreshing the view of the cluster as its answers ask."""
+        good (the error is raised), refreshing the view of the cluster as its answers ask.
+        `url` and `got`: a first try the driver already made (see `first`)."""
         while True:
-            if self._stale and call.channel is not None:
-                yield from self._refresh()
-            url = self.target(call.channel)
-            got = yield Send(url, call)
+            if url is None:
+                if self._stale and call.channel is not None:
+                    yield from self._refresh()
+                url = self.target(call.channel)
+                got = yield Send(url, call)
             if isinstance(got, Reply):
-                self._observe(url, got)
+                self.observe(url, got)
                 outcome = attempts.outcome(call, got, self.cluster)
             else:
                 assert got is not None, "a Send is answered with a Reply or ConnectionFailed"
@@ -372,6 +385,7 @@ class Router:
                 outcome = attempts.failed(got, self.cluster)
             if not isinstance(outcome, Wait):
                 return outcome
+            url = None
             yield outcome
 
     def target(self, channel: str | None) -> str:
@@ -419,7 +433,8 @@ class Router:
         self._routes[channel] = url
         return url
 
-    def _observe(self, url: str, reply: Reply) -> None:
+    def observe(self, url: str, reply: Reply) -> None:
+        """Takes in what a reply from `url` says about the cluster."""
         headers = reply.headers
         if self._learned:
             if FORWARDED_BY_HEADER in headers:
