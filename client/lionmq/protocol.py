@@ -128,7 +128,7 @@ class Wire:
         self._purged: Callable[[Reply], int] = lambda r: purged(r).purged
         health = _decoding(msgspec.json.Decoder(dict[str, Any]))
         self._health: Callable[[Reply], dict[str, Any]] = health
-        self._cluster = _decoding(msgspec.json.Decoder(ClusterInfo))
+        self._cluster = _cluster_info(_decoding(msgspec.json.Decoder(ClusterInfo)))
         self._topology = _decoding(msgspec.json.Decoder(Topology))
 
     # -- messages --------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class Wire:
     # -- the cluster -----------------------------------------------------------------------
 
     def cluster(self) -> Call[ClusterInfo]:
-        return Call("GET", CLUSTER_PATH, self._cluster)
+        return Call("GET", CLUSTER_PATH, self._cluster, ok=_CLUSTER_ANSWERS)
 
     def set_nodes(self, request: SetNodes, admin_token: str | None) -> Call[Topology]:
         """`request` validated already (`lionmq.topology`): a bad one never leaves the client.
@@ -213,6 +213,20 @@ class Wire:
 
 _DELETED = frozenset({200, 204})
 _READY = frozenset({200, 503})
+
+
+_CLUSTER_ANSWERS = frozenset({200, 404})
+
+
+def _cluster_info(decode: Callable[[Reply], ClusterInfo]) -> Callable[[Reply], ClusterInfo]:
+    def parse(reply: Reply) -> ClusterInfo:
+        # Not ChannelNotFound, which a plain 404 would raise: the node predates clusters.
+        if reply.status == 404:
+            detail = "the node answered 404 to GET /cluster: it predates clusters"
+            raise UnexpectedResponse("No cluster API", detail, status=404)
+        return decode(reply)
+
+    return parse
 
 
 def _is_ready(reply: Reply) -> bool:

@@ -461,3 +461,19 @@ def test_a_wrong_api_token_on_the_topology_fetch_is_raised(cluster: FakeCluster)
 def _answer(status: int) -> httpx.MockTransport:
     body = {"title": "Invalid topology", "status": status, "detail": "rejected by the node"}
     return httpx.MockTransport(lambda request: httpx.Response(status, json=body))
+
+
+def test_cluster_of_a_node_from_before_clusters_says_so() -> None:
+    node = FakeNode()
+    old = httpx.MockTransport(
+        lambda request: (
+            httpx.Response(404, json={"title": "Not Found"})
+            if request.url.path == "/cluster"
+            else node.respond(request)[0]
+        )
+    )
+    with Client("http://node", transport=old, retry=fast()) as c:
+        with pytest.raises(lionmq.UnexpectedResponse, match="predates clusters") as error:
+            c.cluster()
+        c.enqueue("jobs", 1)  # and the client goes on as before
+    assert error.value.status == 404
