@@ -77,6 +77,9 @@ class Server:
             return web.json_response({"messages": []})
         if request.method == "DELETE":
             return web.Response(status=204)
+        if path == "/cluster/nodes":
+            shards = [{"id": f"s{i}", **shard} for i, shard in enumerate(body["shards"], 1)]
+            return web.json_response({"version": 2, "shards": shards})
         return web.Response(status=200, text="not json")
 
 
@@ -240,3 +243,23 @@ async def test_an_injected_transport_goes_through_httpx() -> None:
         assert (await client.health())["status"] == "ok"
     assert len(seen) == 2
     assert seen[1].headers["authorization"] == "Bearer t"
+
+
+async def test_default_path_tries_the_next_seed_and_sends_per_call_headers(
+    server: Server,
+) -> None:
+    """Over aiohttp too: a seed that refuses connections is passed over, and set_nodes sends
+    the admin token in place of the API token."""
+    dead = f"http://127.0.0.1:{closed_port()}"
+    async with AsyncClient([dead, server.url], token="api", admin_token="adm", retry=FAST) as c:
+        assert (await c.health())["status"] == "ok"
+        assert (await c.health())["status"] == "ok"
+        stored = await c.set_nodes([{"primary": "http://10.0.0.1:8000"}])
+    assert [s.raw_path for s in server.seen] == ["/health", "/health", "/cluster/nodes"]
+    assert [s.headers["authorization"] for s in server.seen] == [
+        "Bearer api",
+        "Bearer api",
+        "Bearer adm",
+    ]
+    assert server.seen[-1].body == {"shards": [{"primary": "http://10.0.0.1:8000", "backups": []}]}
+    assert stored.shards[0].primary == "http://10.0.0.1:8000"
