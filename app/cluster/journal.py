@@ -99,6 +99,25 @@ class Purged(msgspec.Struct, array_like=True, tag="u"):
     total: int
 
 
+class LeaseImage(msgspec.Struct, array_like=True):
+    id: int
+    attempt: int
+    deadline: int
+
+
+class ChannelImage(msgspec.Struct):
+    name: str
+    config: Settings
+    leases: list[LeaseImage]
+    ready: list[int]
+
+
+class Adopted(msgspec.Struct, array_like=True, tag="i"):
+    """The channel entered the owner's memory (created, or adopted from the store): whole."""
+
+    image: ChannelImage
+
+
 class Dropped(msgspec.Struct, array_like=True, tag="r"):
     """The channel left the owner's memory (deleted, or handed off)."""
 
@@ -106,7 +125,8 @@ class Dropped(msgspec.Struct, array_like=True, tag="r"):
 
 
 Delta = (
-    Settings
+    Adopted
+    | Settings
     | Enqueued
     | Leased
     | Acked
@@ -137,19 +157,6 @@ class Answer(msgspec.Struct, omit_defaults=True):
 
     applied: int | None = None
     snapshot: bool = False
-
-
-class LeaseImage(msgspec.Struct, array_like=True):
-    id: int
-    attempt: int
-    deadline: int
-
-
-class ChannelImage(msgspec.Struct):
-    name: str
-    config: Settings
-    leases: list[LeaseImage]
-    ready: list[int]
 
 
 class Snapshot(msgspec.Struct):
@@ -257,6 +264,11 @@ class Journal:
         return Snapshot(shard, log.epoch, log.seq, owner_id, images)
 
     # -- the engine's hook: one call per settled batch --------------------------------------
+    def adopted(self, ch: ChannelState) -> None:
+        log = self._log(ch.name)
+        if log is not None:
+            log.append(Adopted(image_of(ch)))
+
     def settings(self, ch: ChannelState) -> None:
         log = self._log(ch.name)
         if log is not None:
@@ -317,6 +329,7 @@ __all__ = [
     "HEAD_LIMIT",
     "JOURNAL_BOUND",
     "Acked",
+    "Adopted",
     "Answer",
     "ChannelImage",
     "DeadLettered",

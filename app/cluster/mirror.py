@@ -30,6 +30,7 @@ import msgspec
 from app.cluster.journal import (
     HEAD_LIMIT,
     Acked,
+    Adopted,
     Answer,
     ChannelImage,
     DeadLettered,
@@ -62,20 +63,14 @@ def snapshot_path(shard: str) -> str:
 
 @dataclass(slots=True)
 class ChannelMirror:
-    settings: Settings
+    settings: Settings  # as last received (its counts are those of that moment)
+    total: int
+    delayed: int
     leases: dict[int, tuple[int, int]] = field(default_factory=dict)  # id -> (attempt, deadline)
     head: list[int] = field(default_factory=list)  # lowest ready ids, sorted, <= HEAD_LIMIT
 
-    @property
-    def total(self) -> int:
-        return self.settings.total
-
-    @property
-    def delayed(self) -> int:
-        return self.settings.delayed
-
     def counts(self, total: int, delayed: int) -> None:
-        self.settings.total, self.settings.delayed = total, delayed
+        self.total, self.delayed = total, delayed
 
     def add_ready(self, ids: Iterable[int]) -> None:
         head = self.head
@@ -98,7 +93,8 @@ class ChannelMirror:
     @classmethod
     def of(cls, image: ChannelImage) -> ChannelMirror:
         leases = {lease.id: (lease.attempt, lease.deadline) for lease in image.leases}
-        return cls(image.config, leases, sorted(image.ready)[:HEAD_LIMIT])
+        s = image.config
+        return cls(s, s.total, s.delayed, leases, sorted(image.ready)[:HEAD_LIMIT])
 
 
 @dataclass(slots=True)
@@ -116,9 +112,13 @@ class ShardMirror:
         if isinstance(delta, Settings):
             ch = self.channels.get(delta.channel)
             if ch is None:
-                self.channels[delta.channel] = ChannelMirror(delta)
+                self.channels[delta.channel] = ChannelMirror(delta, delta.total, delta.delayed)
             else:
                 ch.settings = delta
+                ch.counts(delta.total, delta.delayed)
+            return True
+        if isinstance(delta, Adopted):
+            self.channels[delta.image.name] = ChannelMirror.of(delta.image)
             return True
         if isinstance(delta, Dropped):
             self.channels.pop(delta.channel, None)
@@ -288,7 +288,7 @@ class Mirror:
                 s.dead_letter,
                 s.max_length,
                 s.ttl_ms,
-            ) or (ch.total, ch.delayed) != (s.total, s.delayed):
+            ) or (ch.total, ch.delayed) != (mc.total, mc.delayed):
                 settings += 1
             stored = {i: (lease.attempt, lease.deadline) for i, lease in ch.leases.items()}
             leases += sum(1 for i, v in stored.items() if mc.leases.get(i) != v)
@@ -356,6 +356,10 @@ class Follower:
             return
         if self.mirror.install(snap, owner_url):
             log.info("mirror of %s resynced by snapshot at epoch %d seq %d", *_at(snap))
+
+    async def settle(self) -> None:
+        """Wait for the snapshot fetches under way (each logs its own failure)."""
+        await asyncio.gather(*list(self._fetching.values()))
 
     async def stop(self) -> None:
         tasks = list(self._fetching.values())

@@ -300,7 +300,7 @@ class QueueEngine:
             del self._entering[name]
         self.channels[name] = ch
         if self.journal is not None:
-            self.journal.settings(ch)
+            self.journal.adopted(ch)
         self._arm(ch)
         _wake_all(self._absent.pop(name, ()))
         return ch
