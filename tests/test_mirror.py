@@ -254,7 +254,7 @@ async def test_sender_resyncs_a_backup_past_the_bound(tmp_path: Path) -> None:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(route)) as http:
         follower = Follower(mirror, http, "secret", lambda: clock[0])
-        journal = Journal(lambda name: SHARD, bound=5)
+        journal = Journal(lambda name: SHARD, bound=10)
         sender = HeartbeatSender(
             engine=engine,
             journal=journal,
@@ -266,6 +266,7 @@ async def test_sender_resyncs_a_backup_past_the_bound(tmp_path: Path) -> None:
             heartbeat_ms=100,
             http=http,
             monotonic_ms=lambda: clock[0],
+            beat_limit=3,
         )
 
         async def beats(n: int) -> None:
@@ -283,14 +284,22 @@ async def test_sender_resyncs_a_backup_past_the_bound(tmp_path: Path) -> None:
             assert sender.lag() == {"http://backup": {SHARD: 0}}
             installed = mirror.snapshots_installed
             assert installed == 1
-            for i in range(8):  # past the bound of 5, between two beats
+            assert not journal.logs[SHARD].deltas  # all acknowledged: trimmed
+            for i in range(7):  # 3 deltas a beat at most: caught up over 3 beats
+                await engine.enqueue("jobs", [msg(i)])
+            await beats(2)
+            assert sender.lag()["http://backup"][SHARD] == 2
+            await beats(1)
+            assert sender.lag()["http://backup"][SHARD] == 0
+            assert mirror.snapshots_installed == installed  # by deltas, no snapshot
+            for i in range(11):  # past the bound of 10, between two beats
                 await engine.enqueue("jobs", [msg(i)])
             await beats(1)
             assert sender.lag()["http://backup"][SHARD] >= 1
             await beats(3)
             assert mirror.snapshots_installed == installed + 1
             assert sender.lag() == {"http://backup": {SHARD: 0}}
-            assert mirror.shards[SHARD].channels["jobs"].total == 9
+            assert mirror.shards[SHARD].channels["jobs"].total == 19
             assert mirror.lag(clock[0])[SHARD].heartbeat_age_ms == 0
         finally:
             await sender.stop()

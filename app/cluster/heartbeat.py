@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 import msgspec
 
-from app.cluster.journal import Answer, Delta, Heartbeat, Journal, Snapshot
+from app.cluster.journal import BEAT_LIMIT, Answer, Delta, Heartbeat, Journal, Snapshot
 from app.cluster.mirror import SECRET_HEADER
 from app.engine.queue import QueueEngine
 from app.errors import Fenced
@@ -61,6 +61,7 @@ class HeartbeatSender:
         heartbeat_ms: int,
         http: httpx.AsyncClient,
         monotonic_ms: Callable[[], int],
+        beat_limit: int = BEAT_LIMIT,
     ) -> None:
         self.engine = engine
         self.journal = journal
@@ -73,6 +74,7 @@ class HeartbeatSender:
         self._timeout = heartbeat_ms * _TIMEOUT_SHARE / 1000
         self._http = http
         self._mono = monotonic_ms
+        self._beat_limit = beat_limit
         self.peers: dict[tuple[str, str], Peer] = {}  # (backup url, shard) -> state
         self._task: asyncio.Task[None] | None = None
         self.beats = 0
@@ -104,6 +106,13 @@ class HeartbeatSender:
         targets = self._targets()
         await asyncio.gather(*(self._beat(backup, shard) for backup, shard in targets))
         self.beats += 1
+        held: dict[str, list[int | None]] = {}
+        for (_, shard), peer in self.peers.items():
+            held.setdefault(shard, []).append(peer.acked)
+        for shard, acked in held.items():
+            known = [a for a in acked if a is not None]
+            if len(known) == len(acked):  # (an unknown one may answer with an older seq)
+                self.journal.logs[shard].trim(min(known))
 
     def _targets(self) -> list[tuple[str, str]]:
         targets: list[tuple[str, str]] = []
@@ -127,14 +136,16 @@ class HeartbeatSender:
         peer = self.peers.get((backup, shard))
         if peer is None or peer.epoch != log_.epoch:
             peer = self.peers[(backup, shard)] = Peer(log_.epoch)
-        seq = log_.seq
+        seq = newest = log_.seq
         deltas: list[Delta] = []
         if peer.acked is None:
             base = seq  # a probe: the backup answers with what it holds
         else:
-            since = log_.since(peer.acked)
+            since = log_.since(peer.acked, self._beat_limit)
             base = -1 if since is None else peer.acked  # -1: resync by snapshot
             deltas = since or []
+            if base >= 0:
+                seq = base + len(deltas)
         hb = Heartbeat(shard, log_.epoch, self.node_id, self.node_url, base, seq, deltas)
         try:
             response = await self._http.post(
@@ -159,7 +170,7 @@ class HeartbeatSender:
             peer.lag += 1
         else:
             peer.acked = answer.applied
-            peer.lag = 0 if answer.applied >= seq else peer.lag + 1
+            peer.lag = 0 if answer.applied >= newest else peer.lag + 1
 
     # -- what the node shows and serves ---------------------------------------------------
     def lag(self) -> dict[str, dict[str, int]]:

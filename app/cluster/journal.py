@@ -22,8 +22,10 @@ import msgspec
 from app.engine.channel import ChannelState
 from app.models import ChannelConfig, Lease, Message
 
-# Deltas a shard's log keeps: at 10 beats a second of busy traffic, a few seconds of batches.
+# Deltas a shard's log keeps for a backup that lags (one batch each); past it, a snapshot.
 JOURNAL_BOUND = 10_000
+# Deltas one heartbeat carries at most: a backup far behind catches up over a few beats.
+BEAT_LIMIT = 2_000
 # Ready ids a channel image carries: the head of its ready window, what a consumer gets first.
 HEAD_LIMIT = 1000
 
@@ -212,15 +214,23 @@ class ShardLog:
         self.deltas.append(delta)
         self.seq += 1
 
-    def since(self, base: int) -> list[Delta] | None:
-        """The deltas after `base`, or None when the log no longer holds them all."""
+    def since(self, base: int, limit: int = BEAT_LIMIT) -> list[Delta] | None:
+        """Up to `limit` deltas after `base`, or None when the log no longer holds them all."""
         if base > self.seq:
             return None
         held = len(self.deltas)
         missing = self.seq - base
         if missing > held:
             return None
-        return list(islice(self.deltas, held - missing, held))
+        first = held - missing
+        return list(islice(self.deltas, first, min(held, first + limit)))
+
+    def trim(self, upto: int) -> None:
+        """Forget the deltas every backup holds (seq <= upto): the log stays about one beat
+        long while the backups keep up, and reaches the bound only for one that lags."""
+        drop = min(len(self.deltas), upto - (self.seq - len(self.deltas)))
+        for _ in range(drop):
+            self.deltas.popleft()
 
 
 class Journal:
@@ -326,6 +336,7 @@ class Journal:
 
 
 __all__ = [
+    "BEAT_LIMIT",
     "HEAD_LIMIT",
     "JOURNAL_BOUND",
     "Acked",
