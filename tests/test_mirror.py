@@ -307,3 +307,31 @@ async def test_sender_resyncs_a_backup_past_the_bound(tmp_path: Path) -> None:
             await engine.stop()
             await env.store.close()
         assert engine.journal is None
+
+
+async def test_a_channel_that_moves_shards_is_dropped_from_its_old_shard(tmp_path: Path) -> None:
+    """After a new topology the channel is released (hand-off): its Dropped goes to the shard
+    it was journaled under, and it is adopted anew under its new shard."""
+    env = Env(tmp_path / "owner.db")
+    engine = await env.open()
+    placement = {"a": "s1"}
+    journal = Journal(lambda name: placement[name])
+    old, new = journal.open("s1", 1), journal.open("s2", 1)
+    engine.journal = journal
+    try:
+        await engine.enqueue("a", [msg(1)])
+        assert [type(d).__name__ for d in old.deltas] == ["Adopted", "Enqueued"]
+        placement["a"] = "s2"  # the new topology moves it
+        await engine.enqueue("a", [msg(2)])  # still s1's until it is handed off
+        engine.release("a")
+        assert [type(d).__name__ for d in old.deltas][-2:] == ["Enqueued", "Dropped"]
+        assert not new.deltas
+        await engine.adopt("a", engine.default_config("a"))
+        assert [type(d).__name__ for d in new.deltas] == ["Adopted"]
+        snap = journal.snapshot("s2", "owner", engine.channels)
+        assert [c.name for c in snap.channels] == ["a"] and snap.seq == 1
+        assert snap.channels[0].config.total == 2
+        assert journal.snapshot("s1", "owner", engine.channels).channels == []
+    finally:
+        await engine.stop()
+        await env.store.close()

@@ -235,7 +235,10 @@ class ShardLog:
 
 class Journal:
     """Every owned shard's log; the engine's hook. `shard_of(channel)` is the placement (the
-    runtime's); it is remembered per channel until `placement_changed` (a new topology)."""
+    runtime's), asked once per channel in memory: a channel is journaled under the shard it had
+    when it entered memory until it leaves (`dropped`), so a channel that moves to another
+    shard after a new topology has its Dropped in its old shard's log, where its backups need
+    it (the hand-off releases it before the new owner adopts it)."""
 
     def __init__(self, shard_of: Callable[[str], str], bound: int = JOURNAL_BOUND) -> None:
         self._shard_of = shard_of
@@ -253,9 +256,6 @@ class Journal:
 
     def close(self, shard: str) -> None:
         self.logs.pop(shard, None)
-
-    def placement_changed(self) -> None:
-        self._placed.clear()
 
     def shard_of(self, channel: str) -> str:
         shard = self._placed.get(channel)
