@@ -150,6 +150,8 @@ async def test_deltas_keep_the_mirror_equal_to_the_engine(pair: Pair) -> None:
     pair.check()
     await env.tick(5_001)  # two leases expire, the delayed one falls due
     pair.check()
+    await engine.give_back("jobs", await engine.dequeue("jobs", 1, 0, None))  # consumer gone
+    pair.check()
     await engine.configure("jobs", {"max_attempts": 1})
     await engine.dequeue("jobs", 2, 0, 1_000)  # attempts used up: dead-lettered
     await env.tick(1_001)  # (at delivery, or when these leases expire)

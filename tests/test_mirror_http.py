@@ -87,11 +87,12 @@ class Peer:
     def engine(self) -> QueueEngine:
         return self.env.engine
 
-    async def start(self) -> Peer:
+    async def start(self, *, beating: bool = True) -> Peer:
         await self.env.open()
         self.task = asyncio.create_task(self.server.serve())
         await eventually(lambda: self.server.started, 10, f"server on {self.port}")
-        await self.sender.start()
+        if beating:
+            await self.sender.start()
         return self
 
     async def stop(self) -> None:
@@ -202,3 +203,44 @@ async def test_internal_routes_need_the_cluster_secret(
         assert r.status_code == 400, r.text
     finally:
         await node.stop()
+
+
+async def test_a_dead_backup_does_not_slow_the_others(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """One backup accepts connections and never answers: each beat still ends within the
+    beat, and the live backup keeps lag 0 while the dead one's lag grows by one a beat."""
+    hung: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    dead_url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    live_port = free_port()
+    live_url = f"http://127.0.0.1:{live_port}"
+    owner = Peer(tmp_path / "owner.db", free_port(), {SHARD: 1}, [dead_url, live_url], http)
+    live = Peer(tmp_path / "live.db", live_port, {}, [], http)
+    await owner.start(beating=False)  # beats driven by hand below
+    await live.start()
+    try:
+        await owner.engine.enqueue("a", [msg(1)])
+        for _ in range(4):
+            began = time.monotonic()
+            await owner.sender.tick(mono())
+            assert time.monotonic() - began < BEAT_MS / 1000 * 0.8 + 0.15
+            await live.follower.settle()
+        assert owner.sender.lag() == {dead_url: {SHARD: 4}, live_url: {SHARD: 0}}
+        assert mirrored_channels(live) == {"a"}
+    finally:
+        await live.stop()
+        await owner.stop()
+        for writer in hung:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+def mirrored_channels(peer: Peer) -> set[str]:
+    m = peer.mirror.shards.get(SHARD)
+    return set(m.channels) if m is not None else set()

@@ -593,16 +593,16 @@ class QueueEngine:
             ch.unlease(held)
             ch.wake(len(held))
             if self.journal is not None:
-                self.journal.released(ch, ids, (lease.message for lease in held))
+                back = [lease.message for lease in held]
+                self.journal.released(ch, [m.id for m in back], back)
 
         # A lease whose deadline has passed is ready: writing one with the previous attempt
         # and deadline 0 is, in the store's own terms, the delivery that never happened.
         pairs = [(lease.message.id, lease.attempt - 1) for lease in held]
-        ids = [lease.message.id for lease in held]
         await self._complete(
             ch,
             epoch,
-            ids,
+            [lease.message.id for lease in held],
             lambda: self.store.lease(ch.name, pairs, 0),
             lambda: ch.restore(held),
             finish,
