@@ -337,3 +337,18 @@ async def test_a_channel_that_moves_shards_is_dropped_from_its_old_shard(tmp_pat
     finally:
         await engine.stop()
         await env.store.close()
+
+
+async def test_a_journal_restarted_at_the_same_epoch_resyncs_the_backup(pair: Pair) -> None:
+    """The owner's log for a shard starts again from 0 at the same epoch (its backups were
+    gone for a while): the backup, ahead of it, asks for a snapshot and takes it."""
+    await pair.env.engine.enqueue("a", [msg(1), msg(2)])
+    pair.check()
+    assert pair.mirror.shards[SHARD].seq > 0
+    pair.journal.close(SHARD)
+    pair.log = pair.journal.open(SHARD, 1)
+    pair.acked = None
+    assert pair.beat().snapshot
+    assert pair.mirror.shards[SHARD].seq == 0
+    await pair.env.engine.enqueue("a", [msg(3)])
+    pair.check()

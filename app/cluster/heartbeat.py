@@ -156,7 +156,7 @@ class HeartbeatSender:
             )
             response.raise_for_status()
             answer = _answer_decoder.decode(response.content)
-        except (httpx.HTTPError, msgspec.ValidationError) as exc:
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
             peer.lag += 1
             if not peer.failing:  # one line when it starts failing, one when it is back
                 log.warning("heartbeat of %s to %s failed: %r", shard, backup, exc)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -189,6 +190,9 @@ class Mirror:
         self.shards: dict[str, ShardMirror] = {}
         self._highest: dict[str, int] = {}
         self._last_beat: dict[str, int] = {}
+        # Shards whose mirror asked for a snapshot: the next one replaces it, whatever its seq
+        # (an owner whose journal restarted at the same epoch numbers from 0 again).
+        self._resync: set[str] = set()
         # Counters for /metrics.
         self.snapshots_installed = 0
         self.refused = 0
@@ -213,6 +217,7 @@ class Mirror:
         self._last_beat[hb.shard] = now_mono
         m = self.shards.get(hb.shard)
         if m is None or m.epoch != hb.epoch or hb.base < 0 or m.seq > hb.seq:
+            self._resync.add(hb.shard)
             return Answer(snapshot=True)
         m.owner_id, m.owner_url = hb.owner_id, hb.owner_url
         if m.seq < hb.base:
@@ -227,18 +232,21 @@ class Mirror:
             if not m.apply(delta):
                 log.warning("mirror of %s missed a channel's start: resyncing", hb.shard)
                 del self.shards[hb.shard]
+                self._resync.add(hb.shard)
                 return Answer(snapshot=True)
             m.seq += 1
         return Answer(applied=m.seq)
 
     def install(self, snap: Snapshot, owner_url: str) -> bool:
-        """Take a snapshot in place of the shard's mirror, unless a later epoch was seen (or
-        the mirror already holds this epoch past the snapshot's seq)."""
+        """Take a snapshot in place of the shard's mirror, unless a later epoch was seen (or,
+        unasked, the mirror already holds this epoch as far as the snapshot)."""
         if snap.epoch < self._highest.get(snap.shard, -1):
             return False
         m = self.shards.get(snap.shard)
-        if m is not None and m.epoch == snap.epoch and m.seq >= snap.seq:
+        asked = snap.shard in self._resync
+        if not asked and m is not None and m.epoch == snap.epoch and m.seq >= snap.seq:
             return False
+        self._resync.discard(snap.shard)
         self._highest[snap.shard] = snap.epoch
         channels = {image.name: ChannelMirror.of(image) for image in snap.channels}
         self.shards[snap.shard] = ShardMirror(
@@ -251,6 +259,7 @@ class Mirror:
         """No longer a backup of the shard (or now its owner)."""
         self.shards.pop(shard, None)
         self._last_beat.pop(shard, None)
+        self._resync.discard(shard)
 
     def channels_of(self, shard: str) -> dict[str, ChannelConfig]:
         """The shard's channels as the mirror knows them (a hint; the store decides)."""
@@ -337,8 +346,13 @@ class Follower:
         if answer.snapshot and hb.shard not in self._fetching:
             task = asyncio.create_task(self._fetch(hb.shard, hb.owner_url))
             self._fetching[hb.shard] = task
-            task.add_done_callback(lambda _: self._fetching.pop(hb.shard, None))
+            task.add_done_callback(functools.partial(self._fetched, hb.shard))
         return answer
+
+    def _fetched(self, shard: str, task: asyncio.Task[None]) -> None:
+        self._fetching.pop(shard, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("snapshot of %s failed", shard, exc_info=task.exception())
 
     async def _fetch(self, shard: str, owner_url: str) -> None:
         """One snapshot; a failure is logged and counted, and the next heartbeat asks again."""
@@ -350,7 +364,7 @@ class Follower:
             )
             response.raise_for_status()
             snap = _snapshot_decoder.decode(response.content)
-        except (httpx.HTTPError, msgspec.ValidationError) as exc:
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
             self.fetch_failures += 1
             log.warning("snapshot of %s from %s failed: %s", shard, owner_url, exc)
             return
