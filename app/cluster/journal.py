@@ -76,8 +76,12 @@ class Released(msgspec.Struct, array_like=True, tag="b"):
 
 
 class Extended(msgspec.Struct, array_like=True, tag="x"):
+    """Leases given a new deadline (whole, with their attempts: a snapshot taken while the
+    extend was being written did not hold them)."""
+
     channel: str
     ids: list[int]
+    attempts: list[int]
     deadline: int
 
 
@@ -194,7 +198,10 @@ def config_of(s: Settings) -> ChannelConfig:
 
 
 def image_of(ch: ChannelState) -> ChannelImage:
-    """The channel as memory holds it now (leases being settled are left to their delta)."""
+    """The channel as memory holds it now. Messages a completion holds out of reach while its
+    write runs (an ack, a nack, an extend, a lease being written) are left to that
+    completion's delta; should the write fail, they go back unannounced and the mirror lacks
+    them until the next snapshot (the takeover's reconcile reports it; the store decides)."""
     leases = [LeaseImage(i, lease.attempt, lease.deadline) for i, lease in ch.leases.items()]
     return ChannelImage(ch.name, settings_of(ch), leases, sorted(ch.ready)[:HEAD_LIMIT])
 
@@ -307,10 +314,12 @@ class Journal:
         if log is not None:
             log.append(Released(ch.name, ids, [m.id for m in ready], ch.total, ch.delayed))
 
-    def extended(self, ch: ChannelState, ids: list[int], deadline: int) -> None:
+    def extended(self, ch: ChannelState, leases: Sequence[Lease], deadline: int) -> None:
         log = self._log(ch.name)
         if log is not None:
-            log.append(Extended(ch.name, ids, deadline))
+            ids = [lease.message.id for lease in leases]
+            attempts = [lease.attempt for lease in leases]
+            log.append(Extended(ch.name, ids, attempts, deadline))
 
     def dead_lettered(self, ch: ChannelState, ids: list[int]) -> None:
         log = self._log(ch.name)

@@ -130,10 +130,6 @@ class ShardMirror:
         if isinstance(delta, Enqueued):
             ch.counts(delta.total, delta.delayed)
             ch.add_ready(delta.ready)
-        elif isinstance(delta, Leased):
-            ch.remove(delta.ids)
-            for msg_id, attempt in zip(delta.ids, delta.attempts, strict=True):
-                ch.leases[msg_id] = (attempt, delta.deadline)
         elif isinstance(delta, Acked | DeadLettered):
             ch.remove(delta.ids)
             ch.counts(delta.total, delta.delayed)
@@ -141,11 +137,10 @@ class ShardMirror:
             ch.remove(delta.ids)
             ch.add_ready(delta.ready)
             ch.counts(delta.total, delta.delayed)
-        elif isinstance(delta, Extended):
-            for msg_id in delta.ids:
-                lease = ch.leases.get(msg_id)
-                if lease is not None:
-                    ch.leases[msg_id] = (lease[0], delta.deadline)
+        elif isinstance(delta, Leased | Extended):
+            ch.remove(delta.ids)
+            for msg_id, attempt in zip(delta.ids, delta.attempts, strict=True):
+                ch.leases[msg_id] = (attempt, delta.deadline)
         elif isinstance(delta, Promoted):
             ch.add_ready(delta.ids)
             ch.counts(delta.total, delta.delayed)

@@ -783,7 +783,7 @@ class QueueEngine:
                 ch.restore(held)
                 self._timer(ch, deadline)
                 if self.journal is not None:
-                    self.journal.extended(ch, ids, deadline)
+                    self.journal.extended(ch, held, deadline)
 
             await self._complete(
                 ch,
