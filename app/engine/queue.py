@@ -18,7 +18,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 
@@ -37,6 +37,9 @@ from app.models import (
     valid_channel_name,
 )
 from app.store.base import Store
+
+if TYPE_CHECKING:
+    from app.cluster.journal import Journal
 
 log = logging.getLogger("lionmq.engine")
 
@@ -154,6 +157,9 @@ class QueueEngine:
         self.activity: set[str] | None = None
         # Set when a timer earlier than the maintenance loop's next wake appears.
         self.timers_changed = asyncio.Event()
+        # The mirror's hook (app.cluster.journal): told of every settled batch, None when no
+        # shard this node owns has a backup (then it costs one attribute test per batch).
+        self.journal: Journal | None = None
 
     # -- start and stop ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -293,6 +299,8 @@ class QueueEngine:
         finally:
             del self._entering[name]
         self.channels[name] = ch
+        if self.journal is not None:
+            self.journal.adopted(ch)
         self._arm(ch)
         _wake_all(self._absent.pop(name, ()))
         return ch
@@ -307,6 +315,8 @@ class QueueEngine:
             return None
         self.timers.disarm(name)
         ch.epoch += 1
+        if self.journal is not None:
+            self.journal.dropped(name)
         ch.wake()
         if ch.loading is not None:
             ch.loading.cancel()
@@ -323,6 +333,8 @@ class QueueEngine:
         finally:
             ch.end_write()
         ch.config = config
+        if self.journal is not None:
+            self.journal.settings(ch)
         return ch
 
     @_noted
@@ -343,6 +355,8 @@ class QueueEngine:
         ch.delaying.clear()
         ch.cursor, ch.exhausted = 0, False
         ch.next_due = ch.next_expiry = None
+        if self.journal is not None:
+            self.journal.purged(ch)
         return count
 
     @_noted
@@ -450,6 +464,8 @@ class QueueEngine:
         if ready:
             ch.add_fresh(ready)
             ch.wake(len(ready))
+        if self.journal is not None:
+            self.journal.enqueued(ch, new)
 
     def _set_due(self, ch: ChannelState, due: int) -> None:
         if ch.next_due is None or due < ch.next_due:
@@ -542,6 +558,8 @@ class QueueEngine:
         ch.dequeued += len(leases)
         ch.redelivered += sum(1 for lease in leases if lease.attempt > 1)
         self._timer(ch, deadline)
+        if self.journal is not None:
+            self.journal.leased(ch, leases, deadline)
         return leases
 
     async def _abandoned(
@@ -574,6 +592,9 @@ class QueueEngine:
         def finish() -> None:
             ch.unlease(held)
             ch.wake(len(held))
+            if self.journal is not None:
+                back = [lease.message for lease in held]
+                self.journal.released(ch, [m.id for m in back], back)
 
         # A lease whose deadline has passed is ready: writing one with the previous attempt
         # and deadline 0 is, in the store's own terms, the delivery that never happened.
@@ -724,6 +745,8 @@ class QueueEngine:
                 ch.total -= len(ids)
                 ch.acked += len(ids)
                 ch.record_ack_latency(claim.now, held)
+                if self.journal is not None:
+                    self.journal.acked(ch, ids)
 
             await self._complete(
                 ch,
@@ -759,6 +782,8 @@ class QueueEngine:
                     lease.deadline = deadline
                 ch.restore(held)
                 self._timer(ch, deadline)
+                if self.journal is not None:
+                    self.journal.extended(ch, held, deadline)
 
             await self._complete(
                 ch,
@@ -822,6 +847,8 @@ class QueueEngine:
             if ready:
                 ch.push_ready(ready)
                 ch.wake(len(ready))
+            if self.journal is not None:
+                self.journal.released(ch, ids, ready)
 
         def undo() -> None:
             promoted()  # forgotten: the restored leases end (and are released) again
@@ -886,6 +913,8 @@ class QueueEngine:
             ch.forget(ids)
             ch.total -= len(ids)
             ch.dead_lettered += len(ids)
+            if self.journal is not None:
+                self.journal.dead_lettered(ch, ids)
             log.info("dead-lettered %d message(s) from %s (%s)", len(ids), ch.name, reason)
 
         return await self._complete(ch, epoch, ids, move, put_back, finish)
@@ -1022,6 +1051,8 @@ class QueueEngine:
         if due:
             ch.add_promoted(due)
             ch.wake(len(due))
+            if self.journal is not None:
+                self.journal.promoted(ch, due)
         # A full batch means more may be due right now.
         ch.next_due = now if len(due) == _SWEEP_LIMIT else await self.store.next_due(ch.name)
 

@@ -1,0 +1,75 @@
+"""Node-to-node routes of the mirror, authenticated by the cluster secret (not the API token):
+`POST /cluster/internal/heartbeat` (a backup takes an owner's deltas) and
+`GET /cluster/internal/shards/{shard}/snapshot` (an owner gives a resyncing backup its image).
+
+The lifespan puts the parts on `app.state.mirroring` (a `Mirroring`); the router is built with
+the secret: `app.include_router(internal.router(settings.cluster_secret))`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+import msgspec
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from app.cluster.heartbeat import HEARTBEAT_PATH, HeartbeatSender
+from app.cluster.journal import Heartbeat
+from app.cluster.mirror import SECRET_HEADER, Follower, snapshot_path
+from app.errors import MalformedRequest, NotReady, Unauthorized
+
+
+@dataclass(slots=True)
+class Mirroring:
+    """What the internal routes serve: the backup side and the owner side."""
+
+    follower: Follower
+    sender: HeartbeatSender
+
+
+_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+_encoder = msgspec.json.Encoder()
+
+
+def _mirroring(request: Request) -> Mirroring:
+    parts: Mirroring | None = getattr(request.app.state, "mirroring", None)
+    if parts is None:
+        raise NotReady("the node is starting: its cluster parts are not up yet")
+    return parts
+
+
+def router(secret: str) -> APIRouter:
+    expected = secret.encode()
+
+    def authenticated(request: Request) -> None:
+        given = request.headers.get(SECRET_HEADER)
+        # No secret configured: no node may call in (the setting is required in a cluster).
+        if not expected or given is None or not hmac.compare_digest(given.encode(), expected):
+            raise Unauthorized(
+                f"node-to-node calls need the header {SECRET_HEADER} with the cluster's"
+                " CLUSTER_SECRET" + ("" if given is None else "; the one given is wrong")
+            )
+
+    r = APIRouter(include_in_schema=False, dependencies=[Depends(authenticated)])
+
+    @r.post(HEARTBEAT_PATH)
+    async def heartbeat(request: Request) -> Response:
+        parts = _mirroring(request)
+        try:
+            hb = _heartbeat_decoder.decode(await request.body())
+        except msgspec.DecodeError as exc:
+            raise MalformedRequest(f"heartbeat: {exc}") from exc
+        answer = parts.follower.heartbeat(hb)
+        return Response(_encoder.encode(answer), media_type="application/json")
+
+    @r.get(snapshot_path("{shard}"))
+    async def snapshot(shard: str, request: Request) -> Response:
+        snap = _mirroring(request).sender.snapshot(shard)
+        return Response(_encoder.encode(snap), media_type="application/json")
+
+    return r
+
+
+__all__ = ["Mirroring", "router"]
