@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from cluster_views import IDS, LEASE, A, B, C, D, cluster_doc
 
 from watcher.cluster import ClusterState
 from watcher.hub import Hub
@@ -14,12 +15,6 @@ from watcher.settings import WatcherSettings
 
 T0 = 1_700_000_000_000
 INTERVAL = 1000
-LEASE = 2000
-A = "http://127.0.0.1:7001"  # primary of s1
-B = "http://127.0.0.1:7002"  # backup of s1
-C = "http://127.0.0.1:7003"  # primary of s2
-D = "http://127.0.0.1:7004"  # backup of s2
-IDS = {A: "node-a", B: "node-b", C: "node-c", D: "node-d"}
 
 
 class Clock:
@@ -28,60 +23,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
-
-
-def cluster_doc(
-    me: str,
-    owners: dict[str, tuple[str | None, int, int | None]],
-    *,
-    down: frozenset[str] = frozenset(),
-    lag: dict[str, dict[str, int]] | None = None,
-    version: int = 1,
-    primaries: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """`me`'s GET /cluster: shard -> (owner url, epoch, lease expires in ms)."""
-    members = {"s1": (A, [B]), "s2": (C, [D])}
-    if primaries:
-        members = {s: (primaries.get(s, p), bs) for s, (p, bs) in members.items()}
-    shards = []
-    for slot, (sid, (primary, backups)) in enumerate(sorted(members.items()), start=1):
-        owner, epoch, expires = owners[sid]
-        shards.append(
-            {
-                "id": sid,
-                "slot": slot,
-                "primary": primary,
-                "backups": backups,
-                "owner": owner,
-                "owner_id": IDS[owner] if owner else None,
-                "epoch": epoch,
-                "lease_expires_in_ms": expires,
-                "channels": 10 * slot,
-            }
-        )
-    nodes = []
-    for url in (A, B, C, D):
-        shard_ids = [s for s, (p, bs) in members.items() if url == p or url in bs]
-        owns = any(o == url for o, _, _ in owners.values())
-        nodes.append(
-            {
-                "url": url,
-                "id": IDS[url],
-                "role": "primary" if owns else "backup",
-                "shards": shard_ids,
-                "status": "down" if url in down else "up",
-                "heartbeat_age_ms": 100,
-                "lag": (lag or {}).get(url),
-                "applied_version": version,
-            }
-        )
-    role = "primary" if any(o == me for o, _, _ in owners.values()) else "backup"
-    return {
-        "version": version,
-        "node": {"id": IDS[me], "url": me, "role": role},
-        "shards": shards,
-        "nodes": nodes,
-    }
 
 
 def frame(me: str, cluster: dict[str, Any] | None, **kw: Any) -> bytes:
