@@ -23,7 +23,7 @@ The watcher only reads what the nodes report:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from watcher.schema import MAX_CLUSTER_NODES, ClusterView
@@ -62,6 +62,7 @@ class ShardTrack:
     since_ms: int | None = None
     # The last observation of `owner` holding the shard, and the first of no live owner.
     held_ms: int | None = None
+    released: bool = False
     unowned_since_ms: int | None = None
     expires_at_ms: int | None = None
     channels: int | None = None
@@ -113,18 +114,27 @@ class ClusterState:
         url: str,
         view: ClusterView,
         now_ms: int,
-        alive: dict[str, Status],
+        interval_ms: int,
     ) -> list[Event]:
-        """Take one node's view; returns the timeline entries it added.
+        """Take one node's view (it reports every `interval_ms`); returns the timeline entries
+        it added.
 
-        `alive` is the watcher's telemetry status of every reporting node, by normalised URL: it
-        tells a failover (the old owner stopped reporting) from a hand-off.
+        A change of owner is a hand-off when the old owner said it let the shard go, or kept
+        reporting on time across the change (a set-nodes move); else a failover (it went silent:
+        dead, stopped, or cut off).
         """
         me = normalize(url or (view.node.url if view.node else ""))
         if not me:
             return []
         if me not in self.reporters and len(self.reporters) >= self.max_reporters:
             return []
+        previous = self.reporters.get(me)
+        # The time of this node's report before this one, when it came on time.
+        on_time_since = (
+            previous.received_ms
+            if previous is not None and now_ms - previous.received_ms <= 2 * interval_ms
+            else None
+        )
         self.reporters[me] = Reporter(me, node_id, view, now_ms)
         if view.version >= self.version:
             self.version = view.version
@@ -140,9 +150,11 @@ class ClusterState:
             )
             if shard.channels is not None and (owner == me or track.channels is None):
                 track.channels = shard.channels  # the owner knows its channels best
+            if track.owner == me and shard.epoch == track.epoch and not (live and owner == me):
+                track.released = True  # the owner itself says it no longer holds the shard
             if shard.epoch > track.epoch or not track.seen:
                 if live and owner is not None:
-                    event = self._taken(track, shard.epoch, owner, shard.owner_id, now_ms, alive)
+                    event = self._taken(track, shard.epoch, owner, shard.owner_id, now_ms)
                     if event is not None:
                         added.append(event)
                         self.events.append(event)
@@ -153,14 +165,26 @@ class ClusterState:
             elif live and owner == track.owner:
                 # The owner's own report says it holds the shard; a peer's only counts for an
                 # owner that does not report here (a peer reads the lease, alive or not).
-                if owner == me or owner not in alive:
+                if owner == me or owner not in self.reporters:
                     track.held_ms = now_ms
                     track.unowned_since_ms = None
             elif not live and track.unowned_since_ms is None:
                 track.unowned_since_ms = now_ms
             if live and owner == track.owner and shard.lease_expires_in_ms is not None:
                 track.expires_at_ms = now_ms + shard.lease_expires_in_ms
+        if on_time_since is not None:
+            self._handed_off(me, on_time_since)
         return added
+
+    def _handed_off(self, me: str, since_ms: int) -> None:
+        """`me` reported on time since `since_ms`: an owner change away from it since then was
+        a hand-off, not a failover."""
+        for i in range(len(self.events) - 1, -1, -1):
+            event = self.events[i]
+            if event.at_ms < since_ms:
+                break
+            if event.from_url == me and event.kind == "failover":
+                self.events[i] = replace(event, kind="handoff")
 
     def _topology(self, view: ClusterView) -> None:
         """The newest topology decides which shards exist and who is configured where."""
@@ -180,11 +204,11 @@ class ClusterState:
         owner: str,
         owner_id: str | None,
         now_ms: int,
-        alive: dict[str, Status],
     ) -> Event | None:
         first = not track.seen
         track.seen = True
-        before, before_id = track.owner, track.owner_id
+        before, before_id, released = track.owner, track.owner_id, track.released
+        track.released = False
         start = track.held_ms if track.held_ms is not None else track.unowned_since_ms
         track.epoch, track.owner, track.owner_id = epoch, owner, owner_id
         track.since_ms = track.held_ms = now_ms
@@ -194,7 +218,7 @@ class ClusterState:
         kind: EventKind
         if before is None:
             kind = "acquired"
-        elif before != owner and alive.get(before) == "up":
+        elif released:
             kind = "handoff"
         else:
             kind = "failover"

@@ -118,8 +118,10 @@ class Hub:
             log.info("node %r reporting (%s)", record.node_id, record.latest.url)
         view = record.latest.cluster
         if view is not None:
-            alive = {url: t[1] for url, t in self.telemetry(now).items()}
-            for event in self.cluster.observe(record.node_id, record.latest.url, view, now, alive):
+            interval = record.latest.interval_ms
+            for event in self.cluster.observe(
+                record.node_id, record.latest.url, view, now, interval
+            ):
                 log.warning(
                     "shard %s: %s %s -> %s (epoch %d, %s ms without owner)",
                     event.shard,

@@ -204,6 +204,28 @@ def test_a_handoff_to_a_new_owner_while_the_old_one_reports_is_not_a_failover() 
     assert picture(hub)["shards"][0]["primary"] == B
 
 
+def test_an_old_owner_that_kept_reporting_on_time_handed_off_one_back_from_silence_failed() -> None:
+    hub, clock = make_hub()
+    everyone_reports(hub, HEALTHY)
+    # s1 moves to B between two on-time reports of A (B's report comes first).
+    clock.now += INTERVAL // 2
+    moved = {"s1": (B, 2, LEASE), "s2": (C, 1, LEASE)}
+    report(hub, frame(B, cluster_doc(B, moved)))
+    assert picture(hub)["timeline"][0]["kind"] == "failover"  # for now: A has not spoken
+    clock.now += INTERVAL // 2
+    report(hub, frame(A, cluster_doc(A, moved)))
+    assert picture(hub)["timeline"][0]["kind"] == "handoff"
+    # s2's owner C freezes (SIGSTOP) past its lease; D takes s2; C comes back and reports.
+    clock.now += 4 * INTERVAL
+    failed_over = {"s1": (B, 2, LEASE), "s2": (D, 2, LEASE)}
+    report(hub, frame(B, cluster_doc(B, failed_over)))
+    clock.now += INTERVAL // 2
+    report(hub, frame(C, cluster_doc(C, failed_over)))
+    latest = picture(hub)["timeline"][0]
+    assert (latest["shard"], latest["kind"], latest["to"]) == ("s2", "failover", D)
+    assert latest["gap_ms"] == 5 * INTERVAL  # from C's last report holding s2, at T0
+
+
 def test_a_backups_lag_comes_from_its_primarys_view() -> None:
     hub, _clock = make_hub()
     report(hub, frame(A, cluster_doc(A, HEALTHY, lag={B: {"s1": 3}})))
@@ -214,11 +236,10 @@ def test_a_backups_lag_comes_from_its_primarys_view() -> None:
 
 def test_the_timeline_is_bounded() -> None:
     state = ClusterState(max_events=3)
-    alive: dict[str, Any] = {}
     for epoch in range(1, 10):
         owner = (A, B)[epoch % 2]
         doc = cluster_doc(owner, {"s1": (owner, epoch, LEASE), "s2": (C, 1, LEASE)})
-        state.observe(IDS[owner], owner, msgspec.convert(doc, ClusterView), T0 + epoch, alive)
+        state.observe(IDS[owner], owner, msgspec.convert(doc, ClusterView), T0 + epoch, INTERVAL)
     assert [e.epoch for e in state.events] == [7, 8, 9]
 
 
