@@ -49,11 +49,12 @@ def cluster_doc(
     for url in (A, B, C, D):
         shard_ids = [s for s, (p, bs) in members.items() if url == p or url in bs]
         owns = any(o == url for o, _, _ in owners.values())
+        configured = any(url == p for p, _ in members.values())
         nodes.append(
             {
                 "url": url,
                 "id": IDS[url],
-                "role": "primary" if owns else "backup",
+                "role": "primary" if owns or configured else "backup",
                 "shards": shard_ids,
                 "status": "down" if url in down else "up",
                 "heartbeat_age_ms": 100,
