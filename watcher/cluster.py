@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from watcher.schema import MAX_CLUSTER_NODES, ClusterView
+from watcher.schema import MAX_CLUSTER_NODES, ClusterMember, ClusterView
 from watcher.state import Status
 
 CardStatus = Literal["up", "suspect", "down", "failed"]
@@ -69,6 +69,15 @@ class ShardTrack:
     slot: int = 0
     primary: str | None = None
     backups: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the views say of one node (see `ClusterState.node_cards`)."""
+
+    member: ClusterMember | None = None
+    peer_status: str | None = None
+    lag: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,14 +279,25 @@ class ClusterState:
         `telemetry`: normalised URL -> (node id, the watcher's status of it, whether it said it
         stopped). A peer's view counts while the peer itself is not down to the watcher.
         """
-        urls: dict[str, None] = dict.fromkeys(telemetry)
-        for rep in self.reporters.values():
+        # One pass over every view, freshest first: per node, the freshest facts any view has,
+        # the freshest opinion of a fresh peer, and the lag its primary reports.
+        seen: dict[str, _Seen] = {url: _Seen() for url in telemetry}
+        for rep in sorted(self.reporters.values(), key=lambda r: -r.received_ms):
+            peer = telemetry.get(rep.url)
+            fresh = peer is not None and peer[1] != "down"
             for member in rep.view.nodes:
-                urls.setdefault(normalize(member.url))
+                url = normalize(member.url)
+                info = seen.setdefault(url, _Seen())
+                if info.member is None:
+                    info.member = member
+                if rep.url != url and fresh and info.peer_status is None:
+                    info.peer_status = member.status
+                if info.lag is None and member.lag is not None:
+                    info.lag = dict(member.lag)
         for track in self.shards.values():
-            for url in (track.primary, *track.backups):
-                if url:
-                    urls.setdefault(url)
+            for configured in (track.primary, *track.backups):
+                if configured:
+                    seen.setdefault(configured, _Seen())
         owned: dict[str, list[dict[str, Any]]] = {}
         primaries: set[str] = set()
         for row in self.shard_rows(now_ms, telemetry):
@@ -288,61 +308,40 @@ class ClusterState:
             for url in (row["primary"], row["last_owner"]):
                 if url:
                     primaries.add(url)
-        cards = []
-        for url in sorted(urls):
-            cards.append(self._card(url, telemetry, owned, primaries))
-        return cards[:MAX_CLUSTER_NODES]
+        return [
+            self._card(url, seen[url], telemetry.get(url), owned, primaries)
+            for url in sorted(seen)[:MAX_CLUSTER_NODES]
+        ]
 
     def _card(
         self,
         url: str,
-        telemetry: dict[str, tuple[str, Status, bool]],
+        seen: _Seen,
+        tele: tuple[str, Status, bool] | None,
         owned: dict[str, list[dict[str, Any]]],
         primaries: set[str],
     ) -> dict[str, Any]:
-        tele = telemetry.get(url)
-        own = self.reporters.get(url)
-        # Peers' opinions, freshest first; the freshest that mentions the node wins.
-        peer_status: str | None = None
-        member_info: dict[str, Any] = {}
-        lag: dict[str, int] | None = None
-        for rep in sorted(self.reporters.values(), key=lambda r: -r.received_ms):
-            for member in rep.view.nodes:
-                if normalize(member.url) != url:
-                    continue
-                peer = telemetry.get(rep.url)
-                fresh = peer is not None and peer[1] != "down"
-                if rep.url != url and fresh and peer_status is None:
-                    peer_status = member.status
-                if not member_info:
-                    member_info = {
-                        "id": member.id,
-                        "role": member.role,
-                        "shards": list(member.shards),
-                        "heartbeat_age_ms": member.heartbeat_age_ms,
-                        "applied_version": member.applied_version,
-                    }
-                if lag is None and member.lag is not None:
-                    lag = dict(member.lag)
-        role = member_info.get("role", "unassigned")
+        member = seen.member
+        role: str = member.role if member is not None else "unassigned"
         # A node that reports is the best judge of its own role.
+        own = self.reporters.get(url)
         mine = own.view.node if own is not None else None
         if mine is not None and mine.role and tele is not None and tele[1] != "down":
             role = mine.role
         is_primary = url in primaries or role == "primary"
-        status = _card_status(tele, peer_status, is_primary)
+        status = _card_status(tele, seen.peer_status, is_primary)
         return {
             "url": url,
-            "id": tele[0] if tele else member_info.get("id"),
+            "id": tele[0] if tele else (member.id if member else None),
             "role": role,
-            "shards": member_info.get("shards", []),
+            "shards": list(member.shards) if member else [],
             "owns": owned.get(url, []) if status not in ("down", "failed") else [],
             "status": status,
             "telemetry": tele[1] if tele else None,
-            "peer_status": peer_status,
-            "lag": lag if role == "backup" else None,
-            "heartbeat_age_ms": member_info.get("heartbeat_age_ms"),
-            "applied_version": member_info.get("applied_version"),
+            "peer_status": seen.peer_status,
+            "lag": seen.lag if role == "backup" else None,
+            "heartbeat_age_ms": member.heartbeat_age_ms if member else None,
+            "applied_version": member.applied_version if member else None,
         }
 
     def picture(

@@ -66,6 +66,8 @@ class Hub:
             max_events=settings.timeline_events, max_reporters=settings.max_nodes
         )
         self._cluster_dirty = False
+        self._cluster_urgent = False
+        self._last_cluster_ms = 0
         self.browsers: set[Browser] = set()
         self.connection_ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
@@ -131,6 +133,7 @@ class Hub:
                     event.epoch,
                     event.gap_ms,
                 )
+                self._cluster_urgent = True
             self._cluster_dirty = True
         self.publish(
             {
@@ -178,8 +181,11 @@ class Hub:
             self.publish_status(dict(changed), removed)
             # Owners' leases run out and statuses age even when no view arrives.
             self._cluster_dirty = self._cluster_dirty or bool(self.cluster.reporters)
-        if self._cluster_dirty:
-            self._cluster_dirty = False
+        # Views arrive from every node every interval: the picture (which reads every view) goes
+        # at most twice a second, at once when the owner of a shard changed.
+        if self._cluster_urgent or (self._cluster_dirty and now - self._last_cluster_ms >= 500):
+            self._cluster_dirty = self._cluster_urgent = False
+            self._last_cluster_ms = now
             self.publish({"type": "cluster", "now_ms": now, "cluster": self.cluster_picture(now)})
 
     async def _sweep_forever(self, period_s: float) -> None:
