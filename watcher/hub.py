@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from watcher.cluster import ClusterState, normalize
-from watcher.schema import encoder
+from watcher.schema import ClusterView, encoder
 from watcher.settings import WatcherSettings
 from watcher.state import HistoryPoint, NodeRecord, Status, WatcherState
 
@@ -114,11 +114,13 @@ class Hub:
                 browser.reset(picture)
 
     # -- ingest -----------------------------------------------------------------------------
-    def node_updated(self, record: NodeRecord, point: HistoryPoint | None) -> None:
+    def node_updated(
+        self, record: NodeRecord, point: HistoryPoint | None, view: ClusterView | None = None
+    ) -> None:
+        """A node's snapshot was kept; `view` is its cluster view, when it sent a valid one."""
         now = self.clock()
         if record.reports == 1:
             log.info("node %r reporting (%s)", record.node_id, record.latest.url)
-        view = record.latest.cluster
         if view is not None:
             interval = record.latest.interval_ms
             for event in self.cluster.observe(

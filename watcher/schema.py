@@ -115,6 +115,9 @@ class ClusterView(msgspec.Struct, frozen=True):
     nodes: Annotated[list[ClusterMember], msgspec.Meta(max_length=MAX_CLUSTER_NODES)] = []
 
 
+NO_CLUSTER = msgspec.Raw(b"null")
+
+
 class NodeSnapshot(msgspec.Struct, frozen=True):
     type: Literal["snapshot"]
     node_id: Name
@@ -135,9 +138,12 @@ class NodeSnapshot(msgspec.Struct, frozen=True):
     # How many channels the node holds; at least as many as `channels` lists (0: version 1).
     channels_total: Count = 0
     totals: NodeTotals | None = None
-    cluster: ClusterView | None = None
+    # Decoded on its own (`cluster_decoder`): a view the watcher cannot read is dropped and
+    # counted, and the rest of the snapshot is kept.
+    cluster: msgspec.Raw = NO_CLUSTER
     v: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)] = 1
 
 
 decoder = msgspec.json.Decoder(NodeSnapshot)
+cluster_decoder = msgspec.json.Decoder(ClusterView | None)
 encoder = msgspec.json.Encoder()

@@ -10,7 +10,8 @@ from cluster_views import IDS, LEASE, A, B, C, D, cluster_doc
 
 from watcher.cluster import ClusterState
 from watcher.hub import Hub
-from watcher.schema import ClusterView, decoder
+from watcher.ingest import _take
+from watcher.schema import ClusterView
 from watcher.settings import WatcherSettings
 
 T0 = 1_700_000_000_000
@@ -47,10 +48,8 @@ def make_hub() -> tuple[Hub, Clock]:
 
 
 def report(hub: Hub, raw: bytes) -> None:
-    """What /ingest does with a valid frame."""
-    kept = hub.state.accept(decoder.decode(raw), hub.clock())
-    assert kept is not None
-    hub.node_updated(*kept)
+    """What /ingest does with a frame."""
+    assert _take(hub, {"bytes": raw}, 0, None) is not None
 
 
 HEALTHY = {"s1": (A, 1, LEASE), "s2": (C, 1, LEASE)}
@@ -251,6 +250,17 @@ def test_older_nodes_without_a_cluster_view_are_still_accepted() -> None:
     pic = picture(hub)
     assert pic["shards"] == [] and pic["timeline"] == []
     assert {c["status"] for c in pic["nodes"]} == {"up"}
+
+
+def test_a_view_the_watcher_cannot_read_is_dropped_and_the_snapshot_kept() -> None:
+    hub, _clock = make_hub()
+    bad = cluster_doc(A, HEALTHY)
+    bad["shards"][0]["epoch"] = -1
+    report(hub, frame(A, bad))
+    assert "node-a" in hub.state.nodes and hub.state.counters.invalid_cluster == 1
+    assert picture(hub)["shards"] == []
+    report(hub, frame(A, cluster_doc(A, HEALTHY)))
+    assert [s["owner"] for s in picture(hub)["shards"]] == [A, C]
 
 
 def test_hub_publishes_the_cluster_to_browsers() -> None:

@@ -21,7 +21,7 @@ from app.telemetry import (
     build_snapshot,
     percentile,
 )
-from watcher.schema import decoder
+from watcher.schema import cluster_decoder, decoder
 
 PROCESS = ProcessSample(12.5, 50 * 1024 * 1024, 1.25, 40.0, 60.0)
 
@@ -300,10 +300,10 @@ def test_a_snapshot_carries_the_nodes_cluster_view_in_the_watcher_schema() -> No
     assert snap["v"] == 3 and snap["role"] == "backup"
     assert "internal" not in snap["cluster"]["shards"][0]
     assert "extra" not in snap["cluster"]["node"]
-    decoded = decoder.decode(msgspec.json.encode(snap))
-    assert decoded.cluster is not None
-    assert decoded.cluster.shards[0].owner_id == "p1" and decoded.cluster.shards[0].epoch == 7
-    assert decoded.cluster.nodes[0].lag == {"s1": 2}
+    view = cluster_decoder.decode(decoder.decode(msgspec.json.encode(snap)).cluster)
+    assert view is not None
+    assert view.shards[0].owner_id == "p1" and view.shards[0].epoch == 7
+    assert view.nodes[0].lag == {"s1": 2}
     # Without a view: no cluster section, the role the pusher was given.
     plain = snapshot()
     assert "cluster" not in plain and plain["role"] == "standalone"
