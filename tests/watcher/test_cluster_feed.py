@@ -68,4 +68,10 @@ async def test_the_feed_shows_a_failover_when_a_primary_is_killed(
     await feed.until(lambda f: card(f, A).get("status") == "failed", 5, "A failed")
     assert shard(feed, "s1")["owner"] == B and shard(feed, "s1")["epoch"] == 2
     assert card(feed, B)["owns"] == [{"shard": "s1", "epoch": 2}]
-    await feed.ws.close()
+    # A page opened now gets it all in its first message.
+    late = await open_feed(watcher.base_url)
+    assert late.messages[0]["type"] == "hello"
+    assert late.cluster["timeline"] == feed.cluster["timeline"]
+    assert card(late, A)["status"] == "failed"
+    for ws in (feed.ws, late.ws):
+        await ws.close()
