@@ -11,6 +11,10 @@ totals, the number of channels, and in full only the deepest channels and the bu
 interval. The pusher keeps its own copy of every channel's counts (`ChannelTable`) and re-reads
 only the channels the engine names as changed, so a snapshot of an idle node costs the same at
 10 or 100,000 channels.
+
+With a cluster, each snapshot also carries the node's own `GET /cluster` document (schema
+version 3), read through the `cluster_view` callable the app passes in: the watcher pieces the
+cluster's shards, owners and failovers together from every node's view.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import inspect
 import ipaddress
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -40,7 +45,12 @@ from app.settings import Settings
 log = logging.getLogger("lionmq.telemetry")
 
 # Version 2 added the node totals and `channels_total`: `channels` lists only some channels.
-SCHEMA_VERSION = 2
+# Version 3 added `cluster`: the node's view of the cluster (see `cluster_section`).
+SCHEMA_VERSION = 3
+# What a snapshot carries of a cluster view at most (the watcher refuses more): a topology holds
+# at most 63 shards; the watcher tracks at most 256 nodes.
+CLUSTER_MAX_SHARDS = 64
+CLUSTER_MAX_NODES = 256
 # Channels a snapshot lists in full: the deepest, and the busiest of the interval (well within
 # the watcher's WATCHER_MAX_CHANNELS); the others count only in the totals.
 TOP_BY_DEPTH = 50
@@ -205,14 +215,16 @@ def build_snapshot(
     previous: Mapping[str, ChannelStats],
     latencies: Mapping[str, Sequence[int]],
     totals: NodeTotals | None = None,
+    cluster: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One snapshot, as the watcher's `/ingest` expects it (schema version 2).
+    """One snapshot, as the watcher's `/ingest` expects it (schema version 3).
 
     `stats` are the channels listed in full. Rates are counter deltas against `previous` (the
     stats of the last snapshot; a channel missing there counts from zero) over `elapsed_ms`;
     `dead_lettered` is the number of moves to a dead-letter channel in that time; the ack
     percentiles are over `latencies` (this interval's). `totals` cover every channel of the node;
-    without them the listed channels are all there is.
+    without them the listed channels are all there is. `cluster` is the node's `GET /cluster`
+    document (None: no cluster view; the snapshot then has no `cluster`).
     """
     elapsed_s = max(elapsed_ms, 1) / 1000
     if totals is None:
@@ -258,7 +270,7 @@ def build_snapshot(
                 "nacked_total": st.nacked,
             }
         )
-    return {
+    snapshot: dict[str, Any] = {
         "type": "snapshot",
         "v": SCHEMA_VERSION,
         "node_id": node_id,
@@ -290,6 +302,55 @@ def build_snapshot(
             "ack_p99_ms": percentile(totals.ack_latencies, 0.99),
         },
         "channels": channels,
+    }
+    if cluster is not None:
+        section = cluster_section(cluster)
+        snapshot["cluster"] = section
+        if section["node"] and section["node"].get("role"):
+            snapshot["role"] = section["node"]["role"]
+    return snapshot
+
+
+ClusterDoc = Mapping[str, Any]
+ClusterView = Callable[[], "ClusterDoc | Awaitable[ClusterDoc | None] | None"]
+
+_SHARD_FIELDS = (
+    "id",
+    "slot",
+    "primary",
+    "backups",
+    "owner",
+    "owner_id",
+    "epoch",
+    "lease_expires_in_ms",
+    "channels",
+)
+_MEMBER_FIELDS = (
+    "url",
+    "id",
+    "role",
+    "shards",
+    "status",
+    "heartbeat_age_ms",
+    "lag",
+    "applied_version",
+)
+
+
+def _pick(doc: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    return {k: doc[k] for k in fields if k in doc}
+
+
+def cluster_section(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a node's `GET /cluster` document the watcher shows: version, the node itself,
+    each shard (members, acting owner, epoch, lease expiry, channels) and each node (role,
+    shards, status, heartbeat age, lag), within the watcher's limits."""
+    node = doc.get("node")
+    return {
+        "version": doc.get("version", 0),
+        "node": _pick(node, ("id", "url", "role")) if isinstance(node, Mapping) else None,
+        "shards": [_pick(s, _SHARD_FIELDS) for s in doc.get("shards", ())][:CLUSTER_MAX_SHARDS],
+        "nodes": [_pick(n, _MEMBER_FIELDS) for n in doc.get("nodes", ())][:CLUSTER_MAX_NODES],
     }
 
 
@@ -332,6 +393,7 @@ class PusherCounters:
     dropped: int = 0
     connects: int = 0
     failures: int = 0
+    cluster_failures: int = 0
 
 
 def advertised_ip(server_host: str) -> str:
@@ -354,6 +416,8 @@ class WatcherPusher:
     Wire it into the app lifespan: `pusher = WatcherPusher(settings, engine, store, clock)`,
     `await pusher.start()` after the engine is ready, `await pusher.stop()` before it closes.
     Tests call `tick(now_ms)` themselves and leave `start()` out, or start with `autotick=False`.
+    In a cluster, pass `cluster_view`: a callable (plain or async) that answers the node's
+    `GET /cluster` document, or None while there is none to show.
     """
 
     def __init__(
@@ -368,6 +432,7 @@ class WatcherPusher:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         role: Callable[[], str] = _standalone,
+        cluster_view: ClusterView | None = None,
         sampler: Callable[[], ProcessSample] | None = None,
         rng: random.Random | None = None,
         autotick: bool = True,
@@ -383,6 +448,7 @@ class WatcherPusher:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.role = role
+        self.cluster_view = cluster_view
         self.autotick = autotick
         self.counters = PusherCounters()
         self.buffer: deque[bytes] = deque(maxlen=buffer_size)
@@ -407,11 +473,28 @@ class WatcherPusher:
             return False
         return True
 
+    async def _cluster(self) -> ClusterDoc | None:
+        """The node's cluster view; a failure to read it is logged and counted, and the snapshot
+        goes without it (the watcher then keeps the node's last view)."""
+        if self.cluster_view is None:
+            return None
+        try:
+            doc = self.cluster_view()
+            if inspect.isawaitable(doc):
+                doc = await asyncio.wait_for(doc, min(2.0, self.interval_ms / 2000))
+        except Exception as exc:
+            self.counters.cluster_failures += 1
+            level = logging.WARNING if self.counters.cluster_failures == 1 else logging.DEBUG
+            log.log(level, "reading the cluster view for the watcher failed: %r", exc)
+            return None
+        return doc
+
     async def tick(self, now_ms: int | None = None, status: str | None = None) -> dict[str, Any]:
         """Build one snapshot and queue it for sending (the oldest goes when the buffer is full)."""
         if self._sampler is None:
             self._sampler = PsutilSampler()
         healthy = await self._store_healthy()
+        cluster = await self._cluster()
         now = self.clock.now_ms() if now_ms is None else now_ms
         elapsed = now - self._previous_ms
         read = await self._read_channels(now)
@@ -432,6 +515,7 @@ class WatcherPusher:
             previous=read.previous,
             latencies=read.latencies,
             totals=read.node,
+            cluster=cluster,
         )
         self._previous_ms = now
         self.counters.built += 1

@@ -15,9 +15,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from watcher.schema import encoder
+from watcher.cluster import ClusterState, normalize
+from watcher.schema import ClusterView, encoder
 from watcher.settings import WatcherSettings
-from watcher.state import HistoryPoint, NodeRecord, WatcherState
+from watcher.state import HistoryPoint, NodeRecord, Status, WatcherState
 
 log = logging.getLogger("watcher")
 
@@ -61,6 +62,12 @@ class Hub:
             forget_after_ms=settings.forget_after_s * 1000,
             max_nodes=settings.max_nodes,
         )
+        self.cluster = ClusterState(
+            max_events=settings.timeline_events, max_reporters=settings.max_nodes
+        )
+        self._cluster_dirty = False
+        self._cluster_urgent = False
+        self._last_cluster_ms = 0
         self.browsers: set[Browser] = set()
         self.connection_ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
@@ -68,7 +75,23 @@ class Hub:
 
     # -- browsers ---------------------------------------------------------------------------
     def encoded_picture(self) -> str:
-        return encoder.encode(self.state.picture(self.clock())).decode()
+        now = self.clock()
+        picture = self.state.picture(now)
+        picture["cluster"] = self.cluster_picture(now)
+        return encoder.encode(picture).decode()
+
+    def telemetry(self, now: int) -> dict[str, tuple[str, Status, bool]]:
+        """Each reporting node by its URL: id, status to the watcher, whether it said it stopped."""
+        out: dict[str, tuple[str, Status, bool]] = {}
+        for record in self.state.nodes.values():
+            url = normalize(record.latest.url)
+            if url:
+                stopped = record.latest.status == "stopped"
+                out[url] = (record.node_id, self.state.status_of(record, now), stopped)
+        return out
+
+    def cluster_picture(self, now: int) -> dict[str, Any]:
+        return self.cluster.picture(now, self.telemetry(now))
 
     def add_browser(self) -> Browser:
         """Register a page; its first message is the full picture, then every later update."""
@@ -91,10 +114,29 @@ class Hub:
                 browser.reset(picture)
 
     # -- ingest -----------------------------------------------------------------------------
-    def node_updated(self, record: NodeRecord, point: HistoryPoint | None) -> None:
+    def node_updated(
+        self, record: NodeRecord, point: HistoryPoint | None, view: ClusterView | None = None
+    ) -> None:
+        """A node's snapshot was kept; `view` is its cluster view, when it sent a valid one."""
         now = self.clock()
         if record.reports == 1:
             log.info("node %r reporting (%s)", record.node_id, record.latest.url)
+        if view is not None:
+            interval = record.latest.interval_ms
+            for event in self.cluster.observe(
+                record.node_id, record.latest.url, view, now, interval
+            ):
+                log.warning(
+                    "shard %s: %s %s -> %s (epoch %d, %s ms without owner)",
+                    event.shard,
+                    event.kind,
+                    event.from_url,
+                    event.to_url,
+                    event.epoch,
+                    event.gap_ms,
+                )
+                self._cluster_urgent = True
+            self._cluster_dirty = True
         self.publish(
             {
                 "type": "node",
@@ -133,10 +175,20 @@ class Hub:
             log.info("node %r is %s", node_id, status)
         for node_id in removed:
             log.info("node %r forgotten", node_id)
+        if removed:
+            self.cluster.keep_only(set(self.state.nodes))
         now = self.clock()
         if changed or removed or now - self._last_status_ms >= 1000:
             self._last_status_ms = now
             self.publish_status(dict(changed), removed)
+            # Owners' leases run out and statuses age even when no view arrives.
+            self._cluster_dirty = self._cluster_dirty or bool(self.cluster.reporters)
+        # Views arrive from every node every interval: the picture (which reads every view) goes
+        # at most twice a second, at once when the owner of a shard changed.
+        if self._cluster_urgent or (self._cluster_dirty and now - self._last_cluster_ms >= 500):
+            self._cluster_dirty = self._cluster_urgent = False
+            self._last_cluster_ms = now
+            self.publish({"type": "cluster", "now_ms": now, "cluster": self.cluster_picture(now)})
 
     async def _sweep_forever(self, period_s: float) -> None:
         while True:

@@ -19,7 +19,7 @@ import msgspec
 from fastapi import APIRouter, WebSocket
 
 from watcher.hub import Hub
-from watcher.schema import decoder
+from watcher.schema import ClusterView, cluster_decoder, decoder
 
 log = logging.getLogger("watcher.ingest")
 router = APIRouter()
@@ -128,8 +128,13 @@ def _take(hub: Hub, message: Mapping[str, Any], connection: int, bound: str | No
     if bound is not None and snap.node_id != bound:
         counters.wrong_node += 1
         return None
+    view: ClusterView | None = None
+    try:
+        view = cluster_decoder.decode(snap.cluster)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        counters.invalid_cluster += 1
     kept = hub.state.accept(snap, hub.clock(), connection)
     if kept is None:
         return None
-    hub.node_updated(*kept)
+    hub.node_updated(*kept, view)
     return snap.node_id

@@ -41,6 +41,8 @@ class WatcherSettings(BaseSettings):
     # (empty: only the watcher's own page).
     max_browsers: Annotated[int, Field(ge=1, le=10_000)] = 64
     allowed_origins: str = ""
+    # Ownership changes (failovers, hand-offs) the cluster timeline keeps, newest first.
+    timeline_events: Annotated[int, Field(ge=1, le=10_000)] = 100
     send_timeout_ms: Annotated[int, Field(ge=100, le=60_000)] = 5000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

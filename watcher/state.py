@@ -60,6 +60,8 @@ class IngestCounters:
     rate_limited: int = 0
     wrong_node: int = 0
     too_many: int = 0
+    # Snapshots kept without their cluster view, which did not fit the schema.
+    invalid_cluster: int = 0
     closed_for_flood: int = 0
 
     def as_dict(self) -> dict[str, int]:

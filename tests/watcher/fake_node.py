@@ -2,16 +2,21 @@
 
 Run as `python tests/watcher/fake_node.py`; configured by the node's own environment variables
 (NODE_ID, WATCHER_URL, WATCHER_TOKEN, METRICS_INTERVAL_MS, SERVER_HOST). Its one channel, `orders`,
-gains 5 messages a second and has 2 taken and acked a second.
+gains 5 messages a second and has 2 taken and acked a second. With FAKE_CLUSTER_VIEW naming a JSON
+file, the file is the node's `GET /cluster` document, read again for every snapshot (a test
+rewrites it to play the cluster's part).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -61,10 +66,22 @@ class FakeStore:
         return None
 
 
+def cluster_view(path: Path) -> dict[str, Any] | None:
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
 async def main() -> None:
     settings = load_settings()
     clock = SystemClock()
-    pusher = WatcherPusher(settings, FakeEngine(clock), FakeStore(), clock)
+    view_file = os.environ.get("FAKE_CLUSTER_VIEW")
+    pusher = WatcherPusher(
+        settings,
+        FakeEngine(clock),
+        FakeStore(),
+        clock,
+        cluster_view=(lambda: cluster_view(Path(view_file))) if view_file else None,
+    )
     await pusher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

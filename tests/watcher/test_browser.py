@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from cluster_views import IDS, LEASE, A, B, C, cluster_doc, write_view
 from watcher_harness import TOKEN, Processes, node_available
 from websockets.sync.client import connect
 
@@ -167,6 +168,69 @@ def test_the_page_shows_the_node_its_channels_and_charts(procs: Processes, tmp_p
     assert dialogs == [], "no script from a node ran"
     assert problems == []
     assert (tmp_path / "watcher.png").stat().st_size > 10_000
+
+
+def test_the_page_shows_the_cluster_and_a_failover(procs: Processes, tmp_path: Path) -> None:
+    """Three real pushers report a 2-shard cluster; the primary of s1 is killed and its backup
+    takes s1 over: the page shows the primary failed and the failover in the timeline."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    watcher = procs.watcher(**LENIENT_STATUS)
+    healthy = {"s1": (A, 1, LEASE), "s2": (C, 1, LEASE)}
+    views = {}
+    nodes = {}
+    for url in (A, B, C):
+        views[url] = tmp_path / f"{IDS[url]}.json"
+        write_view(views[url], cluster_doc(url, healthy, lag={B: {"s1": 3}}))
+        nodes[url] = procs.fake_node(watcher.base_url, IDS[url], 200, url, views[url])
+    problems: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS, timeout=LAUNCH_TIMEOUT_MS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1150})
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on(
+                "console",
+                lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None,
+            )
+            page.goto(watcher.base_url + "/")
+            expect = sync_api.expect
+            # Every pusher reports (its row in the nodes table), the cluster panel shows them.
+            expect(page.locator("#nodes tbody tr")).to_have_count(3, timeout=20_000)
+            expect(page.locator("#cluster")).to_be_visible()
+            card_a = page.locator(f".ncard[data-url='{A}']")
+            card_b = page.locator(f".ncard[data-url='{B}']")
+            expect(card_a.locator(".badge")).to_have_text("up")
+            expect(card_a).to_contain_text("primary")
+            expect(card_a.locator(".owns")).to_have_text("s1 (epoch 1)")
+            expect(card_b).to_contain_text("backup")
+            expect(card_b.locator(".lag")).to_have_text("s1: 3 beats")
+            s1 = page.locator("#shards tbody tr[data-shard=s1]")
+            expect(s1).to_contain_text("node-a")
+            expect(page.locator("#shards tbody tr[data-shard=s2] td").nth(5)).to_have_text("20")
+            expect(page.locator("#timeline tbody")).to_contain_text("No owner change seen yet.")
+
+            nodes[A].stop(signal.SIGKILL)
+            taken = {"s1": (B, 2, LEASE), "s2": (C, 1, LEASE)}
+            for url in (B, C):
+                write_view(views[url], cluster_doc(url, taken, down=frozenset({A})))
+            event = page.locator("#timeline tbody tr[data-shard=s1]")
+            expect(event).to_have_count(1, timeout=15_000)
+            expect(event.locator("td").nth(2)).to_have_text("failover")
+            expect(event.locator("td").nth(3)).to_contain_text("node-a")
+            expect(event.locator("td").nth(4)).to_contain_text("node-b")
+            expect(event.locator("td").nth(5)).to_have_text("2")
+            expect(event.locator(".gap")).to_contain_text("s")  # a duration, "850 ms" or "2.10 s"
+            expect(card_a.locator(".badge")).to_have_text("failed", timeout=15_000)
+            expect(card_a.locator(".owns")).to_have_text("\u2013")  # a dash: owns nothing
+            expect(s1).to_contain_text("node-b")
+            expect(s1.locator("td").nth(2)).to_have_text("2")
+            expect(card_b.locator(".owns")).to_have_text("s1 (epoch 2)")
+            page.screenshot(path=str(tmp_path / "watcher-failover.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
 
 
 def test_the_api_docs_render_with_nothing_from_another_host(procs: Processes) -> None:

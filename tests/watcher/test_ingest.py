@@ -16,6 +16,8 @@ from watcher_harness import TOKEN, Proc, Processes, open_feed
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from watcher.schema import SCHEMA_VERSION
+
 MAX_FRAME = 4096
 
 
@@ -138,7 +140,8 @@ async def test_a_node_with_many_channels_is_kept_and_what_it_lists_is_still_boun
 
     before = await acounters(watcher)
     await many.send(frame("crowded", v=2, channels_total=0))  # counts fewer than it lists
-    await many.send(frame("crowded", v=3, channels_total=1))  # a version it does not know
+    # A version it does not know.
+    await many.send(frame("crowded", v=SCHEMA_VERSION + 1, channels_total=1))
     await wait_counter(watcher, "invalid", before["invalid"] + 2)
     assert (await acounters(watcher))["accepted"] == before["accepted"]
     for ws in (many, feed.ws):

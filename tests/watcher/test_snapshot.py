@@ -21,7 +21,7 @@ from app.telemetry import (
     build_snapshot,
     percentile,
 )
-from watcher.schema import decoder
+from watcher.schema import cluster_decoder, decoder
 
 PROCESS = ProcessSample(12.5, 50 * 1024 * 1024, 1.25, 40.0, 60.0)
 
@@ -260,3 +260,71 @@ async def test_a_watcher_that_never_answers_does_not_slow_ticks() -> None:
             assert p.counters.sent == 0
         finally:
             await asyncio.wait_for(p.stop(), 5)
+
+
+# -- the cluster view (schema v3) -------------------------------------------------------------
+CLUSTER_DOC: dict[str, Any] = {
+    "version": 4,
+    "node": {"id": "n1", "url": "http://127.0.0.1:8000", "role": "backup", "extra": 1},
+    "shards": [
+        {
+            "id": "s1",
+            "slot": 1,
+            "primary": "http://127.0.0.1:8001",
+            "backups": ["http://127.0.0.1:8000"],
+            "owner": "http://127.0.0.1:8001",
+            "owner_id": "p1",
+            "epoch": 7,
+            "lease_expires_in_ms": 1500,
+            "channels": 12,
+            "internal": {"not": "for the watcher"},
+        }
+    ],
+    "nodes": [
+        {
+            "url": "http://127.0.0.1:8000",
+            "id": "n1",
+            "role": "backup",
+            "shards": ["s1"],
+            "status": "up",
+            "heartbeat_age_ms": 120,
+            "lag": {"s1": 2},
+            "applied_version": 4,
+        }
+    ],
+}
+
+
+def test_a_snapshot_carries_the_nodes_cluster_view_in_the_watcher_schema() -> None:
+    snap = snapshot(cluster=CLUSTER_DOC)
+    assert snap["v"] == 3 and snap["role"] == "backup"
+    assert "internal" not in snap["cluster"]["shards"][0]
+    assert "extra" not in snap["cluster"]["node"]
+    view = cluster_decoder.decode(decoder.decode(msgspec.json.encode(snap)).cluster)
+    assert view is not None
+    assert view.shards[0].owner_id == "p1" and view.shards[0].epoch == 7
+    assert view.nodes[0].lag == {"s1": 2}
+    # Without a view: no cluster section, the role the pusher was given.
+    plain = snapshot()
+    assert "cluster" not in plain and plain["role"] == "standalone"
+
+
+async def test_the_pusher_reads_a_plain_or_an_async_cluster_view_and_survives_a_failing_one() -> (
+    None
+):
+    plain = pusher(cluster_view=lambda: CLUSTER_DOC)
+    assert (await plain.tick())["cluster"]["version"] == 4
+
+    async def async_view() -> dict[str, Any]:
+        return CLUSTER_DOC
+
+    assert (await pusher(cluster_view=async_view).tick())["cluster"]["shards"][0]["id"] == "s1"
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("store away")
+
+    failing = pusher(cluster_view=broken)
+    snap = await failing.tick()
+    assert "cluster" not in snap and failing.counters.cluster_failures == 1
+    assert len(failing.buffer) == 1  # the snapshot still goes
+    assert "cluster" not in await pusher(cluster_view=lambda: None).tick()

@@ -162,8 +162,16 @@ class Processes:
             self.spawn(f"node-{port}", ["-m", "app"], env, f"http://127.0.0.1:{port}"), timeout
         )
 
-    def fake_node(self, watcher_base_url: str, node_id: str, interval_ms: int = 200) -> Proc:
-        """The real pusher fed by a fake engine (tests/watcher/fake_node.py)."""
+    def fake_node(
+        self,
+        watcher_base_url: str,
+        node_id: str,
+        interval_ms: int = 200,
+        server_host: str = "",
+        cluster_view: Path | None = None,
+    ) -> Proc:
+        """The real pusher fed by a fake engine (tests/watcher/fake_node.py); with
+        `cluster_view`, that JSON file is its GET /cluster document."""
         env = {
             "NODE_ID": node_id,
             "PORT": "9",
@@ -171,6 +179,10 @@ class Processes:
             "WATCHER_TOKEN": TOKEN,
             "METRICS_INTERVAL_MS": str(interval_ms),
         }
+        if server_host:
+            env["SERVER_HOST"] = server_host
+        if cluster_view is not None:
+            env["FAKE_CLUSTER_VIEW"] = str(cluster_view)
         script = str(Path(__file__).with_name("fake_node.py"))
         return self.spawn(f"fake-{len(self.started)}", [script], env, "")
 
@@ -191,12 +203,14 @@ class Feed:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.history: dict[str, list[Any]] = {}
         self.messages: list[dict[str, Any]] = []
+        self.cluster: dict[str, Any] = {}
 
     def apply(self, msg: dict[str, Any]) -> None:
         self.messages.append(msg)
         if msg["type"] == "hello":
             self.nodes = {n["id"]: n for n in msg["nodes"]}
             self.history = msg["history"]
+            self.cluster = msg["cluster"]
         elif msg["type"] == "node":
             self.nodes[msg["node"]["id"]] = msg["node"]
             if msg["point"] is not None:
@@ -205,6 +219,8 @@ class Feed:
             for node_id, st in msg["nodes"].items():
                 if node_id in self.nodes:
                     self.nodes[node_id].update(st)
+        elif msg["type"] == "cluster":
+            self.cluster = msg["cluster"]
 
     async def until(self, predicate: Callable[[Feed], bool], within: float, what: str) -> None:
         async def pump() -> None:

@@ -17,6 +17,7 @@
     windowMs: 15 * 60 * 1000,
     stepMs: 1000,
     ingest: null,
+    cluster: null, // shards, node cards and the failover timeline (watcher/cluster.py)
     focus: { node: null, channel: null },
     sort: { key: "depth", dir: -1 },
     rangeMs: 5 * 60 * 1000,
@@ -149,6 +150,7 @@
       model.nodes = new Map(msg.nodes.map((n) => [n.id, n]));
       model.history = new Map(Object.entries(msg.history));
       model.ingest = msg.ingest;
+      model.cluster = msg.cluster || null;
       if (model.focus.node && !model.nodes.has(model.focus.node)) model.focus = { node: null, channel: null };
     } else if (msg.type === "node") {
       const view = msg.node;
@@ -166,6 +168,8 @@
       }
       for (const id of msg.removed || []) { model.nodes.delete(id); model.history.delete(id); }
       model.ingest = msg.ingest;
+    } else if (msg.type === "cluster") {
+      model.cluster = msg.cluster;
     } else {
       return;
     }
@@ -184,6 +188,7 @@
   // -- rendering --------------------------------------------------------------------------------
   function render() {
     renderOverview();
+    renderCluster();
     renderNodes();
     renderChannels();
     renderCharts();
@@ -223,6 +228,84 @@
     const stopped = n.node_status === "stopped";
     const label = stopped ? "down (stopped)" : n.status;
     return el("span", { class: `badge badge-${n.status}`, text: label, title: n.connected ? "connected" : "disconnected" });
+  }
+
+  // -- the cluster: node cards, shards, failover timeline ----------------------------------------
+  function shortUrl(url) {
+    return url ? url.replace(/^https?:\/\//, "") : "–";
+  }
+
+  function nodeName(url, id) {
+    return id ? `${id} (${shortUrl(url)})` : shortUrl(url);
+  }
+
+  function cardRow(key, value, cls) {
+    return el("div", { class: "ncard-row" }, el("span", { class: "k", text: key }), el("span", { class: `v${cls ? " " + cls : ""}`, text: value }));
+  }
+
+  function fmtLag(lag) {
+    if (!lag) return "–";
+    const parts = Object.entries(lag).map(([shard, beats]) => `${shard}: ${beats} beat${beats === 1 ? "" : "s"}`);
+    return parts.length ? parts.join(", ") : "–";
+  }
+
+  function renderCluster() {
+    const c = model.cluster;
+    const section = $("#cluster");
+    if (!c || !c.shards.length) { section.hidden = true; return; }
+    section.hidden = false;
+    const failed = c.nodes.filter((n) => n.status === "failed").length;
+    const unowned = c.shards.filter((s) => !s.owner).length;
+    const note = [`topology v${c.version}`, `${c.shards.length} shard${c.shards.length === 1 ? "" : "s"}`];
+    if (unowned) note.push(`${unowned} without owner`);
+    if (failed) note.push(`${failed} failed`);
+    $("#cluster-note").textContent = note.join(" · ");
+
+    $("#node-cards").replaceChildren(...c.nodes.map((n) => {
+      const owns = n.owns.map((o) => `${o.shard} (epoch ${o.epoch})`).join(", ");
+      const peers = n.peer_status && n.peer_status !== n.status ? ` · peers: ${n.peer_status}` : "";
+      return el(
+        "div",
+        { class: `ncard st-${n.status}`, "data-url": n.url, "data-status": n.status, "data-role": n.role },
+        el("div", { class: "ncard-head" },
+          el("span", { class: "ncard-id", text: n.id || shortUrl(n.url), title: n.id || n.url }),
+          el("span", { class: `badge badge-${n.status}`, text: n.status })),
+        el("div", { class: "ncard-url", text: n.url + peers }),
+        el("div", { class: "ncard-row" }, el("span", { class: "k", text: "Role" }), el("span", { class: `v role role-${n.role}`, text: n.role })),
+        cardRow("Shards", n.shards.length ? n.shards.join(", ") : "–"),
+        cardRow("Owns", owns || "–", "owns"),
+        n.role === "backup" ? cardRow("Mirror lag", fmtLag(n.lag), "lag") : null,
+        n.heartbeat_age_ms !== null && n.heartbeat_age_ms !== undefined ? cardRow("Last seen by peers", fmtMs(n.heartbeat_age_ms)) : null,
+      );
+    }));
+
+    const now = serverNow();
+    $("#shards tbody").replaceChildren(...c.shards.map((s) => el(
+      "tr",
+      { "data-shard": s.id, class: s.owner ? "" : "no-owner" },
+      el("td", { class: "strong", text: s.id }),
+      el("td", { class: s.owner ? "" : "bad", text: s.owner ? nodeName(s.owner, s.owner_id) : "no owner" }),
+      el("td", { class: "num", text: String(s.epoch) }),
+      el("td", { text: s.primary ? shortUrl(s.primary) : "–" }),
+      el("td", { text: s.backups.length ? s.backups.map(shortUrl).join(", ") : "–" }),
+      el("td", { class: "num", text: fmtNum(s.channels) }),
+      el("td", { class: "num", text: s.owner && s.since_ms ? fmtMs(Math.max(0, now - s.since_ms)) : "–" }),
+    )));
+
+    const events = c.timeline.map((e) => el(
+      "tr",
+      { "data-shard": e.shard, "data-kind": e.kind },
+      el("td", { text: fmtClock(e.at_ms) }),
+      el("td", { class: "strong", text: e.shard }),
+      el("td", { class: `ev-${e.kind}`, text: e.kind }),
+      el("td", { text: e.from ? nodeName(e.from, e.from_id) : "–" }),
+      el("td", { text: nodeName(e.to, e.to_id) }),
+      el("td", { class: "num", text: String(e.epoch) }),
+      el("td", { class: "num gap", text: fmtMs(e.gap_ms) }),
+    ));
+    if (!events.length) events.push(el("tr", {}, el("td", { class: "empty-row", text: "No owner change seen yet." })));
+    if (!c.timeline.length) events[0].firstChild.setAttribute("colspan", "7");
+    $("#timeline tbody").replaceChildren(...events);
   }
 
   function renderNodes() {
