@@ -1,0 +1,327 @@
+"""The router: any node answers any channel, forwarding one hop to the owner of its shard.
+
+An ASGI layer in front of the hot path and the channel routes (`/channels/{channel}` and
+everything under it). For each such request it asks the runtime where the channel is served:
+
+- `Local`: passed on, untouched (the cost is a path split, a name check and the runtime's answer);
+- `Remote`: forwarded once to the owner with the shared `httpx.AsyncClient`, the method, path,
+  query and body as they came, the client's headers too (Authorization included: the owner checks
+  the token again), but hop-by-hop ones, marked with `X-LionMQ-Forwarded: <this node>`; the
+  owner's status, headers and body come back as they are (its problem+json errors included),
+  with `X-LionMQ-Forwarded-By: <this node>` so that a client refreshes its topology;
+- `NoOwner`: 503 with Retry-After.
+
+A request that carries the mark is never forwarded again: two nodes that disagree for a moment
+about the owner (a hand-off, a failover) answer 503 + Retry-After: 1 rather than bounce it.
+
+Where it sits: inside Guard and BearerAuth (`Guard(BearerAuth(Forwarder(HotPath(...))))`). The
+edge refuses pages, rebinding and a wrong token before it spends a connection to the owner on
+them, and refuses a body past MAX_REQUEST_BYTES before sending it on; the owner checks the token
+and the JSON again, as it would a direct request (node-to-node trust is not needed for this).
+
+The layer finds its parts on `app.state.forwarding` (`install`), put there in the lifespan once
+the runtime and the client are open; without it (a standalone node) every request passes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import httpx
+import msgspec
+from starlette.datastructures import State
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.channels import ChannelInfo, ChannelList
+from app.api.hotpath import _read_body
+from app.api.messages import MAX_WAIT_MS, _disconnected
+from app.api.problems import problem_for
+from app.cluster.route import Local, NoOwner, Remote, Route
+from app.errors import LionMQError, OwnerUnreachable, ShardUnavailable
+from app.models import valid_channel_name
+
+log = logging.getLogger("lionmq.cluster")
+
+FORWARDED = "x-lionmq-forwarded"
+FORWARDED_BY = "x-lionmq-forwarded-by"
+NODE = "x-lionmq-node"
+_FORWARDED = FORWARDED.encode()
+_FORWARDED_BY = FORWARDED_BY.encode()
+_PREFIX = "/channels/"
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, never passed on. Host is the
+# owner's; the length is recomputed; `Expect` was answered here. `Origin` and `Sec-Fetch-*` were
+# judged by this node's Guard against its own origin: the owner would judge them against its own
+# and refuse a page of this node's /docs.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED = _HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"origin",
+    _FORWARDED,
+}
+# This node's server adds its own Date and Server; the owner's would be doubled.
+_NOT_RETURNED = _HOP_BY_HOP | {b"content-length", b"date", b"server"}
+
+# A long poll holds its forwarded request open for up to MAX_WAIT_MS before the owner answers;
+# the owner then still commits the leases. Reading waits past that, with room for a slow commit.
+READ_TIMEOUT_S = MAX_WAIT_MS / 1000 + 10
+
+
+class Router(Protocol):
+    """What the layer asks of the runtime (app/cluster/route.py has the answers)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def route(self, channel: str) -> Route: ...
+
+
+class Forwarding:
+    """The layer's parts, opened in the lifespan: the runtime's router and the shared client."""
+
+    __slots__ = ("client", "mark", "node_id", "router")
+
+    def __init__(self, router: Router, client: httpx.AsyncClient) -> None:
+        self.router = router
+        self.client = client
+        self.node_id = router.node_id
+        self.mark = router.node_id.encode()
+
+
+def install(state: State, router: Router, client: httpx.AsyncClient) -> None:
+    """Turn forwarding on for the app whose `state` this is (call it in the lifespan)."""
+    state.forwarding = Forwarding(router, client)
+
+
+def forward_client(
+    *,
+    connect_s: float = 2.0,
+    read_s: float = READ_TIMEOUT_S,
+    pool_s: float = 5.0,
+    max_connections: int = 1024,
+) -> httpx.AsyncClient:
+    """The one client a node forwards with (open it in the lifespan, close it there).
+
+    Every long poll in flight holds a connection, so the pool is wide; kept-alive connections
+    spare a handshake per request. A connect that takes seconds means the owner is gone (503
+    at once beats a client's own timeout); a pool that stays full past `pool_s` answers 503 too.
+    The environment's proxies are not for node-to-node calls."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=connect_s, read=read_s, write=10.0, pool=pool_s),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=128, keepalive_expiry=30
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+class Forwarder:
+    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        fwd: Forwarding | None = getattr(scope["app"].state, "forwarding", None)
+        channel = path[len(_PREFIX) :].partition("/")[0]
+        # A name that is no channel's is refused by the route here, as on a standalone node.
+        if fwd is None or not valid_channel_name(channel):
+            await self.app(scope, receive, send)
+            return
+        route = fwd.router.route(channel)
+        if isinstance(route, Local):
+            await self.app(scope, receive, send)
+        elif isinstance(route, Remote):
+            await self._forward(fwd, route, scope, receive, send)
+        else:
+            await _refuse(_no_owner(route), scope, receive, send)
+
+    async def _forward(
+        self, fwd: Forwarding, route: Remote, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        drop = _NOT_FORWARDED
+        for name, value in scope["headers"]:
+            if name == _FORWARDED:
+                detail = (
+                    f"the shard of this channel is moving: {value.decode('latin-1')[:128]} sent"
+                    f" it here, and this node ({fwd.node_id}) sees {route.node_id} as its owner;"
+                    " a request is forwarded once only, retry"
+                )
+                await _refuse(ShardUnavailable(detail), scope, receive, send)
+                return
+            if name == b"connection":  # and the headers it names (RFC 9110 7.6.1)
+                drop = drop | {n.strip().lower().encode() for n in value.decode().split(",")}
+            headers.append((name, value))
+        headers = [(n, v) for n, v in headers if n not in drop and not n.startswith(b"sec-fetch-")]
+        headers.append((_FORWARDED, fwd.mark))
+        try:
+            body = await _read_body(scope, receive, self.max_request_bytes)
+        except LionMQError as exc:  # too large: refused here, never sent on
+            await problem_for(exc)(scope, receive, send)
+            return
+        except ClientDisconnect:
+            return  # gone before its body was whole: nothing to send on, no one to answer
+        target = route.url.rstrip("/") + scope.get("raw_path", scope["path"].encode()).decode(
+            "latin-1"
+        )
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        request = httpx.Request(scope["method"], target, headers=headers, content=body)
+        answer = await _exchange_unless_gone(fwd.client, request, receive)
+        if answer is None:
+            return  # the client hung up: the upstream request was cancelled, nobody to answer
+        if isinstance(answer, httpx.TransportError):
+            detail = (
+                f"the owner of this channel's shard {route.shard}, {route.node_id} at"
+                f" {route.url}, did not answer ({_describe(answer)}); retry"
+            )
+            await _refuse(OwnerUnreachable(detail), scope, receive, send)
+            return
+        status, upstream, payload = answer
+        out = [(n, v) for n, v in upstream if n not in _NOT_RETURNED]
+        out.append((b"content-length", str(len(payload)).encode()))
+        out.append((_FORWARDED_BY, fwd.mark))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": payload})
+
+
+Exchanged = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+async def _exchange(client: httpx.AsyncClient, request: httpx.Request) -> Exchanged:
+    """The owner's whole answer, as sent (raw: not decoded). Read whole before any of it goes
+    back, so a failure half-way still answers one clean 503; the owner built the body whole."""
+    response = await client.send(request, stream=True)
+    try:
+        payload = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    return response.status_code, response.headers.raw, payload
+
+
+async def _exchange_unless_gone(
+    client: httpx.AsyncClient, request: httpx.Request, receive: Receive
+) -> Exchanged | httpx.TransportError | None:
+    """The owner's answer, its failure, or None when the client hung up first: then the request
+    to the owner is cancelled, which closes its connection, so the owner sees the hang-up too (a
+    long-poll dequeue there stops and gives back what it leased)."""
+    exchange = asyncio.ensure_future(_exchange(client, request))
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((exchange, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        exchange.cancel()  # a no-op once it is done; else this request was cancelled itself
+    if not exchange.done() or exchange.cancelled():
+        await asyncio.wait((exchange,))  # let httpx close the connection before returning
+        return None
+    error = exchange.exception()
+    if isinstance(error, httpx.TransportError):
+        return error
+    return exchange.result()  # raises anything else: a bug, logged by the server
+
+
+def _describe(error: httpx.TransportError) -> str:
+    if isinstance(error, httpx.TimeoutException):
+        return f"timed out: {type(error).__name__}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _no_owner(route: NoOwner) -> ShardUnavailable:
+    detail = f"no node serves this channel's shard {route.shard} right now ({route.reason}); retry"
+    return ShardUnavailable(detail, route.retry_after_s)
+
+
+async def _refuse(exc: LionMQError, scope: Scope, receive: Receive, send: Send) -> None:
+    await problem_for(exc)(scope, receive, send)
+
+
+# -- GET /channels across the cluster --------------------------------------------------------
+
+_channel_list = msgspec.json.Decoder(ChannelList)
+
+
+async def channels_of(
+    client: httpx.AsyncClient,
+    owners: Iterable[Remote],
+    *,
+    node_id: str,
+    authorization: str | None,
+) -> list[ChannelInfo]:
+    """The channels every other owner serves, for `GET /channels` on a node of a cluster.
+
+    Each owner is asked once (whatever number of shards it holds) with the forwarded mark, so it
+    lists its own channels only. The caller adds its own and sorts. An owner that does not
+    answer makes the whole list fail with 503 naming it: a list that silently lacks a shard's
+    channels would read as those channels being gone."""
+    peers = {owner.url: owner for owner in owners}
+    headers = {FORWARDED: node_id}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    answers = await asyncio.gather(
+        *(client.get(f"{url.rstrip('/')}/channels", headers=headers) for url in peers),
+        return_exceptions=True,
+    )
+    channels: list[ChannelInfo] = []
+    failed: list[str] = []
+    for peer, answer in zip(peers.values(), answers, strict=True):
+        if isinstance(answer, httpx.TransportError):
+            failed.append(f"{peer.node_id} at {peer.url} ({_describe(answer)})")
+        elif isinstance(answer, BaseException):
+            raise answer
+        elif answer.status_code != 200:
+            failed.append(f"{peer.node_id} at {peer.url} (answered {answer.status_code})")
+        else:
+            channels.extend(_channel_list.decode(answer.content).channels)
+    if failed:
+        raise OwnerUnreachable(
+            "cannot list every channel: no list from " + "; ".join(failed) + "; retry"
+        )
+    return channels
+
+
+def merge_channels(local: Sequence[ChannelInfo], remote: Sequence[ChannelInfo]) -> ChannelList:
+    """One list by name; a channel listed twice (a hand-off in flight) keeps its first entry."""
+    merged: dict[str, ChannelInfo] = {}
+    for info in (*local, *remote):
+        merged.setdefault(info.name, info)
+    return ChannelList(channels=[merged[name] for name in sorted(merged)])
+
+
+__all__ = [
+    "FORWARDED",
+    "FORWARDED_BY",
+    "NODE",
+    "READ_TIMEOUT_S",
+    "Forwarder",
+    "Forwarding",
+    "Router",
+    "channels_of",
+    "forward_client",
+    "install",
+    "merge_channels",
+]
