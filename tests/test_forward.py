@@ -10,11 +10,12 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from fastapi import FastAPI
 
 from app.api.channels import ChannelList
 from app.cluster import forward
 from app.cluster.route import NoOwner, Remote
-from app.errors import OwnerUnreachable
+from app.errors import ConfigError, OwnerUnreachable
 from app.main import NodeApp, create_app
 from app.settings import Settings
 from tests.conftest import free_port
@@ -36,6 +37,7 @@ class Pair:
     router_a: FakeRouter
     router_b: FakeRouter
     client: httpx.AsyncClient  # a client of node A
+    fwd_a: httpx.AsyncClient  # node A's forwarding client
 
     def remote_b(self) -> Remote:
         return Remote("s1", self.b.url, "node-b")
@@ -71,9 +73,9 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
         Served(app_b, port_b) as b,
         httpx.AsyncClient(base_url=a.url, headers=AUTH, timeout=15) as client,
     ):
-        forward.install(app_a.state, router_a, fwd_a)
-        forward.install(app_b.state, router_b, fwd_b)
-        pair = Pair(a, b, app_a, app_b, router_a, router_b, client)
+        forward.install(app_a, router_a, fwd_a)
+        forward.install(app_b, router_b, fwd_b)
+        pair = Pair(a, b, app_a, app_b, router_a, router_b, client, fwd_a)
         router_a.routes["far"] = pair.remote_b()
         yield pair
 
@@ -240,7 +242,7 @@ async def test_an_owner_that_never_answers_times_out_with_503(pair: Pair) -> Non
     port = server.sockets[0].getsockname()[1]
     try:
         async with forward.forward_client(read_s=0.3) as impatient:
-            forward.install(pair.app_a.state, pair.router_a, impatient)
+            forward.install(pair.app_a, pair.router_a, impatient)
             pair.router_a.routes["far"] = Remote("s1", f"http://127.0.0.1:{port}", "node-stuck")
             r = await pair.client.post("/channels/far/dequeue")
         assert r.status_code == 503
@@ -318,7 +320,7 @@ async def test_the_channel_list_gathers_every_owner(pair: Pair) -> None:
         await direct.put("/channels/far")
         await direct.put("/channels/b-two")
     await pair.client.put("/channels/here")
-    client = pair.app_a.state.forwarding.client
+    client = pair.fwd_a
     remote = await forward.channels_of(
         client,
         [pair.remote_b(), Remote("s9", pair.b.url, "node-b")],  # two shards, one ask
@@ -347,6 +349,17 @@ async def test_the_channel_list_gathers_every_owner(pair: Pair) -> None:
         await forward.channels_of(
             client, [pair.remote_b()], node_id="node-a", authorization="Bearer wrong"
         )
+
+
+async def test_without_forwarding_installed_every_channel_is_served_here(pair: Pair) -> None:
+    forward.uninstall(pair.app_a)
+    r = await pair.client.post("/channels/far/enqueue", json={"messages": [{"body": 1}]})
+    assert r.status_code == 201
+    assert r.headers["x-lionmq-node"] == "node-a"
+    assert "x-lionmq-forwarded-by" not in r.headers
+    assert pair.channel_at(pair.app_b, "far") is None
+    with pytest.raises(ConfigError, match="no Forwarder"):
+        forward.install(FastAPI(), pair.router_a, pair.fwd_a)
 
 
 def test_the_forwarding_client_waits_longer_than_the_longest_long_poll() -> None:

@@ -19,8 +19,8 @@ edge refuses pages, rebinding and a wrong token before it spends a connection to
 them, and refuses a body past MAX_REQUEST_BYTES before sending it on; the owner checks the token
 and the JSON again, as it would a direct request (node-to-node trust is not needed for this).
 
-The layer finds its parts on `app.state.forwarding` (`install`), put there in the lifespan once
-the runtime and the client are open; without it (a standalone node) every request passes on.
+The layer is given its parts by `install(app, router, client)` in the lifespan, once the runtime
+and the client are open; without them (a standalone node) every request passes on.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Protocol
 
 import httpx
 import msgspec
-from starlette.datastructures import State
+from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -41,7 +41,7 @@ from app.api.hotpath import _read_body
 from app.api.messages import MAX_WAIT_MS, _disconnected
 from app.api.problems import problem_for
 from app.cluster.route import Local, NoOwner, Remote, Route
-from app.errors import LionMQError, OwnerUnreachable, ShardUnavailable
+from app.errors import ConfigError, LionMQError, OwnerUnreachable, ShardUnavailable
 from app.models import valid_channel_name
 
 log = logging.getLogger("lionmq.cluster")
@@ -107,9 +107,25 @@ class Forwarding:
         self.mark = router.node_id.encode()
 
 
-def install(state: State, router: Router, client: httpx.AsyncClient) -> None:
-    """Turn forwarding on for the app whose `state` this is (call it in the lifespan)."""
-    state.forwarding = Forwarding(router, client)
+def install(app: Starlette, router: Router, client: httpx.AsyncClient) -> None:
+    """Turn forwarding on in `app`'s Forwarder layer (call it in the lifespan, once the runtime
+    and the client are open). The layer holds its parts itself: a request pays no lookup."""
+    _forwarder(app).forwarding = Forwarding(router, client)
+
+
+def uninstall(app: Starlette) -> None:
+    """Turn forwarding off again (in the lifespan, before the client closes)."""
+    _forwarder(app).forwarding = None
+
+
+def _forwarder(app: Starlette) -> Forwarder:
+    """The Forwarder in the app's middleware stack (built before the lifespan runs)."""
+    layer: object = app.middleware_stack
+    for _ in range(16):  # the stack is a handful of layers deep
+        if isinstance(layer, Forwarder):
+            return layer
+        layer = getattr(layer, "app", None)
+    raise ConfigError("the app's middleware stack has no Forwarder layer (see app/main.py)")
 
 
 def forward_client(
@@ -139,13 +155,14 @@ class Forwarder:
     def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.forwarding: Forwarding | None = None  # None: standalone, every request passes on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith(_PREFIX):
             await self.app(scope, receive, send)
             return
-        fwd: Forwarding | None = getattr(scope["app"].state, "forwarding", None)
+        fwd = self.forwarding
         channel = path[len(_PREFIX) :].partition("/")[0]
         # A name that is no channel's is refused by the route here, as on a standalone node.
         if fwd is None or not valid_channel_name(channel):
@@ -324,4 +341,5 @@ __all__ = [
     "forward_client",
     "install",
     "merge_channels",
+    "uninstall",
 ]
