@@ -87,6 +87,7 @@ class Echo:
             (b"content-type", b"application/problem+json"),
             (b"x-echo", b"yes"),
             (b"cache-control", b"no-store"),
+            (b"content-length", b"14"),
         ]
         await send({"type": "http.response.start", "status": 418, "headers": headers})
         await send({"type": "http.response.body", "body": b'{"echo": true}'})

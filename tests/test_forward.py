@@ -126,6 +126,7 @@ async def test_every_channel_route_is_forwarded_to_the_owner(pair: Pair) -> None
     forwarded_by_a(r, served_by=None)
     r = await c.delete("/channels/far")
     assert r.status_code == 204
+    assert "content-length" not in r.headers  # none on a 204, as the owner sends it
     forwarded_by_a(r, served_by=None)
     assert pair.channel_at(pair.app_b, "far") is None
 
@@ -274,6 +275,8 @@ async def test_request_and_answer_pass_through_but_hop_by_hop_headers(pair: Pair
                 "te": "trailers",
             },
         )
+        head = await pair.client.head("/channels/far")  # the owner's length, and no body
+    assert (head.status_code, head.headers["content-length"], head.content) == (418, "14", b"")
     assert r.status_code == 418
     assert r.json() == {"echo": True}
     assert r.headers["content-type"] == "application/problem+json"
@@ -282,7 +285,7 @@ async def test_request_and_answer_pass_through_but_hop_by_hop_headers(pair: Pair
     assert r.headers["x-lionmq-forwarded-by"] == "node-a"
     assert len(r.headers.get_list("date")) == 1
     assert len(r.headers.get_list("server")) <= 1
-    [seen] = echo.seen
+    seen, _ = echo.seen
     assert seen["method"] == "POST"
     assert seen["raw_path"] == b"/channels/far/enqueue"
     assert seen["query"] == b"trace=1&q=a%20b"

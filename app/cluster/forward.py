@@ -81,7 +81,9 @@ _NOT_FORWARDED = _HOP_BY_HOP | {
     _FORWARDED,
 }
 # This node's server adds its own Date and Server; the owner's would be doubled.
-_NOT_RETURNED = _HOP_BY_HOP | {b"content-length", b"date", b"server"}
+_NOT_RETURNED_HEAD = _HOP_BY_HOP | {b"date", b"server"}
+_NOT_RETURNED = _NOT_RETURNED_HEAD | {b"content-length"}
+_NO_BODY = frozenset({204, 304})  # answers that carry no body, nor its length (RFC 9110 8.6)
 
 # A long poll holds its forwarded request open for up to MAX_WAIT_MS before the owner answers;
 # the owner then still commits the leases. Reading waits past that, with room for a slow commit.
@@ -198,7 +200,7 @@ class Forwarder:
                 await _refuse(ShardUnavailable(detail), scope, receive, send)
                 return
             if name == b"connection":  # and the headers it names (RFC 9110 7.6.1)
-                drop = drop | {n.strip().lower().encode() for n in value.decode().split(",")}
+                drop = drop | {n.strip().lower() for n in value.split(b",")}
             headers.append((name, value))
         headers = [(n, v) for n, v in headers if n not in drop and not n.startswith(b"sec-fetch-")]
         headers.append((_FORWARDED, fwd.mark))
@@ -209,9 +211,8 @@ class Forwarder:
             return
         except ClientDisconnect:
             return  # gone before its body was whole: nothing to send on, no one to answer
-        target = route.url.rstrip("/") + scope.get("raw_path", scope["path"].encode()).decode(
-            "latin-1"
-        )
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        target = route.url.rstrip("/") + raw_path.decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
         request = (scope["method"], URL(target, encoded=True), headers, body)
@@ -226,8 +227,12 @@ class Forwarder:
             await _refuse(OwnerUnreachable(detail), scope, receive, send)
             return
         status, upstream, payload = answer
-        out = [(n, v) for n, v in upstream if n.lower() not in _NOT_RETURNED]
-        out.append((b"content-length", str(len(payload)).encode()))
+        if scope["method"] == "HEAD":  # the owner's length is that of the GET's body
+            out = [(n, v) for n, v in upstream if n.lower() not in _NOT_RETURNED_HEAD]
+        else:
+            out = [(n, v) for n, v in upstream if n.lower() not in _NOT_RETURNED]
+            if status not in _NO_BODY:
+                out.append((b"content-length", str(len(payload)).encode()))
         out.append((_FORWARDED_BY, fwd.mark))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": payload})
