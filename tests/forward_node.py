@@ -26,7 +26,6 @@ def main() -> None:
     for entry in filter(None, os.environ.get("FORWARD_ROUTES", "").split(",")):
         channel, url, node_id = entry.split("=")
         router.routes[channel] = Remote("s1", url, node_id)
-    app.middleware_stack = app.build_middleware_stack()  # so that install finds the layer
 
     async def serve() -> None:
         async with forward_session() as client:

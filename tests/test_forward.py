@@ -366,6 +366,23 @@ async def test_without_forwarding_installed_every_channel_is_served_here(pair: P
         forward.install(FastAPI(), pair.router_a, pair.fwd_a)
 
 
+async def test_forwarding_installs_in_a_lifespan_entered_before_any_request(
+    tmp_path: Path,
+) -> None:
+    app = node_app(tmp_path, "node-a", free_port())
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    router = FakeRouter("node-a", {"far": Remote("s1", nowhere, "node-b")})
+    async with (
+        app.router.lifespan_context(app),
+        forward.forward_session(connect_s=0.5) as session,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1") as c,
+    ):
+        forward.install(app, router, session)
+        r = await c.post("/channels/far/dequeue", headers=AUTH)
+        assert r.status_code == 503
+        assert "node-b" in r.json()["detail"]  # forwarded, and refused: nothing listens there
+
+
 async def test_the_forwarding_session_waits_longer_than_the_longest_long_poll() -> None:
     from app.api.messages import MAX_WAIT_MS
 

@@ -123,7 +123,9 @@ def uninstall(app: Starlette) -> None:
 
 
 def _forwarder(app: Starlette) -> Forwarder:
-    """The Forwarder in the app's middleware stack (built before the lifespan runs)."""
+    """The Forwarder in the app's middleware stack."""
+    if app.middleware_stack is None:  # a lifespan entered by hand (tests) before any request
+        app.middleware_stack = app.build_middleware_stack()  # what Starlette does on one
     layer: object = app.middleware_stack
     for _ in range(16):  # the stack is a handful of layers deep
         if isinstance(layer, Forwarder):
