@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,34 +325,36 @@ async def test_the_channel_list_gathers_every_owner(pair: Pair) -> None:
         await direct.put("/channels/far")
         await direct.put("/channels/b-two")
     await pair.client.put("/channels/here")
-    client = pair.fwd_a
-    remote = await forward.channels_of(
-        client,
-        [pair.remote_b(), Remote("s9", pair.b.url, "node-b")],  # two shards, one ask
+    lists = msgspec.json.Decoder(ChannelList)
+    ask = functools.partial(
+        forward.fan_out,
+        pair.fwd_a,
+        path="/channels",
+        decoder=lists,
         node_id="node-a",
         authorization=AUTH["authorization"],
     )
-    assert sorted(c.name for c in remote) == ["b-two", "far"]
+    remote = await ask([pair.remote_b(), Remote("s9", pair.b.url, "node-b")])  # one ask
+    assert [[c.name for c in one.channels] for one in remote] == [["b-two", "far"]]
     r = await pair.client.get("/channels")
-    assert "x-lionmq-forwarded-by" not in r.headers  # the list is the lead's to wire
-    local = msgspec.json.decode(r.content, type=ChannelList).channels
-    merged = forward.merge_channels(local, remote)
-    assert [c.name for c in merged.channels] == ["b-two", "far", "here"]
+    local = lists.decode(r.content).channels
+    merged = forward.merge_by_name(local, *(one.channels for one in remote))
+    assert [c.name for c in merged] == ["b-two", "far", "here"]
 
     dead = free_port()
     with pytest.raises(OwnerUnreachable) as caught:
-        await forward.channels_of(
-            client,
-            [pair.remote_b(), Remote("s2", f"http://127.0.0.1:{dead}", "node-dead")],
-            node_id="node-a",
-            authorization=AUTH["authorization"],
-        )
+        await ask([pair.remote_b(), Remote("s2", f"http://127.0.0.1:{dead}", "node-dead")])
     assert caught.value.status == 503
     assert "node-dead" in caught.value.detail
     assert "node-b" not in caught.value.detail
     with pytest.raises(OwnerUnreachable, match="answered 401"):
-        await forward.channels_of(
-            client, [pair.remote_b()], node_id="node-a", authorization="Bearer wrong"
+        await forward.fan_out(
+            pair.fwd_a,
+            [pair.remote_b()],
+            "/channels",
+            lists,
+            node_id="node-a",
+            authorization="Bearer wrong",
         )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -38,7 +38,6 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from yarl import URL
 
-from app.api.channels import ChannelInfo, ChannelList
 from app.api.hotpath import _read_body
 from app.api.messages import MAX_WAIT_MS, _disconnected
 from app.api.problems import problem_for
@@ -294,33 +293,44 @@ async def _refuse(exc: LionMQError, scope: Scope, receive: Receive, send: Send) 
 
 # -- GET /channels across the cluster --------------------------------------------------------
 
-_channel_list = msgspec.json.Decoder(ChannelList)
+T = TypeVar("T")
 
 
-async def channels_of(
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=Named)
+
+
+async def fan_out(
     session: aiohttp.ClientSession,
     owners: Iterable[Remote],
+    path: str,
+    decoder: msgspec.json.Decoder[T],
     *,
     node_id: str,
     authorization: str | None,
-) -> list[ChannelInfo]:
-    """The channels every other owner serves, for `GET /channels` on a node of a cluster.
+) -> list[T]:
+    """Every other owner's answer to `GET path`, decoded: for `GET /channels` on a node of a
+    cluster (path "/channels", a decoder of ChannelList).
 
     Each owner is asked once (whatever number of shards it holds) with the forwarded mark, so it
-    lists its own channels only. The caller adds its own and sorts. An owner that does not
-    answer makes the whole list fail with 503 naming it: a list that silently lacks a shard's
-    channels would read as those channels being gone."""
+    answers for itself only; the client's Authorization goes along, the owner checks it. An owner
+    that does not answer 200 makes the whole call fail with 503 naming it: a list that silently
+    lacks a shard's channels would read as those channels being gone."""
     peers = {owner.url: owner for owner in owners}
     headers = {FORWARDED: node_id}
     if authorization is not None:
         headers["authorization"] = authorization
 
     async def ask(url: str) -> tuple[int, bytes]:
-        async with session.get(f"{url.rstrip('/')}/channels", headers=headers) as response:
+        async with session.get(f"{url.rstrip('/')}{path}", headers=headers) as response:
             return response.status, await response.read()
 
     answers = await asyncio.gather(*(ask(url) for url in peers), return_exceptions=True)
-    channels: list[ChannelInfo] = []
+    decoded: list[T] = []
     failed: list[str] = []
     for peer, answer in zip(peers.values(), answers, strict=True):
         if isinstance(answer, _UNREACHABLE):
@@ -330,20 +340,24 @@ async def channels_of(
         elif answer[0] != 200:
             failed.append(f"{peer.node_id} at {peer.url} (answered {answer[0]})")
         else:
-            channels.extend(_channel_list.decode(answer[1]).channels)
+            decoded.append(decoder.decode(answer[1]))
     if failed:
         raise OwnerUnreachable(
-            "cannot list every channel: no list from " + "; ".join(failed) + "; retry"
+            f"cannot answer for the whole cluster: no answer to GET {path} from "
+            + "; ".join(failed)
+            + "; retry"
         )
-    return channels
+    return decoded
 
 
-def merge_channels(local: Sequence[ChannelInfo], remote: Sequence[ChannelInfo]) -> ChannelList:
-    """One list by name; a channel listed twice (a hand-off in flight) keeps its first entry."""
-    merged: dict[str, ChannelInfo] = {}
-    for info in (*local, *remote):
-        merged.setdefault(info.name, info)
-    return ChannelList(channels=[merged[name] for name in sorted(merged)])
+def merge_by_name(*lists: Iterable[N]) -> list[N]:
+    """One list sorted by name; an item listed twice (a channel whose hand-off is in flight)
+    keeps its first entry: pass this node's own list first."""
+    merged: dict[str, N] = {}
+    for items in lists:
+        for item in items:
+            merged.setdefault(item.name, item)
+    return [merged[name] for name in sorted(merged)]
 
 
 __all__ = [
@@ -354,9 +368,9 @@ __all__ = [
     "Forwarder",
     "Forwarding",
     "Router",
-    "channels_of",
+    "fan_out",
     "forward_session",
     "install",
-    "merge_channels",
+    "merge_by_name",
     "uninstall",
 ]
