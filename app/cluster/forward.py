@@ -53,6 +53,7 @@ NODE = "x-lionmq-node"
 _FORWARDED = FORWARDED.encode()
 _FORWARDED_BY = FORWARDED_BY.encode()
 _PREFIX = "/channels/"
+_AFTER_PREFIX = len(_PREFIX)
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, never passed on. Host is the
 # owner's; the length is recomputed; `Expect` was answered here. `Origin` and `Sec-Fetch-*` were
@@ -168,14 +169,14 @@ class Forwarder:
         self.forwarding: Forwarding | None = None  # None: standalone, every request passes on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(_PREFIX):
+        fwd = self.forwarding
+        if fwd is None or scope["type"] != "http":  # a standalone node pays this test only
             await self.app(scope, receive, send)
             return
-        fwd = self.forwarding
-        channel = path[len(_PREFIX) :].partition("/")[0]
+        path: str = scope["path"]
+        channel = path[_AFTER_PREFIX:].partition("/")[0] if path.startswith(_PREFIX) else ""
         # A name that is no channel's is refused by the route here, as on a standalone node.
-        if fwd is None or not valid_channel_name(channel):
+        if not channel or not valid_channel_name(channel):
             await self.app(scope, receive, send)
             return
         route = fwd.router.route(channel)
