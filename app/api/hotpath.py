@@ -24,6 +24,7 @@ from app.models import CHANNEL_NAME_PATTERN
 log = logging.getLogger("lionmq.api")
 
 _PREFIX = "/channels/"
+NODE_HEADER = "x-lionmq-node"  # names the node that served a message operation
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -31,7 +32,7 @@ class HotPath:
     def __init__(self, app: ASGIApp, node_id: str) -> None:
         self.app = app
         # Every answer names the node that served it (X-LionMQ-Node): built once, not per answer.
-        self.node = (b"x-lionmq-node", node_id.encode())
+        self.node = (NODE_HEADER.encode(), node_id.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")

@@ -26,7 +26,6 @@ and the session are open; without them (a standalone node) every request passes 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
@@ -45,11 +44,8 @@ from app.cluster.route import Local, NoOwner, Remote, Route
 from app.errors import ConfigError, LionMQError, OwnerUnreachable, ShardUnavailable
 from app.models import valid_channel_name
 
-log = logging.getLogger("lionmq.cluster")
-
 FORWARDED = "x-lionmq-forwarded"
 FORWARDED_BY = "x-lionmq-forwarded-by"
-NODE = "x-lionmq-node"
 _FORWARDED = FORWARDED.encode()
 _FORWARDED_BY = FORWARDED_BY.encode()
 _PREFIX = "/channels/"
@@ -364,7 +360,6 @@ def merge_by_name(*lists: Iterable[N]) -> list[N]:
 __all__ = [
     "FORWARDED",
     "FORWARDED_BY",
-    "NODE",
     "READ_TIMEOUT_S",
     "Forwarder",
     "Forwarding",
