@@ -16,8 +16,8 @@ from fastapi import FastAPI
 
 from app.api.channels import ChannelList
 from app.cluster import forward
-from app.cluster.route import NoOwner, Remote
-from app.errors import ConfigError, OwnerUnreachable
+from app.cluster.route import Local, NoOwner, Remote
+from app.errors import ConfigError, OwnerUnreachable, ShardUnavailable
 from app.main import NodeApp, create_app
 from app.settings import Settings
 from tests.conftest import free_port
@@ -356,6 +356,14 @@ async def test_the_channel_list_gathers_every_owner(pair: Pair) -> None:
             node_id="node-a",
             authorization="Bearer wrong",
         )
+
+
+def test_the_owners_to_ask_are_the_other_owners_and_none_may_be_missing() -> None:
+    b = Remote("s1", "http://127.0.0.1:2", "node-b")
+    assert forward.owners_to_ask([Local("s0"), b]) == [b]
+    with pytest.raises(ShardUnavailable, match="s2") as caught:
+        forward.owners_to_ask([Local("s0"), b, NoOwner("s2", 3, "failover under way")])
+    assert caught.value.retry_after == 3
 
 
 async def test_without_forwarding_installed_every_channel_is_served_here(pair: Pair) -> None:

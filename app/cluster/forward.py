@@ -301,6 +301,18 @@ class Named(Protocol):
 N = TypeVar("N", bound=Named)
 
 
+def owners_to_ask(routes: Iterable[Route]) -> list[Remote]:
+    """The other owners a fan-out asks, from the runtime's route of every shard. A shard with
+    no owner makes the answer 503 at once: without it, the answer would lack its part."""
+    remote: list[Remote] = []
+    for route in routes:
+        if isinstance(route, NoOwner):
+            raise _no_owner(route)
+        if isinstance(route, Remote):
+            remote.append(route)
+    return remote
+
+
 async def fan_out(
     session: aiohttp.ClientSession,
     owners: Iterable[Remote],
@@ -368,5 +380,6 @@ __all__ = [
     "forward_session",
     "install",
     "merge_by_name",
+    "owners_to_ask",
     "uninstall",
 ]
