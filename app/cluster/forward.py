@@ -140,8 +140,9 @@ def forward_session(
     """The one session a node forwards with (open it in the lifespan, inside the event loop;
     close it there).
 
-    aiohttp rather than httpx: a loopback request through httpx's AsyncClient took 850-1300 µs
-    here against aiohttp's 220 µs (same node, same request), and that cost is the hop's.
+    aiohttp rather than httpx: measured with tests/test_forward_cost.py, the forwarding node spent
+    380-480 µs of CPU per forwarded request with aiohttp against 1,720-1,860 µs with httpx's
+    AsyncClient, and the hop added about 470 µs to the median latency against 2,000-2,300 µs.
     Every long poll in flight holds a connection, so the pool is wide; kept-alive connections
     spare a handshake per request. A connect that takes seconds means the owner is gone (503
     at once beats a client's own timeout); a pool that stays full past `pool_s` answers 503 too.
