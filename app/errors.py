@@ -89,5 +89,25 @@ class Fenced(StoreUnavailable):
     title = "Not the owner"
 
 
+class ShardUnavailable(LionMQError):
+    """No node serves the channel's shard right now (a failover or a hand-off is under way), or
+    this node cannot reach the one that does. Nothing was done; retry after `retry_after`."""
+
+    status = 503
+    title = "Shard unavailable"
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class OwnerUnreachable(ShardUnavailable):
+    """The owner of the channel's shard did not answer a forwarded request (refused, timed
+    out, reset). Whether a forwarded write was applied is unknown, as with any lost answer:
+    an enqueue retried with its dedup id is safe."""
+
+    title = "Owner unreachable"
+
+
 class ConfigError(LionMQError):
     """A setting is wrong; the node refuses to start."""

@@ -17,6 +17,7 @@ from app.api.codec import install_schemas
 from app.api.deps import Node
 from app.api.guard import Guard
 from app.clock import Clock, SystemClock
+from app.cluster.forward import Forwarder
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
@@ -82,7 +83,8 @@ class NodeApp(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         s = self._settings
-        app: ASGIApp = hotpath.HotPath(super().build_middleware_stack())
+        app: ASGIApp = hotpath.HotPath(super().build_middleware_stack(), s.node_id)
+        app = Forwarder(app, s.max_request_bytes)
         app = BearerAuth(app, s.api_token) if s.api_token else app
         return Guard(app, s.allowed_host_names, any_host=s.any_host)
 

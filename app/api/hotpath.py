@@ -24,12 +24,15 @@ from app.models import CHANNEL_NAME_PATTERN
 log = logging.getLogger("lionmq.api")
 
 _PREFIX = "/channels/"
+NODE_HEADER = "x-lionmq-node"  # names the node that served a message operation
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class HotPath:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, node_id: str) -> None:
         self.app = app
+        # Every answer names the node that served it (X-LionMQ-Node): built once, not per answer.
+        self.node = (NODE_HEADER.encode(), node_id.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -55,7 +58,9 @@ class HotPath:
             body = await _read_body(scope, receive, node.settings.max_request_bytes)
             status, payload = await operation.handler(node, channel, body, receive)
         except LionMQError as exc:
-            await problem_for(exc)(scope, receive, send)
+            refusal = problem_for(exc)
+            refusal.raw_headers.append(self.node)
+            await refusal(scope, receive, send)
             return
         except ClientDisconnect:
             return  # gone before its body was whole: nothing was done, no one to answer
@@ -64,7 +69,7 @@ class HotPath:
             detail = "the node hit an unexpected error; its log has the details"
             await problem(500, detail)(scope, receive, send)
             return
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+        headers = [*_JSON_HEADERS, self.node, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 

@@ -24,6 +24,8 @@ from app.models import Lease
 Receipt = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Receipts = Annotated[list[Receipt], msgspec.Meta(min_length=1)]
 Visibility = Annotated[int, msgspec.Meta(ge=1000, le=43_200_000)]
+# The longest long poll a dequeue may ask for (a forwarding node waits at least this long).
+MAX_WAIT_MS = 30_000
 
 
 class EnqueueRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -36,7 +38,7 @@ class EnqueueResponse(msgspec.Struct):
 
 class DequeueRequest(msgspec.Struct, forbid_unknown_fields=True):
     max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
-    wait_ms: Annotated[int, msgspec.Meta(ge=0, le=30_000)] = 0
+    wait_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_WAIT_MS)] = 0
     visibility_ms: Visibility | None = None
 
 
