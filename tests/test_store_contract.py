@@ -129,12 +129,12 @@ def reopen(make_store: MakeStore, opened: list[Store]) -> Reopen:
 @asynccontextmanager
 async def _sqlite_disk_full(store: SQLiteStore) -> AsyncIterator[None]:
     """A real SQLITE_FULL: the database may not grow past the pages it has now."""
-    pages = await store._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
-    await store._write(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+    pages = await store._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0], None)
+    await store._write(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"), None)
     try:
         yield
     finally:
-        await store._write(lambda c: c.execute("PRAGMA max_page_count = 4294967294"))
+        await store._write(lambda c: c.execute("PRAGMA max_page_count = 4294967294"), None)
 
 
 @pytest.fixture
@@ -440,15 +440,25 @@ async def test_stores_sharing_data_agree_on_one_secret(
 
 
 async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
-    tmp_path: Path, clock: ManualClock
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fenced write queued behind a takeover in the same commit group is refused: the epoch is
-    read inside the group's transaction, and read again after a lease write."""
+    """Writes of two shards and a takeover of one, queued as one commit group: the fenced write
+    behind the takeover is refused (the epoch is judged in the group's transaction, after the
+    take), the other shard's writes around it apply, and each shard's epoch is read once."""
     store = SQLiteStore(str(tmp_path / "f.db"), clock=clock)
     await store.open()
+    reads: list[str] = []
+    real_read = sqlite_store._stored_epoch
+
+    def counted(conn: sqlite3.Connection, shard: str) -> int | None:
+        reads.append(shard)
+        return real_read(conn, shard)
+
+    monkeypatch.setattr(sqlite_store, "_stored_epoch", counted)
     try:
-        assert await store.take_lease("s1", "a", "http://a:1", 2_000) is not None
-        store.fence("s1", 1)
+        for shard in ("s1", "s2"):
+            assert await store.take_lease(shard, "a", "http://a:1", 2_000) is not None
+        store.fence({CH: ("s1", 1), "other": ("s2", 1)}.get)
         entered, gate = threading.Event(), threading.Event()
 
         def hold(conn: sqlite3.Connection) -> None:
@@ -461,23 +471,27 @@ async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
                 assert time.monotonic() < deadline, what
                 await asyncio.sleep(0.001)
 
-        blocker = asyncio.ensure_future(store._write(hold, fenced=False))
+        blocker = asyncio.ensure_future(store._write(hold, None))
         # The writer holds the blocker's group: what follows waits, then goes as one group.
         await until(entered.is_set, "the writer never took the blocker")
-        before = asyncio.ensure_future(store.insert(CH, [msg(1)], 0))
+        before = [store.insert(CH, [msg(1)], 0), store.insert("other", [msg(2)], 0)]
         take = asyncio.ensure_future(store.take_lease("s1", "b", "http://b:1", 2_000, from_epoch=1))
-        # The takeover queues when its task first runs; the insert after it, once it has.
-        await until(lambda: store._queue.qsize() == 2, "the takeover queued")
-        after = asyncio.ensure_future(store.insert(CH, [msg(2)], 0))
-        await until(lambda: store._queue.qsize() == 3, "three writes queued")
+        # The takeover queues when its task first runs; the inserts after it, once it has.
+        await until(lambda: store._queue.qsize() == 3, "the takeover queued")
+        after = [store.insert(n, [msg(i)], 0) for i, n in enumerate([CH, "other"] * 3, start=3)]
+        assert store._queue.qsize() == 9
+        reads.clear()  # the blocker's group reads nothing: count the one that follows
         gate.set()
         await blocker
-        await before
+        await asyncio.gather(*before)
         taken = await take
         assert taken is not None and taken.epoch == 2
-        with pytest.raises(Fenced, match="epoch 2"):
-            await after
+        outcomes = await asyncio.gather(*after, return_exceptions=True)
+        assert all(isinstance(o, Fenced) and "epoch 2" in o.detail for o in outcomes[0::2])
+        assert not any(isinstance(o, BaseException) for o in outcomes[1::2]), outcomes
         assert await all_ids(store) == [1]
+        assert await all_ids(store, "other") == [2, 4, 6, 8]
+        assert sorted(reads) == ["s1", "s2"]  # once per shard for the whole group
     finally:
         await store.close()
 
@@ -553,7 +567,7 @@ async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
         await b.insert("x", [msg(4)], 0)
         lease = await a.take_lease("s1", "a", "http://a:1", 2_000)
         assert lease is not None
-        a.fence("s1", lease.epoch)
+        a.fence(lambda channel: ("s1", lease.epoch))
         await a.insert("x", [msg(5)], 0)
         assert await all_ids(b, "x") == [4, 5]
         assert await all_ids(b, "y") == [3]
@@ -571,7 +585,7 @@ async def test_mongo_fenced_write_refused_after_it_when_the_takeover_came_during
     await mongo.open()
     lease = await mongo.take_lease("s1", "a", "http://a:1", 60_000)
     assert lease is not None
-    mongo.fence("s1", lease.epoch)
+    mongo.fence(lambda channel: ("s1", lease.epoch))
     await mongo.insert(CH, [msg(1)], 0)
     inner = mongo._messages
 

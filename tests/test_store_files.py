@@ -204,13 +204,13 @@ async def test_full_store_is_unready_while_idle_and_ready_once_writable(
     await store.open()
     try:
         await store.insert(CH, [msg(1)], dedup_since=0)
-        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))  # = now
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"), None)  # = now
         with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
             await store.insert(CH, [msg(2, BIG.encode())], dedup_since=0)
         for _ in range(3):  # idle: each ping's own write fails too
             with pytest.raises(StoreUnavailable, match=r"are failing .*SQLITE_FULL"):
                 await store.ping()
-        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"))
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"), None)
         await store.ping()  # no traffic needed: the probe finds writes work again
         await store.insert(CH, [msg(3, BIG.encode())], dedup_since=0)
         assert await all_ids(store) == [1, 3]
@@ -224,15 +224,15 @@ async def test_a_failing_store_is_probed_at_most_every_half_second(tmp_path: Pat
     store = SQLiteStore(str(tmp_path / "s.db"))
     await store.open()
     try:
-        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"), None)
         with pytest.raises(StoreUnavailable):
             await store.insert(CH, [msg(2, BIG.encode())], dedup_since=0)
         writes: list[object] = []
         real = store._write
 
-        async def counted(op: Any, *, fenced: bool = True) -> Any:
+        async def counted(op: Any, channel: str | None) -> Any:
             writes.append(op)
-            return await real(op, fenced=fenced)
+            return await real(op, channel)
 
         store._write = counted  # type: ignore[method-assign]
         results = await asyncio.gather(*(store.ping() for _ in range(5)), return_exceptions=True)

@@ -16,8 +16,9 @@ counts its lease from before it called never overestimates it. Taking, renewing 
 are single-document `find_one_and_update`s (the first take an `insert_one` on the shard's
 `_id`), atomic on any server, so of racing takers exactly one wins.
 
-Fencing without transactions (a standalone server has none): a fenced write reads the shard's
-epoch before it and again after it. Epochs only grow, so when both reads find the fenced epoch,
+Fencing without transactions (a standalone server has none): a fenced write resolves its channel
+to (shard, epoch) when it is called, and reads that shard's epoch before the write and again after
+it. Epochs only grow, so when both reads find the fenced epoch,
 the epoch was that one for the whole write: a write that returns was applied while this node
 owned the shard. That part is guaranteed (on a replica set with the default majority write
 concern: a deposed MongoDB primary may answer the epoch reads from stale data, but it cannot
@@ -40,7 +41,7 @@ import calendar
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -70,10 +71,12 @@ from app.models import (
 from app.settings import mongo_database
 from app.store.base import (
     SECRET_BYTES,
+    Resolve,
     ShardLease,
     check_sizes,
     check_topology_version,
     fenced,
+    unowned,
 )
 
 Doc = dict[str, Any]
@@ -176,19 +179,19 @@ def _from_doc(doc: Mapping[str, Any]) -> Message:
 
 
 def _fenced_write(
-    method: Callable[Concatenate[MongoStore, P], Coroutine[Any, Any, T]],
-) -> Callable[Concatenate[MongoStore, P], Coroutine[Any, Any, T]]:
-    """A write that, while the store is fenced, runs between two reads of the shard's epoch
-    (see the module docstring for what that guarantees)."""
+    method: Callable[Concatenate[MongoStore, str, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[MongoStore, str, P], Coroutine[Any, Any, T]]:
+    """A write of a channel (its first argument) that, while the store is fenced, runs between
+    two reads of the epoch of the shard its channel resolves to when it is called (see the module
+    docstring for what that guarantees)."""
 
-    async def guarded(self: MongoStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        fence = self._fence  # the fence in force when the write was called
-        if fence is None:
-            return await method(self, *args, **kwargs)
-        await self._check_fence(*fence)
-        result = await method(self, *args, **kwargs)
-        await self._check_fence(*fence, late=True)
-        return result
+    def guarded(
+        self: MongoStore, channel: str, /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, T]:
+        if self._resolve is None:
+            return method(self, channel, *args, **kwargs)
+        fence = self._resolve(channel)  # now, not when the coroutine first runs
+        return self._fenced(channel, fence, lambda: method(self, channel, *args, **kwargs))
 
     return guarded
 
@@ -235,7 +238,7 @@ class MongoStore:
         # Dedup ids being inserted right now, each with the future of the batch that holds it.
         self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._clock = clock
-        self._fence: tuple[str, int] | None = None
+        self._resolve: Resolve | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -576,7 +579,6 @@ class MongoStore:
             m.available_at = 0
         return promoted
 
-    @_fenced_write
     async def prune_dedup(self, before: int, limit: int) -> int:
         with _translated():
             old = self._dedup.find({"used_at": {"$lt": before}}, {"_id": 1}).limit(limit)
@@ -659,11 +661,18 @@ class MongoStore:
         local = hello["localTime"]  # a UTC datetime, naive or aware
         return int(calendar.timegm(local.utctimetuple()) * 1000 + local.microsecond // 1000)
 
-    def fence(self, shard: str, epoch: int) -> None:
-        self._fence = (shard, epoch)
+    def fence(self, resolve: Resolve | None) -> None:
+        self._resolve = resolve
 
-    def unfence(self) -> None:
-        self._fence = None
+    async def _fenced(
+        self, channel: str, fence: tuple[str, int] | None, write: Callable[[], Awaitable[T]]
+    ) -> T:
+        if fence is None:
+            raise unowned(channel)
+        await self._check_fence(*fence)
+        result = await write()
+        await self._check_fence(*fence, late=True)
+        return result
 
     async def _check_fence(self, shard: str, epoch: int, *, late: bool = False) -> None:
         with _translated():

@@ -22,11 +22,12 @@ Two failures of the file system under a running node are handled here:
 Ownership (see `app.store.base`): shard leases and the topology are rows written by the same
 writer, each a compare-and-set inside its own BEGIN IMMEDIATE transaction, so of racing takers
 exactly one wins, whatever connection or process they come from. Expiry is judged by this host's
-wall clock (or the `clock` given), read inside that transaction. A fenced write is checked inside
-the transaction of its commit group, before COMMIT: one indexed SELECT of the shard's epoch per
-group (read again only after an unfenced write in the group, which may be a lease's), under the
-write lock, so no other writer can move the epoch between the check and the commit. A deposed
-owner's write is refused, never applied. Unfenced writes read nothing.
+wall clock (or the `clock` given), read inside that transaction. A fenced write carries the
+(shard, epoch) its channel resolved to when it was called, and is checked inside the transaction
+of its commit group, before COMMIT: one indexed SELECT of each shard's epoch per group (a take in
+the group records the epoch it made), under the write lock, so no other writer can move an epoch
+between the check and the commit. A deposed owner's write is refused, never applied; writes of
+shards still owned in the same group go ahead. Unfenced writes read nothing.
 
 Several SQLiteStores may share the file within one process (the tests' second node); the
 `unix-excl` VFS keeps other processes out (see above).
@@ -53,10 +54,12 @@ from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, EnqueueResult, Message
 from app.store.base import (
     SECRET_BYTES,
+    Resolve,
     ShardLease,
     check_sizes,
     check_topology_version,
     fenced,
+    unowned,
 )
 
 T = TypeVar("T")
@@ -253,7 +256,10 @@ class SQLiteStore:
         self._path = path
         self._where = os.path.abspath(path)  # for messages, as the node started
         self._clock: Clock = clock or SystemClock()
-        self._fence: _Fence = None
+        self._resolve: Resolve | None = None
+        # Stored epoch by shard, read once per commit group by the writer thread (see
+        # `_admitted`); a take in the group writes its new epoch here.
+        self._epochs: dict[str, int | None] = {}
         self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         # (path, st_dev, st_ino) of the database and its WAL, as opened.
         self._files: list[tuple[str, int, int]] = []
@@ -325,7 +331,7 @@ class SQLiteStore:
             return None
         if self._probe is None and time.monotonic() - self._probed_at >= _PROBE_EVERY_S:
             self._probed_at = time.monotonic()
-            self._probe = asyncio.ensure_future(self._write(self._probe_op, fenced=False))
+            self._probe = asyncio.ensure_future(self._write(self._probe_op, None))
         if self._probe is not None:
             probe = self._probe
             try:
@@ -414,28 +420,19 @@ class SQLiteStore:
         lost: str | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            # Stored epoch by shard, read in this transaction for the fenced writes of the group;
-            # forgotten after an unfenced write, which may be a lease's.
-            epochs: dict[str, int | None] = {}
+            self._epochs = {}
             i = 0
             while i < len(group):
-                op, future, fence = group[i]
-                if fence is not None:
-                    shard, epoch = fence
-                    if shard not in epochs:
-                        epochs[shard] = _stored_epoch(conn, shard)
-                    if epochs[shard] != epoch:
-                        outcomes.append((future, None, fenced(shard, epoch, epochs[shard])))
-                        i += 1
-                        continue
-                kind = type(op)
+                # Neighbours of one mergeable kind go as one run, whatever shard each is fenced
+                # at: each is judged on its own first, in this transaction.
+                kind = type(group[i][0])
                 j = i + 1
                 if kind in _MERGED:
-                    while j < len(group) and type(group[j][0]) is kind and group[j][2] == fence:
+                    while j < len(group) and type(group[j][0]) is kind:
                         j += 1
-                outcomes += self._apply_run(conn, group[i:j])
-                if fence is None:
-                    epochs.clear()
+                run = [p for p in group[i:j] if p[2] is None or self._admitted(conn, p, outcomes)]
+                if run:
+                    outcomes += self._apply_run(conn, run)
                 i = j
             lost = self._lost()
             if lost is None:
@@ -461,6 +458,25 @@ class SQLiteStore:
         if lost is not None:
             return [(future, None, StoreUnavailable(lost)) for _, future, _ in group]
         return outcomes
+
+    def _admitted(
+        self, conn: sqlite3.Connection, pending: _Pending, outcomes: list[_Outcome]
+    ) -> bool:
+        """Whether a fenced write's epoch is still its shard's stored one; if not, its refusal
+        joins `outcomes`. Under the group's write lock no other writer can move an epoch before
+        COMMIT, and only a take in this group can (which updates `_epochs`), so each shard's
+        epoch is read at most once per group."""
+        _, future, fence = pending
+        assert fence is not None
+        shard, epoch = fence
+        try:
+            stored = self._epochs[shard]
+        except KeyError:
+            stored = self._epochs[shard] = _stored_epoch(conn, shard)
+        if stored == epoch:
+            return True
+        outcomes.append((future, None, fenced(shard, epoch, stored)))
+        return False
 
     def _apply_run(self, conn: sqlite3.Connection, run: list[_Pending]) -> list[_Outcome]:
         """Apply writes of one kind together, in a savepoint; should that fail, apply them one
@@ -577,20 +593,27 @@ class SQLiteStore:
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
     def _write(
-        self, op: Callable[[sqlite3.Connection], T], *, fenced: bool = True
+        self, op: Callable[[sqlite3.Connection], T], channel: str | None
     ) -> asyncio.Future[T]:
-        return self._submit(op, fenced=fenced)
+        return self._submit(op, channel)
 
-    def _submit(self, op: _Op, *, fenced: bool = True) -> asyncio.Future[Any]:
-        """Queue a write for the writer; `fenced` ones carry the fence in force now.
+    def _submit(self, op: _Op, channel: str | None) -> asyncio.Future[Any]:
+        """Queue a write of `channel` (None: an unfenced write) for the writer, with the
+        (shard, epoch) the fence resolves it to now.
 
         The answer is the writer's own future (settled on the loop, errors translated), not a
         coroutine: the engine shields it and settles memory from a callback on it, so a hot
-        write costs no task of its own."""
+        write costs no task of its own. A write this node owns no shard for fails in it too."""
         if self._writer is None or self._loop is None:
             raise StoreUnavailable("the embedded store is not open")
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((op, future, self._fence if fenced else None))
+        fence: _Fence = None
+        if channel is not None and self._resolve is not None:
+            fence = self._resolve(channel)
+            if fence is None:
+                future.set_exception(unowned(channel))
+                return future
+        self._queue.put((op, future, fence))
         return future
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -604,7 +627,9 @@ class SQLiteStore:
             raise _translate(exc) from exc
 
     def _key(self, conn: sqlite3.Connection, channel: str) -> int:
-        """The channel's integer key, made on first use (in the writer's transaction)."""
+        """The channel's integer key, made on first use (in the writer's transaction). A name
+        keeps its key for good, even once dropped: processes sharing the file cache name ->
+        key, and a key given to another name would send their writes to the wrong channel."""
         key = self._keys.get(channel)
         if key is None:
             row = conn.execute("SELECT key FROM channels WHERE name = ?", (channel,)).fetchone()
@@ -639,7 +664,7 @@ class SQLiteStore:
             key = self._key(conn, name)
             conn.execute("UPDATE channels SET config = ? WHERE key = ?", (encoded, key))
 
-        await self._write(op)
+        await self._write(op, name)
 
     async def drop_channel(self, name: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -648,10 +673,10 @@ class SQLiteStore:
                 return
             conn.execute("DELETE FROM messages WHERE ch = ?", (key,))
             conn.execute("DELETE FROM dedup WHERE ch = ?", (key,))
-            conn.execute("DELETE FROM channels WHERE key = ?", (key,))
-            self._keys.pop(name, None)
+            # The name keeps its key (see `_key`): only its settings go.
+            conn.execute("UPDATE channels SET config = NULL WHERE key = ?", (key,))
 
-        await self._write(op)
+        await self._write(op, name)
 
     # -- writes -----------------------------------------------------------------------------
     # The hot writes answer with the writer's future (see `_submit`).
@@ -659,32 +684,40 @@ class SQLiteStore:
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> asyncio.Future[EnqueueResult]:
         check_sizes(messages, self.max_message_bytes, self.kind)
-        return self._submit(_Insert(channel, messages, dedup_since))
+        return self._submit(_Insert(channel, messages, dedup_since), channel)
 
     def lease(
         self, channel: str, leases: Sequence[tuple[int, int]], deadline: int
     ) -> asyncio.Future[None]:
-        return self._submit(_Lease(leases, deadline))
+        return self._submit(_Lease(leases, deadline), channel)
 
     def release(self, channel: str, ids: Sequence[int], available_at: int) -> asyncio.Future[None]:
         return self._update_many(
-            "UPDATE messages SET leased = 0, available_at = ? WHERE id IN ({})", available_at, ids
+            channel,
+            "UPDATE messages SET leased = 0, available_at = ? WHERE id IN ({})",
+            available_at,
+            ids,
         )
 
     def extend(self, channel: str, ids: Sequence[int], deadline: int) -> asyncio.Future[None]:
         return self._update_many(
-            "UPDATE messages SET available_at = ? WHERE leased = 1 AND id IN ({})", deadline, ids
+            channel,
+            "UPDATE messages SET available_at = ? WHERE leased = 1 AND id IN ({})",
+            deadline,
+            ids,
         )
 
     def delete(self, channel: str, ids: Sequence[int]) -> asyncio.Future[None]:
-        return self._submit(_Delete(ids))
+        return self._submit(_Delete(ids), channel)
 
-    def _update_many(self, sql: str, value: int, ids: Sequence[int]) -> asyncio.Future[None]:
+    def _update_many(
+        self, channel: str, sql: str, value: int, ids: Sequence[int]
+    ) -> asyncio.Future[None]:
         def op(conn: sqlite3.Connection) -> None:
             if ids:
                 conn.execute(sql.format(_marks(len(ids))), (value, *ids))
 
-        return self._write(op)
+        return self._write(op, channel)
 
     def move(
         self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
@@ -703,7 +736,7 @@ class SQLiteStore:
                 _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, copies))
             return copies
 
-        return self._write(op)
+        return self._write(op, channel)
 
     async def purge(self, channel: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -712,7 +745,7 @@ class SQLiteStore:
                 return 0
             return conn.execute("DELETE FROM messages WHERE ch = ?", (key,)).rowcount
 
-        return await self._write(op)
+        return await self._write(op, channel)
 
     async def promote_due(self, channel: str, now: int, limit: int) -> list[Message]:
         def op(conn: sqlite3.Connection) -> list[Message]:
@@ -735,9 +768,10 @@ class SQLiteStore:
                 m.available_at = 0
             return due
 
-        return await self._write(op)
+        return await self._write(op, channel)
 
     async def prune_dedup(self, before: int, limit: int) -> int:
+        # Not fenced: forgetting an id past its window is right whoever does it.
         return await self._write(
             lambda conn: (
                 conn.execute(
@@ -745,7 +779,8 @@ class SQLiteStore:
                     " (SELECT ch, dedup_id FROM dedup WHERE used_at < ? LIMIT ?)",
                     (before, limit),
                 ).rowcount
-            )
+            ),
+            None,
         )
 
     # -- reads ------------------------------------------------------------------------------
@@ -824,20 +859,8 @@ class SQLiteStore:
     async def store_time_ms(self) -> int:
         return self._clock.now_ms()
 
-    def fence(self, shard: str, epoch: int) -> None:
-        self._fence = (shard, epoch)
-        self._forget_keys()
-
-    def unfence(self) -> None:
-        self._fence = None
-        self._forget_keys()
-
-    def _forget_keys(self) -> None:
-        """Start an ownership period from the store: while this node did not own them, another
-        one sharing the file may have dropped channels and given their keys to new ones (keys
-        are MAX + 1), and a stale name -> key would send writes to another channel. Replaced,
-        not cleared, so the writer thread never sees a dict change size under it."""
-        self._keys = {}
+    def fence(self, resolve: Resolve | None) -> None:
+        self._resolve = resolve
 
     async def take_lease(
         self, shard: str, owner: str, owner_url: str, ttl_ms: int, *, from_epoch: int | None = None
@@ -854,9 +877,10 @@ class SQLiteStore:
                 f"INSERT OR REPLACE INTO shard_leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                 (lease.shard, lease.owner, lease.owner_url, lease.epoch, lease.expires_at),
             )
+            self._epochs[shard] = lease.epoch  # fenced writes later in this group see it
             return lease
 
-        return await self._write(op, fenced=False)
+        return await self._write(op, None)
 
     async def renew_lease(
         self, shard: str, owner: str, epoch: int, ttl_ms: int
@@ -869,7 +893,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else ShardLease(*row)
 
-        return await self._write(op, fenced=False)
+        return await self._write(op, None)
 
     async def release_lease(self, shard: str, owner: str, epoch: int) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -881,7 +905,7 @@ class SQLiteStore:
                 ).rowcount
             )
 
-        return await self._write(op, fenced=False)
+        return await self._write(op, None)
 
     async def leases(self) -> dict[str, ShardLease]:
         rows = await self._read(
@@ -905,7 +929,7 @@ class SQLiteStore:
             sql = "UPDATE topology SET version = ?, doc = ? WHERE id = 1 AND version = ?"
             return bool(conn.execute(sql, (version, doc, expected_version)).rowcount)
 
-        return await self._write(op, fenced=False)
+        return await self._write(op, None)
 
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:
@@ -917,7 +941,7 @@ class SQLiteStore:
             row = conn.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()
             return bytes(row[0])
 
-        return await self._write(op, fenced=False)
+        return await self._write(op, None)
 
 
 def _stored_epoch(conn: sqlite3.Connection, shard: str) -> int | None:
