@@ -964,3 +964,51 @@ class StoreContract:
         await store.leases()
         await store.page_ready(CH, 0, NOW, 10)
         assert calls == []
+
+    # -- members ----------------------------------------------------------------------------
+    async def test_member_reports_are_upserted_by_url_on_the_stores_clock(
+        self, store: Store, twin: Store, clock: ManualClock, reopen: Reopen
+    ) -> None:
+        assert await store.members() == {}
+        await store.report_member(A[1], b'{"role": "primary"}')
+        await twin.report_member(B[1], b"\x00binary\xff")
+        assert await twin.members() == {
+            A[1]: (NOW, b'{"role": "primary"}'),
+            B[1]: (NOW, b"\x00binary\xff"),
+        }
+        clock.advance(750)
+        await twin.report_member(A[1], b'{"role": "backup"}')  # by url, whoever writes it
+        assert await store.members() == {
+            A[1]: (NOW + 750, b'{"role": "backup"}'),
+            B[1]: (NOW, b"\x00binary\xff"),
+        }
+        store = await reopen(store)
+        assert (await store.members())[A[1]] == (NOW + 750, b'{"role": "backup"}')
+
+    async def test_member_reports_are_not_fenced(self, store: Store, twin: Store) -> None:
+        """A node that owns nothing (or was just deposed) still reports itself."""
+        store.fence(by_channel({}))
+        await store.report_member(A[1], b"a")
+        assert await twin.take_lease(SHARD, *B, TTL) is not None
+        store.fence(at(SHARD, 1))
+        assert await twin.take_lease(SHARD, *B, TTL, from_epoch=1) is not None  # epoch 2
+        await store.report_member(A[1], b"a2")
+        assert await twin.members() == {A[1]: (NOW, b"a2")}
+
+    async def test_concurrent_member_reports_keep_one_per_url(
+        self, store: Store, twin: Store
+    ) -> None:
+        urls = [f"http://n{i}:7100" for i in range(6)]
+        stores = (store, twin)
+        await asyncio.gather(
+            *(
+                stores[(i + r) % 2].report_member(url, b"%d-%d" % (i, r))
+                for r in range(3)
+                for i, url in enumerate(urls)
+            )
+        )
+        members = await store.members()
+        assert sorted(members) == sorted(urls)
+        for i, url in enumerate(urls):
+            seen_at, doc = members[url]
+            assert seen_at == NOW and doc.startswith(b"%d-" % i)

@@ -221,6 +221,18 @@ class Store(Protocol):
         secret calls are not fenced."""
         ...
 
+    # -- members ----------------------------------------------------------------------------
+    # Presence, for display (`GET /cluster`, the watcher) only: never an input to ownership,
+    # which the leases alone decide.
+    async def report_member(self, url: str, doc: bytes) -> None:
+        """Store `doc` as the member report of the node at `url` (replacing its last one),
+        stamped with the store's clock. Not fenced."""
+        ...
+
+    async def members(self) -> dict[str, tuple[int, bytes]]:
+        """Every member report: url -> (store-clock ms it was made at, doc)."""
+        ...
+
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:
         """A random key made on first use and kept in the store: the same for every node that

@@ -6,7 +6,7 @@ write uses a journaled write concern (majority by default), so it is durable whe
 
 Layout: `messages` keyed by the engine's int64 message id (`_id`), `dedup` with one record per
 (channel, dedup id) that outlives the message, `channels` keyed by channel name, `leases` keyed
-by shard, and `meta` holding the secret and the topology.
+by shard, `members` keyed by node URL, and `meta` holding the secret and the topology.
 
 Ownership (see `app.store.base`). The store's clock is the server's: `store_time_ms` reads
 `localTime` from `hello`. A lease operation reads it first and then compare-and-sets on it, so
@@ -747,6 +747,19 @@ class MongoStore:
                 {"_id": "topology", "version": expected_version}, {"$set": fields}
             )
         return bool(result.matched_count)
+
+    # -- members ----------------------------------------------------------------------------
+    async def report_member(self, url: str, doc: bytes) -> None:
+        now = await self.store_time_ms()
+        with _translated():
+            await self._collection("members").replace_one(
+                {"_id": url}, {"seen_at": now, "doc": bytes(doc)}, upsert=True
+            )
+
+    async def members(self) -> dict[str, tuple[int, bytes]]:
+        with _translated():
+            docs = await self._collection("members").find({}).to_list(None)
+        return {str(d["_id"]): (int(d["seen_at"]), bytes(d["doc"])) for d in docs}
 
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:

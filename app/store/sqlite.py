@@ -139,6 +139,12 @@ CREATE TABLE IF NOT EXISTS topology (
     version INTEGER NOT NULL,
     doc BLOB NOT NULL
 );
+-- seen_at is on the store's clock.
+CREATE TABLE IF NOT EXISTS members (
+    url TEXT PRIMARY KEY,
+    seen_at INTEGER NOT NULL,
+    doc BLOB NOT NULL
+) WITHOUT ROWID;
 """
 _LEASE_COLUMNS = "shard, owner, owner_url, epoch, expires_at"
 
@@ -930,6 +936,22 @@ class SQLiteStore:
             return bool(conn.execute(sql, (version, doc, expected_version)).rowcount)
 
         return await self._write(op, None)
+
+    # -- members ----------------------------------------------------------------------------
+    async def report_member(self, url: str, doc: bytes) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO members (url, seen_at, doc) VALUES (?, ?, ?)",
+                (url, self._clock.now_ms(), doc),
+            )
+
+        await self._write(op, None)
+
+    async def members(self) -> dict[str, tuple[int, bytes]]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT url, seen_at, doc FROM members").fetchall()
+        )
+        return {url: (int(seen_at), bytes(doc)) for url, seen_at, doc in rows}
 
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:
