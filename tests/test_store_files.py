@@ -158,13 +158,15 @@ def _post(node: NodeProcess, path: str, body: dict[str, Any]) -> httpx.Response:
 
 
 @pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+@pytest.mark.parametrize("exclusive", ["false", "true"], ids=["shared", "exclusive"])
 def test_read_only_store_answers_503_and_the_node_lives(
-    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path]
+    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path], exclusive: str
 ) -> None:
     """`chattr +i` stands in for ext4 remounting read-only after an error. The node used to
-    die of SIGBUS (SQLite's mmap of the WAL index, written after the file went read-only)."""
+    die of SIGBUS (SQLite's mmap of the WAL index, written after the file went read-only); a
+    shared store checks before SQLite touches the mapping, an exclusive one has none."""
     data = tmp_path / "ro"
-    node = node_factory(data).start()
+    node = node_factory(data, SQLITE_EXCLUSIVE=exclusive).start()
     assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
     store_files = sorted(data.glob("lionmq.db*"))
     for f in store_files:
@@ -185,7 +187,7 @@ def test_read_only_store_answers_503_and_the_node_lives(
     )
     assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 5}]}).status_code == 201
     node.stop()
-    again = node_factory(data, port=node.port).start()
+    again = node_factory(data, port=node.port, SQLITE_EXCLUSIVE=exclusive).start()
     got = _post(again, "/channels/c/dequeue", {"max": 10}).json()["messages"]
     assert [m["body"] for m in got] == [1, 5]
 
@@ -339,7 +341,9 @@ def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
     assert "Traceback" not in done.stderr, done.stderr
     store = str(data / "lionmq.db")
     named = [line for line in done.stderr.splitlines() if store in line]
+    # Refused before SQLite writes (a shared store guards its mmapped WAL index, see
+    # app/store/sqlite.py); an exclusive one gets SQLITE_READONLY from SQLite itself.
     assert named == [
-        f"lionmq: cannot start (sqlite {store}): the embedded store failed: attempt to write a"
-        " readonly database (SQLITE_READONLY)"
+        f"lionmq: cannot start (sqlite {store}): the store file {store} cannot be written"
+        " (read-only file system, immutable file or permissions); writes answer 503 until it can"
     ], done.stderr
