@@ -1012,3 +1012,27 @@ class StoreContract:
         for i, url in enumerate(urls):
             seen_at, doc = members[url]
             assert seen_at == NOW and doc.startswith(b"%d-" % i)
+
+    # -- dedup across store instances -------------------------------------------------------
+    async def test_dedup_holds_across_store_instances(self, store: Store, twin: Store) -> None:
+        """Two nodes (two store instances over the same data) enqueue the same dedup ids at
+        once, say across a hand-off: the store, not a lock inside one of them, keeps one
+        message per id, and both are told its id."""
+        keys = [f"k{i}" for i in range(40)]
+
+        async def send(s: Store, base: int) -> dict[str, int]:
+            told: dict[str, int] = {}
+
+            async def one(i: int) -> None:
+                result = await s.insert(CH, [msg(base + i, dedup_id=keys[i])], dedup_since=0)
+                told[keys[i]] = result.ids[0]
+
+            await asyncio.gather(*(one(i) for i in range(len(keys))))
+            return told
+
+        a, b = await asyncio.gather(send(store, 1_000), send(twin, 2_000))
+        assert a == b
+        assert await all_ids(store) == sorted(a.values())
+        # A batch holding a taken id and a fresh one, from either instance.
+        again = await twin.insert(CH, [msg(3_000, dedup_id="k0"), msg(3_001, dedup_id="new")], 0)
+        assert again.ids == [a["k0"], 3_001]

@@ -316,7 +316,7 @@ async def test_mongo_writes_are_journaled_by_default() -> None:
         await store.close()
 
 
-_WRITES = {"insert_many", "bulk_write", "update_many", "delete_many", "replace_one"}
+_WRITES = {"insert_many", "bulk_write", "update_many", "update_one", "delete_many", "replace_one"}
 
 
 class _Failing:
@@ -358,12 +358,13 @@ async def mongo() -> MongoStore:
     return store
 
 
+@pytest.mark.parametrize("method", ["insert_many", "update_one"])  # a fresh id, a renewed one
 async def test_mongo_insert_undoes_messages_when_dedup_write_fails(
-    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     await mongo.insert(CH, [msg(1, dedup_id="old", enqueued_at=100)], dedup_since=0)
     with monkeypatch.context() as patch:
-        _fail(patch, "dedup", "bulk_write")
+        _fail(patch, "dedup", method)
         with pytest.raises(StoreUnavailable, match="unreachable"):
             await mongo.insert(
                 CH, [msg(2, dedup_id="old"), msg(3, dedup_id="new"), msg(4)], dedup_since=NOW
@@ -608,3 +609,51 @@ async def test_mongo_fenced_write_refused_after_it_when_the_takeover_came_during
     with pytest.raises(Fenced, match="nothing was written"):
         await mongo.insert(CH, [msg(3)], 0)  # refused before it is sent from then on
     assert await all_ids(mongo) == [1, 2]
+
+
+async def test_mongo_dedup_is_enforced_by_the_index_across_instances(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two MongoStores on one database both read "no record" for the same dedup ids before
+    either writes (mongomock runs each call at once, so the test holds them there): the unique
+    index gives each id to one, the other drops its copy, and both report the winner's id."""
+    client: Any = AsyncMongoMockClient()
+    a, b = (MongoStore(client=client, database="dd", clock=clock) for _ in range(2))
+    await a.open()
+    await b.open()
+    await a.insert(CH, [msg(1, dedup_id="old", enqueued_at=5)], dedup_since=0)
+    read = {id(a): asyncio.Event(), id(b): asyncio.Event()}
+    real = MongoStore._dedup
+
+    class BothReadFirst:
+        def __init__(self, store: MongoStore) -> None:
+            self.store, self.inner = store, real.fget(store)  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def find(self, *args: Any, **kwargs: Any) -> Any:
+            cursor = self.inner.find(*args, **kwargs)
+            mine, other = read[id(self.store)], read[id(a if self.store is b else b)]
+
+            async def rows() -> AsyncIterator[Any]:
+                async for row in cursor:
+                    yield row
+                if not mine.is_set():  # the first read of each insert meets the other's
+                    mine.set()
+                    await asyncio.wait_for(other.wait(), 5)
+
+            return rows()
+
+    monkeypatch.setattr(MongoStore, "_dedup", property(lambda self: BothReadFirst(self)))
+    batch_a = [msg(10, dedup_id="x"), msg(11, dedup_id="y"), msg(12), msg(13, dedup_id="old")]
+    batch_b = [msg(20, dedup_id="y"), msg(21, dedup_id="x"), msg(22, dedup_id="old", enqueued_at=9)]
+    # "old" was used at 5: past the window from 6 on, so both try to take it over.
+    ra, rb = await asyncio.gather(a.insert(CH, batch_a, 6), b.insert(CH, batch_b, 6))
+    monkeypatch.undo()
+    assert ra.ids[0] == rb.ids[1] and ra.ids[1] == rb.ids[0]  # x and y: one message each
+    assert ra.ids[3] == rb.ids[2]  # "old": one taker
+    stored = await all_ids(a)
+    assert len(stored) == 1 + 3 + 1  # msg 1, x, y, "old" once, and 12
+    assert set(ra.ids) | set(rb.ids) <= set(stored) and 12 in stored
+    assert sorted(m.id for m in ra.new + rb.new) == sorted(set(stored) - {1})

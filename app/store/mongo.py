@@ -8,6 +8,13 @@ Layout: `messages` keyed by the engine's int64 message id (`_id`), `dedup` with 
 (channel, dedup id) that outlives the message, `channels` keyed by channel name, `leases` keyed
 by shard, `members` keyed by node URL, and `meta` holding the secret and the topology.
 
+Dedup across nodes: a batch stores its messages, then claims their dedup ids by inserting into
+`dedup` (a unique index on channel and dedup id) or, for an id past its window, by a
+compare-and-set on the old record. Of store instances racing for an id exactly one claim lands;
+the others delete the copies they stored and answer with the winner's message id. Until they
+do, a loser's copy sits in the store for one round trip (a consumer paging the channel right
+then may be handed it too: at-least-once); no enqueue is lost, and no duplicate stays.
+
 Ownership (see `app.store.base`). The store's clock is the server's: `store_time_ms` reads
 `localTime` from `hello`. A lease operation reads it first and then compare-and-sets on it, so
 expiry is judged by a server time at most one round trip old: a lease looks live a little longer
@@ -337,8 +344,9 @@ class MongoStore:
     async def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
-        """Batches that share a dedup id run one after the other (in this process): without a
-        transaction, two concurrent ones would both find the id unused and both store."""
+        """Dedup is enforced by the unique (channel, dedup id) index (see `_claim`), across
+        every store instance; batches of this instance that share a dedup id also run one
+        after the other, so that the loser of a race here does not store a copy and delete it."""
         # Checked here as well as by the driver: mongomock has no size limit, and a batch is
         # refused whole before any of it is sent.
         check_sizes(messages, self.max_message_bytes, self.kind)
@@ -369,46 +377,111 @@ class MongoStore:
                 ):
                     previous[rec["dedup_id"]] = rec
 
-        ids: list[int] = []
-        new: list[Message] = []
-        claimed: dict[str, Message] = {}  # dedup id -> the message of this batch that now owns it
+        claimed: dict[str, Message] = {}  # dedup id -> the message of this batch that claims it
         for m in messages:
             key = m.dedup_id
-            if key is not None:
-                if key in claimed:
-                    ids.append(claimed[key].id)
-                    continue
-                rec = previous.get(key)
-                if rec is not None and rec["used_at"] >= dedup_since:
-                    ids.append(int(rec["message_id"]))
-                    continue
+            if key is None or key in claimed:
+                continue
+            rec = previous.get(key)
+            if rec is None or rec["used_at"] < dedup_since:
                 claimed[key] = m
-            ids.append(m.id)
-            new.append(m)
+        new = [m for m in messages if m.dedup_id is None or claimed.get(m.dedup_id) is m]
 
         # Messages first, dedup records second: a crash between the two can only let a retry
         # store a duplicate (at-least-once), never dedup against a message that was not stored.
         if new:
             await self._insert_messages(channel, new)
+        lost: dict[str, int] = {}
         if claimed:
             try:
-                with _translated():
-                    await self._dedup.bulk_write(
-                        [
-                            # UpdateMany on a unique key: mongomock rejects UpdateOne in bulk_write.
-                            UpdateMany(
-                                {"channel": channel, "dedup_id": key},
-                                {"$set": {"message_id": m.id, "used_at": m.enqueued_at}},
-                                upsert=True,
-                            )
-                            for key, m in claimed.items()
-                        ],
-                        ordered=True,
-                    )
+                lost = await self._claim(channel, claimed, previous)
             except StoreError:
                 await self._undo_insert(channel, new, claimed, previous)
                 raise
+        if lost:
+            # Another store instance claimed these ids first: its messages stand, ours go.
+            await self._delete_copies(channel, [claimed[key].id for key in lost])
+            new = [m for m in new if m.dedup_id not in lost]
+        ids: list[int] = []
+        for m in messages:
+            key = m.dedup_id
+            if key is None:
+                ids.append(m.id)
+            elif key in lost:
+                ids.append(lost[key])
+            elif key in claimed:
+                ids.append(claimed[key].id)
+            else:
+                ids.append(int(previous[key]["message_id"]))
         return EnqueueResult(ids=ids, new=new)
+
+    async def _claim(
+        self, channel: str, claimed: Mapping[str, Message], previous: Mapping[str, Doc]
+    ) -> dict[str, int]:
+        """Record each claimed dedup id as this batch's, by the unique (channel, dedup id) index:
+        an insert where there was no record, a compare-and-set on the old record where it was
+        past the window. The ids another store instance claimed first, each with its message
+        id, are returned. So dedup holds across every instance sharing the database, not only
+        between the batches of this one (which `insert` serialises to spare the churn)."""
+        lost: dict[str, int] = {}
+        fresh = [key for key in claimed if key not in previous]
+        if fresh:
+            docs = [
+                {
+                    "channel": channel,
+                    "dedup_id": key,
+                    "message_id": claimed[key].id,
+                    "used_at": claimed[key].enqueued_at,
+                }
+                for key in fresh
+            ]
+            try:
+                with _translated():
+                    await self._dedup.insert_many(docs, ordered=False)
+            except StoreError as exc:
+                cause = exc.__cause__
+                errors = (
+                    cause.details.get("writeErrors", [])
+                    if isinstance(cause, BulkWriteError)
+                    else None
+                )
+                if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                    raise
+                for e in errors:
+                    key = docs[e["index"]]["dedup_id"]
+                    lost[key] = -1  # claimed by another: its message id is read below
+        with _translated():
+            for key in claimed.keys() & previous.keys():
+                old = previous[key]
+                m = claimed[key]
+                swapped = await self._dedup.update_one(
+                    {
+                        "channel": channel,
+                        "dedup_id": key,
+                        "message_id": old["message_id"],
+                        "used_at": old["used_at"],
+                    },
+                    {"$set": {"message_id": m.id, "used_at": m.enqueued_at}},
+                )
+                if not swapped.matched_count:
+                    lost[key] = -1
+            if lost:
+                async for rec in self._dedup.find(
+                    {"channel": channel, "dedup_id": {"$in": list(lost)}}
+                ):
+                    lost[rec["dedup_id"]] = int(rec["message_id"])
+        gone = [key for key, winner in lost.items() if winner < 0]
+        if gone:
+            # The winner's record went again (its insert undone, or pruned) in between.
+            raise StoreUnavailable(
+                f"dedup ids {gone[:3]} of channel {channel!r} changed hands during this"
+                " enqueue; retry it"
+            )
+        return lost
+
+    async def _delete_copies(self, channel: str, ids: Sequence[int]) -> None:
+        with _translated():
+            await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
 
     async def _insert_messages(self, channel: str, new: Sequence[Message]) -> None:
         """insert_many, or nothing: on failure delete what this call inserted, then raise."""
