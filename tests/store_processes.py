@@ -81,9 +81,12 @@ async def _work(
                     await timed(store.release(channel, ids[BATCH // 2 :], 0))  # nacked
                     kept[channel].extend(ids[BATCH // 2 :])
 
+        # The shard lease too, taken by both at once: one wins (a compare-and-set in the file).
+        lease = await store.take_lease("race", f"node-{k}", f"http://n{k}:1", 60_000)
         await asyncio.gather(*(claim(t) for t in range(TASKS)), *(traffic(t) for t in range(TASKS)))
         return {
             "dedup": dedup,
+            "lease": None if lease is None else (lease.owner, lease.epoch),
             "kept": kept,
             "busy": busy,
             "slowest_s": slowest,

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_two_processes_write_one_file_at_once(tmp_path: Path) -> None:
     """Two processes enqueue, lease, ack and nack in one channel (and one each of their own) at
-    the same time, and enqueue the same dedup ids: nothing is lost or doubled, every dedup id
-    holds one message that both were told of, and no write met "database is locked"."""
+    the same time, enqueue the same dedup ids and race for one shard lease: nothing is lost or
+    doubled, every dedup id holds one message that both were told of, one took the lease, and
+    no write met "database is locked"."""
     path = str(tmp_path / "shared.db")
     spawn = multiprocessing.get_context("spawn")
     go = spawn.Event()
@@ -69,6 +70,8 @@ def test_two_processes_write_one_file_at_once(tmp_path: Path) -> None:
     )
     for k, result in results.items():
         assert result["busy"] == [], f"process {k} met a busy store: {result['busy'][:3]}"
+    won = [r["lease"] for r in results.values() if r["lease"] is not None]
+    assert len(won) == 1 and won[0][1] == 1, won
     # Dedup: both were told the same message for each id, and the file holds just those.
     assert results[0]["dedup"] == results[1]["dedup"]
     winners = results[0]["dedup"]
