@@ -316,19 +316,40 @@ def test_full_disk_makes_the_node_unready_until_space_is_back(
 
 
 @pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+@pytest.mark.parametrize(
+    ("exclusive", "why"),
+    [
+        # Refused before SQLite writes: a shared store guards its mmapped WAL index.
+        (
+            "false",
+            "the store file {store} cannot be written (read-only file system, immutable file or"
+            " permissions); writes answer 503 until it can",
+        ),
+        # No mapping to guard: SQLite refuses the write itself.
+        (
+            "true",
+            "the embedded store failed: attempt to write a readonly database (SQLITE_READONLY)",
+        ),
+    ],
+    ids=["shared", "exclusive"],
+)
 def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
-    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path]
+    node_factory: type[NodeProcess],
+    tmp_path: Path,
+    immutable: list[Path],
+    exclusive: str,
+    why: str,
 ) -> None:
     """It used to fail at the node-secret write with SQLITE_READONLY inside the lifespan, and
     uvicorn printed the traceback."""
     data = tmp_path / "ro-start"
-    node = node_factory(data).start()
+    node = node_factory(data, SQLITE_EXCLUSIVE=exclusive).start()
     assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
     node.stop()
     for f in sorted(data.glob("lionmq.db*")):
         subprocess.run(["chattr", "+i", str(f)], check=True)
         immutable.append(f)
-    again = NodeProcess(data, port=node.port)
+    again = NodeProcess(data, port=node.port, SQLITE_EXCLUSIVE=exclusive)
     done = subprocess.run(
         [sys.executable, "-m", "app"],
         cwd=data,
@@ -341,9 +362,6 @@ def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
     assert "Traceback" not in done.stderr, done.stderr
     store = str(data / "lionmq.db")
     named = [line for line in done.stderr.splitlines() if store in line]
-    # Refused before SQLite writes (a shared store guards its mmapped WAL index, see
-    # app/store/sqlite.py); an exclusive one gets SQLITE_READONLY from SQLite itself.
-    assert named == [
-        f"lionmq: cannot start (sqlite {store}): the store file {store} cannot be written"
-        " (read-only file system, immutable file or permissions); writes answer 503 until it can"
-    ], done.stderr
+    assert named == [f"lionmq: cannot start (sqlite {store}): {why.format(store=store)}"], (
+        done.stderr
+    )
