@@ -549,12 +549,13 @@ async def test_real_mongo_store_time_is_near_the_hosts() -> None:
         await store.close()
 
 
-async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
+async def test_sqlite_a_channel_keeps_its_key_so_cached_keys_never_go_stale(
     tmp_path: Path, clock: ManualClock
 ) -> None:
-    """Two nodes on one file: while A did not own the shard, B dropped two channels and made
-    them again, so each now has the other's old key. A, fenced for its next ownership period,
-    writes to the channels by their names, not by the keys it had cached."""
+    """Two nodes on one file: while A did not own the channels, B dropped two and made them
+    again. Had they been given new keys (each the other's old one), A's cached keys would send
+    its writes and reads to the wrong channel; a name keeps its key, so they go to the right
+    one, with no fence call or anything else telling A to forget."""
     path = str(tmp_path / "k.db")
     a, b = SQLiteStore(path, clock=clock), SQLiteStore(path, clock=clock)
     await a.open()
@@ -564,14 +565,13 @@ async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
         await a.insert("y", [msg(2)], 0)
         await b.drop_channel("y")
         await b.drop_channel("x")
-        await b.insert("y", [msg(3)], 0)  # y gets the key x had, x the key y had
+        await b.insert("y", [msg(3)], 0)
         await b.insert("x", [msg(4)], 0)
-        lease = await a.take_lease("s1", "a", "http://a:1", 2_000)
-        assert lease is not None
-        a.fence(lambda channel: ("s1", lease.epoch))
         await a.insert("x", [msg(5)], 0)
         assert await all_ids(b, "x") == [4, 5]
         assert await all_ids(b, "y") == [3]
+        assert await all_ids(a, "y") == [3]  # A's reads, by its cached key
+        assert await b.load_channels() == {}  # dropped: no settings left
     finally:
         await a.close()
         await b.close()
