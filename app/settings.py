@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     )
     server_host: str = ""
     store_url: str = "sqlite:///./data/lionmq.db"
+    # SQLite only: keep every other process out of the file (see app/store/sqlite.py).
+    sqlite_exclusive: bool = False
     mongo_write_concern: str = "majority"
     mongo_journal: bool = True
     mongo_timeout_ms: Annotated[int, Field(ge=100, le=120_000)] = 5_000

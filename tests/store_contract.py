@@ -29,8 +29,8 @@ import pytest
 
 from app.clock import ManualClock
 from app.errors import Fenced, StoreError, StoreTooLarge, StoreUnavailable
-from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, Message
-from app.store.base import SECRET_BYTES, ShardLease, Store
+from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.store.base import SECRET_BYTES, Resolve, ShardLease, Store
 
 Reopen = Callable[[Store], Awaitable[Store]]
 Outage = Callable[[Store], AbstractAsyncContextManager[None]]
@@ -43,6 +43,16 @@ TTL = 2_000
 A = ("node-a", "http://a:7100")
 B = ("node-b", "http://b:7100")
 C = ("node-c", "http://c:7100")
+
+
+def at(shard: str, epoch: int) -> Resolve:
+    """A fence that puts every channel in one shard."""
+    return lambda channel: (shard, epoch)
+
+
+def by_channel(fences: dict[str, tuple[str, int]]) -> Resolve:
+    """A fence from a table; a channel not in it belongs to no shard this node owns."""
+    return fences.get
 
 
 def msg(id: int, body: bytes | None = None, **fields: Any) -> Message:
@@ -684,7 +694,7 @@ class StoreContract:
     ) -> None:
         lease = await store.take_lease(SHARD, *A, TTL)
         assert lease is not None
-        store.fence(SHARD, lease.epoch)
+        store.fence(at(SHARD, lease.epoch))
         await store.save_channel(CH, ChannelConfig())
         await store.insert(CH, [msg(1), msg(2), msg(3)], dedup_since=0)
         await store.lease(CH, [(1, 1)], NOW + 100)
@@ -720,7 +730,7 @@ class StoreContract:
         await a.insert(CH, [msg(5, dedup_id="old", enqueued_at=1)], 0)
         await a.lease(CH, [(2, 1)], NOW + 100)
         assert await a.take_lease(SHARD, *A, TTL) is not None
-        a.fence(SHARD, 1)
+        a.fence(at(SHARD, 1))
         clock.advance(TTL)  # A's lease lapses (say A was paused) ...
         assert await b.take_lease(SHARD, *B, TTL) is not None  # ... and B takes over: epoch 2
 
@@ -733,7 +743,6 @@ class StoreContract:
             "move (dead-letter)": lambda: a.move(CH, [1], "dlq", [msg(10)]),
             "purge": lambda: a.purge(CH),
             "promote_due": lambda: a.promote_due(CH, NOW, 10),
-            "prune_dedup": lambda: a.prune_dedup(NOW, 10),
             "save_channel": lambda: a.save_channel(CH, ChannelConfig(max_length=1)),
             "drop_channel": lambda: a.drop_channel(CH),
         }
@@ -758,19 +767,21 @@ class StoreContract:
         assert await all_ids(b) == [1, 2, 3, 5]
         assert await all_ids(b, "dlq") == []
         # Dedup ids: "y" was not recorded, "old" was not pruned.
-        b.fence(SHARD, 2)  # B writes as the owner it is
+        b.fence(at(SHARD, 2))  # B writes as the owner it is
         again = await b.insert(CH, [msg(6, dedup_id="y"), msg(7, dedup_id="old")], 0)
         assert again.ids == [6, 5]
-        b.unfence()
+        b.fence(None)
         # Lease calls are not fenced: A sees it lost the shard and can follow the new epoch.
         assert await a.renew_lease(SHARD, A[0], 1, TTL) is None
         assert (await a.leases())[SHARD].epoch == 2
-        a.unfence()
+        # Nor is pruning dedup ids past their window: harmless from any node.
+        assert await a.prune_dedup(NOW, 10) >= 1
+        a.fence(None)
         await a.delete(CH, [6])  # unfenced (a standalone store): applied
         assert await all_ids(b) == [1, 2, 3, 5]
 
     async def test_a_fence_on_a_shard_nobody_holds_refuses(self, store: Store) -> None:
-        store.fence(SHARD, 1)
+        store.fence(at(SHARD, 1))
         with pytest.raises(Fenced, match="no lease"):
             await store.insert(CH, [msg(1)], 0)
         assert await all_ids(store) == []
@@ -788,7 +799,7 @@ class StoreContract:
         (a hand-off): each enqueue that returned is stored; each refused one is absent where the
         store's fence is atomic (on MongoDB without transactions it may have landed whole)."""
         assert await store.take_lease(SHARD, *A, TTL) is not None
-        store.fence(SHARD, 1)
+        store.fence(at(SHARD, 1))
         # Until the takeover refuses them: another connection's lease write can wait some
         # 100 ms for the write lock while these keep it busy. Bounded in count and time.
         ids_ = iter(range(1, 1_000_000))
@@ -822,3 +833,206 @@ class StoreContract:
         if store.atomic_fence:
             assert stored == accepted
         assert stored <= accepted | refused
+
+    # -- ownership: fencing per shard -------------------------------------------------------
+    async def _own(self, store: Store, shard: str, times: int = 1) -> int:
+        """Take `shard` `times` times (releasing in between); the epoch it ends at."""
+        for _ in range(times):
+            lease = await store.take_lease(shard, *A, TTL)
+            assert lease is not None
+            if lease.epoch < times:
+                assert await store.release_lease(shard, A[0], lease.epoch)
+        return lease.epoch
+
+    @staticmethod
+    def _writes(store: Store, channel: str, base: int) -> dict[str, Callable[[], Awaitable[Any]]]:
+        """One call of every fenced write on `channel`, on messages base+1 .. base+3."""
+        return {
+            "save_channel": lambda: store.save_channel(channel, ChannelConfig(max_length=9)),
+            "insert": lambda: store.insert(
+                channel,
+                [msg(base + 1, dedup_id=f"d{base}"), msg(base + 2), msg(base + 3, available_at=5)],
+                0,
+            ),
+            "lease (dequeue)": lambda: store.lease(channel, [(base + 1, 1)], NOW + 100),
+            "extend": lambda: store.extend(channel, [base + 1], NOW + 200),
+            "release (nack)": lambda: store.release(channel, [base + 1], 0),
+            "promote_due": lambda: store.promote_due(channel, NOW, 10),
+            "delete (ack)": lambda: store.delete(channel, [base + 1]),
+            "move (dead-letter)": lambda: store.move(
+                channel, [base + 2], f"{channel}-dlq", [msg(base + 50)]
+            ),
+            "purge": lambda: store.purge(channel),
+            "drop_channel": lambda: store.drop_channel(channel),
+        }
+
+    async def test_two_shards_at_different_epochs_at_once(self, store: Store) -> None:
+        """One node owns s1 at epoch 3 and s2 at epoch 1: each channel's writes are judged by
+        its own shard's epoch, also when both shards' writes are under way together."""
+        e1, e2 = await self._own(store, "s1", 3), await self._own(store, "s2")
+        assert (e1, e2) == (3, 1)
+        store.fence(by_channel({CH: ("s1", 3), OTHER: ("s2", 1), "x": ("s2", 1)}))
+        for write in self._writes(store, CH, 0).values():
+            await write()  # each applies
+        assert await all_ids(store, f"{CH}-dlq") == [50]
+        # Concurrent writes of both shards (on SQLite: in one commit group).
+        results = await asyncio.gather(
+            *(store.insert((CH, OTHER)[i % 2], [msg(100 + i)], 0) for i in range(20))
+        )
+        assert [r.ids for r in results] == [[100 + i] for i in range(20)]
+        assert await all_ids(store) == list(range(100, 120, 2))
+        assert await all_ids(store, OTHER) == list(range(101, 120, 2))
+        # A fence naming the wrong epoch of either shard is refused.
+        store.fence(by_channel({CH: ("s1", 2), OTHER: ("s2", 1)}))
+        with pytest.raises(Fenced, match="epoch 3"):
+            await store.insert(CH, [msg(200)], 0)
+        await store.insert(OTHER, [msg(201)], 0)
+        assert 200 not in await all_ids(store) and 201 in await all_ids(store, OTHER)
+
+    async def test_a_takeover_of_one_shard_fences_only_its_channels(
+        self, store: Store, twin: Store, clock: ManualClock
+    ) -> None:
+        """A owns s1 and s2; B takes s1 over. A's writes to s1's channel are refused, its
+        writes to s2's go on, also when issued together."""
+        await self._own(store, "s1")
+        await self._own(store, "s2")
+        store.fence(by_channel({CH: ("s1", 1), OTHER: ("s2", 1)}))
+        await store.insert(CH, [msg(1), msg(2)], 0)
+        await store.insert(OTHER, [msg(11), msg(12)], 0)
+        clock.advance(TTL)
+        assert await store.renew_lease("s2", A[0], 1, TTL) is not None  # A keeps s2 ...
+        assert await twin.take_lease("s1", *B, TTL) is not None  # ... B takes s1: epoch 2
+        for write in self._writes(store, CH, 100).values():
+            with pytest.raises(Fenced, match="epoch 2"):
+                await write()
+        assert await all_ids(twin) == [1, 2]
+        for write in self._writes(store, OTHER, 200).values():
+            await write()
+        assert await all_ids(twin, f"{OTHER}-dlq") == [250]
+        # Issued together: each shard's writes get their own answer.
+        outcomes = await asyncio.gather(
+            *(store.insert((CH, OTHER)[i % 2], [msg(300 + i)], 0) for i in range(10)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, Fenced) for o in outcomes[0::2]), outcomes
+        served = [o for o in outcomes[1::2] if isinstance(o, EnqueueResult)]
+        assert [o.ids for o in served] == [[301 + 2 * i] for i in range(5)]
+        assert await all_ids(twin) == [1, 2]
+        assert await all_ids(twin, OTHER) == [301, 303, 305, 307, 309]
+
+    async def test_a_channel_of_no_owned_shard_is_refused_at_once(self, store: Store) -> None:
+        """resolve -> None: this node owns no shard for the channel. Every fenced write is
+        refused without reading the store; `fence(None)` lifts the fence."""
+        await self._own(store, "s2")
+        await store.insert(CH, [msg(1, dedup_id="old", enqueued_at=1), msg(2)], 0)
+        store.fence(by_channel({OTHER: ("s2", 1)}))
+        for what, write in self._writes(store, CH, 100).items():
+            with pytest.raises(Fenced) as refused:
+                await write()
+            assert repr(CH) in refused.value.detail and "owns no shard" in refused.value.detail
+            assert refused.value.status == 503 and refused.value.retry_after == 1, what
+        assert await all_ids(store) == [1, 2]
+        await store.insert(OTHER, [msg(3)], 0)  # its own shard's channel is served
+        # Not fenced at all: pruning, leases, topology, the secret.
+        assert await store.prune_dedup(NOW, 10) == 1
+        assert await store.take_lease("s3", *A, TTL) is not None
+        assert await store.swap_topology(None, 1, b"t")
+        assert len(await store.secret()) == SECRET_BYTES
+        store.fence(None)
+        await store.insert(CH, [msg(4)], 0)
+        await store.delete(CH, [1])
+        assert await all_ids(store) == [2, 4]
+
+    async def test_resolve_is_called_once_per_write_call(self, store: Store) -> None:
+        """Not per message: a batch of 100 costs one call; so does every other write."""
+        await self._own(store, SHARD)
+        calls: list[str] = []
+
+        def resolve(channel: str) -> tuple[str, int]:
+            calls.append(channel)
+            return (SHARD, 1)
+
+        store.fence(resolve)
+        await store.insert(CH, [msg(i, dedup_id=str(i)) for i in range(1, 101)], 0)
+        assert calls == [CH]
+        for what, write in self._writes(store, OTHER, 1000).items():
+            calls.clear()
+            await write()
+            assert calls == [OTHER], what
+        calls.clear()
+        await store.prune_dedup(NOW, 10)
+        await store.leases()
+        await store.page_ready(CH, 0, NOW, 10)
+        assert calls == []
+
+    # -- members ----------------------------------------------------------------------------
+    async def test_member_reports_are_upserted_by_url_on_the_stores_clock(
+        self, store: Store, twin: Store, clock: ManualClock, reopen: Reopen
+    ) -> None:
+        assert await store.members() == {}
+        await store.report_member(A[1], b'{"role": "primary"}')
+        await twin.report_member(B[1], b"\x00binary\xff")
+        assert await twin.members() == {
+            A[1]: (NOW, b'{"role": "primary"}'),
+            B[1]: (NOW, b"\x00binary\xff"),
+        }
+        clock.advance(750)
+        await twin.report_member(A[1], b'{"role": "backup"}')  # by url, whoever writes it
+        assert await store.members() == {
+            A[1]: (NOW + 750, b'{"role": "backup"}'),
+            B[1]: (NOW, b"\x00binary\xff"),
+        }
+        store = await reopen(store)
+        assert (await store.members())[A[1]] == (NOW + 750, b'{"role": "backup"}')
+
+    async def test_member_reports_are_not_fenced(self, store: Store, twin: Store) -> None:
+        """A node that owns nothing (or was just deposed) still reports itself."""
+        store.fence(by_channel({}))
+        await store.report_member(A[1], b"a")
+        assert await twin.take_lease(SHARD, *B, TTL) is not None
+        store.fence(at(SHARD, 1))
+        assert await twin.take_lease(SHARD, *B, TTL, from_epoch=1) is not None  # epoch 2
+        await store.report_member(A[1], b"a2")
+        assert await twin.members() == {A[1]: (NOW, b"a2")}
+
+    async def test_concurrent_member_reports_keep_one_per_url(
+        self, store: Store, twin: Store
+    ) -> None:
+        urls = [f"http://n{i}:7100" for i in range(6)]
+        stores = (store, twin)
+        await asyncio.gather(
+            *(
+                stores[(i + r) % 2].report_member(url, b"%d-%d" % (i, r))
+                for r in range(3)
+                for i, url in enumerate(urls)
+            )
+        )
+        members = await store.members()
+        assert sorted(members) == sorted(urls)
+        for i, url in enumerate(urls):
+            seen_at, doc = members[url]
+            assert seen_at == NOW and doc.startswith(b"%d-" % i)
+
+    # -- dedup across store instances -------------------------------------------------------
+    async def test_dedup_holds_across_store_instances(self, store: Store, twin: Store) -> None:
+        """Two nodes (two store instances over the same data) enqueue the same dedup ids at
+        once, say across a hand-off: the store, not a lock inside one of them, keeps one
+        message per id, and both are told its id."""
+        keys = [f"k{i}" for i in range(40)]
+
+        async def send(s: Store, base: int) -> dict[str, int]:
+            told: dict[str, int] = {}
+
+            async def one(i: int) -> None:
+                result = await s.insert(CH, [msg(base + i, dedup_id=keys[i])], dedup_since=0)
+                told[keys[i]] = result.ids[0]
+
+            await asyncio.gather(*(one(i) for i in range(len(keys))))
+            return told
+
+        a, b = await asyncio.gather(send(store, 1_000), send(twin, 2_000))
+        assert a == b
+        assert await all_ids(store) == sorted(a.values())
+        # A batch holding a taken id and a fresh one, from either instance.
+        again = await twin.insert(CH, [msg(3_000, dedup_id="k0"), msg(3_001, dedup_id="new")], 0)
+        assert again.ids == [a["k0"], 3_001]

@@ -129,12 +129,12 @@ def reopen(make_store: MakeStore, opened: list[Store]) -> Reopen:
 @asynccontextmanager
 async def _sqlite_disk_full(store: SQLiteStore) -> AsyncIterator[None]:
     """A real SQLITE_FULL: the database may not grow past the pages it has now."""
-    pages = await store._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
-    await store._write(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+    pages = await store._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0], None)
+    await store._write(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"), None)
     try:
         yield
     finally:
-        await store._write(lambda c: c.execute("PRAGMA max_page_count = 4294967294"))
+        await store._write(lambda c: c.execute("PRAGMA max_page_count = 4294967294"), None)
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ async def test_mongo_writes_are_journaled_by_default() -> None:
         await store.close()
 
 
-_WRITES = {"insert_many", "bulk_write", "update_many", "delete_many", "replace_one"}
+_WRITES = {"insert_many", "bulk_write", "update_many", "update_one", "delete_many", "replace_one"}
 
 
 class _Failing:
@@ -358,12 +358,13 @@ async def mongo() -> MongoStore:
     return store
 
 
+@pytest.mark.parametrize("method", ["insert_many", "update_one"])  # a fresh id, a renewed one
 async def test_mongo_insert_undoes_messages_when_dedup_write_fails(
-    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     await mongo.insert(CH, [msg(1, dedup_id="old", enqueued_at=100)], dedup_since=0)
     with monkeypatch.context() as patch:
-        _fail(patch, "dedup", "bulk_write")
+        _fail(patch, "dedup", method)
         with pytest.raises(StoreUnavailable, match="unreachable"):
             await mongo.insert(
                 CH, [msg(2, dedup_id="old"), msg(3, dedup_id="new"), msg(4)], dedup_since=NOW
@@ -440,15 +441,25 @@ async def test_stores_sharing_data_agree_on_one_secret(
 
 
 async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
-    tmp_path: Path, clock: ManualClock
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fenced write queued behind a takeover in the same commit group is refused: the epoch is
-    read inside the group's transaction, and read again after a lease write."""
+    """Writes of two shards and a takeover of one, queued as one commit group: the fenced write
+    behind the takeover is refused (the epoch is judged in the group's transaction, after the
+    take), the other shard's writes around it apply, and each shard's epoch is read once."""
     store = SQLiteStore(str(tmp_path / "f.db"), clock=clock)
     await store.open()
+    reads: list[str] = []
+    real_read = sqlite_store._stored_epoch
+
+    def counted(conn: sqlite3.Connection, shard: str) -> int | None:
+        reads.append(shard)
+        return real_read(conn, shard)
+
+    monkeypatch.setattr(sqlite_store, "_stored_epoch", counted)
     try:
-        assert await store.take_lease("s1", "a", "http://a:1", 2_000) is not None
-        store.fence("s1", 1)
+        for shard in ("s1", "s2"):
+            assert await store.take_lease(shard, "a", "http://a:1", 2_000) is not None
+        store.fence({CH: ("s1", 1), "other": ("s2", 1)}.get)
         entered, gate = threading.Event(), threading.Event()
 
         def hold(conn: sqlite3.Connection) -> None:
@@ -461,23 +472,27 @@ async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
                 assert time.monotonic() < deadline, what
                 await asyncio.sleep(0.001)
 
-        blocker = asyncio.ensure_future(store._write(hold, fenced=False))
+        blocker = asyncio.ensure_future(store._write(hold, None))
         # The writer holds the blocker's group: what follows waits, then goes as one group.
         await until(entered.is_set, "the writer never took the blocker")
-        before = asyncio.ensure_future(store.insert(CH, [msg(1)], 0))
+        before = [store.insert(CH, [msg(1)], 0), store.insert("other", [msg(2)], 0)]
         take = asyncio.ensure_future(store.take_lease("s1", "b", "http://b:1", 2_000, from_epoch=1))
-        # The takeover queues when its task first runs; the insert after it, once it has.
-        await until(lambda: store._queue.qsize() == 2, "the takeover queued")
-        after = asyncio.ensure_future(store.insert(CH, [msg(2)], 0))
-        await until(lambda: store._queue.qsize() == 3, "three writes queued")
+        # The takeover queues when its task first runs; the inserts after it, once it has.
+        await until(lambda: store._queue.qsize() == 3, "the takeover queued")
+        after = [store.insert(n, [msg(i)], 0) for i, n in enumerate([CH, "other"] * 3, start=3)]
+        assert store._queue.qsize() == 9
+        reads.clear()  # the blocker's group reads nothing: count the one that follows
         gate.set()
         await blocker
-        await before
+        await asyncio.gather(*before)
         taken = await take
         assert taken is not None and taken.epoch == 2
-        with pytest.raises(Fenced, match="epoch 2"):
-            await after
+        outcomes = await asyncio.gather(*after, return_exceptions=True)
+        assert all(isinstance(o, Fenced) and "epoch 2" in o.detail for o in outcomes[0::2])
+        assert not any(isinstance(o, BaseException) for o in outcomes[1::2]), outcomes
         assert await all_ids(store) == [1]
+        assert await all_ids(store, "other") == [2, 4, 6, 8]
+        assert sorted(reads) == ["s1", "s2"]  # once per shard for the whole group
     finally:
         await store.close()
 
@@ -534,12 +549,13 @@ async def test_real_mongo_store_time_is_near_the_hosts() -> None:
         await store.close()
 
 
-async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
+async def test_sqlite_a_channel_keeps_its_key_so_cached_keys_never_go_stale(
     tmp_path: Path, clock: ManualClock
 ) -> None:
-    """Two nodes on one file: while A did not own the shard, B dropped two channels and made
-    them again, so each now has the other's old key. A, fenced for its next ownership period,
-    writes to the channels by their names, not by the keys it had cached."""
+    """Two nodes on one file: while A did not own the channels, B dropped two and made them
+    again. Had they been given new keys (each the other's old one), A's cached keys would send
+    its writes and reads to the wrong channel; a name keeps its key, so they go to the right
+    one, with no fence call or anything else telling A to forget."""
     path = str(tmp_path / "k.db")
     a, b = SQLiteStore(path, clock=clock), SQLiteStore(path, clock=clock)
     await a.open()
@@ -549,14 +565,13 @@ async def test_sqlite_a_new_ownership_period_forgets_cached_channel_keys(
         await a.insert("y", [msg(2)], 0)
         await b.drop_channel("y")
         await b.drop_channel("x")
-        await b.insert("y", [msg(3)], 0)  # y gets the key x had, x the key y had
+        await b.insert("y", [msg(3)], 0)
         await b.insert("x", [msg(4)], 0)
-        lease = await a.take_lease("s1", "a", "http://a:1", 2_000)
-        assert lease is not None
-        a.fence("s1", lease.epoch)
         await a.insert("x", [msg(5)], 0)
         assert await all_ids(b, "x") == [4, 5]
         assert await all_ids(b, "y") == [3]
+        assert await all_ids(a, "y") == [3]  # A's reads, by its cached key
+        assert await b.load_channels() == {}  # dropped: no settings left
     finally:
         await a.close()
         await b.close()
@@ -571,7 +586,7 @@ async def test_mongo_fenced_write_refused_after_it_when_the_takeover_came_during
     await mongo.open()
     lease = await mongo.take_lease("s1", "a", "http://a:1", 60_000)
     assert lease is not None
-    mongo.fence("s1", lease.epoch)
+    mongo.fence(lambda channel: ("s1", lease.epoch))
     await mongo.insert(CH, [msg(1)], 0)
     inner = mongo._messages
 
@@ -594,3 +609,51 @@ async def test_mongo_fenced_write_refused_after_it_when_the_takeover_came_during
     with pytest.raises(Fenced, match="nothing was written"):
         await mongo.insert(CH, [msg(3)], 0)  # refused before it is sent from then on
     assert await all_ids(mongo) == [1, 2]
+
+
+async def test_mongo_dedup_is_enforced_by_the_index_across_instances(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two MongoStores on one database both read "no record" for the same dedup ids before
+    either writes (mongomock runs each call at once, so the test holds them there): the unique
+    index gives each id to one, the other drops its copy, and both report the winner's id."""
+    client: Any = AsyncMongoMockClient()
+    a, b = (MongoStore(client=client, database="dd", clock=clock) for _ in range(2))
+    await a.open()
+    await b.open()
+    await a.insert(CH, [msg(1, dedup_id="old", enqueued_at=5)], dedup_since=0)
+    read = {id(a): asyncio.Event(), id(b): asyncio.Event()}
+    real = MongoStore._dedup
+
+    class BothReadFirst:
+        def __init__(self, store: MongoStore) -> None:
+            self.store, self.inner = store, real.fget(store)  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def find(self, *args: Any, **kwargs: Any) -> Any:
+            cursor = self.inner.find(*args, **kwargs)
+            mine, other = read[id(self.store)], read[id(a if self.store is b else b)]
+
+            async def rows() -> AsyncIterator[Any]:
+                async for row in cursor:
+                    yield row
+                if not mine.is_set():  # the first read of each insert meets the other's
+                    mine.set()
+                    await asyncio.wait_for(other.wait(), 5)
+
+            return rows()
+
+    monkeypatch.setattr(MongoStore, "_dedup", property(lambda self: BothReadFirst(self)))
+    batch_a = [msg(10, dedup_id="x"), msg(11, dedup_id="y"), msg(12), msg(13, dedup_id="old")]
+    batch_b = [msg(20, dedup_id="y"), msg(21, dedup_id="x"), msg(22, dedup_id="old", enqueued_at=9)]
+    # "old" was used at 5: past the window from 6 on, so both try to take it over.
+    ra, rb = await asyncio.gather(a.insert(CH, batch_a, 6), b.insert(CH, batch_b, 6))
+    monkeypatch.undo()
+    assert ra.ids[0] == rb.ids[1] and ra.ids[1] == rb.ids[0]  # x and y: one message each
+    assert ra.ids[3] == rb.ids[2]  # "old": one taker
+    stored = await all_ids(a)
+    assert len(stored) == 1 + 3 + 1  # msg 1, x, y, "old" once, and 12
+    assert set(ra.ids) | set(rb.ids) <= set(stored) and 12 in stored
+    assert sorted(m.id for m in ra.new + rb.new) == sorted(set(stored) - {1})

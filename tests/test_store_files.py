@@ -158,13 +158,15 @@ def _post(node: NodeProcess, path: str, body: dict[str, Any]) -> httpx.Response:
 
 
 @pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+@pytest.mark.parametrize("exclusive", ["false", "true"], ids=["shared", "exclusive"])
 def test_read_only_store_answers_503_and_the_node_lives(
-    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path]
+    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path], exclusive: str
 ) -> None:
     """`chattr +i` stands in for ext4 remounting read-only after an error. The node used to
-    die of SIGBUS (SQLite's mmap of the WAL index, written after the file went read-only)."""
+    die of SIGBUS (SQLite's mmap of the WAL index, written after the file went read-only); a
+    shared store checks before SQLite touches the mapping, an exclusive one has none."""
     data = tmp_path / "ro"
-    node = node_factory(data).start()
+    node = node_factory(data, SQLITE_EXCLUSIVE=exclusive).start()
     assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
     store_files = sorted(data.glob("lionmq.db*"))
     for f in store_files:
@@ -185,7 +187,7 @@ def test_read_only_store_answers_503_and_the_node_lives(
     )
     assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 5}]}).status_code == 201
     node.stop()
-    again = node_factory(data, port=node.port).start()
+    again = node_factory(data, port=node.port, SQLITE_EXCLUSIVE=exclusive).start()
     got = _post(again, "/channels/c/dequeue", {"max": 10}).json()["messages"]
     assert [m["body"] for m in got] == [1, 5]
 
@@ -204,13 +206,13 @@ async def test_full_store_is_unready_while_idle_and_ready_once_writable(
     await store.open()
     try:
         await store.insert(CH, [msg(1)], dedup_since=0)
-        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))  # = now
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"), None)  # = now
         with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
             await store.insert(CH, [msg(2, BIG.encode())], dedup_since=0)
         for _ in range(3):  # idle: each ping's own write fails too
             with pytest.raises(StoreUnavailable, match=r"are failing .*SQLITE_FULL"):
                 await store.ping()
-        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"))
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"), None)
         await store.ping()  # no traffic needed: the probe finds writes work again
         await store.insert(CH, [msg(3, BIG.encode())], dedup_since=0)
         assert await all_ids(store) == [1, 3]
@@ -224,15 +226,15 @@ async def test_a_failing_store_is_probed_at_most_every_half_second(tmp_path: Pat
     store = SQLiteStore(str(tmp_path / "s.db"))
     await store.open()
     try:
-        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"), None)
         with pytest.raises(StoreUnavailable):
             await store.insert(CH, [msg(2, BIG.encode())], dedup_since=0)
         writes: list[object] = []
         real = store._write
 
-        async def counted(op: Any, *, fenced: bool = True) -> Any:
+        async def counted(op: Any, channel: str | None) -> Any:
             writes.append(op)
-            return await real(op, fenced=fenced)
+            return await real(op, channel)
 
         store._write = counted  # type: ignore[method-assign]
         results = await asyncio.gather(*(store.ping() for _ in range(5)), return_exceptions=True)
@@ -314,19 +316,40 @@ def test_full_disk_makes_the_node_unready_until_space_is_back(
 
 
 @pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+@pytest.mark.parametrize(
+    ("exclusive", "why"),
+    [
+        # Refused before SQLite writes: a shared store guards its mmapped WAL index.
+        (
+            "false",
+            "the store file {store} cannot be written (read-only file system, immutable file or"
+            " permissions); writes answer 503 until it can",
+        ),
+        # No mapping to guard: SQLite refuses the write itself.
+        (
+            "true",
+            "the embedded store failed: attempt to write a readonly database (SQLITE_READONLY)",
+        ),
+    ],
+    ids=["shared", "exclusive"],
+)
 def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
-    node_factory: type[NodeProcess], tmp_path: Path, immutable: list[Path]
+    node_factory: type[NodeProcess],
+    tmp_path: Path,
+    immutable: list[Path],
+    exclusive: str,
+    why: str,
 ) -> None:
     """It used to fail at the node-secret write with SQLITE_READONLY inside the lifespan, and
     uvicorn printed the traceback."""
     data = tmp_path / "ro-start"
-    node = node_factory(data).start()
+    node = node_factory(data, SQLITE_EXCLUSIVE=exclusive).start()
     assert _post(node, "/channels/c/enqueue", {"messages": [{"body": 1}]}).status_code == 201
     node.stop()
     for f in sorted(data.glob("lionmq.db*")):
         subprocess.run(["chattr", "+i", str(f)], check=True)
         immutable.append(f)
-    again = NodeProcess(data, port=node.port)
+    again = NodeProcess(data, port=node.port, SQLITE_EXCLUSIVE=exclusive)
     done = subprocess.run(
         [sys.executable, "-m", "app"],
         cwd=data,
@@ -339,7 +362,61 @@ def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
     assert "Traceback" not in done.stderr, done.stderr
     store = str(data / "lionmq.db")
     named = [line for line in done.stderr.splitlines() if store in line]
-    assert named == [
-        f"lionmq: cannot start (sqlite {store}): the embedded store failed: attempt to write a"
-        " readonly database (SQLITE_READONLY)"
-    ], done.stderr
+    assert named == [f"lionmq: cannot start (sqlite {store}): {why.format(store=store)}"], (
+        done.stderr
+    )
+
+
+_READER = """
+import asyncio, sys
+from app.errors import StoreUnavailable
+from app.models import Message
+from app.store.sqlite import SQLiteStore
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    await store.insert("c", [Message(id=1, body=b"1", headers=None, enqueued_at=1)], 0)
+    print("written", flush=True)
+    sys.stdin.readline()  # the files are immutable now
+    try:
+        await store.page_ready("c", 0, 10, 10)
+    except StoreUnavailable as exc:
+        print("refused:", exc.detail, flush=True)
+        return
+    print("read", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+def test_a_read_of_a_shared_store_gone_read_only_is_refused_not_a_sigbus(
+    tmp_path: Path, immutable: list[Path]
+) -> None:
+    """A read transaction writes its read mark into the mmapped WAL index; once that file is
+    immutable (its pages written back and write-protected), the write is a SIGBUS. The shared
+    store checks the -shm file before each read and refuses instead."""
+    path = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(path)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "written"
+        for f in sorted(tmp_path.glob("r.db*")):
+            subprocess.run(["chattr", "+i", str(f)], check=True)
+            immutable.append(f)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert proc.returncode == 0, (proc.returncode, err)  # -7 would be SIGBUS
+    assert out.startswith("refused:") and "r.db-shm cannot be written" in out, out

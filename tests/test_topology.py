@@ -92,6 +92,7 @@ def test_malformed_node_urls_are_refused(url: str) -> None:
         (doc(("s1", A, []), version=0), "version 0"),
         (doc(("s1", A, []), ("s1", B, [])), "shard id s1 appears twice"),
         (doc(("S1", A, [])), "shard id 'S1' must match"),
+        (doc(("s0", A, [])), "shard id s0 is reserved"),
         (doc(("1", A, [])), "shard id '1' must match"),
         (doc(("", A, [])), "shard id '' must match"),
         (doc(("s" * 33, A, [])), "must match"),
@@ -104,7 +105,10 @@ def test_malformed_node_urls_are_refused(url: str) -> None:
         (doc(("s1", A, [A])), f"{A} is the primary of shard s1 and a backup of shard s1"),
         (doc(("s1", A, []), ("s2", "HTTP://A:8000/", [])), f"{A} is the primary of shard s1"),
         (doc(("s1", "http://a:8000/x", [])), "must be http"),
-        (doc(*((f"s{k}", f"http://n{k}:1", []) for k in range(MAX_SHARDS + 1))), "more than"),
+        (
+            doc(*((f"s{k}", f"http://n{k}:1", []) for k in range(1, MAX_SHARDS + 1))),
+            "more than the 63",
+        ),
         ({"version": 1}, "missing required field `shards`"),
         ({"version": "1", "shards": []}, "Expected `int`"),
     ],
@@ -127,8 +131,8 @@ def test_a_topology_round_trips_through_its_document() -> None:
     assert msgspec.json.decode(data) == {
         "version": 7,
         "shards": [
-            {"id": "s1", "primary": A, "backups": [B]},
-            {"id": "s2", "primary": C, "backups": []},
+            {"id": "s1", "primary": A, "backups": [B], "slot": 1},
+            {"id": "s2", "primary": C, "backups": [], "slot": 2},
         ],
         "shard_seq": 2,
     }
@@ -138,7 +142,7 @@ def test_a_topology_round_trips_through_its_document() -> None:
 
 def test_validation_normalises_urls_and_covers_existing_ids_in_shard_seq() -> None:
     t = decode_topology(msgspec.json.encode(doc(("s7", "HTTP://A:8000/", ["http://B:8000"]))))
-    assert t == Topology(1, (Shard("s7", A, (B,)),), shard_seq=7)
+    assert t == Topology(1, (Shard("s7", A, (B,), slot=1),), shard_seq=7)
 
 
 S12 = (("s1", A, [B]), ("s2", C, [D]))  # two shards, each with a backup
@@ -246,3 +250,123 @@ def test_set_nodes_form_is_refused(
 ) -> None:
     with pytest.raises(InvalidTopology, match=message):
         set_nodes_request(primaries, backups)
+
+
+# -- id slots --------------------------------------------------------------------------------
+
+
+def slotted(*shards: tuple[str, str, int | None]) -> dict[str, Any]:
+    """A document of shards (id, primary, slot or None for none given)."""
+    return {
+        "version": 1,
+        "shards": [
+            {"id": i, "primary": p, **({} if slot is None else {"slot": slot})}
+            for i, p, slot in shards
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("document", "slots"),
+    [
+        pytest.param(slotted(("s1", A, None)), [1], id="one without"),
+        pytest.param(
+            slotted(("s1", A, None), ("s2", B, None), ("s3", C, None)), [1, 2, 3], id="in order"
+        ),
+        pytest.param(slotted(("s9", A, None), ("s2", B, None)), [1, 2], id="by order, not id"),
+        pytest.param(slotted(("s1", A, 5), ("s2", B, 2)), [5, 2], id="given are kept"),
+        pytest.param(
+            slotted(("s1", A, None), ("s2", B, 1), ("s3", C, None)), [2, 1, 3], id="mixed"
+        ),
+        pytest.param(slotted(("s1", A, MAX_SHARDS - 1)), [MAX_SHARDS - 1], id="highest"),
+        pytest.param(
+            doc(*((f"s{k}", f"http://n{k}:1", []) for k in range(1, MAX_SHARDS))),
+            list(range(1, MAX_SHARDS)),
+            id="the most shards",
+        ),
+    ],
+)
+def test_a_document_gets_its_missing_slots_in_order(
+    document: dict[str, Any], slots: list[int]
+) -> None:
+    t = decode_topology(msgspec.json.encode(document))
+    assert [s.slot for s in t.shards] == slots
+    assert decode_topology(msgspec.json.encode(t)) == t  # stored with them from then on
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (slotted(("s1", A, 1), ("s2", B, 1)), "shards s1 and s2 both have slot 1"),
+        (slotted(("s1", A, 3), ("s2", B, None), ("s3", C, 3)), "shards s1 and s3 both have slot"),
+        (slotted(("s1", A, MAX_SHARDS)), f"slot {MAX_SHARDS}, outside 1..{MAX_SHARDS - 1}"),
+        (slotted(("s1", A, -1)), "slot -1, outside"),
+        ({"version": 1, "shards": [{"id": "s1", "primary": A, "slot": "1"}]}, "Expected `int`"),
+    ],
+)
+def test_bad_slots_are_refused(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidTopology, match=message):
+        decode_topology(msgspec.json.encode(document))
+
+
+def with_slots(*shards: tuple[str, str, list[str], int]) -> Topology:
+    return validate_topology(
+        Topology(
+            4,
+            tuple(Shard(i, p, tuple(b), slot) for i, p, b, slot in shards),
+            shard_seq=max(int(i[1:]) for i, *_ in shards),
+        )
+    )
+
+
+S12_SLOTS = (("s1", A, [B], 1), ("s2", C, [D], 2))
+
+
+@pytest.mark.parametrize(
+    ("current", "wanted", "slots"),
+    [
+        pytest.param((), [(A, []), (C, [])], [1, 2], id="first topology"),
+        pytest.param(S12_SLOTS, [(B, [A]), (C, [D])], [1, 2], id="failover keeps"),
+        pytest.param(S12_SLOTS, [(C, [D]), (A, [B])], [2, 1], id="reordered keeps"),
+        pytest.param(S12_SLOTS, [(A, [B]), (C, [D]), (E, [])], [1, 2, 3], id="added"),
+        pytest.param(S12_SLOTS, [(C, [D])], [2], id="removed"),
+        # s1 leaves while s3 comes: s3 must not mint in s1's slot while s1 may still do so.
+        pytest.param(S12_SLOTS, [(C, [D]), (E, [])], [2, 3], id="not a leaving shard's slot"),
+        pytest.param((("s2", C, [D], 2),), [(C, [D]), (E, [])], [2, 1], id="freed slot reused"),
+        pytest.param(
+            (("s1", A, [], 1), ("s3", C, [], 3)), [(A, []), (C, []), (E, [])], [1, 3, 2], id="hole"
+        ),
+        pytest.param(
+            (("s1", A, [], 7),), [(X, []), (A, []), (E, [])], [1, 7, 2], id="smallest first"
+        ),
+        pytest.param((("s1", A, [B], 5),), [(B, []), (A, [])], [1, 5], id="split"),
+    ],
+)
+def test_set_nodes_keeps_slots_and_gives_new_shards_free_ones(
+    current: tuple[tuple[str, str, list[str], int], ...],
+    wanted: list[tuple[str, list[str]]],
+    slots: list[int],
+) -> None:
+    before = with_slots(*current) if current else None
+    after = next_topology(before, request(*wanted))
+    assert [s.slot for s in after.shards] == slots
+    for shard in after.shards:  # a kept shard id keeps its slot
+        if before is not None and shard.id in before.shard_ids:
+            assert before.shard(shard.id).slot == shard.slot
+    assert validate_topology(after) == after
+
+
+def test_set_nodes_with_every_slot_held_cannot_swap_a_shard_in_one_step() -> None:
+    full = validate_topology(
+        Topology(
+            1, tuple(Shard(f"s{k}", f"http://n{k}:1") for k in range(1, MAX_SHARDS)), shard_seq=63
+        )
+    )
+    assert len(full.shards) == MAX_SHARDS - 1
+    swapped = [(s.primary, []) for s in full.shards[1:]] + [(X, [])]
+    with pytest.raises(InvalidTopology, match="no id slot is free"):
+        next_topology(full, request(*swapped))
+    # In two steps: remove, then add (the freed slot goes to the new shard).
+    fewer = next_topology(full, request(*swapped[:-1]))
+    again = next_topology(fewer, request(*swapped))
+    assert again.shards[-1].slot == 1 and again.shards[-1].id == f"s{MAX_SHARDS}"

@@ -11,7 +11,7 @@ def build_store(settings: Settings) -> Store:
     if settings.store_url.startswith("sqlite:///"):
         from app.store.sqlite import SQLiteStore
 
-        return SQLiteStore(settings.sqlite_path)
+        return SQLiteStore(settings.sqlite_path, exclusive=settings.sqlite_exclusive)
     from app.store.mongo import MongoStore
 
     return MongoStore(

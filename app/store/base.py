@@ -16,19 +16,25 @@ owns one. Each shard has a lease (`ShardLease`): owner, epoch, expiry on the sto
 several nodes racing for a shard exactly one wins. The epoch grows by one on every take (a new
 owner, or the same one after expiry or release) and is never reused. A store `fence`d at
 (shard, epoch) applies a write only if that shard's stored lease still has that epoch, and
-raises `Fenced` otherwise: a deposed owner's late write is refused. The topology document is
-versioned and changed by compare-and-set on its version.
+raises `Fenced` otherwise: a deposed owner's late write is refused. A node may own several
+shards at once, each at its own epoch, so the fence is a function (`Resolve`) from a channel to
+the (shard, epoch) its writes are made under. The topology document is versioned and changed by
+compare-and-set on its version.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from app.errors import Fenced, StoreError, StoreTooLarge
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+
+# A fence: the (shard, epoch) a node writes a channel's messages under, or None when it owns no
+# shard for the channel. Called once per fenced write call (never per message).
+Resolve = Callable[[str], tuple[str, int] | None]
 
 # Size of the store's secret (see Store.secret), in bytes.
 SECRET_BYTES = 32
@@ -204,16 +210,27 @@ class Store(Protocol):
         wins. `version` must be greater than `expected_version` (`StoreError` otherwise)."""
         ...
 
-    def fence(self, shard: str, epoch: int) -> None:
+    def fence(self, resolve: Resolve | None) -> None:
         """From now on every write of messages or channels (insert, lease, release, extend,
-        delete, move, purge, promote_due, prune_dedup, drop_channel, save_channel) is applied
-        only if `shard`'s stored lease still has `epoch`; otherwise none of it is, and it raises
-        `Fenced`. Lease, topology and secret calls are not fenced. Each write is judged by the
-        fence in force when it was called."""
+        delete, move (judged by its source channel), purge, promote_due, drop_channel,
+        save_channel) calls `resolve(channel)` once, when it is called: for (shard, epoch) it is
+        applied only if that shard's stored lease still has that epoch, otherwise none of it is
+        and it raises `Fenced`; for None it is refused with `Fenced` at once (this node owns no
+        shard for the channel). `fence(None)`: writes apply unconditionally (a standalone node
+        never fences). `prune_dedup` (harmless from any node), lease, topology, member and
+        secret calls are not fenced."""
         ...
 
-    def unfence(self) -> None:
-        """Writes are applied unconditionally again (a standalone node never fences)."""
+    # -- members ----------------------------------------------------------------------------
+    # Presence, for display (`GET /cluster`, the watcher) only: never an input to ownership,
+    # which the leases alone decide.
+    async def report_member(self, url: str, doc: bytes) -> None:
+        """Store `doc` as the member report of the node at `url` (replacing its last one),
+        stamped with the store's clock. Not fenced."""
+        ...
+
+    async def members(self) -> dict[str, tuple[int, bytes]]:
+        """Every member report: url -> (store-clock ms it was made at, doc)."""
         ...
 
     # -- node secret ------------------------------------------------------------------------
@@ -250,6 +267,14 @@ def check_topology_version(expected: int | None, version: int) -> None:
         raise StoreError(
             f"topology version {version} does not follow version {expected}: it must grow"
         )
+
+
+def unowned(channel: str) -> Fenced:
+    """The refusal of a write for a channel of no shard this node owns."""
+    return Fenced(
+        f"this node owns no shard for channel {channel!r}, so nothing was written; retry at the"
+        " channel's owner"
+    )
 
 
 def fenced(shard: str, epoch: int, stored: int | None, *, late: bool = False) -> Fenced:

@@ -6,7 +6,14 @@ write uses a journaled write concern (majority by default), so it is durable whe
 
 Layout: `messages` keyed by the engine's int64 message id (`_id`), `dedup` with one record per
 (channel, dedup id) that outlives the message, `channels` keyed by channel name, `leases` keyed
-by shard, and `meta` holding the secret and the topology.
+by shard, `members` keyed by node URL, and `meta` holding the secret and the topology.
+
+Dedup across nodes: a batch stores its messages, then claims their dedup ids by inserting into
+`dedup` (a unique index on channel and dedup id) or, for an id past its window, by a
+compare-and-set on the old record. Of store instances racing for an id exactly one claim lands;
+the others delete the copies they stored and answer with the winner's message id. Until they
+do, a loser's copy sits in the store for one round trip (a consumer paging the channel right
+then may be handed it too: at-least-once); no enqueue is lost, and no duplicate stays.
 
 Ownership (see `app.store.base`). The store's clock is the server's: `store_time_ms` reads
 `localTime` from `hello`. A lease operation reads it first and then compare-and-sets on it, so
@@ -16,8 +23,9 @@ counts its lease from before it called never overestimates it. Taking, renewing 
 are single-document `find_one_and_update`s (the first take an `insert_one` on the shard's
 `_id`), atomic on any server, so of racing takers exactly one wins.
 
-Fencing without transactions (a standalone server has none): a fenced write reads the shard's
-epoch before it and again after it. Epochs only grow, so when both reads find the fenced epoch,
+Fencing without transactions (a standalone server has none): a fenced write resolves its channel
+to (shard, epoch) when it is called, and reads that shard's epoch before the write and again after
+it. Epochs only grow, so when both reads find the fenced epoch,
 the epoch was that one for the whole write: a write that returns was applied while this node
 owned the shard. That part is guaranteed (on a replica set with the default majority write
 concern: a deposed MongoDB primary may answer the epoch reads from stale data, but it cannot
@@ -40,7 +48,7 @@ import calendar
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -70,10 +78,12 @@ from app.models import (
 from app.settings import mongo_database
 from app.store.base import (
     SECRET_BYTES,
+    Resolve,
     ShardLease,
     check_sizes,
     check_topology_version,
     fenced,
+    unowned,
 )
 
 Doc = dict[str, Any]
@@ -176,19 +186,19 @@ def _from_doc(doc: Mapping[str, Any]) -> Message:
 
 
 def _fenced_write(
-    method: Callable[Concatenate[MongoStore, P], Coroutine[Any, Any, T]],
-) -> Callable[Concatenate[MongoStore, P], Coroutine[Any, Any, T]]:
-    """A write that, while the store is fenced, runs between two reads of the shard's epoch
-    (see the module docstring for what that guarantees)."""
+    method: Callable[Concatenate[MongoStore, str, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[MongoStore, str, P], Coroutine[Any, Any, T]]:
+    """A write of a channel (its first argument) that, while the store is fenced, runs between
+    two reads of the epoch of the shard its channel resolves to when it is called (see the module
+    docstring for what that guarantees)."""
 
-    async def guarded(self: MongoStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        fence = self._fence  # the fence in force when the write was called
-        if fence is None:
-            return await method(self, *args, **kwargs)
-        await self._check_fence(*fence)
-        result = await method(self, *args, **kwargs)
-        await self._check_fence(*fence, late=True)
-        return result
+    def guarded(
+        self: MongoStore, channel: str, /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, T]:
+        if self._resolve is None:
+            return method(self, channel, *args, **kwargs)
+        fence = self._resolve(channel)  # now, not when the coroutine first runs
+        return self._fenced(channel, fence, lambda: method(self, channel, *args, **kwargs))
 
     return guarded
 
@@ -235,7 +245,7 @@ class MongoStore:
         # Dedup ids being inserted right now, each with the future of the batch that holds it.
         self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._clock = clock
-        self._fence: tuple[str, int] | None = None
+        self._resolve: Resolve | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -334,8 +344,9 @@ class MongoStore:
     async def insert(
         self, channel: str, messages: Sequence[Message], dedup_since: int
     ) -> EnqueueResult:
-        """Batches that share a dedup id run one after the other (in this process): without a
-        transaction, two concurrent ones would both find the id unused and both store."""
+        """Dedup is enforced by the unique (channel, dedup id) index (see `_claim`), across
+        every store instance; batches of this instance that share a dedup id also run one
+        after the other, so that the loser of a race here does not store a copy and delete it."""
         # Checked here as well as by the driver: mongomock has no size limit, and a batch is
         # refused whole before any of it is sent.
         check_sizes(messages, self.max_message_bytes, self.kind)
@@ -366,46 +377,111 @@ class MongoStore:
                 ):
                     previous[rec["dedup_id"]] = rec
 
-        ids: list[int] = []
-        new: list[Message] = []
-        claimed: dict[str, Message] = {}  # dedup id -> the message of this batch that now owns it
+        claimed: dict[str, Message] = {}  # dedup id -> the message of this batch that claims it
         for m in messages:
             key = m.dedup_id
-            if key is not None:
-                if key in claimed:
-                    ids.append(claimed[key].id)
-                    continue
-                rec = previous.get(key)
-                if rec is not None and rec["used_at"] >= dedup_since:
-                    ids.append(int(rec["message_id"]))
-                    continue
+            if key is None or key in claimed:
+                continue
+            rec = previous.get(key)
+            if rec is None or rec["used_at"] < dedup_since:
                 claimed[key] = m
-            ids.append(m.id)
-            new.append(m)
+        new = [m for m in messages if m.dedup_id is None or claimed.get(m.dedup_id) is m]
 
         # Messages first, dedup records second: a crash between the two can only let a retry
         # store a duplicate (at-least-once), never dedup against a message that was not stored.
         if new:
             await self._insert_messages(channel, new)
+        lost: dict[str, int] = {}
         if claimed:
             try:
-                with _translated():
-                    await self._dedup.bulk_write(
-                        [
-                            # UpdateMany on a unique key: mongomock rejects UpdateOne in bulk_write.
-                            UpdateMany(
-                                {"channel": channel, "dedup_id": key},
-                                {"$set": {"message_id": m.id, "used_at": m.enqueued_at}},
-                                upsert=True,
-                            )
-                            for key, m in claimed.items()
-                        ],
-                        ordered=True,
-                    )
+                lost = await self._claim(channel, claimed, previous)
             except StoreError:
                 await self._undo_insert(channel, new, claimed, previous)
                 raise
+        if lost:
+            # Another store instance claimed these ids first: its messages stand, ours go.
+            await self._delete_copies(channel, [claimed[key].id for key in lost])
+            new = [m for m in new if m.dedup_id not in lost]
+        ids: list[int] = []
+        for m in messages:
+            key = m.dedup_id
+            if key is None:
+                ids.append(m.id)
+            elif key in lost:
+                ids.append(lost[key])
+            elif key in claimed:
+                ids.append(claimed[key].id)
+            else:
+                ids.append(int(previous[key]["message_id"]))
         return EnqueueResult(ids=ids, new=new)
+
+    async def _claim(
+        self, channel: str, claimed: Mapping[str, Message], previous: Mapping[str, Doc]
+    ) -> dict[str, int]:
+        """Record each claimed dedup id as this batch's, by the unique (channel, dedup id) index:
+        an insert where there was no record, a compare-and-set on the old record where it was
+        past the window. The ids another store instance claimed first, each with its message
+        id, are returned. So dedup holds across every instance sharing the database, not only
+        between the batches of this one (which `insert` serialises to spare the churn)."""
+        lost: dict[str, int] = {}
+        fresh = [key for key in claimed if key not in previous]
+        if fresh:
+            docs = [
+                {
+                    "channel": channel,
+                    "dedup_id": key,
+                    "message_id": claimed[key].id,
+                    "used_at": claimed[key].enqueued_at,
+                }
+                for key in fresh
+            ]
+            try:
+                with _translated():
+                    await self._dedup.insert_many(docs, ordered=False)
+            except StoreError as exc:
+                cause = exc.__cause__
+                errors = (
+                    cause.details.get("writeErrors", [])
+                    if isinstance(cause, BulkWriteError)
+                    else None
+                )
+                if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                    raise
+                for e in errors:
+                    key = docs[e["index"]]["dedup_id"]
+                    lost[key] = -1  # claimed by another: its message id is read below
+        with _translated():
+            for key in claimed.keys() & previous.keys():
+                old = previous[key]
+                m = claimed[key]
+                swapped = await self._dedup.update_one(
+                    {
+                        "channel": channel,
+                        "dedup_id": key,
+                        "message_id": old["message_id"],
+                        "used_at": old["used_at"],
+                    },
+                    {"$set": {"message_id": m.id, "used_at": m.enqueued_at}},
+                )
+                if not swapped.matched_count:
+                    lost[key] = -1
+            if lost:
+                async for rec in self._dedup.find(
+                    {"channel": channel, "dedup_id": {"$in": list(lost)}}
+                ):
+                    lost[rec["dedup_id"]] = int(rec["message_id"])
+        gone = [key for key, winner in lost.items() if winner < 0]
+        if gone:
+            # The winner's record went again (its insert undone, or pruned) in between.
+            raise StoreUnavailable(
+                f"dedup ids {gone[:3]} of channel {channel!r} changed hands during this"
+                " enqueue; retry it"
+            )
+        return lost
+
+    async def _delete_copies(self, channel: str, ids: Sequence[int]) -> None:
+        with _translated():
+            await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
 
     async def _insert_messages(self, channel: str, new: Sequence[Message]) -> None:
         """insert_many, or nothing: on failure delete what this call inserted, then raise."""
@@ -576,7 +652,6 @@ class MongoStore:
             m.available_at = 0
         return promoted
 
-    @_fenced_write
     async def prune_dedup(self, before: int, limit: int) -> int:
         with _translated():
             old = self._dedup.find({"used_at": {"$lt": before}}, {"_id": 1}).limit(limit)
@@ -659,11 +734,18 @@ class MongoStore:
         local = hello["localTime"]  # a UTC datetime, naive or aware
         return int(calendar.timegm(local.utctimetuple()) * 1000 + local.microsecond // 1000)
 
-    def fence(self, shard: str, epoch: int) -> None:
-        self._fence = (shard, epoch)
+    def fence(self, resolve: Resolve | None) -> None:
+        self._resolve = resolve
 
-    def unfence(self) -> None:
-        self._fence = None
+    async def _fenced(
+        self, channel: str, fence: tuple[str, int] | None, write: Callable[[], Awaitable[T]]
+    ) -> T:
+        if fence is None:
+            raise unowned(channel)
+        await self._check_fence(*fence)
+        result = await write()
+        await self._check_fence(*fence, late=True)
+        return result
 
     async def _check_fence(self, shard: str, epoch: int, *, late: bool = False) -> None:
         with _translated():
@@ -738,6 +820,19 @@ class MongoStore:
                 {"_id": "topology", "version": expected_version}, {"$set": fields}
             )
         return bool(result.matched_count)
+
+    # -- members ----------------------------------------------------------------------------
+    async def report_member(self, url: str, doc: bytes) -> None:
+        now = await self.store_time_ms()
+        with _translated():
+            await self._collection("members").replace_one(
+                {"_id": url}, {"seen_at": now, "doc": bytes(doc)}, upsert=True
+            )
+
+    async def members(self) -> dict[str, tuple[int, bytes]]:
+        with _translated():
+            docs = await self._collection("members").find({}).to_list(None)
+        return {str(d["_id"]): (int(d["seen_at"]), bytes(d["doc"])) for d in docs}
 
     # -- node secret ------------------------------------------------------------------------
     async def secret(self) -> bytes:

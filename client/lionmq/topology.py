@@ -1,11 +1,17 @@
 """The cluster topology: the shards, and the primary and backups that serve each.
 
 The document lives in the store as
-`{"version": n, "shards": [{"id": "s1", "primary": url, "backups": [url, ...]}, ...],
+`{"version": n, "shards": [{"id": "s1", "slot": 1, "primary": url, "backups": [url, ...]}, ...],
 "shard_seq": k}`. Channels are placed on shard ids (see `lionmq.placement`), so ids must
 outlive the nodes that serve them: `next_topology` keeps a shard's id across a failover
 or a change of backups, and fresh ids `s<k>` come from `shard_seq`, the highest k ever
 issued, so a removed shard's id never comes back to mean another shard.
+
+Each shard also has an id slot (1 .. MAX_SHARDS - 1; 0 is the implicit shard's, the store's
+one shard before any topology): the part of a message id that keeps the primaries of different
+shards from minting the same id (see `app.engine.ids`). A shard keeps its slot as long as it
+keeps its id, and a new shard gets a slot no shard of the topology it replaces holds, so a
+shard on its way out and one on its way in never mint in one slot at once.
 
 Everything here is pure (no I/O): node and client validate with the same functions.
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -22,7 +28,13 @@ import msgspec
 
 from lionmq.errors import InvalidRequest
 
-MAX_SHARDS = 64  # bounds the ring (MAX_SHARDS x vnodes points) every node and client builds
+# The number of message-id slots (see `app.engine.ids`); slot 0 is the implicit shard's, so a
+# topology holds at most MAX_SHARDS - 1 shards. Also bounds the ring every node and client builds.
+MAX_SHARDS = 64
+# With no topology stored, the store is one shard: this one, in this slot. Neither is ever a
+# stored topology's (fresh ids start at s1), so its lease never mixes with a real shard's.
+IMPLICIT_SHARD = "s0"
+IMPLICIT_SLOT = 0
 SHARD_ID = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _FRESH_ID = re.compile(r"s([1-9][0-9]*)")
 _HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
@@ -38,6 +50,9 @@ class Shard(msgspec.Struct, frozen=True):
     id: str
     primary: str
     backups: tuple[str, ...] = ()
+    # 1 .. MAX_SHARDS - 1 once validated; 0 (IMPLICIT_SLOT) in a document that gives none,
+    # which `validate_topology` fills in.
+    slot: int = IMPLICIT_SLOT
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -114,9 +129,10 @@ def _checked_nodes(
     """Normalise each (label, primary, backups) and check every node serves one shard once."""
     if not shards:
         raise InvalidTopology("Invalid topology", "a topology needs at least one shard")
-    if len(shards) > MAX_SHARDS:
+    if len(shards) > MAX_SHARDS - 1:
         raise InvalidTopology(
-            "Invalid topology", f"{len(shards)} shards is more than the {MAX_SHARDS} allowed"
+            "Invalid topology",
+            f"{len(shards)} shards is more than the {MAX_SHARDS - 1} allowed",
         )
     where: dict[str, str] = {}
     checked = []
@@ -135,7 +151,8 @@ def validate_topology(topology: Topology) -> Topology:
     """The topology with node URLs normalised, or InvalidTopology naming the broken rule.
 
     `shard_seq` is raised to cover every `s<k>` id present, so a hand-written document
-    without it still never gets one of its ids issued again.
+    without it still never gets one of its ids issued again. Shards without a slot (a
+    hand-written document) get the smallest ones free, in order: 1, 2, ... when none has one.
     """
     if topology.version < 1:
         raise InvalidTopology("Invalid topology", f"version {topology.version} is not >= 1")
@@ -145,14 +162,36 @@ def validate_topology(topology: Topology) -> Topology:
             raise InvalidTopology(
                 "Invalid topology", f"shard id {shard.id!r} must match {SHARD_ID.pattern}"
             )
+        if shard.id == IMPLICIT_SHARD:
+            raise InvalidTopology(
+                "Invalid topology",
+                f"shard id {IMPLICIT_SHARD} is reserved for the store's one shard before any"
+                " topology",
+            )
         if shard.id in ids:
             raise InvalidTopology("Invalid topology", f"shard id {shard.id} appears twice")
         ids.add(shard.id)
     nodes = _checked_nodes([(f"shard {s.id}", s.primary, s.backups) for s in topology.shards])
+    given: dict[int, str] = {}
+    for shard in topology.shards:
+        if shard.slot == IMPLICIT_SLOT:
+            continue
+        if not IMPLICIT_SLOT < shard.slot < MAX_SHARDS:
+            raise InvalidTopology(
+                "Invalid topology",
+                f"shard {shard.id} has slot {shard.slot}, outside 1..{MAX_SHARDS - 1}",
+            )
+        if shard.slot in given:
+            raise InvalidTopology(
+                "Invalid topology",
+                f"shards {given[shard.slot]} and {shard.id} both have slot {shard.slot}",
+            )
+        given[shard.slot] = shard.id
+    free = _free_slots(given)
     return Topology(
         version=topology.version,
         shards=tuple(
-            Shard(shard.id, primary, backups)
+            Shard(shard.id, primary, backups, shard.slot or next(free))
             for shard, (primary, backups) in zip(topology.shards, nodes, strict=True)
         ),
         shard_seq=max([topology.shard_seq, *(_fresh_number(i) for i in ids)]),
@@ -204,19 +243,30 @@ def next_topology(current: Topology | None, request: SetNodes) -> Topology:
         for r, spec in enumerate(specs)
         for o, shard in enumerate(old)
     ]
-    ids: dict[int, str] = {}
+    kept: dict[int, Shard] = {}  # request index -> the current shard it keeps
     taken: set[int] = set()
     for _, shared, r, o in sorted(pairs, key=lambda p: (not p[0], -p[1], p[2], p[3])):
-        if shared and r not in ids and o not in taken:
-            ids[r] = old[o].id
+        if shared and r not in kept and o not in taken:
+            kept[r] = old[o]
             taken.add(o)
     seq = current.shard_seq if current else 0
+    # A new shard's slot is held by no current shard: one leaving may still be minting in it.
+    free = _free_slots({shard.slot for shard in old})
     shards = []
     for r, spec in enumerate(specs):
-        if r not in ids:
+        if r in kept:
+            shard_id, slot = kept[r].id, kept[r].slot
+        else:
             seq += 1
-            ids[r] = f"s{seq}"
-        shards.append(Shard(ids[r], spec.primary, spec.backups))
+            shard_id, slot = f"s{seq}", next(free, IMPLICIT_SLOT)
+            if slot == IMPLICIT_SLOT:
+                raise InvalidTopology(
+                    "Invalid topology",
+                    f"no id slot is free for a new shard: the current topology holds"
+                    f" {len(old)} of the {MAX_SHARDS - 1}; remove shards in one set_nodes"
+                    " and add new ones in the next",
+                )
+        shards.append(Shard(shard_id, spec.primary, spec.backups, slot))
     if current is not None and tuple(shards) == old:
         return current
     version = current.version + 1 if current else 1
@@ -238,6 +288,11 @@ def _decode(data: bytes | str, type: type[_T]) -> _T:
         return msgspec.json.decode(data, type=type)
     except msgspec.MsgspecError as exc:
         raise InvalidTopology(f"Invalid {type.__name__} document", str(exc)) from None
+
+
+def _free_slots(used: Collection[int]) -> Iterator[int]:
+    """The slots 1 .. MAX_SHARDS - 1 not in `used`, smallest first."""
+    return (slot for slot in range(IMPLICIT_SLOT + 1, MAX_SHARDS) if slot not in used)
 
 
 def _fresh_number(shard_id: str) -> int:
