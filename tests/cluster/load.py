@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,18 +322,18 @@ def first_served(
     caller: Caller,
     url: str,
     channel: str,
-    by: str | None,
+    by: Collection[str] | None,
     timeout: float,
     interval_s: float = 0.02,
 ) -> Answer:
-    """Enqueue on `channel` through `url` until a 201 comes (served by node id `by`, if given);
-    fails after `timeout` s. Measures a takeover: call it right after the kill."""
+    """Enqueue on `channel` through `url` until a 201 comes (served by one of the node ids
+    `by`, if given); fails after `timeout` s. Measures a takeover: call it right after a kill."""
     deadline = time.monotonic() + timeout
     run = uuid.uuid4().hex[:8]
     single = Rotation(lambda: [url])
     for n in itertools.count():
         answer = enqueue(caller, single, channel, [f"{run}-first-{n}"], 0.0)
-        if answer.status == 201 and (by is None or answer.node == by):
+        if answer.status == 201 and (by is None or answer.node in by):
             return answer
         if time.monotonic() > deadline:
             raise AssertionError(f"{channel} not served through {url} by {by} within {timeout}s")

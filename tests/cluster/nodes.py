@@ -260,6 +260,10 @@ class Cluster:
         def settled() -> bool:
             try:
                 shards = self.view()["shards"]
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in (401, 404, 405):  # no cluster here: say so now
+                    raise AssertionError(f"GET /cluster: {exc.response.text}") from None
+                return False
             except (httpx.HTTPError, IndexError):
                 return False
             owners = {s["primary"]: s["owner"] for s in shards}
