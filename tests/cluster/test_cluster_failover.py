@@ -25,6 +25,8 @@ from tests.cluster.nodes import (
 from tests.cluster.scenarios import kill_owner, lag_of, rejoin, shard_doc
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.cluster
+
 TAKEOVER_GOAL_S = 3.0  # with the default HEARTBEAT_MS and LEASE_MS
 VISIBILITY_MS = 4000
 

@@ -6,6 +6,7 @@ secrets that guard node-to-node calls and cluster control. These tests only read
 from __future__ import annotations
 
 import httpx
+import pytest
 from lionmq.placement import shard_for
 
 from tests.cluster.nodes import (
@@ -17,6 +18,8 @@ from tests.cluster.nodes import (
     api_auth,
     channels_on,
 )
+
+pytestmark = pytest.mark.cluster
 
 SPREAD = [f"spread-{i}" for i in range(40)]
 

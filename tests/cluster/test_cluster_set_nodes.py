@@ -4,6 +4,7 @@ it again brings exactly those channels back."""
 
 from __future__ import annotations
 
+import pytest
 from lionmq.placement import shard_for
 
 from tests.cluster.conftest import ClusterFactory
@@ -11,6 +12,8 @@ from tests.cluster.ledger import Ledger, problems, summary
 from tests.cluster.load import Load, drain
 from tests.cluster.nodes import API_TOKEN
 from tests.cluster.scenarios import moving_channels, reshape, routes
+
+pytestmark = pytest.mark.cluster
 
 MOVE_GOAL_S = 1.0
 VISIBILITY_MS = 4000
