@@ -297,14 +297,22 @@ def api_auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-def channels_on(shard_ids: Sequence[str], per_shard: int, prefix: str = "ch") -> list[str]:
-    """`per_shard` channel names placed on each of `shard_ids` (the placement function's own
-    answer), in a fixed order: the same names on every run."""
+def channels_on(
+    shard_ids: Sequence[str],
+    per_shard: int,
+    prefix: str = "ch",
+    among: Sequence[str] | None = None,
+) -> list[str]:
+    """`per_shard` channel names placed on each of `shard_ids` by the placement function over
+    the cluster's shards `among` (default: `shard_ids` are all of them), grouped by shard in
+    the order given: the same names on every run."""
     picked: dict[str, list[str]] = {s: [] for s in shard_ids}
+    ring = among or shard_ids
+    assert set(shard_ids) <= set(ring), f"{shard_ids} not all among {ring}"
     for i in range(100_000):
         name = f"{prefix}-{i}"
-        bucket = picked[shard_for(name, shard_ids)]
-        if len(bucket) < per_shard:
+        bucket = picked.get(shard_for(name, ring))
+        if bucket is not None and len(bucket) < per_shard:
             bucket.append(name)
         if all(len(b) == per_shard for b in picked.values()):
             return [name for s in shard_ids for name in picked[s]]

@@ -99,6 +99,19 @@ def rejoin(cluster: Cluster, takeover: Takeover, timeout: float = REJOIN_TIMEOUT
     return time.monotonic() - started
 
 
+def caught_up(cluster: Cluster, takeover: Takeover, beats: int = 10) -> float:
+    """Wait until the returned node's mirror lag on the shard is 0 as the successor reports
+    it, within `beats` heartbeats; seconds it took."""
+    started = time.monotonic()
+    wait_until(
+        lambda: lag_of(cluster, takeover.victim, takeover.shard, takeover.successor) == 0,
+        beats * cluster.heartbeat_ms / 1000,
+        f"{takeover.victim.node_id}'s mirror lag at 0 within {beats} heartbeats",
+        0.05,
+    )
+    return time.monotonic() - started
+
+
 def lag_of(cluster: Cluster, node: ClusterNode, shard_id: str, via: ClusterNode) -> int | None:
     """The mirror lag (beats) of backup `node` on `shard_id` as `via` reports it."""
     for entry in cluster.view(via)["nodes"]:

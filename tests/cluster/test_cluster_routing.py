@@ -151,7 +151,7 @@ def test_cluster_routes_and_forwarded_requests_need_the_api_token(two_shards: Cl
     view = two_shards.view()
     ids = [s["id"] for s in view["shards"]]
     owner_of = {s["id"]: two_shards.node_at(s["owner"]) for s in view["shards"]}
-    (channel,) = channels_on(ids[:1], 1, "auth")
+    (channel,) = channels_on(ids[:1], 1, "auth", among=ids)
     owner = owner_of[ids[0]]
     other = next(n for n in two_shards.nodes if n is not owner)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {SECRET}"}):
@@ -172,7 +172,7 @@ def test_a_forwarded_request_is_never_forwarded_again(two_shards: Cluster) -> No
     ids = [s["id"] for s in view["shards"]]
     owner = two_shards.node_at(next(s["owner"] for s in view["shards"] if s["id"] == ids[0]))
     other = next(n for n in two_shards.nodes if n is not owner)
-    (channel,) = channels_on(ids[:1], 1, "hop")
+    (channel,) = channels_on(ids[:1], 1, "hop", among=ids)
     r = httpx.post(
         f"{other.url}/channels/{channel}/enqueue",
         json={"messages": [{"body": "loop"}]},

@@ -211,6 +211,9 @@ def test_channels_on_places_as_many_on_each_shard() -> None:
     names = channels_on(["s1", "s2", "s3"], 4)
     assert len(set(names)) == 12
     assert [shard_for(c, ["s1", "s2", "s3"]) for c in names] == ["s1"] * 4 + ["s2"] * 4 + ["s3"] * 4
+    # a subset of the shards, placed over all of them
+    (one,) = channels_on(["s2"], 1, among=["s1", "s2", "s3"])
+    assert shard_for(one, ["s1", "s2", "s3"]) == "s2"
 
 
 # -- load and books against one real node on the shared file
