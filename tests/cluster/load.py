@@ -67,16 +67,21 @@ def retry_delay(attempt: int) -> float:
 
 
 class Rotation:
-    """The next target URL, skipping none: the caller moves on after a failure."""
+    """The next target URL, skipping none: the caller moves on after a failure. With no node
+    serving at all (all killed or frozen for a moment), it waits up to `NO_TARGET_S`."""
+
+    NO_TARGET_S = 30.0
 
     def __init__(self, targets: Targets, start: int = 0) -> None:
         self.targets = targets
         self.counter = itertools.count(start)
 
     def next(self) -> str:
-        urls = self.targets()
-        if not urls:
-            raise AssertionError("no node of the cluster is serving")
+        deadline = time.monotonic() + self.NO_TARGET_S
+        while not (urls := self.targets()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no node of the cluster served for {self.NO_TARGET_S}s")
+            time.sleep(0.05)
         return urls[next(self.counter) % len(urls)]
 
 
