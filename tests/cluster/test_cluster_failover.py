@@ -86,6 +86,7 @@ def test_a_primary_frozen_past_its_lease_is_replaced_and_never_serves_again(
         warm(ledger)
         old.pause()
         frozen_at = time.monotonic()
+        frozen_wall = time.time()
         wait_until(
             lambda: cluster.owners_are({shard: backup.server_host}, backup),
             15,
@@ -99,7 +100,6 @@ def test_a_primary_frozen_past_its_lease_is_replaced_and_never_serves_again(
         warm(ledger, ledger.confirmed_count() + 20, ledger.delivered_count() + 10)
         assert time.monotonic() - frozen_at > cluster.lease_ms / 1000
         old.resume()
-        resumed_at = time.time()
         # Straight at the old primary, from the instant it wakes: it forwards or refuses.
         caller = Caller(ledger, API_TOKEN)
         direct = Rotation(lambda: [old.url])
@@ -120,12 +120,15 @@ def test_a_primary_frozen_past_its_lease_is_replaced_and_never_serves_again(
             0.1,
         )
         assert cluster.owners_are({shard: backup.server_host}, old)
+    # Whatever reached the old primary after it froze (load requests that were on their way,
+    # then the direct ones) was read by it only after SIGCONT, lease long gone: never served
+    # by itself.
     served_by_old = [
         op
         for op in ledger.books().ops
-        if op.started >= resumed_at and op.ok and op.node == old.node_id
+        if op.started > frozen_wall + 0.01 and op.ok and op.node == old.node_id
     ]
-    assert served_by_old == [], f"the deposed primary served {len(served_by_old)} requests"
+    assert served_by_old == [], f"the deposed primary served {served_by_old[:5]}"
     judge(cluster, channels, ledger)
 
 
@@ -153,8 +156,9 @@ def test_heartbeats_cut_while_the_primary_renews_cause_no_takeover(
             time.sleep(0.1)
         assert checks >= 10
         assert proxy.bytes_up == carried, "the cut let bytes through"
-        entry = cluster.member(1, backup)
-        assert entry is not None and entry["heartbeat_age_ms"] >= cluster.lease_ms, entry
+        # the primary saw its beats fail: the backup fell behind
+        lag = lag_of(cluster, backup, shard, primary)
+        assert lag is not None and lag >= 1, lag
         proxy.restore()
         wait_until(
             lambda: lag_of(cluster, backup, shard, primary) == 0,

@@ -18,6 +18,7 @@ from tests.cluster.nodes import (
     api_auth,
     channels_on,
 )
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -26,6 +27,14 @@ SPREAD = [f"spread-{i}" for i in range(40)]
 
 def test_every_node_reports_the_layout(two_shards: Cluster) -> None:
     n = two_shards.nodes
+    wanted = {n[i].server_host: role for i, role in enumerate(["primary", "backup"] * 2)}
+
+    def reported() -> bool:  # a node's presence shows once it has reported to the store
+        return all(
+            {e["url"]: e["role"] for e in two_shards.view(via)["nodes"]} == wanted for via in n
+        )
+
+    wait_until(reported, 10, "every node listing all four with their roles", 0.1)
     for via in n:
         view = two_shards.view(via)
         assert view["version"] >= 1
