@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,28 @@ from tests.cluster.nodes import Cluster
 ClusterFactory = Callable[..., Cluster]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Keeps each phase's report on the test item, so a fixture knows at teardown if it failed.
+    report = yield
+    item.stash.setdefault(PHASES, {})[report.when] = report
+    return report
+
+
+PHASES = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    return any(r.failed for r in request.node.stash.get(PHASES, {}).values())
+
+
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
+def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
     """`cluster_factory(layout, spare=0, **build_kwargs)`: a started cluster on a fresh SQLite
-    file, killed (with its proxies) when the test ends, pass or fail."""
+    file, killed (with its proxies) when the test ends, pass or fail; the end of each node's
+    log is printed when the test failed."""
     built: list[Cluster] = []
 
     def make(layout: Sequence[Sequence[int]], **kwargs: Any) -> Cluster:
@@ -29,6 +47,8 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
     yield make
     for cluster in built:
         cluster.stop()
+        if failed(request):
+            print(cluster.log_tails())
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +57,9 @@ def two_shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = Cluster.build(tmp_path_factory.mktemp("two-shards"), [[0, 1], [2, 3]])
     try:
         yield cluster.start()
+    except BaseException:
+        print(cluster.log_tails())
+        raise
     finally:
         cluster.stop()
 

@@ -174,6 +174,15 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def log_tails(self, lines: int = 40) -> str:
+        """The end of every node's log, for a failed test's report."""
+        parts = []
+        for n in self.nodes:
+            text = n.log.read_text(errors="replace") if n.log.exists() else "(no log)"
+            tail = "\n".join(text.splitlines()[-lines:])
+            parts.append(f"--- {n.node_id} {n.url} (SERVER_HOST {n.server_host}) ---\n{tail}")
+        return "\n".join(parts)
+
     def serving(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.serving]
 
