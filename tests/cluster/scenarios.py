@@ -75,28 +75,34 @@ def kill_owner(
 
 
 def rejoin(cluster: Cluster, takeover: Takeover, timeout: float = REJOIN_TIMEOUT_S) -> float:
-    """Restart the killed node; wait until it is listed as a backup (role `backup`, the shard
-    among its shards) and the successor still owns the shard. Seconds from the restart."""
+    """Restart the killed node; wait until GET /cluster lists it with role `backup` while the
+    successor still owns the shard (it never takes the shard back). Seconds from the restart."""
     started = time.monotonic()
     takeover.victim.restart()
-    host = takeover.victim.server_host
+    wait_role(cluster, takeover.victim, "backup", takeover.successor, timeout)
+    owner = shard_doc(cluster.view(takeover.successor), takeover.shard)["owner"]
+    assert owner == takeover.successor.server_host, f"{takeover.shard} taken back: {owner}"
+    return time.monotonic() - started
 
-    def rejoined() -> bool:
+
+def wait_role(
+    cluster: Cluster, node: ClusterNode, role: str, via: ClusterNode, timeout: float
+) -> None:
+    """Wait until `via`'s GET /cluster lists `node` with `role`; on timeout, say what it showed."""
+    seen: list[Json | None] = [None]
+
+    def has_role() -> bool:
         try:
-            view = cluster.view(takeover.successor)
+            view = cluster.view(via)
         except httpx.HTTPError:
             return False
-        entry = next((n for n in view["nodes"] if n["url"] == host), None)
-        owner = shard_doc(view, takeover.shard)["owner"]
-        return (
-            entry is not None
-            and entry["role"] == "backup"
-            and takeover.shard in entry["shards"]
-            and owner == takeover.successor.server_host
-        )
+        seen[0] = next((n for n in view["nodes"] if n["url"] == node.server_host), None)
+        return seen[0] is not None and seen[0]["role"] == role
 
-    wait_until(rejoined, timeout, f"{takeover.victim.node_id} back as a backup", 0.1)
-    return time.monotonic() - started
+    try:
+        wait_until(has_role, timeout, f"{node.node_id} listed as {role}", 0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {via.node_id} lists it as {seen[0]}") from None
 
 
 def caught_up(cluster: Cluster, takeover: Takeover, beats: int = 10) -> float:

@@ -23,7 +23,14 @@ from tests.cluster.nodes import (
     channels_on,
 )
 from tests.cluster.proxy import CutMode
-from tests.cluster.scenarios import caught_up, kill_owner, lag_of, rejoin, shard_doc
+from tests.cluster.scenarios import (
+    caught_up,
+    kill_owner,
+    lag_of,
+    rejoin,
+    shard_doc,
+    wait_role,
+)
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -113,12 +120,7 @@ def test_a_primary_frozen_past_its_lease_is_replaced_and_never_serves_again(
                 dequeue_and_ack(caller, direct, channel, VISIBILITY_MS)
         finally:
             caller.close()
-        wait_until(
-            lambda: (cluster.member(0, backup) or {}).get("role") == "backup",
-            15,
-            "the old primary back as a backup",
-            0.1,
-        )
+        wait_role(cluster, old, "backup", backup, 15)
         assert cluster.owners_are({shard: backup.server_host}, old)
     # Whatever reached the old primary after it froze (load requests that were on their way,
     # then the direct ones) was read by it only after SIGCONT, lease long gone: never served
