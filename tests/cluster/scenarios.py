@@ -47,7 +47,9 @@ def kill_owner(
     names it owner at a higher epoch."""
     before = shard_doc(cluster.view(), shard_id)
     victim = cluster.node_at(before["owner"])
-    members = [cluster.node_at(url) for url in (before["primary"], *before["backups"])]
+    # the implicit shard (no topology) has no configured members: every node is a standby
+    urls = [u for u in (before["primary"], *before["backups"]) if u is not None]
+    members = [cluster.node_at(url) for url in urls] if urls else cluster.nodes
     left = [n for n in members if n is not victim and n.serving]
     assert left, f"{shard_id} has no member left to take over from {victim.node_id}"
     caller = Caller(ledger, API_TOKEN)
