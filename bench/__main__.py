@@ -1,6 +1,7 @@
 """`python -m bench [--quick] [--scenarios 1,3] [--runs N] [--json PATH] [--peer rabbitmq,nats|all]`
 runs the six scenarios against LionMQ (and, with --peer, against RabbitMQ and NATS JetStream);
-`python -m bench transport --help`: the client's HTTP senders against a bare ASGI app."""
+`python -m bench transport --help`: the client's HTTP senders against a bare ASGI app;
+`python -m bench cluster --help`: takeover, set_nodes and forwarding figures of a cluster."""
 
 from __future__ import annotations
 
@@ -146,6 +147,10 @@ def cli(argv: list[str] | None = None) -> int:
         from bench import transport
 
         return transport.cli(argv[1:])
+    if argv[:1] == ["cluster"]:
+        from bench import cluster
+
+        return cluster.cli(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     # Before any figure: a missing server must not cost a LionMQ run first.
