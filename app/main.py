@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import channels, docs, health, hotpath, messages, problems
+from app.api import channels, cluster, docs, health, hotpath, messages, problems
 from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
 from app.api.guard import Guard
 from app.clock import Clock, SystemClock
+from app.cluster.runtime import ClusterRuntime
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
@@ -107,14 +108,26 @@ def create_app(
                 await the_store.open()
                 engine = QueueEngine(the_store, clock, engine_limits(settings))
                 resources.push_async_callback(engine.stop)
-                await engine.start()
+                # No engine.start(): the runtime adopts the channels of the shards it gains.
+                cluster = ClusterRuntime(settings, the_store, engine, clock)
                 maintenance = Maintenance(engine, clock)
                 resources.push_async_callback(maintenance.stop)
                 await maintenance.start()
                 receipts = ReceiptSigner(await the_store.secret())
                 node = Node(
-                    settings, clock, the_store, engine, clock.now_ms(), maintenance, receipts
+                    settings,
+                    clock,
+                    the_store,
+                    engine,
+                    clock.now_ms(),
+                    maintenance,
+                    receipts,
+                    cluster,
                 )
+                # The cluster's parts (the mirror's loop: `cluster.attach`) start with it, after
+                # its first tick; on the way out it lets go of its shards before the engine stops.
+                resources.push_async_callback(cluster.stop)
+                await cluster.start()
                 app.state.node = node
                 app.state.metrics = health.metrics_registry(node)
                 if settings.watcher_url:
@@ -149,10 +162,12 @@ def create_app(
     docs.install(app)
     app.include_router(channels.router)
     app.include_router(health.router)
+    app.include_router(cluster.router)
     schemas: list[type[Any]] = [
         *messages.SCHEMAS,
         *channels.SCHEMAS,
         *health.SCHEMAS,
+        *cluster.SCHEMAS,
         problems.Problem,
     ]
     open_paths = OPEN_PATHS if settings.api_token else None
