@@ -4,11 +4,15 @@ Every tick (each HEARTBEAT_MS, or driven by a test with a fake monotonic clock) 
 and the topology once each, decides per shard (app/cluster/decide.py) and acts:
 
 * gain a shard (take at epoch E): an id generator in the shard's slot seeded above the store's
-  highest id, the fence resolver answers (shard, E) for its channels, and `engine.adopt` takes
-  in every channel the store holds for it;
-* renew: the lease again, counted from before the call on the monotonic clock;
-* lose a shard (taken over, released, or not renewed within LEASE_MS less the margin): stop
-  serving at once, then `engine.release` its channels (their writes are fenced out by then);
+  highest id, and `engine.adopt` takes in every channel the store holds for it (in a task of
+  its own, so that the ticks go on renewing through a long adoption); then the shard is served
+  and the fence resolver answers (shard, E) for its channels;
+* renew: the lease again, counted from before the call on the monotonic clock. Not renewed in
+  time (LEASE_MS less the margin), the node stops serving the shard at once (route and fence
+  ask the serving rule on every call) but keeps its memory: a later renewal at the same epoch
+  proves no one else wrote meanwhile;
+* lose a shard (taken over, or the lease gone): stop serving, then `engine.release` its
+  channels (their writes are fenced out by then);
 * a new topology version (set_nodes): channels whose shard changed are drained (no new request
   reaches them: `moving_out`, their writes under way finish) and released, the node reports
   "applied version n" in its member report; a new owner adopts a moved-in channel only once
@@ -64,6 +68,9 @@ class Holding:
     held: Held
     ids: IdGenerator
     adopted: bool = False  # its channels are in the engine: it is served
+    # Adopting its channels (a task of its own, so the tick goes on renewing meanwhile).
+    adopting: asyncio.Task[None] | None = None
+    quitting: bool = False  # being let go: adoption stops
 
 
 @dataclass(slots=True)
@@ -168,6 +175,10 @@ class OwnershipKeeper:
         await self.tick(self.mono())
         if loop:
             self._task = asyncio.create_task(self._run(), name="lionmq-ownership")
+            # Ready once the first adoptions are done (the loop renews meanwhile).
+            adopting = [h.adopting for h in self.held.values() if h.adopting is not None]
+            if adopting:
+                await asyncio.wait(adopting)
 
     async def stop(self) -> None:
         """Stop the loop, then let go gracefully: channels drained and released, leases
@@ -206,6 +217,8 @@ class OwnershipKeeper:
         leases = await self.store.leases()
         self.view = View(leases, store_now, now)
         await self._read_topology()
+        # Before any take: a fresh topology whose sources are all gone blocks nothing.
+        await self._admit_incoming(leases, store_now)
         seats = self.seats()
         for shard in sorted(set(seats) | set(self.held)):
             held = self.held.get(shard)
@@ -223,11 +236,12 @@ class OwnershipKeeper:
                 await self._act(shard, action, leases.get(shard), now)
             except LionMQError as exc:
                 log.warning("shard %s: %s failed: %s", shard, action.value, exc.detail)
-        for shard, h in list(self.held.items()):
-            if h.adopted and not serving(h.held, self.mono(), self.lease_ms):
-                log.warning("shard %s: lease not renewed in time; this node stops serving", shard)
-                self._unserve(shard)
         await self._admit_incoming(leases, store_now)
+        # Adoptions finish within the tick when they are quick (the tests' case); a long one
+        # (100,000 channels) goes on in the background while the next ticks renew the lease.
+        adopting = [h.adopting for h in self.held.values() if h.adopting is not None]
+        if adopting:
+            await asyncio.wait(adopting, timeout=self.heartbeat_ms / 2000)
         if self.ticks % _AUDIT_EVERY == 0:
             await self.audit()
         await self.report()
@@ -244,8 +258,8 @@ class OwnershipKeeper:
                 await self._let_go(shard, release=False)
                 return
             h.held = Held(h.held.epoch, now)
-            if not h.adopted:
-                await self._serve(shard)
+            if not h.adopted and h.adopting is None:  # the last adoption failed: again
+                self._adopt(shard, h)
         elif action is Action.STOP_SERVING:
             log.warning("shard %s: the store gives the lease to another; stopping", shard)
             await self._let_go(shard, release=False)
@@ -261,28 +275,40 @@ class OwnershipKeeper:
         if before is not None and before.owner != self.node_id and before.expires_at > 0:
             self.counters.failovers += 1  # it lapsed under another owner (not released)
         log.info("shard %s: taken at epoch %d", shard, got.epoch)
-        await self._serve(shard)
+        self._adopt(shard, self.held[shard])
 
-    async def _serve(self, shard: str) -> None:
-        """Adopt every channel the store holds for the shard (not those still arriving)."""
-        h = self.held[shard]
-        for name, config in (await self.store.load_channels()).items():
-            if self.shard_of(name) == shard and not self.blocked(name, shard):
-                await self.engine.adopt(name, config)
-        h.adopted = True
+    def _adopt(self, shard: str, h: Holding, admit: Incoming | None = None) -> None:
+        h.adopting = asyncio.create_task(self._adopt_all(shard, h, admit))
 
-    def _unserve(self, shard: str) -> None:
-        h = self.held.get(shard)
-        if h is not None:
-            h.adopted = False
-        for name in [n for n in self.engine.channels if self.shard_of(n) == shard]:
-            self.engine.release(name)
+    async def _adopt_all(self, shard: str, h: Holding, admit: Incoming | None) -> None:
+        """Adopt every channel the store holds for the shard but those still arriving (with
+        `admit`: those too, their source owners having let go), then serve it."""
+        try:
+            for name, config in (await self.store.load_channels()).items():
+                if h.quitting:
+                    return
+                if self.shard_of(name) != shard or name in self.engine.channels:
+                    continue
+                if admit is not None or not self.blocked(name, shard):
+                    await self.engine.adopt(name, config)
+            if admit is not None and self.incoming.get(shard) is admit:
+                del self.incoming[shard]
+            h.adopted = not h.quitting
+        except LionMQError as exc:
+            log.warning("shard %s: adopting its channels failed (%s); again", shard, exc.detail)
+        except Exception:
+            log.exception("shard %s: adopting its channels failed; again", shard)
+        finally:
+            h.adopting = None
 
     async def _let_go(self, shard: str, *, release: bool) -> None:
         h = self.held.get(shard)
         if h is None:
             return
         h.adopted = False  # no new request is served from here on
+        h.quitting = True
+        if h.adopting is not None:
+            await asyncio.wait({h.adopting})  # it stops after the channel it is at
         names = [n for n in self.engine.channels if self.shard_of(n) == shard]
         if release:
             await self.engine.quiesce()
@@ -347,9 +373,11 @@ class OwnershipKeeper:
                     ready = False
             if not ready:
                 continue
-            del self.incoming[shard]
-            if shard in self.held and self.held[shard].adopted:
-                await self._serve(shard)
+            h = self.held.get(shard)
+            if h is None:
+                del self.incoming[shard]  # adopted with the rest whenever it is taken
+            elif h.adopted and h.adopting is None:
+                self._adopt(shard, h, admit=inc)
 
     async def audit(self) -> None:
         """Adopt channels of served shards the engine lacks (a poke lost, a channel created
