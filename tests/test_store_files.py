@@ -365,3 +365,58 @@ def test_start_on_a_store_that_cannot_be_written_fails_in_one_line(
     assert named == [f"lionmq: cannot start (sqlite {store}): {why.format(store=store)}"], (
         done.stderr
     )
+
+
+_READER = """
+import asyncio, sys
+from app.errors import StoreUnavailable
+from app.models import Message
+from app.store.sqlite import SQLiteStore
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    await store.insert("c", [Message(id=1, body=b"1", headers=None, enqueued_at=1)], 0)
+    print("written", flush=True)
+    sys.stdin.readline()  # the files are immutable now
+    try:
+        await store.page_ready("c", 0, 10, 10)
+    except StoreUnavailable as exc:
+        print("refused:", exc.detail, flush=True)
+        return
+    print("read", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(CHATTR_PROBLEM is not None, reason=f"needs chattr +i: {CHATTR_PROBLEM}")
+def test_a_read_of_a_shared_store_gone_read_only_is_refused_not_a_sigbus(
+    tmp_path: Path, immutable: list[Path]
+) -> None:
+    """A read transaction writes its read mark into the mmapped WAL index; once that file is
+    immutable (its pages written back and write-protected), the write is a SIGBUS. The shared
+    store checks the -shm file before each read and refuses instead."""
+    path = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(path)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "written"
+        for f in sorted(tmp_path.glob("r.db*")):
+            subprocess.run(["chattr", "+i", str(f)], check=True)
+            immutable.append(f)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert proc.returncode == 0, (proc.returncode, err)  # -7 would be SIGBUS
+    assert out.startswith("refused:") and "r.db-shm cannot be written" in out, out

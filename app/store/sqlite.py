@@ -303,6 +303,8 @@ class SQLiteStore:
         self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         # (path, st_dev, st_ino) of the database, its WAL and (shared) its WAL index, as opened.
         self._files: list[tuple[str, int, int]] = []
+        # Shared: the -shm file of `_files`, the one SQLite maps into memory (exclusive: none).
+        self._mapped: list[tuple[str, int, int]] = []
         self._keys: dict[str, int] = {}
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -339,6 +341,7 @@ class SQLiteStore:
         for path in (self._path + suffix for suffix in suffixes):
             st = os.stat(path)
             self._files.append((path, st.st_dev, st.st_ino))
+        self._mapped = self._files[2:]
         return conn, reader
 
     async def open(self) -> None:
@@ -682,8 +685,8 @@ class SQLiteStore:
         where fetching row by row costs no hand-over of the GIL."""
         if self._read_conn is None:
             raise StoreUnavailable("the embedded store is not open")
-        # A read may write its read mark into the WAL index: only that file is mapped.
-        unwritable = self._guard(self._files[2:])
+        # A read may write its read mark into the WAL index, the one file that is mapped.
+        unwritable = self._guard(self._mapped)
         if unwritable is not None:
             raise StoreUnavailable(unwritable)
         try:

@@ -31,6 +31,9 @@ from lionmq.errors import InvalidRequest
 # The number of message-id slots (see `app.engine.ids`); slot 0 is the implicit shard's, so a
 # topology holds at most MAX_SHARDS - 1 shards. Also bounds the ring every node and client builds.
 MAX_SHARDS = 64
+# With no topology stored, the store is one shard: this one, in this slot. Neither is ever a
+# stored topology's (fresh ids start at s1), so its lease never mixes with a real shard's.
+IMPLICIT_SHARD = "s0"
 IMPLICIT_SLOT = 0
 SHARD_ID = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _FRESH_ID = re.compile(r"s([1-9][0-9]*)")
@@ -158,6 +161,12 @@ def validate_topology(topology: Topology) -> Topology:
         if not SHARD_ID.fullmatch(shard.id):
             raise InvalidTopology(
                 "Invalid topology", f"shard id {shard.id!r} must match {SHARD_ID.pattern}"
+            )
+        if shard.id == IMPLICIT_SHARD:
+            raise InvalidTopology(
+                "Invalid topology",
+                f"shard id {IMPLICIT_SHARD} is reserved for the store's one shard before any"
+                " topology",
             )
         if shard.id in ids:
             raise InvalidTopology("Invalid topology", f"shard id {shard.id} appears twice")
