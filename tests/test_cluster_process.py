@@ -77,3 +77,39 @@ def test_two_shards_each_primary_serves_its_own_channels(
     assert shards == {"s1", "s2"}
     roles = {n["url"]: n["role"] for n in cluster(b)["nodes"]}  # type: ignore[index,union-attr]
     assert roles == {a.url: "primary", b.url: "primary"}
+
+
+def test_dead_letters_cross_shards_and_are_dequeueable_on_the_target_at_once(
+    node_factory: type[NodeProcess], tmp_path: Path
+) -> None:
+    a = node_factory(tmp_path)
+    b = node_factory(tmp_path)
+    init = msgspec.json.encode({"shards": [{"primary": a.url}, {"primary": b.url}]}).decode()
+    env = {**FAST, "CLUSTER_INIT": init, "CLUSTER_SECRET": "shh"}
+    a.env.update(env)
+    b.env.update(env)
+    a.start()
+    b.start()
+
+    def owner(channel: str) -> str:
+        return str(httpx.get(f"{a.url}/cluster/route/{channel}", timeout=5).json()["owner"])
+
+    wait_until(lambda: owner("x") in (a.url, b.url), 10, "shards owned")
+    source = next(f"src{i}" for i in range(200) if owner(f"src{i}") == a.url)
+    target = next(f"dlq{i}" for i in range(200) if owner(f"dlq{i}") == b.url)
+    put = httpx.put(f"{a.url}/channels/{source}", json={"dead_letter": target}, timeout=5)
+    assert put.status_code == 200, put.text
+    assert enqueue(a, source, "bad").status_code == 201
+    got = httpx.post(f"{a.url}/channels/{source}/dequeue", json={"max": 1}, timeout=5).json()
+    receipt = got["messages"][0]["receipt"]
+    r = httpx.post(
+        f"{a.url}/channels/{source}/nack",
+        json={"receipts": [receipt], "dead_letter": True},
+        timeout=5,
+    )
+    assert r.status_code == 200, r.text
+    # The poke makes the target's owner read it: dequeueable there without waiting for an audit.
+    r = httpx.post(
+        f"{b.url}/channels/{target}/dequeue", json={"max": 1, "wait_ms": 3000}, timeout=10
+    )
+    assert [m["body"] for m in r.json()["messages"]] == ["bad"]

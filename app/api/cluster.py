@@ -15,6 +15,7 @@ from typing import Annotated
 import msgspec
 from fastapi import APIRouter, Depends, Request
 from lionmq.topology import (
+    IMPLICIT_SHARD,
     InvalidTopology,
     SetNodes,
     Topology,
@@ -27,7 +28,7 @@ from starlette.responses import Response
 from app.api.codec import decode, json_response_doc, problem_docs, read_body
 from app.api.deps import Node, channel_name, node
 from app.cluster.decide import live
-from app.cluster.keeper import IMPLICIT_SHARD, MemberDoc
+from app.cluster.keeper import MemberDoc
 from app.cluster.route import Local, Remote
 from app.cluster.runtime import SECRET_HEADER
 from app.errors import Forbidden, InvalidInput, StoreUnavailable, Unauthorized

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 from lionmq.placement import shard_for
-from lionmq.topology import Topology, decode_topology
+from lionmq.topology import IMPLICIT_SHARD, IMPLICIT_SLOT, Topology, decode_topology
 
 from app.clock import Clock
 from app.cluster.decide import Action, Held, ShardSeat, decide, live, serving
@@ -43,8 +43,6 @@ from app.store.base import ShardLease, Store
 
 log = logging.getLogger("lionmq.cluster")
 
-IMPLICIT_SHARD = "s0"
-IMPLICIT_SLOT = 0
 # A channel audit (adopt what a lost poke left out) every this many ticks (30 s by default):
 # it reads every channel's settings, which costs a node with 100,000 channels ~0.3 s.
 _AUDIT_EVERY = 60
@@ -433,4 +431,4 @@ def _placed(channel: str, shard_ids: tuple[str, ...]) -> str:
     return shard_ids[0] if len(shard_ids) == 1 else shard_for(channel, shard_ids)
 
 
-__all__ = ["IMPLICIT_SHARD", "MemberDoc", "OwnershipKeeper"]
+__all__ = ["MemberDoc", "OwnershipKeeper"]

@@ -41,7 +41,7 @@ from lionmq.topology import InvalidTopology, Topology, normalize_url
 from app.clock import Clock
 from app.cluster.decide import live
 from app.cluster.init import parse_cluster_init
-from app.cluster.keeper import IMPLICIT_SHARD, MemberDoc, OwnershipKeeper
+from app.cluster.keeper import MemberDoc, OwnershipKeeper
 from app.cluster.liveness import Liveness
 from app.cluster.route import Local, NoOwner, Remote, Route
 from app.engine.ids import IdGenerator
@@ -292,4 +292,4 @@ class ClusterRuntime:
         self.store.fence(None)
 
 
-__all__ = ["IMPLICIT_SHARD", "POKE_PATH", "SECRET_HEADER", "ClusterRuntime", "Service"]
+__all__ = ["POKE_PATH", "SECRET_HEADER", "ClusterRuntime", "Service"]
