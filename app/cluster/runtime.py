@@ -16,8 +16,11 @@ What the other parts use (plain attributes and methods):
   implicit shard, none: standbys follow the store), `url`, `node_id`, `secret`.
 * `lag`: set it to a callable returning `{shard: beats behind}` for the member report and
   `/metrics` (the mirror's primary side knows it); None until then.
-* `attach(service)`: a part with `async start()` / `async stop()` (the mirror's loop) started
-  after the runtime's first tick and stopped before the runtime lets go of its shards.
+* `attach(service)`: a part with `async start()` / `async stop()` (the mirror's loop), attached
+  in the lifespan before `start()` (app/main.py), started after the runtime's first tick and
+  stopped before the runtime lets go of its shards.
+* `secret_ok(header_value)`: the CLUSTER_SECRET check of node-to-node calls (the routes use the
+  `cluster_secret` dependency of app/api/cluster.py, which answers 401).
 * `counters.failovers`, `counters.handoffs`, `role()`, `members()` (for /cluster, /metrics).
 
 The engine asks `ids_for` / `serves` / `poke` (app.engine.queue.Ownership); the store asks
