@@ -53,6 +53,11 @@ class Unauthorized(LionMQError):
     title = "Unauthorized"
 
 
+class Forbidden(LionMQError):
+    status = 403
+    title = "Forbidden"
+
+
 class StoreError(LionMQError):
     """The store failed for good: retrying the same request will not help (a constraint, a
     misuse, corrupt data, a rejected configuration). Nothing was half-written."""

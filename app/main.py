@@ -7,16 +7,18 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import channels, docs, health, hotpath, messages, problems
+from app.api import channels, cluster, docs, health, hotpath, internal, messages, problems
 from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
 from app.api.guard import Guard
 from app.clock import Clock, SystemClock
+from app.cluster.assemble import open_cluster
 from app.cluster.forward import Forwarder
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
@@ -109,20 +111,34 @@ def create_app(
                 await the_store.open()
                 engine = QueueEngine(the_store, clock, engine_limits(settings))
                 resources.push_async_callback(engine.stop)
-                await engine.start()
                 maintenance = Maintenance(engine, clock)
                 resources.push_async_callback(maintenance.stop)
                 await maintenance.start()
                 receipts = ReceiptSigner(await the_store.secret())
+                # No engine.start(): the runtime adopts the channels of the shards it gains.
+                runtime = await open_cluster(resources, app, settings, the_store, engine, clock)
                 node = Node(
-                    settings, clock, the_store, engine, clock.now_ms(), maintenance, receipts
+                    settings,
+                    clock,
+                    the_store,
+                    engine,
+                    clock.now_ms(),
+                    maintenance,
+                    receipts,
+                    runtime,
                 )
                 app.state.node = node
                 app.state.metrics = health.metrics_registry(node)
                 if settings.watcher_url:
                     from app.telemetry import WatcherPusher
 
-                    pusher = WatcherPusher(settings, engine, the_store, clock)
+                    async def view() -> dict[str, Any]:
+                        doc = await cluster.cluster_document(node)
+                        return msgspec.to_builtins(doc)  # type: ignore[no-any-return]
+
+                    pusher = WatcherPusher(
+                        settings, engine, the_store, clock, role=runtime.role, cluster_view=view
+                    )
                     resources.push_async_callback(pusher.stop)
                     await pusher.start()
                 log.info(
@@ -151,10 +167,13 @@ def create_app(
     docs.install(app)
     app.include_router(channels.router)
     app.include_router(health.router)
+    app.include_router(cluster.router)
+    app.include_router(internal.router(settings.cluster_secret))
     schemas: list[type[Any]] = [
         *messages.SCHEMAS,
         *channels.SCHEMAS,
         *health.SCHEMAS,
+        *cluster.SCHEMAS,
         problems.Problem,
     ]
     open_paths = OPEN_PATHS if settings.api_token else None

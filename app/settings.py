@@ -25,9 +25,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    node_id: Annotated[str, Field(min_length=1, max_length=128)] = Field(
-        default_factory=socket.gethostname
-    )
+    # Empty: "<host name>-<port>", so that two processes on one host differ (a lease's owner).
+    node_id: Annotated[str, Field(max_length=128)] = ""
     server_host: str = ""
     store_url: str = "sqlite:///./data/lionmq.db"
     # SQLite only: keep every other process out of the file (see app/store/sqlite.py).
@@ -58,6 +57,13 @@ class Settings(BaseSettings):
     metrics_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
     # Channels /metrics labels by name (the deepest); the rest count only in the node totals.
     metrics_max_channels: Annotated[int, Field(ge=0, le=100_000)] = 100
+    # The cluster (app/cluster): node-to-node secret, cluster-control token, a topology to seed
+    # the store with, how often an owner renews its shard leases and how long one lasts.
+    cluster_secret: str = ""
+    admin_token: str = ""
+    cluster_init: str = ""
+    heartbeat_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
+    lease_ms: Annotated[int, Field(ge=40, le=600_000)] = 2000
 
     @field_validator("store_url")
     @classmethod
@@ -91,10 +97,26 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("cluster_init")
+    @classmethod
+    def _topology(cls, value: str) -> str:
+        if value:
+            from app.cluster.init import parse_cluster_init
+
+            parse_cluster_init(value)  # raises ValueError naming what is wrong
+        return value
+
     @model_validator(mode="after")
     def _derived(self) -> Settings:
         if not self.server_host:
             object.__setattr__(self, "server_host", f"http://{self.host}:{self.port}")
+        if not self.node_id:
+            object.__setattr__(self, "node_id", f"{socket.gethostname()}-{self.port}")
+        if self.heartbeat_ms * 2 > self.lease_ms:
+            raise ValueError(
+                f"HEARTBEAT_MS ({self.heartbeat_ms}) must be at most half of LEASE_MS"
+                f" ({self.lease_ms}): a lease must survive a missed renewal"
+            )
         if self.watcher_url and not self.watcher_token:
             raise ValueError("WATCHER_TOKEN must be set when WATCHER_URL is")
         return self

@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from mongomock_motor import AsyncMongoMockClient
 
+from app.clock import SystemClock
 from app.main import create_app
 from app.settings import Settings
 from app.store.mongo import MongoStore
@@ -137,7 +138,7 @@ async def app_client(
     """An in-process node (lifespan running) behind an httpx client, on each store."""
     store = None
     if request.param == "mongomock":
-        store = MongoStore(database="lionmq", client=AsyncMongoMockClient())
+        store = MongoStore(database="lionmq", client=AsyncMongoMockClient(), clock=SystemClock())
     app: FastAPI = create_app(make_settings(tmp_path), store=store)
     async with (
         app.router.lifespan_context(app),

@@ -19,6 +19,7 @@ from mongomock_motor import AsyncMongoMockClient
 from app.api import messages
 from app.api.deps import Node
 from app.clock import ManualClock
+from app.cluster.runtime import ClusterRuntime
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine
@@ -380,6 +381,7 @@ def node_of(env: Env) -> Node:
         0,
         maintenance,
         receipts,  # type: ignore[arg-type]
+        ClusterRuntime(settings, env.store, env.engine, env.clock),  # type: ignore[arg-type]
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 from mongomock_motor import AsyncMongoMockClient
 
+from app.clock import SystemClock
 from app.engine.queue import _dead_headers
 from app.errors import ConfigError, StoreError, StoreUnavailable
 from app.main import create_app
@@ -90,7 +91,12 @@ async def test_message_the_store_cannot_hold_is_413(tmp_path: Path, kind: str) -
     store: Any = (
         SQLiteStore(str(tmp_path / "t.db"), max_message_bytes=limit)
         if kind == "sqlite"
-        else MongoStore(client=AsyncMongoMockClient(), database="t", max_message_bytes=limit)
+        else MongoStore(
+            client=AsyncMongoMockClient(),
+            database="t",
+            max_message_bytes=limit,
+            clock=SystemClock(),
+        )
     )
     app: FastAPI = create_app(make_settings(tmp_path, max_message_bytes=limit), store=store)
     async with (
@@ -145,7 +151,12 @@ async def test_a_message_at_the_limit_can_be_dead_lettered(tmp_path: Path, kind:
     store: Any = (
         SQLiteStore(str(tmp_path / "t.db"), max_message_bytes=limit)
         if kind == "sqlite"
-        else MongoStore(client=AsyncMongoMockClient(), database="t", max_message_bytes=limit)
+        else MongoStore(
+            client=AsyncMongoMockClient(),
+            database="t",
+            max_message_bytes=limit,
+            clock=SystemClock(),
+        )
     )
     app: FastAPI = create_app(make_settings(tmp_path, max_message_bytes=limit), store=store)
     async with (

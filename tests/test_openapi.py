@@ -175,6 +175,11 @@ PROVOKE: dict[tuple[str, str], dict[str, Provoke]] = {
     ("get", "/health"): {"ok": lambda n, path: n.call("GET", path)},
     ("get", "/ready"): {"ok": lambda n, path: n.call("GET", path), "503": not_ready},
     ("get", "/metrics"): {"ok": lambda n, path: n.call("GET", path)},
+    ("get", "/cluster"): {"ok": lambda n, path: n.call("GET", path), "503": not_ready},
+    ("get", "/cluster/route/{channel}"): {
+        "ok": lambda n, path: n.call("GET", path),
+        "422": lambda n, path: n.call("GET", "/cluster/route/-bad"),
+    },
 }
 
 

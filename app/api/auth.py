@@ -12,6 +12,10 @@ from app.api.problems import problem
 # Probes must answer without a token; the docs carry no data and let a person find the API.
 OPEN_PATHS = frozenset({"/health", "/ready", DOCS_URL, "/openapi.json"})
 OPEN_PREFIX = ASSETS_URL + "/"
+# Cluster routes with credentials of their own (app.api.cluster): ADMIN_TOKEN for set-nodes,
+# CLUSTER_SECRET node to node. The API token cannot share their Authorization header.
+OWN_AUTH_PATHS = frozenset({"/cluster/nodes"})
+OWN_AUTH_PREFIX = "/cluster/internal/"
 
 
 class BearerAuth:
@@ -21,7 +25,11 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+        open_path = (
+            path in OPEN_PATHS
+            or path in OWN_AUTH_PATHS
+            or path.startswith((OPEN_PREFIX, OWN_AUTH_PREFIX))
+        )
         if scope["type"] in ("http", "websocket") and not open_path:
             given = b""
             for name, value in scope["headers"]:

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
 from app.api.deps import channel_name, node
+from app.cluster import forward
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
 from app.models import CHANNEL_NAME_PATTERN, CHANNEL_NAME_RULE, valid_channel_name
@@ -79,6 +80,9 @@ class ChannelList(msgspec.Struct):
     channels: list[ChannelInfo]
 
 
+_list_decoder = msgspec.json.Decoder(ChannelList)
+
+
 class Purged(msgspec.Struct):
     purged: int
 
@@ -111,10 +115,26 @@ def _info(ch: ChannelState, now: int) -> ChannelInfo:
     responses={**json_response_doc(ChannelList, 200, "Every channel"), **problem_docs()},
 )
 async def list_channels(request: Request) -> Response:
+    """This node's channels and, unless the request was forwarded here, every other owner's:
+    the list of the whole cluster, or 503 naming the owner that did not answer."""
     n = node(request)
     now = n.clock.now_ms()
-    chans = sorted(n.engine.channels.values(), key=lambda ch: ch.name)
-    return _json(ChannelList(channels=[_info(ch, now) for ch in chans]))
+    mine = [_info(ch, now) for ch in n.engine.channels.values()]
+    parts = forward.forwarding_of(request.app)
+    if parts is None or forward.FORWARDED in request.headers:
+        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
+    rt = n.cluster
+    others = forward.owners_to_ask(rt.route_shard(s) for s in rt.keeper.shard_ids)
+    lists = await forward.fan_out(
+        parts.session,
+        others,
+        "/channels",
+        _list_decoder,
+        node_id=rt.node_id,
+        authorization=request.headers.get("authorization"),
+    )
+    merged = forward.merge_by_name(mine, *(answer.channels for answer in lists))
+    return _json(ChannelList(channels=merged))
 
 
 @router.get(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from app.clock import Clock
+from app.cluster.runtime import ClusterRuntime
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import QueueEngine
@@ -27,6 +28,7 @@ class Node:
     started_at: int
     maintenance: Maintenance
     receipts: ReceiptSigner
+    cluster: ClusterRuntime  # ownership, routing, presence: see its docstring
 
 
 def node(request: Request) -> Node:

@@ -71,7 +71,7 @@ async def health(request: Request) -> JSONResponse:
 )
 async def ready(request: Request) -> JSONResponse:
     n = node(request)
-    problem = n.maintenance.problem()
+    problem = n.maintenance.problem() or n.cluster.problem()
     if problem is not None:
         raise NotReady(problem)
     try:
@@ -165,6 +165,7 @@ class NodeMetrics(CollectorRegistry):
         self._node = n
         self.view = ScrapeView(0, {}, [])
         self.register(_ViewCollector(self))
+        self.register(_ClusterCollector(n))
 
     async def render(self) -> bytes:
         n = self._node
@@ -214,6 +215,55 @@ class _ViewCollector(Collector):
             for s in stats:
                 c.add_metric([s.name], getattr(s, field))
             yield c
+
+
+_ROLES = ("primary", "backup", "unassigned")
+
+
+class _ClusterCollector(Collector):
+    """This node's part in the cluster: role, shards and epochs, heartbeat lag, takeovers."""
+
+    def __init__(self, n: Node) -> None:
+        self._node = n
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        rt = self._node.cluster
+        role = rt.role()
+        g = GaugeMetricFamily(
+            "lionmq_cluster_role", "This node's role (1 for its role)", labels=["role"]
+        )
+        for name in _ROLES:
+            g.add_metric([name], 1 if name == role else 0)
+        yield g
+        owned = rt.owned()
+        epoch = GaugeMetricFamily(
+            "lionmq_shard_epoch", "Epoch of the shard's lease this node holds", labels=["shard"]
+        )
+        served = GaugeMetricFamily(
+            "lionmq_shard_owned", "1 while this node serves the shard", labels=["shard"]
+        )
+        for shard in rt.keeper.shard_ids:
+            served.add_metric([shard], 1 if shard in owned else 0)
+            if shard in owned:
+                epoch.add_metric([shard], owned[shard])
+        yield epoch
+        yield served
+        lag = GaugeMetricFamily(
+            "lionmq_heartbeat_lag", "Heartbeats a backup of the shard is behind", labels=["shard"]
+        )
+        for shard, beats in ((rt.lag() if rt.lag else None) or {}).items():
+            lag.add_metric([shard], beats)
+        yield lag
+        yield CounterMetricFamily(
+            "lionmq_failovers",
+            "Shards this node took over from a lapsed owner",
+            value=rt.counters.failovers,
+        )
+        yield CounterMetricFamily(
+            "lionmq_handoffs",
+            "Hand-offs of channels or shards this node made (set_nodes)",
+            value=rt.counters.handoffs,
+        )
 
 
 def metrics_registry(n: Node) -> NodeMetrics:

@@ -18,7 +18,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Annotated, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import msgspec
 
@@ -110,6 +110,21 @@ class Claim:
     stale: list[str]
 
 
+class Ownership(Protocol):
+    """Which channels this node serves, as the cluster runtime decides (app/cluster)."""
+
+    def ids_for(self, channel: str) -> IdGenerator:
+        """The id generator of the channel's shard; `Fenced` (503) when this node does not
+        serve the channel now."""
+        ...
+
+    def serves(self, channel: str) -> bool: ...
+
+    def poke(self, channel: str) -> None:
+        """Tell the channel's owner that messages were moved into it from another shard."""
+        ...
+
+
 _header_encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(dict[str, str])
 
@@ -141,6 +156,10 @@ class QueueEngine:
         self.clock = clock
         self.limits = limits or EngineLimits()
         self.ids = IdGenerator(clock)
+        # Set by the cluster runtime: then only the channels of served shards live in memory,
+        # each adopted by the runtime, with ids from its shard's generator. None: this engine
+        # owns every channel of the store (used alone, as in the engine's tests).
+        self.ownership: Ownership | None = None
         self.channels: dict[str, ChannelState] = {}
         self._entering: dict[str, asyncio.Future[ChannelState]] = {}
         # Long polls on channels that do not exist (yet): woken when the channel enters memory.
@@ -163,10 +182,45 @@ class QueueEngine:
 
     # -- start and stop ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Rebuild memory from the store: every channel it holds, adopted one by one."""
+        """Without a cluster runtime, rebuild memory from the store: every channel it holds,
+        adopted one by one. With one, the runtime adopts the channels of the shards it gains."""
+        if self.ownership is not None:
+            return
         self.ids = IdGenerator(self.clock, floor=await self.store.max_id())
         for name, config in (await self.store.load_channels()).items():
             await self.adopt(name, config)
+
+    def _ids(self, name: str) -> IdGenerator:
+        """The generator for the channel's ids (`Fenced` when its shard is not served here)."""
+        return self.ids if self.ownership is None else self.ownership.ids_for(name)
+
+    async def quiesce(self) -> None:
+        """Wait for every write under way now (and its finish in memory) to end: channels
+        released after this leave nothing in the store their next owner could miss."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
+
+    async def refresh(self, name: str) -> None:
+        """Re-read a channel's counts and page again from its start: messages were moved into
+        it from another shard (a poke, or the runtime's audit). Skipped while writes to it are
+        under way (their own finish counts them; the next audit comes back)."""
+        ch = self.channels.get(name)
+        if ch is None or ch.writers or ch.deleting is not None:
+            return
+        epoch = ch.epoch
+        counts = await self.store.counts(name, self.clock.now_ms())
+        if self.channels.get(name) is not ch or ch.epoch != epoch or ch.writers:
+            return
+        if counts.total != ch.total:
+            ch.total, ch.delayed = counts.total, counts.delayed
+            if counts.next_due is not None:
+                self._set_due(ch, counts.next_due)
+            if counts.next_expiry is not None:
+                self._set_expiry(ch, counts.next_expiry)
+            # Moved-in ids may lie behind the cursor: page from the start (held ids are skipped).
+            ch.cursor, ch.exhausted = 0, False
+            ch.generation += 1
+            ch.wake()
 
     async def stop(self) -> None:
         for ch in self.channels.values():
@@ -242,6 +296,8 @@ class QueueEngine:
         ch = self.channels.get(name)
         if ch is not None and ch.deleting is None:
             return ch  # the hot path: no task, no await
+
+        self._ids(name)  # a channel of a shard this node does not serve is refused here
 
         async def create() -> ChannelConfig:
             config = self.default_config(name, dead_letter_target=dead_letter_target)
@@ -412,7 +468,7 @@ class QueueEngine:
                 f" this batch of {n} would pass max_length, so nothing was stored"
             )
         now = self.clock.now_ms()
-        first = self.ids.take(n)
+        first = self._ids(name).take(n)
         default_ttl = ch.config.ttl_ms
         messages = []
         for i, m in enumerate(batch):
@@ -877,16 +933,10 @@ class QueueEngine:
             ch.leases.pop(msg_id, None)
         target_name = ch.config.dead_letter
 
-        async def move() -> None:
-            if target_name is None:
-                await self.store.move(ch.name, ids, None, [])
-                return
-            target = await self.ensure(target_name, dead_letter_target=True)
-            if ch.epoch != epoch:
-                return  # purged meanwhile: no copies of what the purge took
+        def copies(ids_from: str) -> list[Message]:
             now = self.clock.now_ms()
-            first = self.ids.take(len(messages))
-            moved = [
+            first = self._ids(ids_from).take(len(messages))
+            return [
                 Message(
                     id=first + i,
                     body=m.body,
@@ -895,6 +945,23 @@ class QueueEngine:
                 )
                 for i, m in enumerate(messages)
             ]
+
+        async def move() -> None:
+            if target_name is None:
+                await self.store.move(ch.name, ids, None, [])
+                return
+            own = self.ownership
+            if own is not None and not own.serves(target_name):
+                # The target lives on another shard: one atomic move in the store, under the
+                # source's fence, with ids of the source's shard (unique across primaries);
+                # then its owner is told (a lost poke only delays: its audit re-reads).
+                if await self.store.move(ch.name, ids, target_name, copies(ch.name)):
+                    own.poke(target_name)
+                return
+            target = await self.ensure(target_name, dead_letter_target=True)
+            if ch.epoch != epoch:
+                return  # purged meanwhile: no copies of what the purge took
+            moved = copies(target_name)
             target.begin_write()
             try:
                 # Only what the source still held is copied (a purge may have come first).

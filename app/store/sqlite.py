@@ -498,7 +498,10 @@ class SQLiteStore:
             lost = self._lost()
             if lost is None:
                 conn.execute("COMMIT")
-                self._failure = None
+                # Only a data write or the probe says writes work again: a lease renewal or a
+                # member report (rows rewritten in place) commits on a full disk too.
+                if any(fence is not None or op == self._probe_op for op, _, fence in group):
+                    self._failure = None
         except sqlite3.Error as exc:
             # The commit itself failed (disk full, I/O error): nothing of the group is kept.
             with contextlib.suppress(sqlite3.Error):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,24 @@ class ClusterNode(NodeProcess):
         assert self.proc is not None and self.running
         self.proc.send_signal(signal.SIGSTOP)
         self.paused = True
+
+    def freeze_outside_store_lock(self, tries: int = 50) -> int:
+        """SIGSTOP this node at a moment it holds no write lock on the shared SQLite file; the
+        number of freezes it took.
+
+        A process frozen inside a write transaction keeps the lock of the file every node of
+        a local cluster writes to: no one can write, a takeover included, until it wakes (or
+        dies: the kernel drops the locks of a killed process). That is the embedded store's
+        limit, documented in README and docs/architecture.md; MongoDB has no such lock. So the
+        freeze is retried (SIGCONT, SIGSTOP) until the lock is seen free."""
+        db = self.data_dir / "lionmq.db"
+        for n in range(1, tries + 1):
+            self.pause()
+            if _write_lock_free(db):
+                return n
+            self.resume()
+            time.sleep(0.01 * n)
+        raise AssertionError(f"{self.node_id} held the store's write lock at all {tries} freezes")
 
     def resume(self) -> None:
         assert self.proc is not None and self.running
@@ -334,3 +353,17 @@ def measure_until(
     """Seconds from `started` (time.monotonic()) until `ok()` first holds; fails after timeout."""
     wait_until(ok, timeout, what, interval)
     return time.monotonic() - started
+
+
+def _write_lock_free(db: Path) -> bool:
+    """Whether a write transaction can begin on `db` within 0.3 s (another live node may hold
+    the lock for a commit meanwhile; a frozen one holds it for good)."""
+    conn = sqlite3.connect(db, timeout=0.3, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()

@@ -91,7 +91,7 @@ def test_a_primary_frozen_past_its_lease_is_replaced_and_never_serves_again(
     channels = channels_on([shard], 4, "stop")
     with Load(cluster.urls, channels, ledger, API_TOKEN, visibility_ms=VISIBILITY_MS):
         warm(ledger)
-        old.pause()
+        old.freeze_outside_store_lock()
         frozen_at = time.monotonic()
         frozen_wall = time.time()
         wait_until(

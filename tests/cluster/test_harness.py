@@ -285,6 +285,8 @@ def test_pause_resume_kill_restart_and_proxy_a_node(tmp_path: Path) -> None:
         node.kill9()
         assert not node.running
         node.restart()
+        # The lease of the killed incarnation runs out first (at most LEASE_MS).
+        wait_until(lambda: httpx.get(f"{node.url}/ready").status_code == 200, 10, "ready again")
         r = httpx.get(f"{node.url}/channels/pr", headers=headers)
         assert r.json()["counts"]["ready"] >= 4  # the SIGSTOPped one may have landed too
     finally:

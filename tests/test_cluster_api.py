@@ -1,0 +1,110 @@
+"""Cluster endpoints of an in-process node: its view, routes, set-nodes, their credentials."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.main import create_app
+from tests.conftest import make_settings
+
+ADMIN = {"Authorization": "Bearer admin-token"}
+ME = "http://127.0.0.1:8000"
+
+
+async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://localhost"
+        ) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def cluster_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(
+        tmp_path, admin_token="admin-token", cluster_secret="shh", api_token="api-token"
+    )
+    async for client in client_for(create_app(settings)):
+        client.headers["Authorization"] = "Bearer api-token"
+        yield client
+
+
+async def test_a_single_node_is_standalone_and_owns_the_implicit_shard(
+    app_client: httpx.AsyncClient,
+) -> None:
+    view = (await app_client.get("/cluster")).json()
+    assert view["version"] == 0
+    assert view["node"] == {"id": "inproc", "url": ME, "role": "standalone"}
+    (shard,) = view["shards"]
+    assert shard["id"] == "s0" and shard["owner"] == ME and shard["owner_id"] == "inproc"
+    assert shard["epoch"] == 1 and shard["lease_expires_in_ms"] > 0
+    (me,) = view["nodes"]
+    assert me["url"] == ME and me["status"] == "up" and me["role"] == "standalone"
+    assert me["shards"] == ["s0"]
+    route = (await app_client.get("/cluster/route/orders")).json()
+    assert route == {"channel": "orders", "shard": "s0", "owner": ME}
+    assert (await app_client.get("/cluster/route/bad%20name")).status_code == 422
+    metrics = (await app_client.get("/metrics")).text
+    assert 'lionmq_shard_owned{shard="s0"} 1.0' in metrics
+    assert 'lionmq_shard_epoch{shard="s0"} 1.0' in metrics
+    assert "lionmq_failovers_total 0.0" in metrics
+
+
+async def test_set_nodes_needs_the_admin_token(cluster_client: httpx.AsyncClient) -> None:
+    body = {"shards": [{"primary": ME}]}
+    # The API token is not the admin token.
+    assert (await cluster_client.put("/cluster/nodes", json=body)).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await cluster_client.put("/cluster/nodes", json=body, headers=wrong)).status_code == 401
+    r = await cluster_client.put("/cluster/nodes", json={"shards": []}, headers=ADMIN)
+    assert r.status_code == 422
+    twice = {"shards": [{"primary": ME}, {"primary": "http://127.0.0.1:8001", "backups": [ME]}]}
+    r = await cluster_client.put("/cluster/nodes", json=twice, headers=ADMIN)
+    assert r.status_code == 422 and "twice" in r.text
+    r = await cluster_client.put(
+        "/cluster/nodes", json={"shards": [{"primary": "ftp://x"}]}, headers=ADMIN
+    )
+    assert r.status_code == 422
+    r = await cluster_client.put("/cluster/nodes", json=body, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    stored = r.json()
+    assert stored["version"] == 1 and stored["shards"][0]["primary"] == ME
+    # The same nodes again change nothing.
+    again = await cluster_client.put("/cluster/nodes", json=body, headers=ADMIN)
+    assert again.json()["version"] == 1
+
+
+async def test_set_nodes_is_forbidden_without_an_admin_token(
+    app_client: httpx.AsyncClient,
+) -> None:
+    r = await app_client.put("/cluster/nodes", json={"shards": [{"primary": ME}]}, headers=ADMIN)
+    assert r.status_code == 403 and "ADMIN_TOKEN" in r.json()["detail"]
+
+
+async def test_node_to_node_routes_need_the_cluster_secret(
+    cluster_client: httpx.AsyncClient,
+) -> None:
+    poke = {"channel": "orders"}
+    assert (await cluster_client.post("/cluster/internal/poke", json=poke)).status_code == 401
+    bad = {"X-LionMQ-Cluster-Secret": "wrong"}
+    r = await cluster_client.post("/cluster/internal/poke", json=poke, headers=bad)
+    assert r.status_code == 401
+    good = {"X-LionMQ-Cluster-Secret": "shh"}
+    r = await cluster_client.post("/cluster/internal/poke", json=poke, headers=good)
+    assert r.status_code == 200 and r.json() == {"served": True}
+
+
+async def test_a_node_without_cluster_secret_refuses_the_internal_routes(
+    app_client: httpx.AsyncClient,
+) -> None:
+    r = await app_client.post(
+        "/cluster/internal/poke", json={"channel": "c"}, headers={"X-LionMQ-Cluster-Secret": ""}
+    )
+    assert r.status_code == 401

@@ -1,0 +1,329 @@
+"""The ownership keeper driven tick by tick with fake clocks, on both stores.
+
+Two "nodes" (a runtime and an engine each, over their own store instance on the same data) share
+one store clock (which judges lease expiry) and each has its own monotonic clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from mongomock_motor import AsyncMongoMockClient
+
+from app.clock import ManualClock
+from app.cluster.route import Local, NoOwner, Remote
+from app.cluster.runtime import ClusterRuntime
+from app.engine.ids import id_slot
+from app.engine.queue import EngineLimits, NewMessage, QueueEngine
+from app.errors import Fenced
+from app.settings import Settings
+from app.store.base import Store
+from app.store.mongo import MongoStore
+from app.store.sqlite import SQLiteStore
+
+NOW = 1_700_000_000_000
+LEASE = 2000
+HEARTBEAT = 500
+
+MakeStore = Callable[[], Store]
+
+
+class Mono:
+    def __init__(self) -> None:
+        self.now = 10_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class Member:
+    """One node: its store instance, engine, runtime and monotonic clock."""
+
+    def __init__(self, name: str, port: int, store: Store, clock: ManualClock, **env: Any):
+        env.setdefault("cluster_secret", "s3cret")
+        self.mono = Mono()
+        self.store = store
+        self.settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            node_id=name,
+            port=port,
+            server_host=f"http://127.0.0.1:{port}",
+            lease_ms=LEASE,
+            heartbeat_ms=HEARTBEAT,
+            **env,
+        )
+        self.engine = QueueEngine(store, clock, EngineLimits(window_size=100))
+        self.runtime = ClusterRuntime(self.settings, store, self.engine, clock, mono=self.mono)
+
+    @property
+    def url(self) -> str:
+        return self.runtime.url
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.engine.start()
+        await self.runtime.start(loop=False)
+
+    async def tick(self, advance: int = 0) -> None:
+        self.mono.now += advance
+        await self.runtime.keeper.tick(self.mono.now)
+
+    async def enqueue(self, channel: str, *bodies: bytes) -> list[int]:
+        batch = [NewMessage(body=msgspec.Raw(b'"' + b + b'"')) for b in bodies]
+        return await self.engine.enqueue(channel, batch)
+
+    async def close(self) -> None:
+        await self.runtime.stop()
+        await self.engine.stop()
+        await self.store.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(NOW)
+
+
+@pytest.fixture(params=["sqlite", "mongomock"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock) -> MakeStore:
+    if request.param == "sqlite":
+        path = str(tmp_path / "lionmq.db")
+        return lambda: SQLiteStore(path, clock=clock)
+    client: Any = AsyncMongoMockClient()
+    return lambda: MongoStore(client=client, database="lionmq_keeper", clock=clock)
+
+
+@pytest.fixture
+async def members(
+    make_store: MakeStore, clock: ManualClock
+) -> AsyncIterator[Callable[..., Member]]:
+    made: list[Member] = []
+
+    def member(name: str, port: int, **env: Any) -> Member:
+        m = Member(name, port, make_store(), clock, **env)
+        made.append(m)
+        return m
+
+    yield member
+    for m in reversed(made):
+        await m.close()
+
+
+def two_shards(a: str, b: str, *backups_of_a: str) -> str:
+    shards = [{"primary": a, "backups": list(backups_of_a)}, {"primary": b}]
+    return msgspec.json.encode({"shards": shards}).decode()
+
+
+async def test_first_node_serves_the_implicit_shard_second_waits(
+    members: Callable[..., Member],
+) -> None:
+    a, b = members("a", 9101), members("b", 9102)
+    await a.start()
+    await b.start()
+    assert a.runtime.route("jobs") == Local("s0")
+    assert b.runtime.route("jobs") == Remote("s0", a.url, "a")
+    assert a.runtime.owned() == {"s0": 1} and b.runtime.owned() == {}
+    await a.enqueue("jobs", b"x")
+    with pytest.raises(Fenced):
+        await b.enqueue("jobs", b"y")  # the standby never takes a request itself
+    assert a.runtime.role() == "primary" and b.runtime.role() == "backup"
+
+
+async def test_standby_takes_over_a_lapsed_lease_and_the_old_owner_is_fenced(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    a, b = members("a", 9101), members("b", 9102)
+    await a.start()
+    await b.start()
+    await a.enqueue("jobs", b"one")
+    # a stops renewing (frozen); the store's clock passes its lease.
+    clock.advance(LEASE + 1)
+    await b.tick(LEASE + 1)
+    assert b.runtime.owned() == {"s0": 2}
+    assert b.runtime.counters.failovers == 1
+    leases = await b.engine.dequeue("jobs", 1, 0, None)
+    assert [lease.message.body for lease in leases] == [b'"one"']
+    # a, frozen for LEASE on its own clock, has stopped serving without any tick...
+    a.mono.now += LEASE
+    assert isinstance(a.runtime.route("jobs"), NoOwner | Remote)
+    with pytest.raises(Fenced):
+        await a.enqueue("jobs", b"late")
+    # ...and once it ticks it follows b, its old channels let go.
+    await a.tick()
+    assert a.runtime.route("jobs") == Remote("s0", b.url, "b")
+    assert "jobs" not in a.engine.channels
+
+
+async def test_a_write_under_a_deposed_epoch_is_refused_by_the_store(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    a, b = members("a", 9101), members("b", 9102)
+    await a.start()
+    await b.start()
+    await a.enqueue("jobs", b"one")
+    clock.advance(LEASE + 1)
+    await b.tick(LEASE + 1)
+    # a still believes it serves (its monotonic clock did not move): the store refuses it.
+    assert a.runtime.route("jobs") == Local("s0")
+    with pytest.raises(Fenced):
+        await a.enqueue("jobs", b"late")
+    counts = await b.store.counts("jobs", clock.now_ms())
+    assert counts.total == 1
+
+
+async def test_graceful_stop_hands_the_shard_over_at_once(
+    members: Callable[..., Member],
+) -> None:
+    a, b = members("a", 9101), members("b", 9102)
+    await a.start()
+    await b.start()
+    await a.enqueue("jobs", b"one")
+    await a.runtime.stop()
+    await b.tick()  # no clock moved: the lease was released
+    assert b.runtime.owned() == {"s0": 2}
+    assert b.runtime.counters.failovers == 0
+    assert b.engine.channels["jobs"].total == 1
+
+
+async def test_not_renewed_in_time_stops_serving(members: Callable[..., Member]) -> None:
+    a = members("a", 9101)
+    await a.start()
+    await a.tick(LEASE - LEASE // 4 - 1)
+    assert a.runtime.route("c") == Local("s0")  # renewed by that tick
+    a.mono.now += LEASE - LEASE // 4
+    assert isinstance(a.runtime.route("c"), NoOwner)
+    assert a.runtime.problem() is not None
+
+
+async def test_two_shards_each_primary_serves_its_own(members: Callable[..., Member]) -> None:
+    init = two_shards("http://127.0.0.1:9101", "http://127.0.0.1:9102")
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    await a.start()
+    await b.start()
+    await a.tick()
+    assert a.runtime.owned() == {"s1": 1} and b.runtime.owned() == {"s2": 1}
+    names = [f"ch{i}" for i in range(40)]
+    mine = {n: a.runtime.shard_of(n) for n in names}
+    assert set(mine.values()) == {"s1", "s2"}
+    for name in names:
+        owner = a if mine[name] == "s1" else b
+        other = b if owner is a else a
+        assert owner.runtime.route(name) == Local(mine[name])
+        assert other.runtime.route(name) == Remote(mine[name], owner.url, owner.settings.node_id)
+        (msg_id,) = await owner.enqueue(name, b"m")
+        assert id_slot(msg_id) == (1 if owner is a else 2)
+        with pytest.raises(Fenced):
+            await other.enqueue(name, b"m")
+
+
+async def test_backup_takes_over_only_after_heartbeat_silence_and_expiry(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    init = two_shards("http://127.0.0.1:9101", "http://127.0.0.1:9102", "http://127.0.0.1:9103")
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    c = members("c", 9103, cluster_init=init)
+    for m in (a, b, c):
+        await m.start()
+    assert c.runtime.role() == "backup" and c.runtime.owned() == {}
+    assert c.runtime.backups_of("s1") == ("http://127.0.0.1:9101",)
+    assert a.runtime.backups_of("s1") == ("http://127.0.0.1:9103",)
+    clock.advance(LEASE + 1)  # a's lease on s1 lapsed in the store...
+    c.runtime.liveness.beat("s1", c.mono.now)
+    await c.tick(100)  # ...but heartbeats came (the store path alone is cut): no takeover
+    assert c.runtime.owned() == {}
+    await c.tick(LEASE)  # silent for LEASE_MS and expired: take it
+    assert c.runtime.owned() == {"s1": 2}
+    assert c.runtime.counters.failovers == 1
+    # a comes back: it finds a higher epoch held live and follows as a backup.
+    await a.tick(LEASE)
+    assert a.runtime.owned() == {}
+    channel = next(f"c{i}" for i in range(100) if a.runtime.shard_of(f"c{i}") == "s1")
+    assert a.runtime.route(channel) == Remote("s1", c.url, "c")
+
+
+async def test_set_nodes_hands_channels_off_and_the_new_owner_adopts_them(
+    members: Callable[..., Member],
+) -> None:
+    a = members("a", 9101, cluster_init='{"shards": [{"primary": "http://127.0.0.1:9101"}]}')
+    b = members("b", 9102)
+    await a.start()
+    await b.start()
+    names = [f"ch{i}" for i in range(30)]
+    for name in names:
+        await a.enqueue(name, b"m")
+    stored = await a.store.topology()
+    assert stored is not None
+    from lionmq.topology import SetNodes, ShardSpec, decode_topology, next_topology
+
+    new = next_topology(
+        decode_topology(stored[1]),
+        SetNodes((ShardSpec("http://127.0.0.1:9101"), ShardSpec("http://127.0.0.1:9102"))),
+    )
+    assert await a.store.swap_topology(stored[0], new.version, msgspec.json.encode(new))
+    await b.tick()  # b sees the new shard, takes it, but waits for a to let go
+    moved = [n for n in names if b.runtime.shard_of(n) == "s2"]
+    assert moved and len(moved) < len(names)
+    assert all(isinstance(b.runtime.route(n), NoOwner) for n in moved)
+    await a.tick()  # a drains and releases what moved, reports version 2
+    assert not set(moved) & set(a.engine.channels)
+    assert a.runtime.keeper.applied_version == new.version
+    await b.tick()
+    for name in moved:
+        assert b.runtime.route(name) == Local("s2")
+        assert b.engine.channels[name].total == 1
+        assert a.runtime.route(name) == Remote("s2", b.url, "b")
+    stay = [n for n in names if n not in moved]
+    assert all(a.runtime.route(n) == Local("s1") for n in stay)
+
+
+async def test_dead_letter_across_shards_reaches_the_target_owner(
+    members: Callable[..., Member],
+) -> None:
+    init = two_shards("http://127.0.0.1:9101", "http://127.0.0.1:9102")
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    await a.start()
+    await b.start()
+    source = next(f"src{i}" for i in range(100) if a.runtime.shard_of(f"src{i}") == "s1")
+    target = next(f"dlq{i}" for i in range(100) if a.runtime.shard_of(f"dlq{i}") == "s2")
+    await a.enqueue(source, b"bad")
+    await a.engine.configure(source, {"dead_letter": target})
+    (lease,) = await a.engine.dequeue(source, 1, 0, None)
+    from app.engine.ids import receipt
+
+    await a.engine.nack(source, [receipt(lease.message.id, lease.attempt)], 0, True)
+    assert a.engine.channels[source].total == 0
+    # The poke has no HTTP here; the target's owner finds it when poked (or on its audit).
+    assert await b.runtime.poked(target)
+    (moved,) = await b.engine.dequeue(target, 1, 0, None)
+    assert moved.message.body == b'"bad"'
+    assert moved.message.headers is not None and b"x-dead-letter-channel" in moved.message.headers
+
+
+async def test_same_node_id_from_another_url_refuses_to_start(
+    members: Callable[..., Member],
+) -> None:
+    a = members("a", 9101)
+    await a.start()
+    twin = members("a", 9109)
+    from app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="NODE_ID"):
+        await twin.start()
+
+
+async def test_a_topology_without_cluster_secret_refuses_to_start(
+    members: Callable[..., Member],
+) -> None:
+    from app.errors import ConfigError
+
+    a = members("a", 9101, cluster_init='{"shards": [{"primary": "http://127.0.0.1:9101"}]}')
+    await a.start()
+    b = members("b", 9102, cluster_secret="")
+    with pytest.raises(ConfigError, match="CLUSTER_SECRET"):
+        await b.start()
