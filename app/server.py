@@ -41,7 +41,9 @@ def log_config(level: str, loggers: tuple[str, ...]) -> dict[str, Any]:
     """A `logging.config.dictConfig` for the process and uvicorn alike: one format, on stderr.
 
     `loggers` (ours and uvicorn's) log at `level`; other libraries stay at info or above, so
-    `debug` does not print every MongoDB command.
+    `debug` does not print every MongoDB command. httpx logs every request it makes at info:
+    the node's own calls (heartbeats to backups twice a second) would fill the log, so it
+    speaks only of warnings; the node logs the failures of its calls itself.
     """
     level = level.upper()
     return {
@@ -56,7 +58,10 @@ def log_config(level: str, loggers: tuple[str, ...]) -> dict[str, Any]:
             }
         },
         "root": {"handlers": ["stderr"], "level": "INFO" if level == "DEBUG" else level},
-        "loggers": {name: {"level": level, "handlers": [], "propagate": True} for name in loggers},
+        "loggers": {
+            "httpx": {"level": "WARNING", "handlers": [], "propagate": True},
+            **{name: {"level": level, "handlers": [], "propagate": True} for name in loggers},
+        },
     }
 
 
