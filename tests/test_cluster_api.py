@@ -108,3 +108,19 @@ async def test_a_node_without_cluster_secret_refuses_the_internal_routes(
         "/cluster/internal/poke", json={"channel": "c"}, headers={"X-LionMQ-Cluster-Secret": ""}
     )
     assert r.status_code == 401
+
+
+async def test_set_nodes_refuses_a_topology_that_leaves_out_the_node_asked(
+    cluster_client: httpx.AsyncClient,
+) -> None:
+    # A topology naming none of the running nodes (a typo, another cluster's file) would leave
+    # every shard without an owner for good: refused, and nothing is stored.
+    elsewhere = {"shards": [{"primary": "http://127.0.0.1:1", "backups": []}]}
+    r = await cluster_client.put("/cluster/nodes", json=elsewhere, headers=ADMIN)
+    assert r.status_code == 422, r.text
+    assert ME in r.json()["detail"] and "stays" in r.json()["detail"]
+    assert (await cluster_client.get("/cluster")).json()["version"] == 0
+    # This node among others, as a backup (in another spelling of its URL): accepted.
+    kept = {"shards": [{"primary": "http://127.0.0.1:8001", "backups": ["HTTP://127.0.0.1:8000/"]}]}
+    r = await cluster_client.put("/cluster/nodes", json=kept, headers=ADMIN)
+    assert r.status_code == 200, r.text

@@ -267,6 +267,7 @@ async def set_nodes(request: Request, n: Annotated[Node, Depends(admin)]) -> Res
             raise InvalidTopology("Invalid topology", "a topology needs at least one shard")
     except InvalidTopology as exc:
         raise InvalidInput(str(exc)) from None
+    _check_stays(n.cluster.url, wanted)
     for _ in range(_SWAP_TRIES):
         stored = await n.store.topology()
         current = decode_topology(stored[1]) if stored else None
@@ -280,6 +281,18 @@ async def set_nodes(request: Request, n: Annotated[Node, Depends(admin)]) -> Res
         if await n.store.swap_topology(expected, new.version, msgspec.json.encode(new)):
             return _json(new)
     raise StoreUnavailable("the topology kept changing under this request; try again")
+
+
+def _check_stays(url: str, wanted: SetNodes) -> None:
+    """Refuse a topology that leaves out the node asked to store it: one that names none of the
+    running nodes (a typo, the wrong cluster's file) would leave every shard without an owner,
+    and nothing could be served again until a right one came. Removing a node is done through
+    a node that stays."""
+    if not any(url in shard.members for shard in wanted.shards):
+        raise InvalidInput(
+            f"the new topology leaves out this node ({url}); send it to a node that stays in"
+            " the cluster (a topology naming no running node would leave every shard ownerless)"
+        )
 
 
 @router.post(
