@@ -13,6 +13,7 @@ from app.api.deps import channel_name, node
 from app.cluster import forward
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
+from app.errors import Unauthorized
 from app.models import CHANNEL_NAME_PATTERN, CHANNEL_NAME_RULE, valid_channel_name
 
 router = APIRouter(prefix="/channels", tags=["channels"])
@@ -121,9 +122,19 @@ async def list_channels(request: Request) -> Response:
     now = n.clock.now_ms()
     mine = [_info(ch, now) for ch in n.engine.channels.values()]
     parts = forward.forwarding_of(request.app)
-    if parts is None or forward.FORWARDED in request.headers:
-        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     rt = n.cluster
+    if parts is None:
+        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
+    if forward.FORWARDED in request.headers:
+        # A peer's fan-out gets this node's part alone; it proves itself with the cluster
+        # secret. A client that sent the mark would take a part for the whole list, and
+        # asking the others again would bounce between nodes whose secrets differ.
+        if not rt.secret_ok(request.headers.get(forward.SECRET_HEADER)):
+            raise Unauthorized(
+                f"{forward.FORWARDED} is for node-to-node calls, which carry the cluster's"
+                f" secret ({forward.SECRET_HEADER}); a client leaves it out"
+            )
+        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     others = forward.owners_to_ask(rt.route_shard(s) for s in rt.keeper.shard_ids)
     lists = await forward.fan_out(
         parts.session,
@@ -131,6 +142,7 @@ async def list_channels(request: Request) -> Response:
         "/channels",
         _list_decoder,
         node_id=rt.node_id,
+        secret=rt.secret,
         authorization=request.headers.get("authorization"),
     )
     merged = forward.merge_by_name(mine, *(answer.channels for answer in lists))
