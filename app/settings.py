@@ -15,6 +15,8 @@ from app.errors import ConfigError
 # Deadlines for a request's headers and body (the watcher serves with the same).
 HEADER_TIMEOUT_MS = 10_000
 BODY_TIMEOUT_MS = 30_000
+# The header node-to-node calls carry CLUSTER_SECRET in (app.api.auth.check_cluster_secret).
+CLUSTER_SECRET_HEADER = "X-LionMQ-Cluster-Secret"
 
 
 class Settings(BaseSettings):

@@ -9,7 +9,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.cluster.heartbeat import HEARTBEAT_PATH
+from app.cluster.mirror import snapshot_path
 from app.main import create_app
+from app.settings import CLUSTER_SECRET_HEADER
 from tests.conftest import make_settings
 
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -124,3 +127,22 @@ async def test_set_nodes_refuses_a_topology_that_leaves_out_the_node_asked(
     kept = {"shards": [{"primary": "http://127.0.0.1:8001", "backups": ["HTTP://127.0.0.1:8000/"]}]}
     r = await cluster_client.put("/cluster/nodes", json=kept, headers=ADMIN)
     assert r.status_code == 200, r.text
+
+
+async def test_every_node_to_node_route_refuses_alike(cluster_client: httpx.AsyncClient) -> None:
+    # One check for every /cluster/internal/ route (poke, the mirror's heartbeat and snapshot):
+    # the same refusal, in constant time, whether the secret is missing or wrong.
+    calls = [
+        ("POST", "/cluster/internal/poke", {"channel": "orders"}),
+        ("POST", HEARTBEAT_PATH, {}),
+        ("GET", snapshot_path("s1"), None),
+    ]
+    for given in (None, "wrong", ""):
+        headers = {} if given is None else {CLUSTER_SECRET_HEADER: given}
+        details = set()
+        for method, path, body in calls:
+            r = await cluster_client.request(method, path, json=body, headers=headers)
+            assert r.status_code == 401, (path, r.text)
+            details.add(r.json()["detail"])
+        (detail,) = details
+        assert "CLUSTER_SECRET" in detail and CLUSTER_SECRET_HEADER in detail

@@ -19,7 +19,7 @@ from app.cluster import forward
 from app.cluster.route import Local, NoOwner, Remote
 from app.errors import ConfigError, OwnerUnreachable, ShardUnavailable
 from app.main import NodeApp, create_app
-from app.settings import Settings
+from app.settings import CLUSTER_SECRET_HEADER, Settings
 from tests.conftest import free_port
 from tests.forward_support import Echo, FakeRouter, Served, eventually
 
@@ -416,7 +416,7 @@ async def test_only_a_peer_with_the_secret_gets_a_nodes_part_of_the_channel_list
     await pair.client.put("/channels/here")
     spoofed = await pair.client.get("/channels", headers={forward.FORWARDED: "me"})
     assert spoofed.status_code == 401, spoofed.text
-    assert forward.SECRET_HEADER in spoofed.json()["detail"]
+    assert CLUSTER_SECRET_HEADER in spoofed.json()["detail"]
     lists = msgspec.json.Decoder(ChannelList)
     at_a = Remote("s0", pair.a.url, "node-a")
     with pytest.raises(OwnerUnreachable, match="answered 401"):

@@ -8,13 +8,14 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from app.api.auth import check_cluster_secret
 from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
 from app.api.deps import channel_name, node
 from app.cluster import forward
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
-from app.errors import Unauthorized
 from app.models import CHANNEL_NAME_PATTERN, CHANNEL_NAME_RULE, valid_channel_name
+from app.settings import CLUSTER_SECRET_HEADER
 
 router = APIRouter(prefix="/channels", tags=["channels"])
 
@@ -129,11 +130,7 @@ async def list_channels(request: Request) -> Response:
         # A peer's fan-out gets this node's part alone; it proves itself with the cluster
         # secret. A client that sent the mark would take a part for the whole list, and
         # asking the others again would bounce between nodes whose secrets differ.
-        if not rt.secret_ok(request.headers.get(forward.SECRET_HEADER)):
-            raise Unauthorized(
-                f"{forward.FORWARDED} is for node-to-node calls, which carry the cluster's"
-                f" secret ({forward.SECRET_HEADER}); a client leaves it out"
-            )
+        check_cluster_secret(n.settings.cluster_secret, request.headers.get(CLUSTER_SECRET_HEADER))
         return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     others = forward.owners_to_ask(rt.route_shard(s) for s in rt.keeper.shard_ids)
     lists = await forward.fan_out(

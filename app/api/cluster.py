@@ -24,13 +24,14 @@ from lionmq.topology import (
 )
 from starlette.responses import Response
 
+from app.api.auth import check_cluster_secret
 from app.api.codec import decode, json_response_doc, problem_docs, read_body
 from app.api.deps import Node, channel_name, node
 from app.cluster.decide import live
 from app.cluster.keeper import MemberDoc
 from app.cluster.route import Local, Remote
-from app.cluster.runtime import SECRET_HEADER
 from app.errors import Forbidden, InvalidInput, StoreUnavailable, Unauthorized
+from app.settings import CLUSTER_SECRET_HEADER
 
 router = APIRouter(prefix="/cluster", tags=["cluster"])
 
@@ -103,8 +104,7 @@ def _json(value: object) -> Response:
 def cluster_secret(request: Request) -> Node:
     """The dependency of every node-to-node route: the CLUSTER_SECRET header, or 401."""
     n = node(request)
-    if not n.cluster.secret_ok(request.headers.get(SECRET_HEADER)):
-        raise Unauthorized(f"node-to-node routes need the '{SECRET_HEADER}' header")
+    check_cluster_secret(n.settings.cluster_secret, request.headers.get(CLUSTER_SECRET_HEADER))
     return n
 
 

@@ -41,9 +41,9 @@ from app.api.hotpath import _read_body
 from app.api.messages import MAX_WAIT_MS, _disconnected
 from app.api.problems import problem_for
 from app.cluster.route import Local, NoOwner, Remote, Route
-from app.cluster.runtime import SECRET_HEADER
 from app.errors import ConfigError, LionMQError, OwnerUnreachable, ShardUnavailable
 from app.models import valid_channel_name
+from app.settings import CLUSTER_SECRET_HEADER
 
 FORWARDED = "x-lionmq-forwarded"
 FORWARDED_BY = "x-lionmq-forwarded-by"
@@ -357,7 +357,7 @@ async def fan_out(
     fail with 503 naming it: a list that silently lacks a shard's channels would read as those
     channels being gone."""
     peers = {owner.url: owner for owner in owners}
-    headers = {FORWARDED: node_id, SECRET_HEADER: secret}
+    headers = {FORWARDED: node_id, CLUSTER_SECRET_HEADER: secret}
     if authorization is not None:
         headers["authorization"] = authorization
 
@@ -404,7 +404,6 @@ __all__ = [
     "FORWARDED",
     "FORWARDED_BY",
     "READ_TIMEOUT_S",
-    "SECRET_HEADER",
     "Forwarder",
     "Forwarding",
     "Router",

@@ -50,12 +50,12 @@ from app.cluster.route import Local, NoOwner, Remote, Route
 from app.engine.ids import IdGenerator
 from app.engine.queue import QueueEngine
 from app.errors import ConfigError, Fenced, LionMQError
-from app.settings import Settings
+from app.settings import CLUSTER_SECRET_HEADER, Settings
 from app.store.base import Store
 
 log = logging.getLogger("lionmq.cluster")
 
-SECRET_HEADER = "X-LionMQ-Cluster-Secret"
+SECRET_HEADER = CLUSTER_SECRET_HEADER  # defined once, with the setting
 POKE_PATH = "/cluster/internal/poke"
 _POKE_TRIES = 3
 _POKE_TIMEOUT_S = 2.0
