@@ -146,3 +146,13 @@ async def test_every_node_to_node_route_refuses_alike(cluster_client: httpx.Asyn
             details.add(r.json()["detail"])
         (detail,) = details
         assert "CLUSTER_SECRET" in detail and CLUSTER_SECRET_HEADER in detail
+
+
+async def test_metrics_name_the_role_get_cluster_names(app_client: httpx.AsyncClient) -> None:
+    # A node alone on its store is `standalone` in GET /cluster; /metrics said `primary`.
+    role = (await app_client.get("/cluster")).json()["node"]["role"]
+    assert role == "standalone"
+    metrics = (await app_client.get("/metrics")).text
+    assert f'lionmq_cluster_role{{role="{role}"}} 1.0' in metrics
+    for other in ("primary", "backup", "unassigned"):
+        assert f'lionmq_cluster_role{{role="{other}"}} 0.0' in metrics

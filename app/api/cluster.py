@@ -179,11 +179,7 @@ async def cluster_document(n: Node) -> ClusterView:
         )
     urls = [u for s in topology.shards for u in s.members] if topology else []
     urls += sorted(u for u in members if u not in urls)
-    alive = [
-        u
-        for u, (age, doc) in members.items()
-        if not doc.stopped and status_of(age, n.settings.lease_ms) == "up"
-    ]
+    alive = _alive(members, n.settings.lease_ms)
     # What each owner says of its backups' lag, by backup URL.
     seen_by_owner: dict[str, dict[str, int]] = {}
     for _, report in members.values():
@@ -209,6 +205,25 @@ async def cluster_document(n: Node) -> ClusterView:
         )
     me = NodeRef(rt.node_id, rt.url, _role(rt.url, topology, holders, len(alive)))
     return ClusterView(topology.version if topology else 0, me, shards, nodes)
+
+
+def _alive(members: dict[str, tuple[int, MemberDoc]], lease_ms: int) -> list[str]:
+    return [
+        u
+        for u, (age, doc) in members.items()
+        if not doc.stopped and status_of(age, lease_ms) == "up"
+    ]
+
+
+async def acting_role(n: Node) -> str:
+    """This node's role as GET /cluster names it (`standalone` included), for /metrics."""
+    rt = n.cluster
+    store_now = await n.store.store_time_ms()
+    holders = {
+        lease.owner_url for lease in (await n.store.leases()).values() if live(lease, store_now)
+    }
+    alive = _alive(await rt.members(), n.settings.lease_ms)
+    return _role(rt.url, rt.topology, holders, len(alive))
 
 
 def _role(url: str, topology: Topology | None, holders: set[str], alive: int) -> str:
