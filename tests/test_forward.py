@@ -441,6 +441,41 @@ async def test_only_a_peer_with_the_secret_gets_a_nodes_part_of_the_channel_list
     assert [c.name for c in part.channels] == ["here"]
 
 
+async def test_nodes_without_a_cluster_secret_still_gather_the_channel_list(
+    tmp_path: Path,
+) -> None:
+    # Two nodes of an implicit shard may run without CLUSTER_SECRET: the peer's fan-out still
+    # gets an answer (a secretless node cannot tell a peer from a client).
+    port = free_port()
+    app = create_app(
+        Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            node_id="node-c",
+            port=port,
+            api_token=TOKEN,
+            store_url=f"sqlite:///{tmp_path}/c.db",
+        )
+    )
+    lists = msgspec.json.Decoder(ChannelList)
+    async with (
+        forward.forward_session() as session,
+        Served(app, port) as c,
+        httpx.AsyncClient(base_url=c.url, headers=AUTH) as direct,
+    ):
+        forward.install(app, FakeRouter("node-c"), session)
+        await direct.put("/channels/solo")
+        (part,) = await forward.fan_out(
+            session,
+            [Remote("s0", c.url, "node-c")],
+            "/channels",
+            lists,
+            node_id="node-d",
+            secret="",
+            authorization=AUTH["authorization"],
+        )
+        assert [ch.name for ch in part.channels] == ["solo"]
+
+
 def test_the_owners_to_ask_are_the_other_owners_and_none_may_be_missing() -> None:
     b = Remote("s1", "http://127.0.0.1:2", "node-b")
     assert forward.owners_to_ask([Local("s0"), b]) == [b]
