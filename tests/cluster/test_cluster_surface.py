@@ -1,0 +1,108 @@
+"""The cluster's HTTP surface attacked from outside, on a 2-shard cluster of real processes
+(one SQLite file, API_TOKEN, ADMIN_TOKEN and CLUSTER_SECRET set): what a client sends to one
+node and what reaches another, cluster control, and what GET /cluster and /metrics say."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.cluster.nodes import (
+    ADMIN_TOKEN,
+    SECRET,
+    Cluster,
+    ClusterNode,
+    api_auth,
+    channels_on,
+)
+
+pytestmark = pytest.mark.cluster
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SECRET_HEADER = "X-LionMQ-Cluster-Secret"
+
+
+def owner_and_other(cluster: Cluster, prefix: str) -> tuple[str, ClusterNode, ClusterNode]:
+    """A channel of the first shard, its owner, and a node of the other shard (a forwarder)."""
+    view = cluster.view()
+    ids = [s["id"] for s in view["shards"]]
+    owner = cluster.node_at(view["shards"][0]["owner"])
+    other = cluster.node_at(view["shards"][1]["owner"])
+    (channel,) = channels_on(ids[:1], 1, prefix, among=ids)
+    return channel, owner, other
+
+
+def names(r: httpx.Response) -> set[str]:
+    assert r.status_code == 200, r.text
+    return {c["name"] for c in r.json()["channels"]}
+
+
+def test_the_channel_list_is_whole_or_refused_never_a_part(two_shards: Cluster) -> None:
+    channel, owner, other = owner_and_other(two_shards, "list")
+    assert httpx.put(f"{other.url}/channels/{channel}", headers=api_auth()).status_code == 200
+    for via in two_shards.nodes:
+        assert channel in names(httpx.get(via.url + "/channels", headers=api_auth()))
+    # The forwarded mark is node to node: a client sending it took the asked node's part
+    # (here an empty one) for the whole list.
+    spoofed = {**api_auth(), "X-LionMQ-Forwarded": "node-elsewhere"}
+    r = httpx.get(other.url + "/channels", headers=spoofed)
+    assert r.status_code == 401, r.text
+    r = httpx.get(other.url + "/channels", headers={**spoofed, SECRET_HEADER: "wrong"})
+    assert r.status_code == 401, r.text
+    # A peer's fan-out (mark and secret) gets the node's own part.
+    r = httpx.get(owner.url + "/channels", headers={**spoofed, SECRET_HEADER: SECRET})
+    assert channel in names(r)
+
+
+def test_set_nodes_refuses_a_topology_without_the_node_asked(two_shards: Cluster) -> None:
+    n = two_shards.nodes
+    version = two_shards.view()["version"]
+    # Every running node left out (a typo in every URL): all shards would lose their owners.
+    typo = {"shards": [{"primary": n[0].server_host + "1", "backups": []}]}
+    # The node asked left out, other running nodes kept.
+    without_asked = {"shards": [{"primary": n[0].server_host, "backups": [n[1].server_host]}]}
+    for via, body in ((n[0], typo), (n[2], without_asked)):
+        r = httpx.put(via.url + "/cluster/nodes", json=body, headers=ADMIN, timeout=5)
+        assert r.status_code == 422, r.text
+        assert via.server_host in r.json()["detail"]
+    for via in n:
+        assert two_shards.view(via)["version"] == version
+
+
+def test_metrics_say_what_get_cluster_says(two_shards: Cluster) -> None:
+    for node in two_shards.nodes:
+        role = two_shards.view(node)["node"]["role"]
+        assert role in ("primary", "backup"), role
+        metrics = httpx.get(node.url + "/metrics", headers=api_auth(), timeout=5).text
+        assert f'lionmq_cluster_role{{role="{role}"}} 1.0' in metrics, (node.node_id, role)
+        for line in ("lionmq_failovers_total ", "lionmq_handoffs_total "):
+            assert line in metrics
+
+
+def test_a_page_of_a_foreign_origin_never_reaches_the_owner(two_shards: Cluster) -> None:
+    channel, owner, other = owner_and_other(two_shards, "page")
+    body = {"messages": [{"body": "csrf"}]}
+    # The guard of the first hop judges Origin / Sec-Fetch-Site / Host; the peer's own origin
+    # is a foreign one for this node too.
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": owner.url},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"},
+        {"Host": "evil.example"},
+    ):
+        r = httpx.post(
+            f"{other.url}/channels/{channel}/enqueue", json=body, headers={**api_auth(), **headers}
+        )
+        assert r.status_code == 403, (headers, r.text)
+        assert "x-lionmq-forwarded-by" not in r.headers
+    # A page of the asked node's own origin is let through, and the owner serves it (the
+    # forwarder does not pass the Origin on, which the owner would judge against its own).
+    r = httpx.post(
+        f"{other.url}/channels/{channel}/enqueue",
+        json=body,
+        headers={**api_auth(), "Origin": other.url},
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["x-lionmq-node"] == owner.node_id
+    stats = httpx.get(f"{owner.url}/channels/{channel}", headers=api_auth()).json()
+    assert stats["counts"]["ready"] == 1
