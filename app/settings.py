@@ -174,5 +174,6 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for err in exc.errors():
             name = "_".join(str(part) for part in err["loc"]).upper() or "settings"
-            problems.append(f"{name}: {err['msg']}")
+            # pydantic prefixes a validator's own message with "Value error, ": not for people.
+            problems.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid setting " + "; ".join(problems)) from None
