@@ -156,3 +156,24 @@ async def test_metrics_name_the_role_get_cluster_names(app_client: httpx.AsyncCl
     assert f'lionmq_cluster_role{{role="{role}"}} 1.0' in metrics
     for other in ("primary", "backup", "unassigned"):
         assert f'lionmq_cluster_role{{role="{other}"}} 0.0' in metrics
+
+
+async def test_a_heartbeat_pairing_ids_and_attempts_wrongly_is_refused_whole(
+    cluster_client: httpx.AsyncClient,
+) -> None:
+    # A lease delta with more ids than attempts went half-way into a mirror's channel and then
+    # answered 500 (zip(strict=True) raised): it is malformed, refused when decoded.
+    secret = {CLUSTER_SECRET_HEADER: "shh"}
+    for tag in ("l", "x"):
+        beat = {
+            "shard": "s1",
+            "epoch": 1,
+            "owner_id": "node-x",
+            "owner_url": "http://127.0.0.1:8001",
+            "base": 0,
+            "seq": 1,
+            "deltas": [[tag, "orders", [1, 2, 3], [1], 5]],
+        }
+        r = await cluster_client.post(HEARTBEAT_PATH, json=beat, headers=secret)
+        assert r.status_code == 400, r.text
+        assert "3 ids with 1 attempts" in r.json()["detail"]
