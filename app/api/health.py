@@ -260,6 +260,18 @@ class _ClusterCollector(Collector):
         for shard, beats in ((rt.lag() if rt.lag else None) or {}).items():
             lag.add_metric([shard], beats)
         yield lag
+        # The owner's side: how far each of its backups is behind (the backup's own count of
+        # silence, above, cannot see beats it acked late or a resync under way).
+        behind = GaugeMetricFamily(
+            "lionmq_backup_lag",
+            "Heartbeats a backup of a shard this node owns is behind, by the owner's count",
+            labels=["shard", "backup"],
+        )
+        backups_lag = rt.keeper.backups_lag
+        for backup, shards in (backups_lag() if backups_lag else {}).items():
+            for shard, beats in shards.items():
+                behind.add_metric([shard, backup], beats)
+        yield behind
         yield CounterMetricFamily(
             "lionmq_failovers",
             "Shards this node took over from a lapsed owner",

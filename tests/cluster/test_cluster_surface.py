@@ -15,6 +15,7 @@ from tests.cluster.nodes import (
     api_auth,
     channels_on,
 )
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -106,3 +107,18 @@ def test_a_page_of_a_foreign_origin_never_reaches_the_owner(two_shards: Cluster)
     assert r.headers["x-lionmq-node"] == owner.node_id
     stats = httpx.get(f"{owner.url}/channels/{channel}", headers=api_auth()).json()
     assert stats["counts"]["ready"] == 1
+
+
+def test_an_owner_exports_each_backups_lag(two_shards: Cluster) -> None:
+    # GET /cluster shows a backup's lag from both ends; /metrics showed only the backup's own
+    # count (on the backup), nothing on the owner that knows how far each backup acked.
+    for shard, layout in zip(two_shards.view()["shards"], two_shards.layout, strict=True):
+        owner = two_shards.node_at(shard["owner"])
+        backup = two_shards.nodes[layout[1]]
+        line = f'lionmq_backup_lag{{backup="{backup.server_host}",shard="{shard["id"]}"}}'
+
+        def exported(owner: ClusterNode = owner, line: str = line) -> bool:
+            text = httpx.get(owner.url + "/metrics", headers=api_auth(), timeout=5).text
+            return line in text
+
+        wait_until(exported, 10, f"{line} on {owner.node_id}", 0.1)
