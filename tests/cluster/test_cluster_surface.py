@@ -5,17 +5,20 @@ node and what reaches another, cluster control, and what GET /cluster and /metri
 from __future__ import annotations
 
 import httpx
+import lionmq
 import pytest
+from lionmq import Client
 
 from tests.cluster.nodes import (
     ADMIN_TOKEN,
+    API_TOKEN,
     SECRET,
     Cluster,
     ClusterNode,
     api_auth,
     channels_on,
 )
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -122,3 +125,37 @@ def test_an_owner_exports_each_backups_lag(two_shards: Cluster) -> None:
             return line in text
 
         wait_until(exported, 10, f"{line} on {owner.node_id}", 0.1)
+
+
+def test_the_client_against_real_nodes(two_shards: Cluster) -> None:
+    n = two_shards.nodes
+    dead = f"http://127.0.0.1:{free_port()}"
+    layout = [
+        {"primary": n[0].server_host, "backups": [n[1].server_host]},
+        {"primary": n[2].server_host, "backups": [n[3].server_host]},
+    ]
+    with Client(
+        [dead, n[1].url, n[2].url], token=API_TOKEN, admin_token=ADMIN_TOKEN, timeout=5
+    ) as client:
+        info = client.cluster()  # the first seed is down: the next one answers
+        assert [s.id for s in info.shards] == two_shards.shard_ids()
+        channel, _, _ = owner_and_other(two_shards, "client")
+        client.enqueue(channel, {"n": 1})
+        (got,) = client.dequeue(channel, 1)
+        assert got.body == {"n": 1}
+        assert client.ack(channel, [got.receipt]).acked == 1
+        version = info.version
+        # Both forms of set_nodes, with the layout the cluster has: stored, nothing changes.
+        assert client.set_nodes(layout).version == version
+        backups = {n[0].server_host: [n[1].server_host], n[2].server_host: [n[3].server_host]}
+        primaries = [n[0].server_host, n[2].server_host]
+        assert client.set_nodes(primaries=primaries, backups=backups).version == version
+        # The admin token is not the API token, and a bad layout is refused before it is sent.
+        with pytest.raises(lionmq.InvalidTopology):
+            client.set_nodes([])
+    with (
+        Client(n[0].url, token=API_TOKEN, admin_token=API_TOKEN, timeout=5) as client,
+        pytest.raises(lionmq.Unauthorized),
+    ):
+        client.set_nodes(layout)
+    assert two_shards.view()["version"] == version
