@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     heartbeat_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
     lease_ms: Annotated[int, Field(ge=40, le=600_000)] = 2000
 
+    @field_validator("node_id")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        # Sent in every message answer's X-LionMQ-Node header and in forwarded requests: a
+        # space or a control character there fails each answer (or splits the header).
+        if value and not all("!" <= ch <= "~" for ch in value):
+            raise ValueError(
+                f"{value[:40]!r} must be printable ASCII without spaces, as in node-1 or mq-a:8000"
+            )
+        return value
+
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, value: str) -> str:

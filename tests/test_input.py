@@ -419,6 +419,15 @@ def test_a_hostile_cluster_init_is_refused_in_one_clear_line(value: str, why: st
     assert why in message and "\n" not in message and "Value error" not in message
 
 
+@pytest.mark.parametrize("value", ["bad\r\nX-Evil: 1", "two words", "tab\there", "nœud"])
+def test_a_node_id_that_cannot_go_in_a_header_is_refused(value: str) -> None:
+    # NODE_ID names the node in every message answer (X-LionMQ-Node): with a CR/LF every
+    # enqueue failed with "Invalid HTTP header value" and no answer.
+    with pytest.raises(ConfigError, match="NODE_ID"):
+        load_settings(_env_file=None, node_id=value)
+    assert load_settings(_env_file=None, node_id="mq-a:8000").node_id == "mq-a:8000"
+
+
 async def test_the_watcher_drops_a_frame_that_is_not_utf8() -> None:
     """The sibling in the watcher: a snapshot whose strings are not UTF-8 is malformed, counted,
     and the connection lives on (UnicodeDecodeError escaped the decoder and ended it)."""
