@@ -15,6 +15,8 @@ from app.errors import ConfigError
 # Deadlines for a request's headers and body (the watcher serves with the same).
 HEADER_TIMEOUT_MS = 10_000
 BODY_TIMEOUT_MS = 30_000
+# The header node-to-node calls carry CLUSTER_SECRET in (app.api.auth.check_cluster_secret).
+CLUSTER_SECRET_HEADER = "X-LionMQ-Cluster-Secret"
 
 
 class Settings(BaseSettings):
@@ -64,6 +66,17 @@ class Settings(BaseSettings):
     cluster_init: str = ""
     heartbeat_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
     lease_ms: Annotated[int, Field(ge=40, le=600_000)] = 2000
+
+    @field_validator("node_id")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        # Sent in every message answer's X-LionMQ-Node header and in forwarded requests: a
+        # space or a control character there fails each answer (or splits the header).
+        if value and not all("!" <= ch <= "~" for ch in value):
+            raise ValueError(
+                f"{value[:40]!r} must be printable ASCII without spaces, as in node-1 or mq-a:8000"
+            )
+        return value
 
     @field_validator("store_url")
     @classmethod
@@ -172,5 +185,6 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for err in exc.errors():
             name = "_".join(str(part) for part in err["loc"]).upper() or "settings"
-            problems.append(f"{name}: {err['msg']}")
+            # pydantic prefixes a validator's own message with "Value error, ": not for people.
+            problems.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid setting " + "; ".join(problems)) from None

@@ -19,11 +19,12 @@ from app.cluster import forward
 from app.cluster.route import Local, NoOwner, Remote
 from app.errors import ConfigError, OwnerUnreachable, ShardUnavailable
 from app.main import NodeApp, create_app
-from app.settings import Settings
+from app.settings import CLUSTER_SECRET_HEADER, Settings
 from tests.conftest import free_port
 from tests.forward_support import Echo, FakeRouter, Served, eventually
 
 TOKEN = "s3cret-token"
+SECRET = "pair-cluster-secret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 LIMIT = 4096  # MAX_REQUEST_BYTES of the nodes here
 
@@ -55,6 +56,7 @@ def node_app(tmp_path: Path, node_id: str, port: int) -> NodeApp:
         host="127.0.0.1",
         port=port,
         api_token=TOKEN,
+        cluster_secret=SECRET,
         max_request_bytes=LIMIT,
         store_url=f"sqlite:///{tmp_path}/{node_id}.db",
     )
@@ -259,6 +261,51 @@ async def test_an_owner_that_never_answers_times_out_with_503(pair: Pair) -> Non
         await server.wait_closed()
 
 
+async def test_a_stuck_owner_is_given_up_on_before_a_long_polls_wait(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The forwarding session reads for as long as the longest long poll; anything else an owner
+    # holds for seconds means it is stuck (frozen): the client must not wait out the long poll.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    stuck = Remote("s1", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "node-stuck")
+    lists = msgspec.json.Decoder(ChannelList)
+    try:
+        assert pair.fwd_a.timeout.sock_read == forward.READ_TIMEOUT_S
+        with pytest.raises(OwnerUnreachable, match=r"node-stuck.*timed out"):
+            await asyncio.wait_for(
+                forward.fan_out(
+                    pair.fwd_a,
+                    [stuck],
+                    "/channels",
+                    lists,
+                    node_id="node-a",
+                    secret=SECRET,
+                    authorization=None,
+                    read_s=0.3,
+                ),
+                5,
+            )
+        assert forward.ANSWER_TIMEOUT_S < forward.READ_TIMEOUT_S / 2
+        monkeypatch.setattr(forward, "ANSWER_TIMEOUT_S", 0.3)
+        pair.router_a.routes["far"] = stuck
+        enqueue = pair.client.post("/channels/far/enqueue", json={"messages": [{"body": 1}]})
+        r = await asyncio.wait_for(enqueue, 5)
+        assert r.status_code == 503 and "timed out" in r.json()["detail"], r.text
+        timeout = forward.patience(pair.fwd_a, forward.ANSWER_TIMEOUT_S)
+        assert timeout.sock_read == forward.ANSWER_TIMEOUT_S
+        assert timeout.sock_connect == pair.fwd_a.timeout.sock_connect
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_request_and_answer_pass_through_but_hop_by_hop_headers(pair: Pair) -> None:
     echo = Echo()
     async with Served(echo, free_port()) as owner:
@@ -332,6 +379,7 @@ async def test_the_channel_list_gathers_every_owner(pair: Pair) -> None:
         path="/channels",
         decoder=lists,
         node_id="node-a",
+        secret=SECRET,
         authorization=AUTH["authorization"],
     )
     remote = await ask([pair.remote_b(), Remote("s9", pair.b.url, "node-b")])  # one ask
@@ -354,8 +402,78 @@ async def test_the_channel_list_gathers_every_owner(pair: Pair) -> None:
             "/channels",
             lists,
             node_id="node-a",
+            secret=SECRET,
             authorization="Bearer wrong",
         )
+
+
+async def test_only_a_peer_with_the_secret_gets_a_nodes_part_of_the_channel_list(
+    pair: Pair,
+) -> None:
+    # The forwarded mark makes a node answer for itself alone: a client that sends it must not
+    # take that part for the whole list, and a peer with another secret must not make the
+    # node ask the others again (two nodes would bounce the list between them).
+    await pair.client.put("/channels/here")
+    spoofed = await pair.client.get("/channels", headers={forward.FORWARDED: "me"})
+    assert spoofed.status_code == 401, spoofed.text
+    assert CLUSTER_SECRET_HEADER in spoofed.json()["detail"]
+    lists = msgspec.json.Decoder(ChannelList)
+    at_a = Remote("s0", pair.a.url, "node-a")
+    with pytest.raises(OwnerUnreachable, match="answered 401"):
+        await forward.fan_out(
+            pair.fwd_a,
+            [at_a],
+            "/channels",
+            lists,
+            node_id="x",
+            secret="wrong",
+            authorization=AUTH["authorization"],
+        )
+    (part,) = await forward.fan_out(
+        pair.fwd_a,
+        [at_a],
+        "/channels",
+        lists,
+        node_id="x",
+        secret=SECRET,
+        authorization=AUTH["authorization"],
+    )
+    assert [c.name for c in part.channels] == ["here"]
+
+
+async def test_nodes_without_a_cluster_secret_still_gather_the_channel_list(
+    tmp_path: Path,
+) -> None:
+    # Two nodes of an implicit shard may run without CLUSTER_SECRET: the peer's fan-out still
+    # gets an answer (a secretless node cannot tell a peer from a client).
+    port = free_port()
+    app = create_app(
+        Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            node_id="node-c",
+            port=port,
+            api_token=TOKEN,
+            store_url=f"sqlite:///{tmp_path}/c.db",
+        )
+    )
+    lists = msgspec.json.Decoder(ChannelList)
+    async with (
+        forward.forward_session() as session,
+        Served(app, port) as c,
+        httpx.AsyncClient(base_url=c.url, headers=AUTH) as direct,
+    ):
+        forward.install(app, FakeRouter("node-c"), session)
+        await direct.put("/channels/solo")
+        (part,) = await forward.fan_out(
+            session,
+            [Remote("s0", c.url, "node-c")],
+            "/channels",
+            lists,
+            node_id="node-d",
+            secret="",
+            authorization=AUTH["authorization"],
+        )
+        assert [ch.name for ch in part.channels] == ["solo"]
 
 
 def test_the_owners_to_ask_are_the_other_owners_and_none_may_be_missing() -> None:

@@ -399,6 +399,35 @@ def test_allowed_hosts_takes_names_only(value: str) -> None:
         load_settings(_env_file=None, allowed_hosts=value)
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ('{"shards":[', "truncated"),
+        ("[]", "JSON object"),
+        ('{"shards": []}', "at least one shard"),
+        ('{"shards": [{"primary": "ftp://x"}]}', "'ftp://x'"),
+        ('{"shards": [{"primary": "http://a:1", "backups": ["http://a:1"]}]}', "twice"),
+        ('{"shards": [{"primary": "http://a:1"}], "extra": 1}', "unknown field"),
+        ('{"version": 0, "shards": []}', "version"),
+    ],
+)
+def test_a_hostile_cluster_init_is_refused_in_one_clear_line(value: str, why: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None, cluster_init=value)
+    message = str(caught.value)
+    assert message.startswith("invalid setting CLUSTER_INIT: CLUSTER_INIT is not a topology")
+    assert why in message and "\n" not in message and "Value error" not in message
+
+
+@pytest.mark.parametrize("value", ["bad\r\nX-Evil: 1", "two words", "tab\there", "nœud"])
+def test_a_node_id_that_cannot_go_in_a_header_is_refused(value: str) -> None:
+    # NODE_ID names the node in every message answer (X-LionMQ-Node): with a CR/LF every
+    # enqueue failed with "Invalid HTTP header value" and no answer.
+    with pytest.raises(ConfigError, match="NODE_ID"):
+        load_settings(_env_file=None, node_id=value)
+    assert load_settings(_env_file=None, node_id="mq-a:8000").node_id == "mq-a:8000"
+
+
 async def test_the_watcher_drops_a_frame_that_is_not_utf8() -> None:
     """The sibling in the watcher: a snapshot whose strings are not UTF-8 is malformed, counted,
     and the connection lives on (UnicodeDecodeError escaped the decoder and ended it)."""

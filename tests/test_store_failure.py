@@ -103,3 +103,15 @@ async def test_failed_dead_letter_on_delivery_keeps_the_others(tmp_path: Path) -
         store.down = False
         got = (await c.post("/channels/t/dequeue", json={"max": 5})).json()["messages"]
         assert [m["body"] for m in got] == ["fine"]
+
+
+async def test_metrics_answer_while_the_store_is_down(
+    flaky: tuple[httpx.AsyncClient, FlakyStore],
+) -> None:
+    # /metrics is read most when something is wrong: the role comes from the store's leases and
+    # member reports, and from the node's own view while the store cannot answer.
+    client, store = flaky
+    store.down = True
+    r = await client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert "lionmq_cluster_role{" in r.text

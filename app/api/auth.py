@@ -8,6 +8,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.docs import ASSETS_URL, DOCS_URL
 from app.api.problems import problem
+from app.errors import Unauthorized
+from app.settings import CLUSTER_SECRET_HEADER
 
 # Probes must answer without a token; the docs carry no data and let a person find the API.
 OPEN_PATHS = frozenset({"/health", "/ready", DOCS_URL, "/openapi.json"})
@@ -50,3 +52,16 @@ class BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def check_cluster_secret(expected: str, given: str | None) -> None:
+    """The one check of a node-to-node call (every /cluster/internal/ route, a peer's part of
+    GET /channels): `given` (the CLUSTER_SECRET_HEADER) equals the CLUSTER_SECRET `expected`,
+    compared in constant time; else Unauthorized. A node without a secret takes no such call."""
+    if expected and given is not None and hmac.compare_digest(given.encode(), expected.encode()):
+        return
+    wrong = "" if given is None else "; the one given is wrong"
+    raise Unauthorized(
+        f"node-to-node calls need the header {CLUSTER_SECRET_HEADER} with the cluster's"
+        f" CLUSTER_SECRET{wrong}"
+    )

@@ -8,12 +8,14 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from app.api.auth import check_cluster_secret
 from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
 from app.api.deps import channel_name, node
 from app.cluster import forward
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
 from app.models import CHANNEL_NAME_PATTERN, CHANNEL_NAME_RULE, valid_channel_name
+from app.settings import CLUSTER_SECRET_HEADER
 
 router = APIRouter(prefix="/channels", tags=["channels"])
 
@@ -121,9 +123,18 @@ async def list_channels(request: Request) -> Response:
     now = n.clock.now_ms()
     mine = [_info(ch, now) for ch in n.engine.channels.values()]
     parts = forward.forwarding_of(request.app)
-    if parts is None or forward.FORWARDED in request.headers:
-        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     rt = n.cluster
+    if parts is None:
+        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
+    if forward.FORWARDED in request.headers:
+        # A peer's fan-out gets this node's part alone; it proves itself with the cluster
+        # secret. A client that sent the mark would take a part for the whole list, and
+        # asking the others again would bounce between nodes whose secrets differ. Nodes of
+        # an implicit shard may run without a secret: then nothing tells a peer from a client.
+        secret = n.settings.cluster_secret
+        if secret:
+            check_cluster_secret(secret, request.headers.get(CLUSTER_SECRET_HEADER))
+        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     others = forward.owners_to_ask(rt.route_shard(s) for s in rt.keeper.shard_ids)
     lists = await forward.fan_out(
         parts.session,
@@ -131,6 +142,7 @@ async def list_channels(request: Request) -> Response:
         "/channels",
         _list_decoder,
         node_id=rt.node_id,
+        secret=rt.secret,
         authorization=request.headers.get("authorization"),
     )
     merged = forward.merge_by_name(mine, *(answer.channels for answer in lists))

@@ -24,13 +24,14 @@ from lionmq.topology import (
 )
 from starlette.responses import Response
 
+from app.api.auth import check_cluster_secret
 from app.api.codec import decode, json_response_doc, problem_docs, read_body
 from app.api.deps import Node, channel_name, node
 from app.cluster.decide import live
 from app.cluster.keeper import MemberDoc
 from app.cluster.route import Local, Remote
-from app.cluster.runtime import SECRET_HEADER
 from app.errors import Forbidden, InvalidInput, StoreUnavailable, Unauthorized
+from app.settings import CLUSTER_SECRET_HEADER
 
 router = APIRouter(prefix="/cluster", tags=["cluster"])
 
@@ -103,8 +104,7 @@ def _json(value: object) -> Response:
 def cluster_secret(request: Request) -> Node:
     """The dependency of every node-to-node route: the CLUSTER_SECRET header, or 401."""
     n = node(request)
-    if not n.cluster.secret_ok(request.headers.get(SECRET_HEADER)):
-        raise Unauthorized(f"node-to-node routes need the '{SECRET_HEADER}' header")
+    check_cluster_secret(n.settings.cluster_secret, request.headers.get(CLUSTER_SECRET_HEADER))
     return n
 
 
@@ -179,11 +179,7 @@ async def cluster_document(n: Node) -> ClusterView:
         )
     urls = [u for s in topology.shards for u in s.members] if topology else []
     urls += sorted(u for u in members if u not in urls)
-    alive = [
-        u
-        for u, (age, doc) in members.items()
-        if not doc.stopped and status_of(age, n.settings.lease_ms) == "up"
-    ]
+    alive = _alive(members, n.settings.lease_ms)
     # What each owner says of its backups' lag, by backup URL.
     seen_by_owner: dict[str, dict[str, int]] = {}
     for _, report in members.values():
@@ -209,6 +205,25 @@ async def cluster_document(n: Node) -> ClusterView:
         )
     me = NodeRef(rt.node_id, rt.url, _role(rt.url, topology, holders, len(alive)))
     return ClusterView(topology.version if topology else 0, me, shards, nodes)
+
+
+def _alive(members: dict[str, tuple[int, MemberDoc]], lease_ms: int) -> list[str]:
+    return [
+        u
+        for u, (age, doc) in members.items()
+        if not doc.stopped and status_of(age, lease_ms) == "up"
+    ]
+
+
+async def acting_role(n: Node) -> str:
+    """This node's role as GET /cluster names it (`standalone` included), for /metrics."""
+    rt = n.cluster
+    store_now = await n.store.store_time_ms()
+    holders = {
+        lease.owner_url for lease in (await n.store.leases()).values() if live(lease, store_now)
+    }
+    alive = _alive(await rt.members(), n.settings.lease_ms)
+    return _role(rt.url, rt.topology, holders, len(alive))
 
 
 def _role(url: str, topology: Topology | None, holders: set[str], alive: int) -> str:
@@ -267,6 +282,7 @@ async def set_nodes(request: Request, n: Annotated[Node, Depends(admin)]) -> Res
             raise InvalidTopology("Invalid topology", "a topology needs at least one shard")
     except InvalidTopology as exc:
         raise InvalidInput(str(exc)) from None
+    _check_stays(n.cluster.url, wanted)
     for _ in range(_SWAP_TRIES):
         stored = await n.store.topology()
         current = decode_topology(stored[1]) if stored else None
@@ -280,6 +296,18 @@ async def set_nodes(request: Request, n: Annotated[Node, Depends(admin)]) -> Res
         if await n.store.swap_topology(expected, new.version, msgspec.json.encode(new)):
             return _json(new)
     raise StoreUnavailable("the topology kept changing under this request; try again")
+
+
+def _check_stays(url: str, wanted: SetNodes) -> None:
+    """Refuse a topology that leaves out the node asked to store it: one that names none of the
+    running nodes (a typo, the wrong cluster's file) would leave every shard without an owner,
+    and nothing could be served again until a right one came. Removing a node is done through
+    a node that stays."""
+    if not any(url in shard.members for shard in wanted.shards):
+        raise InvalidInput(
+            f"the new topology leaves out this node ({url}); send it to a node that stays in"
+            " the cluster (a topology naming no running node would leave every shard ownerless)"
+        )
 
 
 @router.post(

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app import __version__
+from app.api.cluster import acting_role
 from app.api.codec import json_response_doc, problem_docs
 from app.api.deps import Node, node
 from app.engine.queue import QueueEngine
@@ -162,14 +163,19 @@ class NodeMetrics(CollectorRegistry):
 
     def __init__(self, n: Node) -> None:
         super().__init__(auto_describe=False)
-        self._node = n
+        self.node = n
         self.view = ScrapeView(0, {}, [])
+        self.role = ""  # as GET /cluster names it, read with the view
         self.register(_ViewCollector(self))
-        self.register(_ClusterCollector(n))
+        self.register(_ClusterCollector(self))
 
     async def render(self) -> bytes:
-        n = self._node
+        n = self.node
         self.view = await scrape_view(n.engine, n.clock.now_ms(), n.settings.metrics_max_channels)
+        try:
+            self.role = await acting_role(n)
+        except StoreError:  # /metrics answers while the store is down: the keeper's own view
+            self.role = n.cluster.role()
         return generate_latest(self)
 
 
@@ -217,18 +223,18 @@ class _ViewCollector(Collector):
             yield c
 
 
-_ROLES = ("primary", "backup", "unassigned")
+_ROLES = ("primary", "backup", "standalone", "unassigned")
 
 
 class _ClusterCollector(Collector):
     """This node's part in the cluster: role, shards and epochs, heartbeat lag, takeovers."""
 
-    def __init__(self, n: Node) -> None:
-        self._node = n
+    def __init__(self, registry: NodeMetrics) -> None:
+        self._registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        rt = self._node.cluster
-        role = rt.role()
+        rt = self._registry.node.cluster
+        role = self._registry.role
         g = GaugeMetricFamily(
             "lionmq_cluster_role", "This node's role (1 for its role)", labels=["role"]
         )
@@ -254,6 +260,18 @@ class _ClusterCollector(Collector):
         for shard, beats in ((rt.lag() if rt.lag else None) or {}).items():
             lag.add_metric([shard], beats)
         yield lag
+        # The owner's side: how far each of its backups is behind (the backup's own count of
+        # silence, above, cannot see beats it acked late or a resync under way).
+        behind = GaugeMetricFamily(
+            "lionmq_backup_lag",
+            "Heartbeats a backup of a shard this node owns is behind, by the owner's count",
+            labels=["shard", "backup"],
+        )
+        backups_lag = rt.keeper.backups_lag
+        for backup, shards in (backups_lag() if backups_lag else {}).items():
+            for shard, beats in shards.items():
+                behind.add_metric([shard, backup], beats)
+        yield behind
         yield CounterMetricFamily(
             "lionmq_failovers",
             "Shards this node took over from a lapsed owner",

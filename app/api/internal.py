@@ -8,17 +8,18 @@ the secret: `app.include_router(internal.router(settings.cluster_secret))`.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
 import msgspec
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from app.api.auth import check_cluster_secret
 from app.cluster.heartbeat import HEARTBEAT_PATH, HeartbeatSender
 from app.cluster.journal import Heartbeat
-from app.cluster.mirror import SECRET_HEADER, Follower, snapshot_path
-from app.errors import MalformedRequest, NotReady, Unauthorized
+from app.cluster.mirror import Follower, snapshot_path
+from app.errors import MalformedRequest, NotReady
+from app.settings import CLUSTER_SECRET_HEADER
 
 
 @dataclass(slots=True)
@@ -41,16 +42,8 @@ def _mirroring(request: Request) -> Mirroring:
 
 
 def router(secret: str) -> APIRouter:
-    expected = secret.encode()
-
     def authenticated(request: Request) -> None:
-        given = request.headers.get(SECRET_HEADER)
-        # No secret configured: no node may call in (the setting is required in a cluster).
-        if not expected or given is None or not hmac.compare_digest(given.encode(), expected):
-            raise Unauthorized(
-                f"node-to-node calls need the header {SECRET_HEADER} with the cluster's"
-                " CLUSTER_SECRET" + ("" if given is None else "; the one given is wrong")
-            )
+        check_cluster_secret(secret, request.headers.get(CLUSTER_SECRET_HEADER))
 
     r = APIRouter(include_in_schema=False, dependencies=[Depends(authenticated)])
 

@@ -43,6 +43,7 @@ from app.api.problems import problem_for
 from app.cluster.route import Local, NoOwner, Remote, Route
 from app.errors import ConfigError, LionMQError, OwnerUnreachable, ShardUnavailable
 from app.models import valid_channel_name
+from app.settings import CLUSTER_SECRET_HEADER
 
 FORWARDED = "x-lionmq-forwarded"
 FORWARDED_BY = "x-lionmq-forwarded-by"
@@ -84,6 +85,11 @@ _NO_BODY = frozenset({204, 304})  # answers that carry no body, nor its length (
 # A long poll holds its forwarded request open for up to MAX_WAIT_MS before the owner answers;
 # the owner then still commits the leases. Reading waits past that, with room for a slow commit.
 READ_TIMEOUT_S = MAX_WAIT_MS / 1000 + 10
+# Every other answer (and a peer's part of GET /channels) comes at once: an owner that holds
+# one longer is stuck (frozen, overloaded), and the client gets 503 after this, not after a
+# long poll's wait.
+ANSWER_TIMEOUT_S = 10.0
+_LONG_POLL = "/dequeue"
 
 
 class Router(Protocol):
@@ -220,7 +226,9 @@ class Forwarder:
         target = route.url.rstrip("/") + raw_path.decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
-        request = (scope["method"], URL(target, encoded=True), headers, body)
+        read_s = READ_TIMEOUT_S if scope["path"].endswith(_LONG_POLL) else ANSWER_TIMEOUT_S
+        timeout = patience(fwd.session, read_s)
+        request = (scope["method"], URL(target, encoded=True), headers, body, timeout)
         answer = await _exchange_unless_gone(fwd.session, request, receive)
         if answer is None:
             return  # the client hung up: the upstream request was cancelled, nobody to answer
@@ -243,7 +251,7 @@ class Forwarder:
         await send({"type": "http.response.body", "body": payload})
 
 
-Upstream = tuple[str, URL, list[tuple[bytes, bytes]], bytes]
+Upstream = tuple[str, URL, list[tuple[bytes, bytes]], bytes, aiohttp.ClientTimeout]
 Exchanged = tuple[int, Sequence[tuple[bytes, bytes]], bytes]
 # What "the owner did not answer" is: refused, reset, closed half-way, or timed out.
 _UNREACHABLE = (aiohttp.ClientError, TimeoutError)
@@ -252,9 +260,9 @@ _UNREACHABLE = (aiohttp.ClientError, TimeoutError)
 async def _exchange(session: aiohttp.ClientSession, request: Upstream) -> Exchanged:
     """The owner's whole answer, as sent (raw: not decoded). Read whole before any of it goes
     back, so a failure half-way still answers one clean 503; the owner built the body whole."""
-    method, url, headers, body = request
+    method, url, headers, body, timeout = request
     sent = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
-    async with session.request(method, url, headers=sent, data=body) as response:
+    async with session.request(method, url, headers=sent, data=body, timeout=timeout) as response:
         return response.status, response.raw_headers, await response.read()
 
 
@@ -278,6 +286,15 @@ async def _exchange_unless_gone(
     if isinstance(error, _UNREACHABLE):
         return error
     return exchange.result()  # raises anything else: a bug, logged by the server
+
+
+def patience(session: aiohttp.ClientSession, read_s: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts with reading cut to `read_s` (never lengthened)."""
+    t = session.timeout
+    sock_read = read_s if t.sock_read is None else min(read_s, t.sock_read)
+    return aiohttp.ClientTimeout(
+        total=t.total, connect=t.connect, sock_connect=t.sock_connect, sock_read=sock_read
+    )
 
 
 def _describe(error: BaseException) -> str:
@@ -327,22 +344,28 @@ async def fan_out(
     decoder: msgspec.json.Decoder[T],
     *,
     node_id: str,
+    secret: str,
     authorization: str | None,
+    read_s: float = ANSWER_TIMEOUT_S,
 ) -> list[T]:
     """Every other owner's answer to `GET path`, decoded: for `GET /channels` on a node of a
     cluster (path "/channels", a decoder of ChannelList).
 
-    Each owner is asked once (whatever number of shards it holds) with the forwarded mark, so it
-    answers for itself only; the client's Authorization goes along, the owner checks it. An owner
-    that does not answer 200 makes the whole call fail with 503 naming it: a list that silently
-    lacks a shard's channels would read as those channels being gone."""
+    Each owner is asked once (whatever number of shards it holds) with the forwarded mark and
+    the cluster secret, so it answers for itself only; the client's Authorization goes along,
+    the owner checks it. An owner that does not answer 200 within `read_s` makes the whole call
+    fail with 503 naming it: a list that silently lacks a shard's channels would read as those
+    channels being gone."""
     peers = {owner.url: owner for owner in owners}
-    headers = {FORWARDED: node_id}
+    headers = {FORWARDED: node_id, CLUSTER_SECRET_HEADER: secret}
     if authorization is not None:
         headers["authorization"] = authorization
 
+    timeout = patience(session, read_s)
+
     async def ask(url: str) -> tuple[int, bytes]:
-        async with session.get(f"{url.rstrip('/')}{path}", headers=headers) as response:
+        target = f"{url.rstrip('/')}{path}"
+        async with session.get(target, headers=headers, timeout=timeout) as response:
             return response.status, await response.read()
 
     answers = await asyncio.gather(*(ask(url) for url in peers), return_exceptions=True)
@@ -377,6 +400,7 @@ def merge_by_name(*lists: Iterable[N]) -> list[N]:
 
 
 __all__ = [
+    "ANSWER_TIMEOUT_S",
     "FORWARDED",
     "FORWARDED_BY",
     "READ_TIMEOUT_S",

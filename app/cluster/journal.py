@@ -56,6 +56,9 @@ class Leased(msgspec.Struct, array_like=True, tag="l"):
     attempts: list[int]
     deadline: int
 
+    def __post_init__(self) -> None:
+        _paired(self.ids, self.attempts)
+
 
 class Acked(msgspec.Struct, array_like=True, tag="a"):
     channel: str
@@ -83,6 +86,16 @@ class Extended(msgspec.Struct, array_like=True, tag="x"):
     ids: list[int]
     attempts: list[int]
     deadline: int
+
+    def __post_init__(self) -> None:
+        _paired(self.ids, self.attempts)
+
+
+def _paired(ids: list[int], attempts: list[int]) -> None:
+    """One attempt per id: a heartbeat that pairs them otherwise is malformed, refused whole
+    when decoded (applying it would stop half-way through a mirror's channel)."""
+    if len(ids) != len(attempts):
+        raise ValueError(f"{len(ids)} ids with {len(attempts)} attempts")
 
 
 class DeadLettered(msgspec.Struct, array_like=True, tag="d"):

@@ -52,10 +52,11 @@ from app.cluster.liveness import Liveness
 from app.engine.channel import ChannelState
 from app.errors import Fenced, MalformedRequest
 from app.models import ChannelConfig
+from app.settings import CLUSTER_SECRET_HEADER
 
 log = logging.getLogger("lionmq.mirror")
 
-SECRET_HEADER = "X-LionMQ-Cluster-Secret"
+SECRET_HEADER = CLUSTER_SECRET_HEADER  # defined once, with the setting
 
 
 def snapshot_path(shard: str) -> str:

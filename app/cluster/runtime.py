@@ -19,8 +19,8 @@ What the other parts use (plain attributes and methods):
 * `attach(service)`: a part with `async start()` / `async stop()` (the mirror's loop), attached
   in the lifespan before `start()` (app/main.py), started after the runtime's first tick and
   stopped before the runtime lets go of its shards.
-* `secret_ok(header_value)`: the CLUSTER_SECRET check of node-to-node calls (the routes use the
-  `cluster_secret` dependency of app/api/cluster.py, which answers 401).
+* The CLUSTER_SECRET check of node-to-node calls is app.api.auth.check_cluster_secret (one check
+  for every such route).
 * `counters.failovers`, `counters.handoffs`, `role()`, `members()` (for /cluster, /metrics).
 
 The engine asks `ids_for` / `serves` / `poke` (app.engine.queue.Ownership); the store asks
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -50,12 +49,12 @@ from app.cluster.route import Local, NoOwner, Remote, Route
 from app.engine.ids import IdGenerator
 from app.engine.queue import QueueEngine
 from app.errors import ConfigError, Fenced, LionMQError
-from app.settings import Settings
+from app.settings import CLUSTER_SECRET_HEADER, Settings
 from app.store.base import Store
 
 log = logging.getLogger("lionmq.cluster")
 
-SECRET_HEADER = "X-LionMQ-Cluster-Secret"
+SECRET_HEADER = CLUSTER_SECRET_HEADER  # defined once, with the setting
 POKE_PATH = "/cluster/internal/poke"
 _POKE_TRIES = 3
 _POKE_TIMEOUT_S = 2.0
@@ -223,13 +222,6 @@ class ClusterRuntime:
         else:
             await self.engine.adopt(channel, config)
         return True
-
-    def secret_ok(self, given: str | None) -> bool:
-        return (
-            bool(self.secret)
-            and given is not None
-            and (hmac.compare_digest(given.encode(), self.secret.encode()))
-        )
 
     # -- members ------------------------------------------------------------------------------
     async def members(self) -> dict[str, tuple[int, MemberDoc]]:

@@ -105,7 +105,7 @@ class AiohttpSender:
             ) as response:
                 content = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ConnectionFailed(_kind(exc), str(exc) or repr(exc)) from exc
+            raise ConnectionFailed(_kind(exc), f"{url}: {str(exc) or repr(exc)}") from exc
         return Reply(response.status, response.headers, content, response.reason or "")
 
     async def aclose(self) -> None:
@@ -146,7 +146,7 @@ class HttpxSender:
         try:
             return _reply(await self._http.send(request))
         except httpx.TransportError as exc:
-            raise _failed(exc) from exc
+            raise _failed(url, exc) from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -177,7 +177,7 @@ class SyncHttpxSender:
         try:
             return _reply(self._http.send(request))
         except httpx.TransportError as exc:
-            raise _failed(exc) from exc
+            raise _failed(url, exc) from exc
 
     def close(self) -> None:
         self._http.close()
@@ -202,5 +202,6 @@ def _reply(response: httpx.Response) -> Reply:
     return Reply(response.status_code, response.headers, response.content, response.reason_phrase)
 
 
-def _failed(exc: httpx.TransportError) -> ConnectionFailed:
-    return ConnectionFailed(type(exc).__name__, str(exc) or repr(exc))
+def _failed(url: str, exc: httpx.TransportError) -> ConnectionFailed:
+    """Named with the node it could not reach: with several seeds, which one matters."""
+    return ConnectionFailed(type(exc).__name__, f"{url}: {str(exc) or repr(exc)}")

@@ -79,6 +79,7 @@ def test_connection_errors_become_connection_failed(client: Client, node: FakeNo
     with pytest.raises(lionmq.ConnectionFailed) as caught:
         client.health()
     assert caught.value.status is None
+    assert "http://node" in str(caught.value)  # the node it could not reach
     assert isinstance(caught.value.__context__, httpx.ConnectError)
     assert len(node.requests) == FAST_RETRY.attempts
 

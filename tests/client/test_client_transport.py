@@ -183,10 +183,12 @@ async def test_a_dropped_connection_is_retried_with_the_same_dedup_ids(server: S
 
 async def test_connection_errors_become_connection_failed() -> None:
     retry = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.001)
-    async with AsyncClient(f"http://127.0.0.1:{closed_port()}", retry=retry) as client:
+    url = f"http://127.0.0.1:{closed_port()}"
+    async with AsyncClient(url, retry=retry) as client:
         with pytest.raises(lionmq.ConnectionFailed) as caught:
             await client.health()
     assert caught.value.title == "ConnectError"
+    assert url in str(caught.value)  # with several seeds, which node it could not reach
     assert caught.value.status is None
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
 
