@@ -29,6 +29,11 @@ def parser() -> OneLineParser:
         prog="python -m app",
         description="Start a LionMQ node. Every setting is also an environment variable or a "
         "line of .env (see .env.example); a flag wins over both.",
+        epilog="A cluster is every node on one store; its settings are environment variables: "
+        "CLUSTER_SECRET (node to node, required once a topology exists), ADMIN_TOKEN "
+        "(PUT /cluster/nodes), CLUSTER_INIT (a JSON topology to seed an empty store with), "
+        "HEARTBEAT_MS (default 500) and LEASE_MS (default 2000). See README.md, Running a "
+        "cluster.",
     )
     p.add_argument("--version", action="version", version=f"lionmq-node {__version__}")
     p.add_argument("--host", help="address to listen on (HOST, default 127.0.0.1)")
@@ -37,7 +42,10 @@ def parser() -> OneLineParser:
         "--store-url",
         help="sqlite:///path or mongodb://host:port/db (STORE_URL, default sqlite:///./data/lionmq.db)",
     )
-    p.add_argument("--node-id", help="this node's name (NODE_ID, default the host name)")
+    p.add_argument(
+        "--node-id",
+        help="this node's name, unique in a cluster (NODE_ID, default <host name>-<port>)",
+    )
     p.add_argument(
         "--server-host",
         help="the URL clients reach this node at (SERVER_HOST, default http://HOST:PORT)",
