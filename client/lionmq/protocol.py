@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from lionmq.errors import ConnectionFailed, UnexpectedResponse, error_for
+from lionmq.errors import ConnectionFailed, Unauthorized, UnexpectedResponse, error_for
 from lionmq.models import (
     AckResult,
     ChannelInfo,
@@ -205,8 +205,15 @@ class Wire:
 
     def set_nodes(self, request: SetNodes, admin_token: str | None) -> Call[Topology]:
         """`request` validated already (`lionmq.topology`): a bad one never leaves the client.
-        Cluster changes take the admin token, not the API token."""
-        headers = {"authorization": f"Bearer {admin_token}"} if admin_token else None
+        Cluster changes take the admin token, not the API token: without one nothing is sent
+        (the API token would only be refused)."""
+        if not admin_token:
+            raise Unauthorized(
+                "No admin token",
+                "set_nodes needs the cluster's ADMIN_TOKEN: Client(..., admin_token=...)",
+                status=None,
+            )
+        headers = {"authorization": f"Bearer {admin_token}"}
         content = self._encode(request)
         return Call("PUT", "/cluster/nodes", self._topology, content, headers=headers)
 

@@ -430,6 +430,16 @@ def test_set_nodes_needs_one_form(cluster: FakeCluster) -> None:
     assert cluster.seen == []
 
 
+def test_set_nodes_without_an_admin_token_fails_here_and_sends_nothing(
+    cluster: FakeCluster,
+) -> None:
+    c = Client([N1, N2], transport=cluster.transport(), token="api", retry=fast())
+    with c, pytest.raises(lionmq.Unauthorized) as refused:
+        c.set_nodes([{"primary": N1}])
+    assert "admin_token" in refused.value.detail
+    assert [s for s in cluster.seen if s.path == "/cluster/nodes"] == []
+
+
 def test_node_refusals_map_to_the_client_errors(cluster: FakeCluster) -> None:
     shards = [{"primary": N1}, {"primary": N2}]
     with Client([N1, N2], transport=cluster.transport(), admin_token="wrong", retry=fast()) as c:
