@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from lionmq.placement import shard_for
+from lionmq.topology import SetNodes, ShardSpec, decode_topology, next_topology
 from mongomock_motor import AsyncMongoMockClient
 
 from app.clock import ManualClock
@@ -21,7 +23,7 @@ from app.engine.ids import id_slot
 from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.errors import Fenced
 from app.settings import Settings
-from app.store.base import Store
+from app.store.base import ShardLease, Store
 from app.store.mongo import MongoStore
 from app.store.sqlite import SQLiteStore
 
@@ -258,8 +260,6 @@ async def test_set_nodes_hands_channels_off_and_the_new_owner_adopts_them(
         await a.enqueue(name, b"m")
     stored = await a.store.topology()
     assert stored is not None
-    from lionmq.topology import SetNodes, ShardSpec, decode_topology, next_topology
-
     new = next_topology(
         decode_topology(stored[1]),
         SetNodes((ShardSpec("http://127.0.0.1:9101"), ShardSpec("http://127.0.0.1:9102"))),
@@ -327,3 +327,93 @@ async def test_a_topology_without_cluster_secret_refuses_to_start(
     b = members("b", 9102, cluster_secret="")
     with pytest.raises(ConfigError, match="CLUSTER_SECRET"):
         await b.start()
+
+
+# -- interleavings: set_nodes racing a failover -------------------------------------------
+
+A, B, C = "http://127.0.0.1:9101", "http://127.0.0.1:9102", "http://127.0.0.1:9103"
+
+
+async def set_nodes(m: Member, *specs: ShardSpec) -> None:
+    stored = await m.store.topology()
+    assert stored is not None
+    new = next_topology(decode_topology(stored[1]), SetNodes(specs))
+    assert await m.store.swap_topology(stored[0], new.version, msgspec.json.encode(new))
+
+
+async def test_set_nodes_landing_while_a_backup_takes_over_gives_a_channel_one_owner(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """A backup reads topology n, a set_nodes stores n+1 moving channel X to a new shard, the
+    new shard's owner finds X's source lease expired (its primary is dead) and adopts X, then the
+    backup's take of the source shard succeeds: it must place channels by n+1, not by the n it
+    read before its take, or X has two owners (each fenced by its own shard's epoch)."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [C]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b, c = members("b", 9102), members("c", 9103)
+    for m in (a, b, c):
+        await m.start()
+    names = [f"ch{i}" for i in range(40)]
+    for name in names:
+        await a.enqueue(name, b"m")
+    clock.advance(LEASE + 1)  # a dies: its lease on s1 lapses in the store
+    take = c.store.take_lease
+
+    async def set_nodes_then_take(*args: Any, **kwargs: Any) -> ShardLease | None:
+        # between c's reading of topology n and its take: set_nodes, and b's whole tick
+        await set_nodes(b, ShardSpec(A, (C,)), ShardSpec(B))
+        await b.tick()
+        return await take(*args, **kwargs)
+
+    c.store.take_lease = set_nodes_then_take  # type: ignore[method-assign]
+    await c.tick(LEASE + 1)
+    c.store.take_lease = take  # type: ignore[method-assign]
+    assert c.runtime.owned() and b.runtime.owned()
+    moved = [n for n in names if b.runtime.shard_of(n) == "s2"]
+    assert moved
+    for name in moved:
+        owners = [m.settings.node_id for m in (b, c) if isinstance(m.runtime.route(name), Local)]
+        assert owners == ["b"], (name, owners)
+        assert name not in c.engine.channels
+
+
+async def test_a_new_owner_judges_the_sources_of_a_move_on_leases_read_after_the_topology(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """b reads the leases (s1's expired: its primary died), then c takes s1 and serves its
+    channels under topology n, then set_nodes stores n+1 moving X to b's new shard, then b reads
+    n+1: b must not adopt X on the strength of the leases it read before (c holds s1 live by
+    now and has not let X go)."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [C]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b, c = members("b", 9102), members("c", 9103)
+    for m in (a, b, c):
+        await m.start()
+    names = [f"ch{i}" for i in range(40)]
+    for name in names:
+        await a.enqueue(name, b"m")
+    clock.advance(LEASE + 1)  # a dies: its lease on s1 lapses in the store
+    read = b.store.leases
+    done: list[bool] = []
+
+    async def read_then_failover_and_set_nodes() -> dict[str, ShardLease]:
+        leases = await read()
+        if not done:
+            done.append(True)
+            await c.tick(LEASE + 1)  # c takes s1 and adopts its channels (topology n)
+            await set_nodes(c, ShardSpec(A, (C,)), ShardSpec(B))
+        return leases
+
+    b.store.leases = read_then_failover_and_set_nodes  # type: ignore[method-assign]
+    await b.tick()
+    b.store.leases = read  # type: ignore[method-assign]
+    moved = [n for n in names if shard_for(n, ("s1", "s2")) == "s2"]
+    assert moved and c.runtime.owned()
+    for name in moved:
+        owners = [m.settings.node_id for m in (b, c) if isinstance(m.runtime.route(name), Local)]
+        assert len(owners) <= 1, (name, owners)
+    # and the hand-off completes: c lets go of X, then b adopts it
+    await c.tick()
+    await b.tick()
+    for name in moved:
+        assert isinstance(b.runtime.route(name), Local) and name not in c.engine.channels
