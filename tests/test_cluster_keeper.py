@@ -6,6 +6,7 @@ one store clock (which judges lease expiry) and each has its own monotonic clock
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -417,3 +418,40 @@ async def test_a_new_owner_judges_the_sources_of_a_move_on_leases_read_after_the
     await b.tick()
     for name in moved:
         assert isinstance(b.runtime.route(name), Local) and name not in c.engine.channels
+
+
+async def test_a_channel_entering_memory_while_set_nodes_moves_it_is_let_go_too(
+    members: Callable[..., Member],
+) -> None:
+    """A channel being built in memory (its first request) when set_nodes moves it away is not
+    among the channels the keeper saw at the hand-off; once built it must be let go as well, or
+    its stale memory stays behind and is served again if the channel ever moves back."""
+    a = members("a", 9101, cluster_init=msgspec.json.encode({"shards": [{"primary": A}]}).decode())
+    b = members("b", 9102)
+    await a.start()
+    await b.start()
+    name = next(f"x{i}" for i in range(100) if shard_for(f"x{i}", ("s1", "s2")) == "s2")
+    counts = a.store.counts
+    entered, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_counts(channel: str, now: int) -> Any:
+        if channel == name:
+            entered.set()
+            await go_on.wait()
+        return await counts(channel, now)
+
+    a.store.counts = held_counts  # type: ignore[method-assign]
+    building = asyncio.ensure_future(a.engine.ensure(name))
+    await asyncio.wait_for(entered.wait(), 5)
+    await set_nodes(a, ShardSpec(A), ShardSpec(B))
+    ticking = asyncio.ensure_future(a.tick())
+    for _ in range(100):  # the tick reaches the hand-off's wait for writes under way
+        if a.runtime.keeper.topology is not None and a.runtime.keeper.topology.version == 2:
+            break
+        await asyncio.sleep(0)
+    go_on.set()
+    await asyncio.wait_for(ticking, 5)
+    with pytest.raises(Fenced):  # its first request is told to retry (at its new owner)
+        await asyncio.wait_for(building, 5)
+    a.store.counts = counts  # type: ignore[method-assign]
+    assert name not in a.engine.channels

@@ -26,7 +26,7 @@ from app.clock import Clock
 from app.engine.channel import ChannelState
 from app.engine.ids import IdGenerator, parse_receipts
 from app.engine.timers import Timers
-from app.errors import ChannelFull, ChannelNotFound, InvalidInput, LionMQError
+from app.errors import ChannelFull, ChannelNotFound, Fenced, InvalidInput, LionMQError
 from app.models import (
     DEAD_LETTER_SUFFIX,
     ChannelConfig,
@@ -119,6 +119,12 @@ class Ownership(Protocol):
         ...
 
     def serves(self, channel: str) -> bool: ...
+
+    def admits(self, channel: str) -> bool:
+        """Whether the channel may enter memory: its shard is held here (served, or being
+        adopted) and it is not leaving. A channel built while this turned false (a hand-off or
+        a lost lease during its first request) would stay behind as stale memory."""
+        ...
 
     def poke(self, channel: str) -> None:
         """Tell the channel's owner that messages were moved into it from another shard."""
@@ -354,6 +360,11 @@ class QueueEngine:
             await self._load_page(ch)
         finally:
             del self._entering[name]
+        if self.ownership is not None and not self.ownership.admits(name):
+            raise Fenced(
+                f"channel {name!r} left this node while it was being loaded; retry: the"
+                " request goes to its owner"
+            )
         self.channels[name] = ch
         if self.journal is not None:
             self.journal.adopted(ch)
