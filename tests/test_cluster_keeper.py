@@ -455,3 +455,35 @@ async def test_a_channel_entering_memory_while_set_nodes_moves_it_is_let_go_too(
         await asyncio.wait_for(building, 5)
     a.store.counts = counts  # type: ignore[method-assign]
     assert name not in a.engine.channels
+
+
+async def test_a_dead_letter_into_a_never_created_channel_of_another_shard_survives_a_lost_poke(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """The poke to the target's owner is lost (here: nothing listens on its URL, as when the
+    target's shard fails over); its owner's audit must still find the dead letter, and so must
+    the node that takes the target's shard over next, though the target channel was never
+    created by a request (the default `<name>.dlq`)."""
+    init = two_shards(A, B)
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    await a.start()
+    await b.start()
+    source = next(
+        f"src{i}"
+        for i in range(500)
+        if a.runtime.shard_of(f"src{i}") == "s1" and a.runtime.shard_of(f"src{i}.dlq") == "s2"
+    )
+    target = f"{source}.dlq"
+    await a.enqueue(source, b"bad")
+    (lease,) = await a.engine.dequeue(source, 1, 0, None)
+    from app.engine.ids import receipt
+
+    await a.engine.nack(source, [receipt(lease.message.id, lease.attempt)], 0, True)
+    assert a.engine.channels[source].total == 0
+    pokes = list(a.runtime._pokes)
+    if pokes:
+        await asyncio.wait(pokes, timeout=5)  # every try fails: nobody listens at b's URL
+    await b.runtime.keeper.audit()
+    (moved,) = await b.engine.dequeue(target, 1, 0, None)
+    assert moved.message.body == b'"bad"'

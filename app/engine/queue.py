@@ -966,7 +966,8 @@ class QueueEngine:
                 # The target lives on another shard: one atomic move in the store, under the
                 # source's fence, with ids of the source's shard (unique across primaries);
                 # then its owner is told (a lost poke only delays: its audit re-reads).
-                if await self.store.move(ch.name, ids, target_name, copies(ch.name)):
+                target_config = self.default_config(target_name, dead_letter_target=True)
+                if await self.store.move(ch.name, ids, target_name, copies(ch.name), target_config):
                     own.poke(target_name)
                 return
             target = await self.ensure(target_name, dead_letter_target=True)
