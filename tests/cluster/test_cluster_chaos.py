@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
 from lionmq import Client
 
@@ -108,4 +109,107 @@ def test_every_node_killed_in_turn_under_load(
                 )
                 base = ledger.confirmed_count()
                 wait_until(lambda b=base: ledger.confirmed_count() >= b + 30, 20, "enqueues after")
+    judge(cluster, channels, ledger)
+
+
+def test_a_long_poll_forwarded_to_an_owner_that_dies_mid_poll_answers_503(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A long-poll dequeue sent to a node that forwards it to the owner; the owner is killed -9
+    while it holds the poll: the forwarding node answers 503 with Retry-After (never a 500, never
+    hangs past the poll), and after the failover the same poll is served by the new owner."""
+    cluster = cluster_factory([[0, 1], [2]])
+    shard = cluster.shard_of_node(0)
+    (channel,) = channels_on([shard], 1, "poll", among=cluster.shard_ids())
+    forwarder = cluster.nodes[2]
+    headers = {"authorization": f"Bearer {API_TOKEN}"}
+    url = f"{forwarder.url}/channels/{channel}/dequeue"
+    answers: list[httpx.Response | BaseException] = []
+
+    def poll() -> None:
+        try:
+            answers.append(
+                httpx.post(url, json={"max": 1, "wait_ms": 8000}, headers=headers, timeout=20)
+            )
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    started = time.monotonic()
+    poller.start()
+    # the poll waits at the owner; then the owner dies under it
+    wait_until(lambda: time.monotonic() - started > 0.5, 2, "the poll under way", 0.05)
+    cluster.nodes[0].kill9()
+    poller.join(15)
+    assert not poller.is_alive() and len(answers) == 1
+    (answer,) = answers
+    assert isinstance(answer, httpx.Response), answer
+    assert answer.status_code == 503, (answer.status_code, answer.text)
+    assert answer.headers.get("retry-after")
+    assert time.monotonic() - started < 8.0 + 2.0
+    with httpx.Client(headers=headers, timeout=10) as http:
+
+        def served() -> bool:
+            r = http.post(url, json={"max": 1, "wait_ms": 0})
+            return r.status_code == 200
+
+        wait_until(served, 15, "the poll served after the failover", 0.1)
+
+
+def test_set_nodes_swapping_then_moving_a_shards_primary_under_load(
+    cluster_factory: ClusterFactory, ledger: Ledger
+) -> None:
+    """set_nodes swaps a shard's primary and backup (the acting owner stays a member: it keeps
+    the shard, nothing moves), then gives the shard to a node outside it (the owner lets go, the
+    new primary takes it): nothing lost, no ack redelivered, no two owners at once."""
+    cluster = cluster_factory([[0, 1]], spare=1)
+    n = cluster.nodes
+    (shard,) = cluster.shard_ids()
+    channels = channels_on([shard], 3, "swap")
+    with Load(cluster.urls, channels, ledger, API_TOKEN, visibility_ms=VISIBILITY_MS):
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues")
+        assert cluster.set_nodes([[1, 0]]).status_code == 200
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after the swap")
+        assert cluster.owner(shard) == n[0].server_host, "the swap moved the acting owner"
+        assert cluster.set_nodes([[2, 1]]).status_code == 200
+        wait_until(
+            lambda: cluster.owner(shard, n[2]) == n[2].server_host, 20, "node2 owning the shard"
+        )
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after the move")
+    judge(cluster, channels, ledger)
+
+
+def test_removing_a_shard_held_by_the_backup_that_took_it_over(
+    cluster_factory: ClusterFactory, ledger: Ledger
+) -> None:
+    """s2's primary is killed -9, its backup takes s2 over, then set_nodes removes s2 (its dead
+    primary too): the acting owner hands s2's channels to s1 and lets go; nothing is lost."""
+    cluster = cluster_factory([[0], [1, 2]])
+    n = cluster.nodes
+    ids = cluster.shard_ids()
+    s2 = cluster.shard_of_node(1)
+    channels = channels_on(ids, 3, "rm")
+    with Load(cluster.urls, channels, ledger, API_TOKEN, visibility_ms=VISIBILITY_MS):
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues")
+        n[1].kill9()
+        wait_until(lambda: cluster.owner(s2, n[0]) == n[2].server_host, 20, "node2 owning s2")
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after takeover")
+        assert cluster.set_nodes([[0]], via=n[0]).status_code == 200
+        wait_until(
+            lambda: cluster.shard_ids(n[0]) == [ids[0] if s2 != ids[0] else ids[1]], 10, "s2 gone"
+        )
+        for name in channels:
+            wait_until(
+                lambda c=name: cluster.route(c, n[0])["owner"] == n[0].server_host,
+                10,
+                f"{name} served by node0",
+                0.05,
+            )
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after removal")
     judge(cluster, channels, ledger)
