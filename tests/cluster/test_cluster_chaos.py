@@ -4,19 +4,21 @@ for it (exactly one wins), and every node killed -9 in turn under load."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import httpx
 import pytest
 from lionmq import Client
+from lionmq.placement import shard_for
 
 from tests.cluster.conftest import ClusterFactory
 from tests.cluster.ledger import Ledger, problems, summary
 from tests.cluster.load import Load, drain
-from tests.cluster.nodes import API_TOKEN, Cluster, channels_on
+from tests.cluster.nodes import API_TOKEN, Cluster, ClusterNode, channels_on
 from tests.cluster.scenarios import shard_doc
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -213,3 +215,67 @@ def test_removing_a_shard_held_by_the_backup_that_took_it_over(
         base = ledger.confirmed_count()
         wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after removal")
     judge(cluster, channels, ledger)
+
+
+def test_a_node_started_with_a_node_id_in_use_refuses_to_start(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A second process with the NODE_ID of a live member (another URL) exits with one clear
+    line instead of joining: leases are held by node id, so it would pass for its twin."""
+    cluster = cluster_factory([[0, 1]])
+    live = cluster.nodes[0]
+    port = free_port()
+    skip = {"PORT", "NODE_ID", "SERVER_HOST"}
+    env = {k: v for k, v in live.env.items() if k not in skip and k not in os.environ}
+    twin = ClusterNode(cluster.data_dir, 9, port, f"http://127.0.0.1:{port}", **env)
+    twin.env["NODE_ID"] = live.node_id
+    with pytest.raises(AssertionError, match="NODE_ID"):
+        twin.start(15)
+    assert twin.proc is not None and twin.proc.returncode not in (None, 0)
+    # the cluster goes on: its owner still serves
+    assert cluster.owner(cluster.shard_ids()[0]) == live.server_host
+
+
+def test_client_consume_loop_across_a_failover_and_a_set_nodes(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Client.consume runs while the channel's owner is killed -9 (its backup takes over) and
+    then set_nodes moves the channel to a new shard on another node: every message enqueued is
+    handled, every one ends acked (nothing left), and none is handled twice."""
+    cluster = cluster_factory([[0, 1]], spare=1)
+    n = cluster.nodes
+    (s1,) = cluster.shard_ids()
+    channel = next(
+        f"consume-{i}" for i in range(1000) if shard_for(f"consume-{i}", (s1, "s2")) == "s2"
+    )
+    handled: list[int] = []
+    stop = threading.Event()
+    total = 300
+    with Client(cluster.urls(), token=API_TOKEN) as producer:
+        producer.put_channel(channel, visibility_ms=VISIBILITY_MS)
+
+        def consume() -> None:
+            with Client(cluster.urls(), token=API_TOKEN) as consumer:
+                consumer.consume(channel, lambda m: handled.append(m.body["n"]), stop=stop)
+
+        worker = threading.Thread(target=consume, daemon=True)
+        worker.start()
+        try:
+            for n_ in range(total):
+                producer.enqueue(channel, {"n": n_})
+                if n_ == 100:
+                    n[0].kill9()
+                if n_ == 200:
+                    assert cluster.set_nodes([[1], [2]], via=n[1]).status_code == 200
+            wait_until(lambda: len(set(handled)) >= total, 30, "every message handled", 0.05)
+        finally:
+            stop.set()
+            worker.join(20)
+        assert not worker.is_alive()
+        assert cluster.route(channel, n[1])["shard"] == "s2", "the channel did not move"
+        counts = producer.get_channel(channel).counts
+        assert (counts.ready, counts.delayed, counts.in_flight) == (0, 0, 0), counts
+    assert sorted(set(handled)) == list(range(total))
+    assert len(handled) == total, (
+        f"handled twice: {sorted({h for h in handled if handled.count(h) > 1})}"
+    )
