@@ -487,3 +487,28 @@ async def test_a_dead_letter_into_a_never_created_channel_of_another_shard_survi
     await b.runtime.keeper.audit()
     (moved,) = await b.engine.dequeue(target, 1, 0, None)
     assert moved.message.body == b'"bad"'
+
+
+async def test_a_long_poll_on_a_channel_handed_off_ends_at_once_with_fenced(
+    members: Callable[..., Member],
+) -> None:
+    """A long poll waiting at the old owner when set_nodes moves its channel away must not sit
+    out its wait_ms on a channel this node no longer serves (the messages are at the new owner):
+    it ends with Fenced (503, so the client goes to the owner)."""
+    a = members("a", 9101, cluster_init=msgspec.json.encode({"shards": [{"primary": A}]}).decode())
+    b = members("b", 9102)
+    await a.start()
+    await b.start()
+    name = next(f"p{i}" for i in range(100) if shard_for(f"p{i}", ("s1", "s2")) == "s2")
+    await a.enqueue(name, b"first")
+    await a.engine.dequeue(name, 1, 0, None)  # the channel is empty now, and in memory
+    absent = next(f"q{i}" for i in range(100) if shard_for(f"q{i}", ("s1", "s2")) == "s2")
+    poll = asyncio.ensure_future(a.engine.dequeue(name, 1, 10_000, None))
+    waiting = asyncio.ensure_future(a.engine.dequeue(absent, 1, 10_000, None))  # never created
+    await asyncio.sleep(0)
+    await set_nodes(a, ShardSpec(A), ShardSpec(B))
+    await a.tick()
+    assert name not in a.engine.channels
+    for polling in (poll, waiting):
+        with pytest.raises(Fenced):
+            await asyncio.wait_for(polling, 2)

@@ -338,6 +338,7 @@ class OwnershipKeeper:
         for name in names:
             self.engine.release(name)
         del self.held[shard]
+        self.engine.wake_absent()
         if release:
             with contextlib.suppress(LionMQError):  # it lapses on its own within LEASE_MS
                 await self.store.release_lease(shard, self.node_id, h.held.epoch)
@@ -366,6 +367,7 @@ class OwnershipKeeper:
                 self.engine.release(name)
         finally:
             self.moving_out.difference_update(leaving)
+        self.engine.wake_absent()
         if leaving:
             self.counters.handoffs += 1
             log.info("topology %d: handed off %d channel(s)", new.version, len(leaving))

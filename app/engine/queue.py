@@ -389,6 +389,12 @@ class QueueEngine:
             ch.loading.cancel()
         return ch
 
+    def wake_absent(self) -> None:
+        """Wake the long polls waiting for channels not in memory: after a hand-off or a lost
+        shard they find their channel no longer served here and end (Fenced) at once."""
+        for waiters in self._absent.values():
+            _wake_all(waiters)
+
     async def configure(self, name: str, changes: dict[str, Any]) -> ChannelState:
         ch = await self.ensure(name)
         config = replace(ch.config, **changes)
@@ -555,6 +561,13 @@ class QueueEngine:
         deadline = loop.time() + wait_ms / 1000
         while True:
             ch = self.channels.get(name)
+            if ch is None and self.ownership is not None and not self.ownership.serves(name):
+                # Handed off or taken over while this poll waited (or never served here): the
+                # messages are at the owner, not worth waiting out `wait_ms` for here.
+                raise Fenced(
+                    f"this node does not serve channel {name!r} right now; retry: the request"
+                    " goes to its owner"
+                )
             leases: list[Lease] = []
             if ch is not None:
                 leases = await self._take(ch, max_count, visibility_ms or ch.config.visibility_ms)
