@@ -512,3 +512,32 @@ async def test_a_long_poll_on_a_channel_handed_off_ends_at_once_with_fenced(
     for polling in (poll, waiting):
         with pytest.raises(Fenced):
             await asyncio.wait_for(polling, 2)
+
+
+async def test_two_backups_racing_for_a_lapsed_shard_exactly_one_wins(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """A 3-node shard: its primary dies, both backups find the lease expired and ask the store
+    for it in the same instant; the store's compare-and-set gives it to one, the other follows
+    it (routes there, its writes refused), on both stores."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [B, C]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b, c = members("b", 9102, cluster_init=init), members("c", 9103, cluster_init=init)
+    for m in (a, b, c):
+        await m.start()
+    await a.enqueue("jobs", b"one")
+    clock.advance(LEASE + 1)
+    for m in (b, c):
+        m.mono.now += LEASE
+    await asyncio.gather(b.runtime.keeper.tick(b.mono.now), c.runtime.keeper.tick(c.mono.now))
+    owners = [m for m in (b, c) if m.runtime.owned()]
+    assert len(owners) == 1, [m.runtime.owned() for m in (b, c)]
+    (winner,) = owners
+    loser = c if winner is b else b
+    assert winner.runtime.owned() == {"s1": 2} and winner.runtime.counters.failovers == 1
+    await loser.tick()
+    assert loser.runtime.route("jobs") == Remote("s1", winner.url, winner.settings.node_id)
+    with pytest.raises(Fenced):
+        await loser.enqueue("jobs", b"loser")
+    (lease,) = await winner.engine.dequeue("jobs", 1, 0, None)
+    assert lease.message.body == b'"one"'
