@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -319,3 +320,48 @@ def test_dead_letters_sent_across_shards_while_the_target_shard_fails_over(
         wait_until(all_dead_letters, 15, "the dead letters served on the target", 0.1)
     assert sorted(seen) == list(range(20))
     assert time.monotonic() - started < 15
+
+
+def test_set_nodes_from_the_implicit_shard_into_two_shards_under_load(tmp_path: Path) -> None:
+    """Two nodes on one store with no topology (an owner and its standby), then set_nodes makes
+    them the primaries of two shards: the implicit shard's channels are handed over, half to the
+    standby, with nothing lost or redelivered."""
+    cluster = Cluster.build(tmp_path, [[0], [1]], CLUSTER_INIT="")
+    first, second = cluster.nodes
+    ledger = Ledger()
+    channels = [f"implicit-{i}" for i in range(6)]
+    try:
+        first.start()
+        second.start()
+        wait_until(
+            lambda: shard_doc(cluster.view(second), "s0")["owner"] == first.server_host,
+            10,
+            "the first node owning s0",
+        )
+        with Load(cluster.urls, channels, ledger, API_TOKEN, visibility_ms=VISIBILITY_MS):
+            base = ledger.confirmed_count()
+            wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues")
+            assert cluster.set_nodes([[0], [1]], via=first).status_code == 200
+            wait_until(
+                lambda: (
+                    [cluster.owner(s, first) for s in cluster.shard_ids(first)]
+                    == [n.server_host for n in cluster.nodes]
+                ),
+                15,
+                "each primary owning its shard",
+                0.1,
+            )
+            both = {first.server_host, second.server_host}
+            wait_until(
+                lambda: (
+                    {cluster.route(c, n)["owner"] for c in channels for n in cluster.nodes} == both
+                ),
+                5,
+                "every channel routed to its new owner by every node",
+                0.05,
+            )
+            base = ledger.confirmed_count()
+            wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after")
+        judge(cluster, channels, ledger)
+    finally:
+        cluster.stop()
