@@ -541,3 +541,22 @@ async def test_two_backups_racing_for_a_lapsed_shard_exactly_one_wins(
         await loser.enqueue("jobs", b"loser")
     (lease,) = await winner.engine.dequeue("jobs", 1, 0, None)
     assert lease.message.body == b'"one"'
+
+
+async def test_graceful_stop_of_a_topology_primary_hands_its_shard_to_a_backup_at_once(
+    members: Callable[..., Member],
+) -> None:
+    """A primary stopped gracefully (rolling restart) releases its lease: its backup takes the
+    shard at its next tick, without sitting out LEASE_MS of heartbeat silence as after a crash."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [B]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    await a.start()
+    await b.start()
+    await a.enqueue("jobs", b"one")
+    b.runtime.liveness.beat("s1", b.mono.now)  # heartbeats came until the stop
+    await a.runtime.stop()
+    await b.tick(HEARTBEAT)  # no store clock moved, a heartbeat's silence only
+    assert b.runtime.owned() == {"s1": 2}
+    assert b.runtime.counters.failovers == 0
+    assert b.engine.channels["jobs"].total == 1
