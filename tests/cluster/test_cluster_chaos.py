@@ -1,6 +1,8 @@
-"""Faults the other cluster tests do not combine: the bundled client across a failover (its
-retried enqueues keep their dedup ids: exactly one copy), a 3-node shard whose two backups race
-for it (exactly one wins), and every node killed -9 in turn under load."""
+"""Faults the other cluster tests do not combine: the bundled client (enqueues, consume loop)
+across a failover and a set_nodes, a long poll whose owner dies under it, dead letters crossing
+into a shard that fails over, a NODE_ID in use; slow: every node of a 3-node shard killed -9 in
+turn under load (its two backups racing), set_nodes swapping and moving a primary, removing a
+shard held by the backup that took it over, set_nodes out of the implicit shard."""
 
 from __future__ import annotations
 
@@ -84,9 +86,9 @@ def test_client_enqueues_across_a_failover_leave_exactly_one_copy(
     assert [n for n, c in copies.items() if c > 1] == [], "enqueues stored twice"
 
 
-@pytest.mark.parametrize("rounds", [1, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_every_node_killed_in_turn_under_load(
-    cluster_factory: ClusterFactory, ledger: Ledger, rounds: int
+    cluster_factory: ClusterFactory, ledger: Ledger, rounds: int = 3
 ) -> None:
     """One shard of three nodes: each node in turn (owner or backup) is killed -9 under load and
     restarted; when the owner dies its two backups race for the shard and exactly one serves it
@@ -159,6 +161,7 @@ def test_a_long_poll_forwarded_to_an_owner_that_dies_mid_poll_answers_503(
         wait_until(served, 15, "the poll served after the failover", 0.1)
 
 
+@pytest.mark.slow
 def test_set_nodes_swapping_then_moving_a_shards_primary_under_load(
     cluster_factory: ClusterFactory, ledger: Ledger
 ) -> None:
@@ -185,6 +188,7 @@ def test_set_nodes_swapping_then_moving_a_shards_primary_under_load(
     judge(cluster, channels, ledger)
 
 
+@pytest.mark.slow
 def test_removing_a_shard_held_by_the_backup_that_took_it_over(
     cluster_factory: ClusterFactory, ledger: Ledger
 ) -> None:
@@ -322,6 +326,7 @@ def test_dead_letters_sent_across_shards_while_the_target_shard_fails_over(
     assert time.monotonic() - started < 15
 
 
+@pytest.mark.slow
 def test_set_nodes_from_the_implicit_shard_into_two_shards_under_load(tmp_path: Path) -> None:
     """Two nodes on one store with no topology (an owner and its standby), then set_nodes makes
     them the primaries of two shards: the implicit shard's channels are handed over, half to the
