@@ -370,3 +370,29 @@ def test_set_nodes_from_the_implicit_shard_into_two_shards_under_load(tmp_path: 
         judge(cluster, channels, ledger)
     finally:
         cluster.stop()
+
+
+def test_a_graceful_stop_of_a_primary_hands_its_shard_over_at_once(
+    cluster_factory: ClusterFactory, ledger: Ledger
+) -> None:
+    """SIGTERM of a shard's owner under load (a rolling restart, default timings): its backup
+    serves well within LEASE_MS (no crash to wait out); the node comes back as a backup; the
+    books hold."""
+    cluster = cluster_factory([[0, 1]], heartbeat_ms=500, lease_ms=2000)
+    n = cluster.nodes
+    (shard,) = cluster.shard_ids()
+    channels = channels_on([shard], 3, "graceful")
+    with Load(cluster.urls, channels, ledger, API_TOKEN, visibility_ms=VISIBILITY_MS):
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues")
+        started = time.monotonic()
+        n[0].stop()
+        stopped = time.monotonic() - started
+        wait_until(lambda: cluster.owner(shard, n[1]) == n[1].server_host, 10, "node1 owning")
+        handed = time.monotonic() - started
+        assert handed - stopped < 1.0, (stopped, handed)
+        n[0].restart()
+        base = ledger.confirmed_count()
+        wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after")
+        assert cluster.owner(shard, n[0]) == n[1].server_host, "taken back by the restarted node"
+    judge(cluster, channels, ledger)
