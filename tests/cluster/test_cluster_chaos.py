@@ -349,7 +349,7 @@ def test_set_nodes_from_the_implicit_shard_into_two_shards_under_load(tmp_path: 
             assert cluster.set_nodes([[0], [1]], via=first).status_code == 200
             wait_until(
                 lambda: (
-                    [cluster.owner(s, first) for s in cluster.shard_ids(first)]
+                    [s["owner"] for s in cluster.view(first)["shards"]]  # one reading
                     == [n.server_host for n in cluster.nodes]
                 ),
                 15,
