@@ -412,6 +412,19 @@ class StoreContract:
         assert await all_ids(store) == []
         assert await store.page_ready("orders.dlq", 0, NOW, 10) == [copies[1]]
 
+    async def test_move_gives_a_target_without_settings_the_ones_given(self, store: Store) -> None:
+        # A dead letter into another shard's channel no request created: listed by
+        # load_channels, so that shard's owner finds it without the poke.
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
+        given = ChannelConfig(dead_letter=None, ttl_ms=7)
+        await store.move(CH, [1], "orders.dlq", [Message(20, b"1", None, NOW + 1)], given)
+        assert (await store.load_channels())["orders.dlq"] == given
+        # one that has settings keeps them
+        await store.save_channel("kept", ChannelConfig(ttl_ms=5))
+        await store.move(CH, [2], "kept", [Message(21, b"2", None, NOW + 1)], given)
+        assert (await store.load_channels())["kept"] == ChannelConfig(ttl_ms=5)
+        assert [m.id for m in await store.page_ready("kept", 0, NOW, 10)] == [21]
+
     async def test_move_without_target_drops(self, store: Store) -> None:
         await store.insert(CH, [msg(1), msg(2)], dedup_since=0)
         await store.move(CH, [1], None, [])

@@ -6,12 +6,15 @@ one store clock (which judges lease expiry) and each has its own monotonic clock
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from lionmq.placement import shard_for
+from lionmq.topology import SetNodes, ShardSpec, decode_topology, next_topology
 from mongomock_motor import AsyncMongoMockClient
 
 from app.clock import ManualClock
@@ -21,7 +24,7 @@ from app.engine.ids import id_slot
 from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.errors import Fenced
 from app.settings import Settings
-from app.store.base import Store
+from app.store.base import ShardLease, Store
 from app.store.mongo import MongoStore
 from app.store.sqlite import SQLiteStore
 
@@ -258,8 +261,6 @@ async def test_set_nodes_hands_channels_off_and_the_new_owner_adopts_them(
         await a.enqueue(name, b"m")
     stored = await a.store.topology()
     assert stored is not None
-    from lionmq.topology import SetNodes, ShardSpec, decode_topology, next_topology
-
     new = next_topology(
         decode_topology(stored[1]),
         SetNodes((ShardSpec("http://127.0.0.1:9101"), ShardSpec("http://127.0.0.1:9102"))),
@@ -327,3 +328,235 @@ async def test_a_topology_without_cluster_secret_refuses_to_start(
     b = members("b", 9102, cluster_secret="")
     with pytest.raises(ConfigError, match="CLUSTER_SECRET"):
         await b.start()
+
+
+# -- interleavings: set_nodes racing a failover -------------------------------------------
+
+A, B, C = "http://127.0.0.1:9101", "http://127.0.0.1:9102", "http://127.0.0.1:9103"
+
+
+async def set_nodes(m: Member, *specs: ShardSpec) -> None:
+    stored = await m.store.topology()
+    assert stored is not None
+    new = next_topology(decode_topology(stored[1]), SetNodes(specs))
+    assert await m.store.swap_topology(stored[0], new.version, msgspec.json.encode(new))
+
+
+async def test_set_nodes_landing_while_a_backup_takes_over_gives_a_channel_one_owner(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """A backup reads topology n, a set_nodes stores n+1 moving channel X to a new shard, the
+    new shard's owner finds X's source lease expired (its primary is dead) and adopts X, then the
+    backup's take of the source shard succeeds: it must place channels by n+1, not by the n it
+    read before its take, or X has two owners (each fenced by its own shard's epoch)."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [C]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b, c = members("b", 9102), members("c", 9103)
+    for m in (a, b, c):
+        await m.start()
+    names = [f"ch{i}" for i in range(40)]
+    for name in names:
+        await a.enqueue(name, b"m")
+    clock.advance(LEASE + 1)  # a dies: its lease on s1 lapses in the store
+    take = c.store.take_lease
+
+    async def set_nodes_then_take(*args: Any, **kwargs: Any) -> ShardLease | None:
+        # between c's reading of topology n and its take: set_nodes, and b's whole tick
+        await set_nodes(b, ShardSpec(A, (C,)), ShardSpec(B))
+        await b.tick()
+        return await take(*args, **kwargs)
+
+    c.store.take_lease = set_nodes_then_take  # type: ignore[method-assign]
+    await c.tick(LEASE + 1)
+    c.store.take_lease = take  # type: ignore[method-assign]
+    assert c.runtime.owned() and b.runtime.owned()
+    moved = [n for n in names if b.runtime.shard_of(n) == "s2"]
+    assert moved
+    for name in moved:
+        owners = [m.settings.node_id for m in (b, c) if isinstance(m.runtime.route(name), Local)]
+        assert owners == ["b"], (name, owners)
+        assert name not in c.engine.channels
+
+
+async def test_a_new_owner_judges_the_sources_of_a_move_on_leases_read_after_the_topology(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """b reads the leases (s1's expired: its primary died), then c takes s1 and serves its
+    channels under topology n, then set_nodes stores n+1 moving X to b's new shard, then b reads
+    n+1: b must not adopt X on the strength of the leases it read before (c holds s1 live by
+    now and has not let X go)."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [C]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b, c = members("b", 9102), members("c", 9103)
+    for m in (a, b, c):
+        await m.start()
+    names = [f"ch{i}" for i in range(40)]
+    for name in names:
+        await a.enqueue(name, b"m")
+    clock.advance(LEASE + 1)  # a dies: its lease on s1 lapses in the store
+    read = b.store.leases
+    done: list[bool] = []
+
+    async def read_then_failover_and_set_nodes() -> dict[str, ShardLease]:
+        leases = await read()
+        if not done:
+            done.append(True)
+            await c.tick(LEASE + 1)  # c takes s1 and adopts its channels (topology n)
+            await set_nodes(c, ShardSpec(A, (C,)), ShardSpec(B))
+        return leases
+
+    b.store.leases = read_then_failover_and_set_nodes  # type: ignore[method-assign]
+    await b.tick()
+    b.store.leases = read  # type: ignore[method-assign]
+    moved = [n for n in names if shard_for(n, ("s1", "s2")) == "s2"]
+    assert moved and c.runtime.owned()
+    for name in moved:
+        owners = [m.settings.node_id for m in (b, c) if isinstance(m.runtime.route(name), Local)]
+        assert len(owners) <= 1, (name, owners)
+    # and the hand-off completes: c lets go of X, then b adopts it
+    await c.tick()
+    await b.tick()
+    for name in moved:
+        assert isinstance(b.runtime.route(name), Local) and name not in c.engine.channels
+
+
+async def test_a_channel_entering_memory_while_set_nodes_moves_it_is_let_go_too(
+    members: Callable[..., Member],
+) -> None:
+    """A channel being built in memory (its first request) when set_nodes moves it away is not
+    among the channels the keeper saw at the hand-off; once built it must be let go as well, or
+    its stale memory stays behind and is served again if the channel ever moves back."""
+    a = members("a", 9101, cluster_init=msgspec.json.encode({"shards": [{"primary": A}]}).decode())
+    b = members("b", 9102)
+    await a.start()
+    await b.start()
+    name = next(f"x{i}" for i in range(100) if shard_for(f"x{i}", ("s1", "s2")) == "s2")
+    counts = a.store.counts
+    entered, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_counts(channel: str, now: int) -> Any:
+        if channel == name:
+            entered.set()
+            await go_on.wait()
+        return await counts(channel, now)
+
+    a.store.counts = held_counts  # type: ignore[method-assign]
+    building = asyncio.ensure_future(a.engine.ensure(name))
+    await asyncio.wait_for(entered.wait(), 5)
+    await set_nodes(a, ShardSpec(A), ShardSpec(B))
+    ticking = asyncio.ensure_future(a.tick())
+    for _ in range(100):  # the tick reaches the hand-off's wait for writes under way
+        if a.runtime.keeper.topology is not None and a.runtime.keeper.topology.version == 2:
+            break
+        await asyncio.sleep(0)
+    go_on.set()
+    await asyncio.wait_for(ticking, 5)
+    with pytest.raises(Fenced):  # its first request is told to retry (at its new owner)
+        await asyncio.wait_for(building, 5)
+    a.store.counts = counts  # type: ignore[method-assign]
+    assert name not in a.engine.channels
+
+
+async def test_a_dead_letter_into_a_never_created_channel_of_another_shard_survives_a_lost_poke(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """The poke to the target's owner is lost (here: nothing listens on its URL, as when the
+    target's shard fails over); its owner's audit must still find the dead letter, and so must
+    the node that takes the target's shard over next, though the target channel was never
+    created by a request (the default `<name>.dlq`)."""
+    init = two_shards(A, B)
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    await a.start()
+    await b.start()
+    source = next(
+        f"src{i}"
+        for i in range(500)
+        if a.runtime.shard_of(f"src{i}") == "s1" and a.runtime.shard_of(f"src{i}.dlq") == "s2"
+    )
+    target = f"{source}.dlq"
+    await a.enqueue(source, b"bad")
+    (lease,) = await a.engine.dequeue(source, 1, 0, None)
+    from app.engine.ids import receipt
+
+    await a.engine.nack(source, [receipt(lease.message.id, lease.attempt)], 0, True)
+    assert a.engine.channels[source].total == 0
+    pokes = list(a.runtime._pokes)
+    if pokes:
+        await asyncio.wait(pokes, timeout=5)  # every try fails: nobody listens at b's URL
+    await b.runtime.keeper.audit()
+    (moved,) = await b.engine.dequeue(target, 1, 0, None)
+    assert moved.message.body == b'"bad"'
+
+
+async def test_a_long_poll_on_a_channel_handed_off_ends_at_once_with_fenced(
+    members: Callable[..., Member],
+) -> None:
+    """A long poll waiting at the old owner when set_nodes moves its channel away must not sit
+    out its wait_ms on a channel this node no longer serves (the messages are at the new owner):
+    it ends with Fenced (503, so the client goes to the owner)."""
+    a = members("a", 9101, cluster_init=msgspec.json.encode({"shards": [{"primary": A}]}).decode())
+    b = members("b", 9102)
+    await a.start()
+    await b.start()
+    name = next(f"p{i}" for i in range(100) if shard_for(f"p{i}", ("s1", "s2")) == "s2")
+    await a.enqueue(name, b"first")
+    await a.engine.dequeue(name, 1, 0, None)  # the channel is empty now, and in memory
+    absent = next(f"q{i}" for i in range(100) if shard_for(f"q{i}", ("s1", "s2")) == "s2")
+    poll = asyncio.ensure_future(a.engine.dequeue(name, 1, 10_000, None))
+    waiting = asyncio.ensure_future(a.engine.dequeue(absent, 1, 10_000, None))  # never created
+    await asyncio.sleep(0)
+    await set_nodes(a, ShardSpec(A), ShardSpec(B))
+    await a.tick()
+    assert name not in a.engine.channels
+    for polling in (poll, waiting):
+        with pytest.raises(Fenced):
+            await asyncio.wait_for(polling, 2)
+
+
+async def test_two_backups_racing_for_a_lapsed_shard_exactly_one_wins(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """A 3-node shard: its primary dies, both backups find the lease expired and ask the store
+    for it in the same instant; the store's compare-and-set gives it to one, the other follows
+    it (routes there, its writes refused), on both stores."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [B, C]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b, c = members("b", 9102, cluster_init=init), members("c", 9103, cluster_init=init)
+    for m in (a, b, c):
+        await m.start()
+    await a.enqueue("jobs", b"one")
+    clock.advance(LEASE + 1)
+    for m in (b, c):
+        m.mono.now += LEASE
+    await asyncio.gather(b.runtime.keeper.tick(b.mono.now), c.runtime.keeper.tick(c.mono.now))
+    owners = [m for m in (b, c) if m.runtime.owned()]
+    assert len(owners) == 1, [m.runtime.owned() for m in (b, c)]
+    (winner,) = owners
+    loser = c if winner is b else b
+    assert winner.runtime.owned() == {"s1": 2} and winner.runtime.counters.failovers == 1
+    await loser.tick()
+    assert loser.runtime.route("jobs") == Remote("s1", winner.url, winner.settings.node_id)
+    with pytest.raises(Fenced):
+        await loser.enqueue("jobs", b"loser")
+    (lease,) = await winner.engine.dequeue("jobs", 1, 0, None)
+    assert lease.message.body == b'"one"'
+
+
+async def test_graceful_stop_of_a_topology_primary_hands_its_shard_to_a_backup_at_once(
+    members: Callable[..., Member],
+) -> None:
+    """A primary stopped gracefully (rolling restart) releases its lease: its backup takes the
+    shard at its next tick, without sitting out LEASE_MS of heartbeat silence as after a crash."""
+    init = msgspec.json.encode({"shards": [{"primary": A, "backups": [B]}]}).decode()
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    await a.start()
+    await b.start()
+    await a.enqueue("jobs", b"one")
+    b.runtime.liveness.beat("s1", b.mono.now)  # heartbeats came until the stop
+    await a.runtime.stop()
+    await b.tick(HEARTBEAT)  # no store clock moved, a heartbeat's silence only
+    assert b.runtime.owned() == {"s1": 2}
+    assert b.runtime.counters.failovers == 0
+    assert b.engine.channels["jobs"].total == 1

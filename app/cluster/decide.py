@@ -92,7 +92,10 @@ def decide(
         return Action.WAIT
     if seat.primary is None or seat.primary == me:
         return Action.TAKE
-    return Action.TAKE if silence_ms >= lease_ms else Action.WAIT
+    # Released by a member (a graceful stop; expires_at 0): no crash to wait out. Released by
+    # a node outside the shard (set_nodes moved it here), its new primary takes it.
+    handed = lease is not None and lease.expires_at == 0 and seat.member(lease.owner_url)
+    return Action.TAKE if handed or silence_ms >= lease_ms else Action.WAIT
 
 
 __all__ = ["Action", "Held", "ShardSeat", "decide", "live", "margin", "serving"]

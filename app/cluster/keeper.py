@@ -225,10 +225,13 @@ class OwnershipKeeper:
         """One round: read, decide per shard, act, hand off, report. `now` is monotonic ms,
         taken before any store call (a renewal counts from it)."""
         self.ticks += 1
+        # The topology before the leases: a moved channel's source judged gone (its lease not
+        # live) was gone after this topology was stored, so whoever takes the source later
+        # reads this topology after its take (below) and never serves the channel.
+        await self._read_topology()
         store_now = await self.store.store_time_ms()
         leases = await self.store.leases()
         self.view = View(leases, store_now, now)
-        await self._read_topology()
         # Before any take: a fresh topology whose sources are all gone blocks nothing.
         await self._admit_incoming(leases, store_now)
         seats = self.seats()
@@ -262,6 +265,10 @@ class OwnershipKeeper:
         if action is Action.TAKE:
             got = await self.store.take_lease(shard, self.node_id, self.url, self.lease_ms)
             if got is not None:
+                # A set_nodes stored since this tick's reading may have moved channels out of
+                # the shard, and their new owner may have adopted them already (the lease it
+                # saw had lapsed): place the shard's channels by the topology of now.
+                await self._read_topology()
                 await self._gain(shard, got, lease, now)
         elif action is Action.RENEW:
             h = self.held[shard]
@@ -331,6 +338,7 @@ class OwnershipKeeper:
         for name in names:
             self.engine.release(name)
         del self.held[shard]
+        self.engine.wake_absent()
         if release:
             with contextlib.suppress(LionMQError):  # it lapses on its own within LEASE_MS
                 await self.store.release_lease(shard, self.node_id, h.held.epoch)
@@ -359,6 +367,7 @@ class OwnershipKeeper:
                 self.engine.release(name)
         finally:
             self.moving_out.difference_update(leaving)
+        self.engine.wake_absent()
         if leaving:
             self.counters.handoffs += 1
             log.info("topology %d: handed off %d channel(s)", new.version, len(leaving))

@@ -182,6 +182,11 @@ class ClusterRuntime:
     def serves(self, channel: str) -> bool:
         return self.resolve(channel) is not None
 
+    def admits(self, channel: str) -> bool:
+        keeper = self.keeper
+        h = keeper.held.get(keeper.shard_of(channel))
+        return h is not None and not h.quitting and channel not in keeper.moving_out
+
     def poke(self, channel: str) -> None:
         task = asyncio.ensure_future(self._poke(channel))
         self._pokes.add(task)

@@ -26,7 +26,7 @@ from app.clock import Clock
 from app.engine.channel import ChannelState
 from app.engine.ids import IdGenerator, parse_receipts
 from app.engine.timers import Timers
-from app.errors import ChannelFull, ChannelNotFound, InvalidInput, LionMQError
+from app.errors import ChannelFull, ChannelNotFound, Fenced, InvalidInput, LionMQError
 from app.models import (
     DEAD_LETTER_SUFFIX,
     ChannelConfig,
@@ -119,6 +119,12 @@ class Ownership(Protocol):
         ...
 
     def serves(self, channel: str) -> bool: ...
+
+    def admits(self, channel: str) -> bool:
+        """Whether the channel may enter memory: its shard is held here (served, or being
+        adopted) and it is not leaving. A channel built while this turned false (a hand-off or
+        a lost lease during its first request) would stay behind as stale memory."""
+        ...
 
     def poke(self, channel: str) -> None:
         """Tell the channel's owner that messages were moved into it from another shard."""
@@ -354,6 +360,11 @@ class QueueEngine:
             await self._load_page(ch)
         finally:
             del self._entering[name]
+        if self.ownership is not None and not self.ownership.admits(name):
+            raise Fenced(
+                f"channel {name!r} left this node while it was being loaded; retry: the"
+                " request goes to its owner"
+            )
         self.channels[name] = ch
         if self.journal is not None:
             self.journal.adopted(ch)
@@ -377,6 +388,12 @@ class QueueEngine:
         if ch.loading is not None:
             ch.loading.cancel()
         return ch
+
+    def wake_absent(self) -> None:
+        """Wake the long polls waiting for channels not in memory: after a hand-off or a lost
+        shard they find their channel no longer served here and end (Fenced) at once."""
+        for waiters in self._absent.values():
+            _wake_all(waiters)
 
     async def configure(self, name: str, changes: dict[str, Any]) -> ChannelState:
         ch = await self.ensure(name)
@@ -544,6 +561,13 @@ class QueueEngine:
         deadline = loop.time() + wait_ms / 1000
         while True:
             ch = self.channels.get(name)
+            if ch is None and self.ownership is not None and not self.ownership.serves(name):
+                # Handed off or taken over while this poll waited (or never served here): the
+                # messages are at the owner, not worth waiting out `wait_ms` for here.
+                raise Fenced(
+                    f"this node does not serve channel {name!r} right now; retry: the request"
+                    " goes to its owner"
+                )
             leases: list[Lease] = []
             if ch is not None:
                 leases = await self._take(ch, max_count, visibility_ms or ch.config.visibility_ms)
@@ -955,7 +979,8 @@ class QueueEngine:
                 # The target lives on another shard: one atomic move in the store, under the
                 # source's fence, with ids of the source's shard (unique across primaries);
                 # then its owner is told (a lost poke only delays: its audit re-reads).
-                if await self.store.move(ch.name, ids, target_name, copies(ch.name)):
+                target_config = self.default_config(target_name, dead_letter_target=True)
+                if await self.store.move(ch.name, ids, target_name, copies(ch.name), target_config):
                     own.poke(target_name)
                 return
             target = await self.ensure(target_name, dead_letter_target=True)

@@ -113,12 +113,20 @@ class Store(Protocol):
         ...
 
     def move(
-        self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
+        self,
+        channel: str,
+        ids: Sequence[int],
+        target: str | None,
+        moved: Sequence[Message],
+        target_config: ChannelConfig | None = None,
     ) -> Awaitable[list[Message]]:
         """Delete `ids` from `channel` and insert `moved` into `target` (if any), atomically;
         `moved[i]` is the copy of `ids[i]`. Only copies of messages the channel still holds
         are inserted (one purged or deleted meanwhile must not come back as a dead letter);
-        returns the copies inserted."""
+        returns the copies inserted. With `target_config`, a target that has no settings yet
+        gets these in the same write, so `load_channels` lists it: a dead letter sent into
+        another shard's channel that no request ever created is found by that shard's owner
+        (its audit, a takeover) even when the poke telling it is lost."""
         ...
 
     async def purge(self, channel: str) -> int:

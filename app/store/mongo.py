@@ -578,7 +578,12 @@ class MongoStore:
 
     @_fenced_write
     async def move(
-        self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
+        self,
+        channel: str,
+        ids: Sequence[int],
+        target: str | None,
+        moved: Sequence[Message],
+        target_config: ChannelConfig | None = None,
     ) -> list[Message]:
         # No transactions: insert into the target first, then delete from the source. A failure
         # or crash between the two leaves the message in both channels (a duplicate, which
@@ -597,6 +602,15 @@ class MongoStore:
                     )
                 }
             copies = [c for i, c in zip(ids, moved, strict=True) if i in held]
+        if target is not None and copies and target_config is not None:
+            # Settings first (kept if it has some): copies never sit in a channel no owner
+            # lists; a failure after this leaves a channel with settings and no messages.
+            with _translated():
+                await self._channels.update_one(
+                    {"_id": target},
+                    {"$setOnInsert": dataclasses.asdict(target_config)},
+                    upsert=True,
+                )
         if target is not None and copies:
             moved_ids = [m.id for m in copies]
             try:

@@ -788,7 +788,12 @@ class SQLiteStore:
         return self._write(op, channel)
 
     def move(
-        self, channel: str, ids: Sequence[int], target: str | None, moved: Sequence[Message]
+        self,
+        channel: str,
+        ids: Sequence[int],
+        target: str | None,
+        moved: Sequence[Message],
+        target_config: ChannelConfig | None = None,
     ) -> asyncio.Future[list[Message]]:
         # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
         check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
@@ -802,6 +807,11 @@ class SQLiteStore:
             if target is not None and copies:
                 key = self._key(conn, target)
                 _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, copies))
+                if target_config is not None:
+                    conn.execute(
+                        "UPDATE channels SET config = ? WHERE key = ? AND config IS NULL",
+                        (json.dumps(asdict(target_config)), key),
+                    )
             return copies
 
         return self._write(op, channel)
