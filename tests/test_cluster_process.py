@@ -75,8 +75,17 @@ def test_two_shards_each_primary_serves_its_own_channels(
     shards = set()
     for i in range(20):
         channel = f"ch{i}"
-        route = httpx.get(f"{b.url}/cluster/route/{channel}", timeout=5).json()
-        assert route == httpx.get(f"{a.url}/cluster/route/{channel}", timeout=5).json()
+        # Routes come from each node's last reading of the leases (at most a heartbeat old).
+        routes: list[object] = []
+
+        def agreed(channel: str = channel, routes: list[object] = routes) -> bool:
+            routes[:] = [
+                httpx.get(f"{n.url}/cluster/route/{channel}", timeout=5).json() for n in (a, b)
+            ]
+            return routes[0] == routes[1] and routes[0]["owner"] is not None  # type: ignore[index]
+
+        wait_until(agreed, 5, f"both nodes routing {channel} to its owner")
+        route: dict[str, str] = routes[0]  # type: ignore[assignment]
         shards.add(route["shard"])
         assert enqueue(by_node[route["owner"]], channel, "m").status_code == 201
     assert shards == {"s1", "s2"}

@@ -76,7 +76,9 @@ class Peer:
         app = FastAPI()
         problems.install(app)
         app.include_router(internal.router(SECRET))
-        app.state.mirroring = internal.Mirroring(self.follower, self.sender)
+        app.state.mirroring = internal.Mirroring(
+            self.follower, self.sender, lambda shard, owner: None, 1 << 20
+        )
         config = uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"
         )

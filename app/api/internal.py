@@ -8,6 +8,7 @@ the secret: `app.include_router(internal.router(settings.cluster_secret))`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -15,10 +16,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from app.api.auth import check_cluster_secret
+from app.api.codec import read_body
 from app.cluster.heartbeat import HEARTBEAT_PATH, HeartbeatSender
 from app.cluster.journal import Heartbeat
 from app.cluster.mirror import Follower, snapshot_path
-from app.errors import MalformedRequest, NotReady
+from app.errors import Forbidden, MalformedRequest, NotReady
 from app.settings import CLUSTER_SECRET_HEADER
 
 
@@ -28,6 +30,11 @@ class Mirroring:
 
     follower: Follower
     sender: HeartbeatSender
+    # Why this node takes no heartbeat of (shard, owner URL), or None when it backs the shard up
+    # and the owner is a member of it: a heartbeat makes this node fetch a snapshot from the
+    # owner it names and send the secret there, and holds off its failover.
+    refuses: Callable[[str, str], str | None]
+    max_bytes: int  # the largest heartbeat body (MAX_REQUEST_BYTES)
 
 
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
@@ -51,9 +58,12 @@ def router(secret: str) -> APIRouter:
     async def heartbeat(request: Request) -> Response:
         parts = _mirroring(request)
         try:
-            hb = _heartbeat_decoder.decode(await request.body())
+            hb = _heartbeat_decoder.decode(await read_body(request, parts.max_bytes))
         except msgspec.DecodeError as exc:
             raise MalformedRequest(f"heartbeat: {exc}") from exc
+        refusal = parts.refuses(hb.shard, hb.owner_url)
+        if refusal is not None:
+            raise Forbidden(refusal)
         answer = parts.follower.heartbeat(hb)
         return Response(_encoder.encode(answer), media_type="application/json")
 

@@ -91,7 +91,9 @@ async def open_cluster(
     runtime.keeper.events = MirrorEvents(mirror, engine, runtime)
     runtime.lag = lambda: backup_lag(runtime)
     runtime.keeper.backups_lag = sender.lag
-    app.state.mirroring = Mirroring(follower, sender)
+    app.state.mirroring = Mirroring(
+        follower, sender, runtime.refuses_heartbeat, settings.max_request_bytes
+    )
     session = await resources.enter_async_context(forward.forward_session())
     # Closed before the session: no request forwards through a closed session.
     resources.push_async_callback(runtime.stop)

@@ -190,3 +190,40 @@ def test_the_client_against_real_nodes(two_shards: Cluster) -> None:
     ):
         client.set_nodes(layout)
     assert two_shards.view()["version"] == version
+
+
+def test_heartbeats_only_from_a_member_for_a_shard_this_node_backs(two_shards: Cluster) -> None:
+    """A heartbeat would make a node fetch a snapshot from the owner it names (sending the
+    secret there) and hold off its failover: even with the secret, one for a shard the node does
+    not back, or from a node outside the shard, is refused (403), and a huge one is 413."""
+    view = two_shards.view()
+    s1, s2 = view["shards"]
+    backup = two_shards.node_at(s1["backups"][0])
+    headers = {SECRET_HEADER: SECRET, **api_auth()}
+
+    def beat(shard: str, owner_url: str) -> httpx.Response:
+        body = {
+            "shard": shard,
+            "epoch": 10**6,
+            "owner_id": "intruder",
+            "owner_url": owner_url,
+            "base": -1,
+            "seq": 0,
+            "deltas": [],
+        }
+        url = backup.url + "/cluster/internal/heartbeat"
+        return httpx.post(url, json=body, headers=headers, timeout=5)
+
+    for shard, owner in ((s2["id"], s2["primary"]), (s1["id"], "http://127.0.0.1:1"), ("zz", "")):
+        r = beat(shard, owner)
+        assert r.status_code == 403, (shard, owner, r.text)
+    huge = b'{"shard": "' + b"x" * (17 << 20) + b'"}'
+    r = httpx.post(
+        backup.url + "/cluster/internal/heartbeat",
+        content=huge,
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 413, r.text
+    # The real owner's beats still go through: the backup keeps following it.
+    assert two_shards.owner(s1["id"]) == s1["owner"]
