@@ -172,9 +172,21 @@ class Cluster:
     def start(self, timeout: float = START_TIMEOUT_S, settle: bool = True) -> Cluster:
         for proxy in self.proxies.values():
             proxy.start()
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(lambda n: n.start(timeout), self.nodes))
-        if settle:
+        if not settle:
+            with ThreadPoolExecutor(len(self.nodes)) as pool:
+                list(pool.map(lambda n: n.start(timeout), self.nodes))
+            return self
+        # Primaries first, owning their shards, then the rest: started all at once on a loaded
+        # machine, a backup up LEASE_MS before its primary rightly takes the shard itself, and
+        # the tests expect the layout as configured.
+        first = {shard[0] for shard in self.layout}
+        for group in (
+            [n for i, n in enumerate(self.nodes) if i in first],
+            [n for i, n in enumerate(self.nodes) if i not in first],
+        ):
+            if group:
+                with ThreadPoolExecutor(len(group)) as pool:
+                    list(pool.map(lambda n: n.start(timeout), group))
             self.wait_settled(timeout)
         return self
 

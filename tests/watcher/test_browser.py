@@ -38,7 +38,7 @@ LENIENT_STATUS = {"suspect_after_intervals": "8", "down_after_intervals": "12"}
 # Leases the page must still show as in flight however slowly the browser starts (the default
 # of 30 s ran out before the last check on a loaded machine): 12 hours.
 LONG_LEASE_MS = 43_200_000
-HOSTILE_NODE = "<img src=x onerror=alert(1)>"
+HOSTILE_NODE = "<img/src=x/onerror=alert(1)>"  # a NODE_ID a node accepts (no spaces)
 HOSTILE_CHANNEL = "<script>alert(2)</script>"
 
 
