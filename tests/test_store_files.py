@@ -319,13 +319,12 @@ def test_full_disk_makes_the_node_unready_until_space_is_back(
 @pytest.mark.parametrize(
     ("exclusive", "why"),
     [
-        # Refused before SQLite writes: a shared store guards its mmapped WAL index.
+        # The WAL index is guarded (shared), but a clean stop left none: SQLite refuses the
+        # write to the database itself, in both modes.
         (
             "false",
-            "the store file {store} cannot be written (read-only file system, immutable file or"
-            " permissions); writes answer 503 until it can",
+            "the embedded store failed: attempt to write a readonly database (SQLITE_READONLY)",
         ),
-        # No mapping to guard: SQLite refuses the write itself.
         (
             "true",
             "the embedded store failed: attempt to write a readonly database (SQLITE_READONLY)",

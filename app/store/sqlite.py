@@ -28,8 +28,9 @@ Two failures of the file system under a running node are handled here:
 
 - A write to the mmapped WAL index once its file turned read-only (ext4 `errors=remount-ro`) or
   immutable kills the whole process with SIGBUS. A shared store therefore checks, with one
-  access() a file, that its files can be written before each commit group, and that the -shm
-  file can before each read (a read may write its read mark there), and answers 503 when not.
+  access(), that the -shm file can be written before each commit group and before each read (a
+  read may write its read mark there), and answers 503 when not. The database and WAL files are
+  written with pwrite(), which fails with an error there (503), not a signal: no check needed.
   What rests on timing: a file system that turns read-only in the microseconds between that
   check and SQLite's write still kills the process (its backup then takes over; nothing
   committed is lost). The `unix-excl` VFS has no mapping and no such window: there the write
@@ -429,7 +430,8 @@ class SQLiteStore:
     def _guard(self, files: Sequence[tuple[str, int, int]]) -> str | None:
         """Shared: why `files` cannot be written, checked before SQLite touches the mmapped WAL
         index (a write to it once its file is read-only or immutable is a SIGBUS that kills the
-        process, where a 503 is due). One access() a file. Exclusive: no mapping, so None."""
+        process, where a 503 is due). One access() a file: the -shm file, before each commit
+        group and each read. Exclusive: no mapping, so None."""
         return None if self._exclusive else self._unwritable(files)
 
     def _unwritable(self, files: Sequence[tuple[str, int, int]] | None = None) -> str | None:
@@ -474,7 +476,7 @@ class SQLiteStore:
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         lost: str | None = None
-        unwritable = self._guard(self._files)
+        unwritable = self._guard(self._mapped)
         if unwritable is not None:
             if self._failure is None:
                 self._failure = (unwritable, time.monotonic())
