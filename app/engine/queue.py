@@ -809,9 +809,28 @@ class QueueEngine:
         ch = self.channels.get(name)
         now = self.clock.now_ms()
         if ch is None:
+            self._judges_receipts(name)
             return None, Claim(now, [], list(receipts))
         held, stale = ch.claim(pairs, now)
+        if stale:
+            try:
+                self._judges_receipts(name)
+            except Fenced:
+                ch.restore(held)
+                raise
         return ch, Claim(now, held, [receipts[i] for i in stale])
+
+    def _judges_receipts(self, name: str) -> None:
+        """Only the channel's owner may call a receipt stale (a 200 the consumer acts on: it
+        drops the ack). A request the router let in while this node served the channel can
+        reach the engine after a hand-off or a lost lease let the channel go (its body read
+        meanwhile): the leases are at the new owner now, so the answer is Fenced (503, retried
+        there). Asked only when a receipt is not held here, off the hot path."""
+        if self.ownership is not None and not self.ownership.serves(name):
+            raise Fenced(
+                f"this node does not serve channel {name!r} right now; retry: the request goes"
+                " to its owner"
+            )
 
     @_noted
     async def ack(self, name: str, receipts: list[str]) -> Outcome:
