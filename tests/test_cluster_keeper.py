@@ -542,6 +542,8 @@ async def test_settling_receipts_at_a_node_that_let_go_of_the_channel_is_refused
         await a.engine.nack(name, [nacked], 0, False)
     with pytest.raises(Fenced):
         await a.engine.extend(name, [extended], 60_000)
+    with pytest.raises(Fenced):  # nor "does not exist" (404) to a GET, a purge or a DELETE
+        a.engine.get(name)
     await b.tick()  # the client's retries reach the new owner
     assert b.runtime.route(name) == Local("s2")
     assert (await b.engine.ack(name, [acked])).done == 1
