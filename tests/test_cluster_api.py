@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from lionmq.placement import shard_for
 
 from app.cluster.heartbeat import HEARTBEAT_PATH
 from app.cluster.mirror import snapshot_path
@@ -177,3 +180,62 @@ async def test_a_heartbeat_pairing_ids_and_attempts_wrongly_is_refused_whole(
         r = await cluster_client.post(HEARTBEAT_PATH, json=beat, headers=secret)
         assert r.status_code == 400, r.text
         assert "3 ids with 1 attempts" in r.json()["detail"]
+
+
+async def _late_body(
+    payload: bytes, asked: asyncio.Event, arrived: asyncio.Event
+) -> AsyncIterator[bytes]:
+    """A request body that comes once `arrived` is set; `asked` tells when the node reads it
+    (it has routed the request by then)."""
+    asked.set()
+    await arrived.wait()
+    yield payload
+
+
+async def test_an_ack_let_in_before_a_hand_off_and_read_after_it_is_refused_not_stale(
+    tmp_path: Path,
+) -> None:
+    """The router decides where a request goes before its body is read: an ack routed here
+    (Local) whose body arrives after set_nodes handed its channel off must come back 503 (the
+    client retries at the new owner), not 200 with every receipt stale (the consumer would drop
+    the ack, and the handled message would stay in flight at the new owner)."""
+    other = "http://127.0.0.1:8001"
+    init = json.dumps({"shards": [{"primary": ME}]})
+    settings = make_settings(
+        tmp_path,
+        admin_token="admin-token",
+        cluster_secret="shh",
+        api_token="api-token",
+        cluster_init=init,
+        heartbeat_ms=20,
+        lease_ms=1000,
+    )
+    app = create_app(settings)
+    name = next(f"c{i}" for i in range(100) if shard_for(f"c{i}", ("s1", "s2")) == "s2")
+    async for client in client_for(app):
+        client.headers["Authorization"] = "Bearer api-token"
+        body = {"messages": [{"body": 1}]}
+        assert (await client.post(f"/channels/{name}/enqueue", json=body)).status_code == 201
+        (got,) = (await client.post(f"/channels/{name}/dequeue", json={"max": 1})).json()[
+            "messages"
+        ]
+        keeper = app.state.node.cluster.keeper
+        asked, arrived = asyncio.Event(), asyncio.Event()
+        payload = json.dumps({"receipts": [got["receipt"]]}).encode()
+        json_type = {"Content-Type": "application/json"}
+        late = _late_body(payload, asked, arrived)
+        ack = asyncio.ensure_future(
+            client.post(f"/channels/{name}/ack", content=late, headers=json_type)
+        )
+        await asyncio.wait_for(asked.wait(), 5)
+        shards = {"shards": [{"primary": ME}, {"primary": other}]}
+        assert (await client.put("/cluster/nodes", json=shards, headers=ADMIN)).status_code == 200
+        deadline = asyncio.get_running_loop().time() + 5
+        while keeper.applied_version < 2:  # the ownership loop hands the channel off
+            assert asyncio.get_running_loop().time() < deadline, "set_nodes never applied"
+            await asyncio.sleep(0.01)
+        assert name not in app.state.node.engine.channels
+        arrived.set()
+        r = await asyncio.wait_for(ack, 5)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"

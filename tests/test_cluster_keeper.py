@@ -514,6 +514,75 @@ async def test_a_long_poll_on_a_channel_handed_off_ends_at_once_with_fenced(
             await asyncio.wait_for(polling, 2)
 
 
+async def test_settling_receipts_at_a_node_that_let_go_of_the_channel_is_refused_not_stale(
+    members: Callable[..., Member],
+) -> None:
+    """The router let an ack, nack and extend in while the node served the channel (Local), and
+    the hand-off of set_nodes ran while their bodies were read: the engine, without the channel
+    any more, answered every receipt stale (200), so the consumer dropped a handled message's
+    ack and it stayed in flight at the new owner until redelivered. Only the owner may call a
+    receipt stale; here the answer is Fenced (503), retried at the owner, where it takes effect."""
+    from app.engine.ids import receipt
+
+    a = members("a", 9101, cluster_init=msgspec.json.encode({"shards": [{"primary": A}]}).decode())
+    b = members("b", 9102)
+    await a.start()
+    await b.start()
+    name = next(f"c{i}" for i in range(100) if shard_for(f"c{i}", ("s1", "s2")) == "s2")
+    await a.enqueue(name, b"acked", b"nacked", b"extended")
+    leases = await a.engine.dequeue(name, 3, 0, None)
+    acked, nacked, extended = (receipt(lease.message.id, lease.attempt) for lease in leases)
+    assert a.runtime.route(name) == Local("s1")  # the router lets the three requests in ...
+    await set_nodes(a, ShardSpec(A), ShardSpec(B))
+    await a.tick()  # ... and the hand-off runs while they are on their way to the engine
+    assert name not in a.engine.channels
+    with pytest.raises(Fenced):
+        await a.engine.ack(name, [acked])
+    with pytest.raises(Fenced):
+        await a.engine.nack(name, [nacked], 0, False)
+    with pytest.raises(Fenced):
+        await a.engine.extend(name, [extended], 60_000)
+    with pytest.raises(Fenced):  # nor "does not exist" (404) to a GET, a purge or a DELETE
+        a.engine.get(name)
+    await b.tick()  # the client's retries reach the new owner
+    assert b.runtime.route(name) == Local("s2")
+    assert (await b.engine.ack(name, [acked])).done == 1
+    assert (await b.engine.nack(name, [nacked], 0, False)).done == 1
+    assert (await b.engine.extend(name, [extended], 60_000)).done == 1
+    ch = b.engine.channels[name]
+    assert (ch.total, ch.in_flight) == (2, 1)
+
+
+async def test_settling_receipts_at_an_owner_deposed_by_a_failover_is_refused_not_stale(
+    members: Callable[..., Member], clock: ManualClock
+) -> None:
+    """The same gap on a failover: an ack let in while the node still served its shard reaches
+    the engine after the node found its lease taken over and let its channels go (or while it
+    keeps their memory, no longer serving): Fenced, never stale, and acked at the new owner."""
+    from app.engine.ids import receipt
+
+    a, b = members("a", 9101), members("b", 9102)
+    await a.start()
+    await b.start()
+    await a.enqueue("jobs", b"one", b"two")
+    leases = await a.engine.dequeue("jobs", 2, 0, None)
+    one, two = (receipt(lease.message.id, lease.attempt) for lease in leases)
+    clock.advance(LEASE + 1)  # a froze; b takes the lapsed lease, the leases in flight with it
+    await b.tick(LEASE + 1)
+    assert b.runtime.owned() == {"s0": 2}
+    a.mono.now += LEASE  # a stopped serving by its own clock, its memory still there
+    assert "jobs" in a.engine.channels
+    bogus = receipt(leases[0].message.id, leases[0].attempt + 1)  # stale in a's memory
+    with pytest.raises(Fenced):
+        await a.engine.ack("jobs", [bogus])
+    await a.tick()  # a follows b: its channels let go
+    assert "jobs" not in a.engine.channels
+    with pytest.raises(Fenced):
+        await a.engine.ack("jobs", [one, two])
+    assert (await b.engine.ack("jobs", [one, two])).done == 2
+    assert b.engine.channels["jobs"].total == 0
+
+
 async def test_two_backups_racing_for_a_lapsed_shard_exactly_one_wins(
     members: Callable[..., Member], clock: ManualClock
 ) -> None:

@@ -286,6 +286,7 @@ class QueueEngine:
     def get(self, name: str) -> ChannelState:
         ch = self.channels.get(name)
         if ch is None or ch.deleting is not None:
+            self._owner_only(name)
             raise ChannelNotFound(f"channel {name!r} does not exist; enqueue to it to create it")
         return ch
 
@@ -809,9 +810,29 @@ class QueueEngine:
         ch = self.channels.get(name)
         now = self.clock.now_ms()
         if ch is None:
+            self._owner_only(name)
             return None, Claim(now, [], list(receipts))
         held, stale = ch.claim(pairs, now)
+        if stale:
+            try:
+                self._owner_only(name)
+            except Fenced:
+                ch.restore(held)
+                raise
         return ch, Claim(now, held, [receipts[i] for i in stale])
+
+    def _owner_only(self, name: str) -> None:
+        """Only the channel's owner may say what it does not hold (a receipt stale, which the
+        consumer acts on by dropping its ack; the channel absent). A request the router let in
+        while this node served the channel can reach the engine after a hand-off or a lost lease
+        let the channel go (its body was read meanwhile): the state is at the new owner now, so
+        the answer is Fenced (503, retried there). Asked only on those answers, off the hot
+        path."""
+        if self.ownership is not None and not self.ownership.serves(name):
+            raise Fenced(
+                f"this node does not serve channel {name!r} right now; retry: the request goes"
+                " to its owner"
+            )
 
     @_noted
     async def ack(self, name: str, receipts: list[str]) -> Outcome:
