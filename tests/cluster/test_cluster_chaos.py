@@ -179,7 +179,7 @@ def test_set_nodes_swapping_then_moving_a_shards_primary_under_load(
         base = ledger.confirmed_count()
         wait_until(lambda: ledger.confirmed_count() >= base + 30, 20, "enqueues after the swap")
         assert cluster.owner(shard) == n[0].server_host, "the swap moved the acting owner"
-        assert cluster.set_nodes([[2, 1]]).status_code == 200
+        assert cluster.set_nodes([[2, 1]], via=cluster.nodes[1]).status_code == 200
         wait_until(
             lambda: cluster.owner(shard, n[2]) == n[2].server_host, 20, "node2 owning the shard"
         )
