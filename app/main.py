@@ -16,10 +16,10 @@ from app.api import channels, cluster, docs, health, hotpath, internal, messages
 from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
+from app.api.forward import Forwarder
 from app.api.guard import Guard
+from app.assemble import open_cluster
 from app.clock import Clock, SystemClock
-from app.cluster.assemble import open_cluster
-from app.cluster.forward import Forwarder
 from app.engine.ids import ReceiptSigner
 from app.engine.maintenance import Maintenance
 from app.engine.queue import EngineLimits, QueueEngine

@@ -14,8 +14,8 @@ import msgspec
 import pytest
 from fastapi import FastAPI
 
+from app.api import forward
 from app.api.channels import ChannelList
-from app.cluster import forward
 from app.cluster.route import Local, NoOwner, Remote
 from app.errors import ConfigError, OwnerUnreachable, ShardUnavailable
 from app.main import NodeApp, create_app

@@ -8,10 +8,10 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from app.api import forward
 from app.api.auth import check_cluster_secret
 from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
 from app.api.deps import channel_name, node
-from app.cluster import forward
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
 from app.models import CHANNEL_NAME_PATTERN, CHANNEL_NAME_RULE, valid_channel_name

@@ -99,7 +99,7 @@ class View:
 
 
 class ShardEvents(Protocol):
-    """What the mirror hears of the shards this node gains (app/cluster/assemble.py)."""
+    """What the mirror hears of the shards this node gains (app/assemble.py)."""
 
     def gained(self, shard: str, epoch: int) -> None: ...
 

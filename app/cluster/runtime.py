@@ -6,7 +6,7 @@ What the other parts use (plain attributes and methods):
   channel's shard (lease held by the monotonic rule, its channels adopted, the channel not in a
   hand-off), `Remote(shard, url, node_id)` when another node holds the shard's live lease,
   `NoOwner(shard, retry_after_s, reason)` otherwise (failover or hand-off under way). The router
-  (app/cluster/forward.py) asks it per request.
+  (app/api/forward.py) asks it per request.
 * `liveness` (app/cluster/liveness.py): the mirror's heartbeat endpoint calls
   `liveness.beat(shard, mono_ms())`; the keeper reads the silence before a backup takes over.
 * `mono_ms()`: the monotonic clock (ms) the runtime and `liveness` use.

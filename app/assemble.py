@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import httpx
 from starlette.applications import Starlette
 
+from app.api import forward
 from app.api.internal import Mirroring
 from app.clock import Clock
-from app.cluster import forward
 from app.cluster.heartbeat import HeartbeatSender
 from app.cluster.journal import Journal
 from app.cluster.mirror import Follower, Mirror
