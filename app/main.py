@@ -162,6 +162,9 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,  # served by app.api.docs, without a CDN
         redoc_url=None,
+        # FastAPI's native OpenTelemetry asks the global providers (environment lookups) on
+        # every request to see whether it is on; the node exports /metrics and no traces.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     problems.install(app)
     docs.install(app)
