@@ -359,6 +359,13 @@ class OwnershipKeeper:
     async def _apply_topology(self, before: tuple[str, ...], new: Topology) -> None:
         """Drain and release what leaves this node's shards; mark what arrives."""
         after = new.shard_ids
+        # Arrivals are marked with the switch of topology, before any await: in between, a
+        # channel arriving here routed as served, and a request could build it in memory from
+        # the store while its old owner still wrote to it (seen once in CI: a confirmed enqueue
+        # the new owner never counted).
+        if set(before) != set(after):
+            for shard in after:
+                self.incoming[shard] = Incoming(new.version, before)
         leaving = [n for n in self.engine.channels if _placed(n, before) != _placed(n, after)]
         self.moving_out.update(leaving)
         try:
@@ -371,9 +378,6 @@ class OwnershipKeeper:
         if leaving:
             self.counters.handoffs += 1
             log.info("topology %d: handed off %d channel(s)", new.version, len(leaving))
-        if set(before) != set(after):
-            for shard in after:
-                self.incoming[shard] = Incoming(new.version, before)
         self.applied_version = new.version
         await self.report()
 
