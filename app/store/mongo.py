@@ -439,13 +439,8 @@ class MongoStore:
                 with _translated():
                     await self._dedup.insert_many(docs, ordered=False)
             except StoreError as exc:
-                cause = exc.__cause__
-                errors = (
-                    cause.details.get("writeErrors", [])
-                    if isinstance(cause, BulkWriteError)
-                    else None
-                )
-                if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                errors = _only_duplicate_keys(exc)
+                if errors is None:
                     raise
                 for e in errors:
                     key = docs[e["index"]]["dedup_id"]
@@ -619,15 +614,10 @@ class MongoStore:
                         [_to_doc(target, m) for m in copies], ordered=False
                     )
             except StoreError as exc:
-                cause = exc.__cause__
-                errors = (
-                    cause.details.get("writeErrors", [])
-                    if isinstance(cause, BulkWriteError)
-                    else None
-                )
                 # Only duplicate keys: an earlier attempt already copied them; carry on.
-                if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
-                    if not isinstance(cause, ServerSelectionTimeoutError):  # else nothing was sent
+                if _only_duplicate_keys(exc) is None:
+                    # A server never selected: nothing was sent, nothing to drop.
+                    if not isinstance(exc.__cause__, ServerSelectionTimeoutError):
                         # The source still holds every message: dropping the copies loses nothing.
                         await self._best_effort(
                             self._messages.delete_many(
@@ -861,3 +851,12 @@ class MongoStore:
             except DuplicateKeyError:  # two first upserts raced; the other one's value stands
                 doc = await meta.find_one({"_id": "secret"})
         return bytes(doc["value"])
+
+
+def _only_duplicate_keys(exc: StoreError) -> list[dict[str, Any]] | None:
+    """The write errors of a bulk insert that failed on duplicate keys alone, else None."""
+    cause = exc.__cause__
+    errors = cause.details.get("writeErrors", []) if isinstance(cause, BulkWriteError) else []
+    if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+        return None
+    return list(errors)
