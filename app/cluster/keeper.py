@@ -305,15 +305,17 @@ class OwnershipKeeper:
         """Adopt every channel the store holds for the shard but those still arriving (with
         `admit`: those too, their source owners having let go), then serve it."""
         try:
+            if admit is not None and self.incoming.get(shard) is admit:
+                # Their source owners let go: the arrivals are this shard's like the rest (a
+                # request for one may build it meanwhile; the engine enters a channel once).
+                del self.incoming[shard]
             for name, config in (await self.store.load_channels()).items():
                 if h.quitting:
                     return
                 if self.shard_of(name) != shard or name in self.engine.channels:
                     continue
-                if admit is not None or not self.blocked(name, shard):
+                if not self.blocked(name, shard):
                     await self.engine.adopt(name, config)
-            if admit is not None and self.incoming.get(shard) is admit:
-                del self.incoming[shard]
             h.adopted = not h.quitting
             if h.adopted and self.events is not None:
                 self.events.served(shard)

@@ -197,8 +197,9 @@ class ClusterRuntime:
 
     def admits(self, channel: str) -> bool:
         keeper = self.keeper
-        h = keeper.held.get(keeper.shard_of(channel))
-        return h is not None and not h.quitting and channel not in keeper.moving_out
+        shard = keeper.shard_of(channel)
+        h = keeper.held.get(shard)
+        return h is not None and not h.quitting and not keeper.blocked(channel, shard)
 
     def poke(self, channel: str) -> None:
         task = asyncio.ensure_future(self._poke(channel))
