@@ -1,7 +1,12 @@
 """Browsing a channel's messages without consuming them, and redriving: moving ready messages
 (normally a dead-letter channel's) back to where they came from, or to a channel named.
 
-Browsing reads the store only: it leases nothing and changes nothing. Redrive moves batches
+Browsing reads the store only: it leases nothing and changes nothing. The store is the truth for
+the states it shows, in flight included: a lease is written before its delivery is answered, and
+an ack, nack or extend is written before memory finishes it (during the write the row still shows
+the lease it ends). One lag: a lease past its deadline shows as ready while maintenance has not
+ended it yet (within its next pass). Redrive, which moves messages, also asks memory: a message
+leased there is left (`QueueEngine.move_ready`). Redrive moves batches
 through the engine's one path for moves between channels (`QueueEngine.move_ready`, the path of
 dead-lettering too): each batch is one atomic store `move`, so a redrive that dies midway loses
 nothing and copies nothing twice, and running it again moves only what is left. A call is
