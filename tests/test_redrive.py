@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from app.clock import ManualClock
+from app.engine import redrive as redrive_module
 from app.engine.ids import receipt
 from app.engine.queue import NewMessage, QueueEngine
 from app.engine.redrive import CALL_BUDGET_MS, redrive
@@ -204,3 +205,22 @@ async def test_a_redrive_racing_consumers_of_the_same_channel_takes_no_delivered
     assert not set(consumed) & set(replayed)
     assert sorted(consumed + replayed) == list(range(n))
     assert e.channels[DLQ].total == 0 and e.channels["replay"].total == moved
+
+
+async def test_a_batch_of_large_messages_is_moved_in_several_writes(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e, _ = engine
+    monkeypatch.setattr(redrive_module, "REDRIVE_BATCH_BYTES", 3000)
+    big = msgspec.Raw(b'"' + b"x" * 1000 + b'"')
+    await e.enqueue(DLQ, [NewMessage(body=big) for _ in range(7)])
+    moves: list[int] = []
+    store_move = e.store.move
+
+    def counted(channel: str, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        moves.append(len(ids))
+        return store_move(channel, ids, *args, **kwargs)
+
+    monkeypatch.setattr(e.store, "move", counted)
+    done = await redrive(e, DLQ, "replay", 100, None)
+    assert done.moved == 7 and moves == [2, 2, 2, 1]  # 1,002 bytes each: two fit in 3,000

@@ -36,8 +36,10 @@ BROWSE_SCAN = 10_000
 # Redrive: messages one call moves at most (and by default).
 MAX_REDRIVE = 10_000
 DEFAULT_REDRIVE = 1000
-# Messages one store move carries at most.
+# Messages one store move carries at most, and bytes (bodies and headers; a message larger than
+# that moves alone): a transaction of large messages stays small.
 REDRIVE_BATCH = 500
+REDRIVE_BATCH_BYTES = 8 * 1024 * 1024
 # How long one call works at most before it answers with what it moved: well within the
 # ANSWER_TIMEOUT_S a forwarding node waits for the owner (app/api/forward.py).
 CALL_BUDGET_MS = 5_000
@@ -123,12 +125,30 @@ async def redrive(
             else:
                 by_target.setdefault(target, []).append(m)
         for target, messages in by_target.items():
-            moved += await engine.move_ready(ch, messages, target, copy)
+            for chunk in _by_size(messages, REDRIVE_BATCH_BYTES):
+                moved += await engine.move_ready(ch, chunk, target, copy)
         if page.next is None:
             break
         after = page.next
     remaining = ch.ready_count if engine.channels.get(name) is ch else 0
     return Redriven(moved=moved, skipped=skipped, remaining=remaining)
+
+
+def _by_size(messages: list[Message], most: int) -> list[list[Message]]:
+    """`messages` in runs of at most `most` bytes each (a message larger alone: a run of one)."""
+    runs: list[list[Message]] = []
+    run: list[Message] = []
+    size = 0
+    for m in messages:
+        grows = len(m.body) + len(m.headers or b"")
+        if run and size + grows > most:
+            runs.append(run)
+            run, size = [], 0
+        run.append(m)
+        size += grows
+    if run:
+        runs.append(run)
+    return runs
 
 
 def _origin(m: Message, source: str) -> str | None:
