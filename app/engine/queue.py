@@ -134,6 +134,12 @@ class Ownership(Protocol):
 _header_encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(dict[str, str])
 
+# The header naming the channel a dead letter came from (where a redrive sends it back).
+DEAD_LETTER_CHANNEL_HEADER = "x-dead-letter-channel"
+
+# The copy of a message moved to another channel: (message, new id, now) -> the copy.
+Copier = Callable[[Message, int, int], Message]
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -959,7 +965,7 @@ class QueueEngine:
             ch, epoch, ids, lambda: self.store.release(ch.name, ids, at), undo, finish
         )
 
-    # -- dead letters -----------------------------------------------------------------------
+    # -- moves between channels -------------------------------------------------------------
     async def _dead_letter(
         self,
         ch: ChannelState,
@@ -971,27 +977,57 @@ class QueueEngine:
         """Move messages to the channel's dead-letter channel (or drop them), durably.
 
         Returns whether memory was finished (False: a purge came between, nothing counted)."""
+
+        def copy(m: Message, new_id: int, now: int) -> Message:
+            return Message(
+                id=new_id, body=m.body, headers=_dead_headers(m, ch.name, reason), enqueued_at=now
+            )
+
+        def counted(gone: int) -> None:
+            ch.dead_lettered += gone
+            log.info("dead-lettered %d message(s) from %s (%s)", gone, ch.name, reason)
+
+        target = ch.config.dead_letter
+        return await self._transfer(ch, epoch, messages, target, copy, counted, undo, dlq=True)
+
+    async def _transfer(
+        self,
+        ch: ChannelState,
+        epoch: int,
+        messages: list[Message],
+        target_name: str | None,
+        copy: Copier,
+        counted: Callable[[int], None],
+        undo: Callable[[], None] | None = None,
+        *,
+        dlq: bool = False,
+    ) -> bool:
+        """Move messages of `ch` to `target_name` (None: drop them) with one atomic store
+        `move`, and finish memory on both sides: the one path of dead-lettering and redrive.
+
+        The messages are taken out of reach at once (off the window and the leases; put back,
+        and `undo` run, if the store fails). Copies are made by `copy(message, new id, now)`.
+        A target on another shard is written under the source's fence with ids of the
+        source's shard, and its owner poked; a local one (created if new: as a dead-letter
+        channel when `dlq`) is counted and woken here. `counted(n)` adds the source's counters
+        for the n messages the store actually took. Returns whether memory was finished (False:
+        a purge came between, nothing counted)."""
         ids = [m.id for m in messages]
         # Off the window too (those TTL expiry finds may sit there); back on it if this fails.
         was_ready = [m for m in messages if ch.ready.pop(m.id, None) is not None]
         for msg_id in ids:
             ch.leases.pop(msg_id, None)
-        target_name = ch.config.dead_letter
+        # What the store took: all of `ids` when dropped; the copies made when moved (a message
+        # acked or purged meanwhile is not copied, and was counted out by its own path).
+        taken = len(ids)
 
         def copies(ids_from: str) -> list[Message]:
             now = self.clock.now_ms()
             first = self._ids(ids_from).take(len(messages))
-            return [
-                Message(
-                    id=first + i,
-                    body=m.body,
-                    headers=_dead_headers(m, ch.name, reason),
-                    enqueued_at=now,
-                )
-                for i, m in enumerate(messages)
-            ]
+            return [copy(m, first + i, now) for i, m in enumerate(messages)]
 
         async def move() -> None:
+            nonlocal taken
             if target_name is None:
                 await self.store.move(ch.name, ids, None, [])
                 return
@@ -1000,11 +1036,15 @@ class QueueEngine:
                 # The target lives on another shard: one atomic move in the store, under the
                 # source's fence, with ids of the source's shard (unique across primaries);
                 # then its owner is told (a lost poke only delays: its audit re-reads).
-                target_config = self.default_config(target_name, dead_letter_target=True)
-                if await self.store.move(ch.name, ids, target_name, copies(ch.name), target_config):
+                target_config = self.default_config(target_name, dead_letter_target=dlq)
+                copied = await self.store.move(
+                    ch.name, ids, target_name, copies(ch.name), target_config
+                )
+                taken = len(copied)
+                if copied:
                     own.poke(target_name)
                 return
-            target = await self.ensure(target_name, dead_letter_target=True)
+            target = await self.ensure(target_name, dead_letter_target=dlq)
             if ch.epoch != epoch:
                 return  # purged meanwhile: no copies of what the purge took
             moved = copies(target_name)
@@ -1014,6 +1054,7 @@ class QueueEngine:
                 copied = await self.store.move(ch.name, ids, target_name, moved)
             finally:
                 target.end_write()
+            taken = len(copied)
             if self.channels.get(target_name) is target:
                 self._stored(target, copied)
 
@@ -1024,13 +1065,35 @@ class QueueEngine:
 
         def finish() -> None:
             ch.forget(ids)
-            ch.total -= len(ids)
-            ch.dead_lettered += len(ids)
+            ch.total = max(0, ch.total - taken)
+            counted(taken)
             if self.journal is not None:
-                self.journal.dead_lettered(ch, ids)
-            log.info("dead-lettered %d message(s) from %s (%s)", len(ids), ch.name, reason)
+                self.journal.dead_lettered(ch, ids, target_name)
 
         return await self._complete(ch, epoch, ids, move, put_back, finish)
+
+    async def move_ready(
+        self, ch: ChannelState, messages: list[Message], target: str, copy: Copier
+    ) -> int:
+        """Move those of `messages` (read from the store as ready) that are ready in memory too
+        to `target`, in one atomic store move; return how many moved. Ones memory holds in
+        flight (leased, even past its deadline, or being settled) or delayed (due but not
+        promoted yet) are left: their own path ends them. Judged and taken out of reach in one
+        step, with no await between, so no consumer can lease one meanwhile."""
+        if self.channels.get(ch.name) is not ch:
+            return 0  # left memory (deleted, handed off) since it was looked up
+        busy = ch.leases.keys() | ch.settling
+        ready = [m for m in messages if m.id not in busy and (m.leased or not m.available_at)]
+        if not ready:
+            return 0
+        moved = 0
+
+        def counted(gone: int) -> None:
+            nonlocal moved
+            moved = gone
+
+        await self._transfer(ch, ch.epoch, ready, target, copy, counted)
+        return moved
 
     # -- maintenance ------------------------------------------------------------------------
     async def tick(self, now: int) -> int | None:
@@ -1212,7 +1275,7 @@ def _wake_all(waiters: Iterable[asyncio.Future[None]]) -> None:
 
 def _dead_headers(m: Message, channel: str, reason: str) -> bytes:
     headers = _header_decoder.decode(m.headers) if m.headers else {}
-    headers["x-dead-letter-channel"] = channel
+    headers[DEAD_LETTER_CHANNEL_HEADER] = channel
     headers["x-dead-letter-reason"] = reason
     headers["x-dead-letter-attempts"] = str(m.attempt)
     headers["x-dead-letter-message-id"] = str(m.id)
