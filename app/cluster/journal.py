@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, array_like=True, tag="c"):
     ttl_ms: int | None
     total: int
     delayed: int
+    # Last, with a default: a node of an older version sends and takes the shorter array.
+    trace: bool = False
 
 
 class Enqueued(msgspec.Struct, array_like=True, tag="e"):
@@ -197,6 +199,7 @@ def settings_of(ch: ChannelState) -> Settings:
         c.ttl_ms,
         ch.total,
         ch.delayed,
+        c.trace,
     )
 
 
@@ -207,6 +210,7 @@ def config_of(s: Settings) -> ChannelConfig:
         dead_letter=s.dead_letter,
         max_length=s.max_length,
         ttl_ms=s.ttl_ms,
+        trace=s.trace,
     )
 
 
