@@ -42,6 +42,11 @@ class ChannelNotFound(LionMQError):
     title = "Channel not found"
 
 
+class MessageNotFound(LionMQError):
+    status = 404
+    title = "Message not found"
+
+
 class ChannelFull(LionMQError):
     status = 429
     title = "Channel full"

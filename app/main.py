@@ -12,7 +12,17 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import channels, cluster, docs, health, hotpath, internal, messages, problems
+from app.api import (
+    browse,
+    channels,
+    cluster,
+    docs,
+    health,
+    hotpath,
+    internal,
+    messages,
+    problems,
+)
 from app.api.auth import OPEN_PATHS, BearerAuth
 from app.api.codec import install_schemas
 from app.api.deps import Node
@@ -169,12 +179,14 @@ def create_app(
     problems.install(app)
     docs.install(app)
     app.include_router(channels.router)
+    app.include_router(browse.router)
     app.include_router(health.router)
     app.include_router(cluster.router)
     app.include_router(internal.router(settings.cluster_secret))
     schemas: list[type[Any]] = [
         *messages.SCHEMAS,
         *channels.SCHEMAS,
+        *browse.SCHEMAS,
         *health.SCHEMAS,
         *cluster.SCHEMAS,
         problems.Problem,

@@ -38,7 +38,7 @@ from app.models import (
     Event,
     Message,
 )
-from app.store.base import SECRET_BYTES, Resolve, ShardLease, Store
+from app.store.base import SECRET_BYTES, MessageState, Page, Resolve, ShardLease, Store, state_of
 
 Reopen = Callable[[Store], Awaitable[Store]]
 Outage = Callable[[Store], AbstractAsyncContextManager[None]]
@@ -402,6 +402,128 @@ class StoreContract:
         assert await store.max_id() == 12
         await store.delete(OTHER, [12])
         assert await store.max_id() == 9  # the highest still present
+
+    # -- browsing ---------------------------------------------------------------------------
+    async def _every_state(self, store: Store) -> None:
+        """1, 4 ready; 2 delayed; 3 in flight; 5 a lease that ran out (ready); 6 a delay that
+        fell due (ready); 7 in flight; 8 in another channel."""
+        await store.insert(
+            CH,
+            [
+                msg(1, dedup_id="d1"),
+                msg(2, available_at=NOW + 50),
+                msg(3),
+                msg(4, headers=b'{"h": "v"}', expires_at=NOW + 900),
+                msg(5),
+                msg(6, available_at=NOW - 1),
+                msg(7),
+            ],
+            dedup_since=0,
+        )
+        await store.insert(OTHER, [msg(8)], dedup_since=0)
+        await store.lease(CH, [(3, 2), (7, 1)], NOW + 100)
+        await store.lease(CH, [(5, 1)], NOW - 5)
+
+    async def test_browse_shows_each_state_in_id_order(self, store: Store) -> None:
+        await self._every_state(store)
+        everything = await store.browse(CH, None, 0, NOW, 100, 100)
+        assert everything.next is None
+        assert ids(everything.messages) == [1, 2, 3, 4, 5, 6, 7]
+        assert [state_of(m, NOW) for m in everything.messages] == [
+            "ready",
+            "delayed",
+            "in_flight",
+            "ready",
+            "ready",
+            "ready",
+            "in_flight",
+        ]
+        by_id = {m.id: m for m in everything.messages}
+        assert by_id[1] == replace(msg(1), dedup_id="d1")  # its record is still kept
+        assert by_id[3] == replace(msg(3), leased=True, attempt=2, available_at=NOW + 100)
+        assert by_id[4] == msg(4, headers=b'{"h": "v"}', expires_at=NOW + 900)
+        wanted: dict[MessageState, list[int]] = {
+            "ready": [1, 4, 5, 6],
+            "delayed": [2],
+            "in_flight": [3, 7],
+        }
+        for state, expected in wanted.items():
+            page = await store.browse(CH, state, 0, NOW, 100, 100)
+            assert ids(page.messages) == expected, state
+            assert page.next is None, state
+        # Time moves the states: the delay falls due, the leases run out.
+        later = await store.browse(CH, "ready", 0, NOW + 100, 100, 100)
+        assert ids(later.messages) == [1, 2, 3, 4, 5, 6, 7]
+        assert (await store.browse(OTHER, None, 0, NOW, 100, 100)).messages == [msg(8)]
+        assert await store.browse("nowhere", None, 0, NOW, 10, 10) == Page([], None)
+
+    async def test_browse_pages_by_id(self, store: Store) -> None:
+        await store.insert(CH, [msg(i) for i in range(1, 11)], dedup_since=0)
+        await store.lease(CH, [(2, 1), (9, 1)], NOW + 10)
+        for state, expected in [(None, list(range(1, 11))), ("ready", [1, 3, 4, 5, 6, 7, 8, 10])]:
+            seen: list[int] = []
+            after: int | None = 0
+            for _ in range(10):  # bounded: 3 pages expected
+                assert after is not None
+                page = await store.browse(CH, state, after, NOW, 4, 100)
+                assert len(page.messages) <= 4
+                seen += ids(page.messages)
+                after = page.next
+                if after is None:
+                    break
+            assert seen == expected, state
+        # A full last page names its last id; the page after it is empty and ends.
+        full = await store.browse(CH, None, 6, NOW, 4, 100)
+        assert ids(full.messages) == [7, 8, 9, 10] and full.next == 10
+        assert await store.browse(CH, None, 10, NOW, 4, 100) == Page([], None)
+
+    async def test_browse_examines_at_most_scan_messages(self, store: Store) -> None:
+        # Two in flight among many ready: a page of in-flight messages stops its scan after
+        # `scan` messages, and says where to go on from.
+        await store.insert(CH, [msg(i) for i in range(1, 21)], dedup_since=0)
+        await store.lease(CH, [(3, 1), (17, 1)], NOW + 10)
+        first = await store.browse(CH, "in_flight", 0, NOW, 5, 8)
+        assert ids(first.messages) == [3] and first.next == 8
+        second = await store.browse(CH, "in_flight", 8, NOW, 5, 8)
+        assert second.messages == [] and second.next == 16
+        third = await store.browse(CH, "in_flight", 16, NOW, 5, 8)
+        assert ids(third.messages) == [17] and third.next is None
+
+    async def test_browse_and_get_change_nothing(self, store: Store) -> None:
+        await self._every_state(store)
+        before = (await store.counts(CH, NOW), await store.leased(CH, NOW), await all_ids(store))
+        await store.browse(CH, None, 0, NOW, 100, 100)
+        await store.browse(CH, "ready", 0, NOW, 100, 100)
+        await store.get_message(CH, 3)
+        assert before == (
+            await store.counts(CH, NOW),
+            await store.leased(CH, NOW),
+            await all_ids(store),
+        )
+        # Reads are not fenced: a node that owns no shard may still read.
+        store.fence(by_channel({}))
+        assert ids((await store.browse(CH, None, 0, NOW, 100, 100)).messages)[:2] == [1, 2]
+        assert await store.get_message(CH, 1) is not None
+
+    async def test_get_message(self, store: Store) -> None:
+        await self._every_state(store)
+        assert await store.get_message(CH, 1) == replace(msg(1), dedup_id="d1")
+        assert await store.get_message(CH, 3) == replace(
+            msg(3), leased=True, attempt=2, available_at=NOW + 100
+        )
+        assert await store.get_message(CH, 8) is None  # another channel's
+        assert await store.get_message(OTHER, 8) == msg(8)
+        assert await store.get_message(CH, 99) is None
+        assert await store.get_message("nowhere", 1) is None
+
+    async def test_a_dedup_id_shows_while_its_record_is_kept(self, store: Store) -> None:
+        await store.insert(CH, [msg(1, dedup_id="a", enqueued_at=1000)], dedup_since=0)
+        await store.insert(OTHER, [msg(2, dedup_id="a", enqueued_at=5000)], dedup_since=0)
+        assert (await store.get_message(OTHER, 2)) == msg(2, dedup_id="a", enqueued_at=5000)
+        assert await store.prune_dedup(2000, 10) == 1
+        assert (await store.get_message(CH, 1)) == msg(1, enqueued_at=1000)
+        page = await store.browse(OTHER, None, 0, NOW, 10, 10)
+        assert page.messages == [msg(2, dedup_id="a", enqueued_at=5000)]
 
     # -- move, purge, drop ------------------------------------------------------------------
     async def test_move_to_target(self, store: Store) -> None:

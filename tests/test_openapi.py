@@ -147,6 +147,14 @@ def channel_route(
     return {k: v for k, v in provoke.items() if k == "ok" or k in problems}
 
 
+async def first_message(n: Node, down: bool = False) -> httpx.Response:
+    """GET the first message of channel c (enqueued first), with the store down if asked."""
+    await n.enqueue("c")
+    page = await n.call("GET", "/channels/c/messages?limit=1")
+    get = n.call("GET", f"/channels/c/messages/{page.json()['messages'][0]['id']}")
+    return await (n.down(get) if down else get)
+
+
 async def not_ready(n: Node, path: str) -> httpx.Response:
     return await n.down(n.call("GET", path))
 
@@ -172,6 +180,21 @@ PROVOKE: dict[tuple[str, str], dict[str, Provoke]] = {
     },
     ("post", "/channels/{channel}/purge"): channel_route("POST"),
     ("delete", "/channels/{channel}"): channel_route("DELETE"),
+    ("get", "/channels/{channel}/messages"): {
+        **channel_route("GET"),
+        "422": lambda n, path: n.call("GET", path + "?limit=0"),
+    },
+    ("get", "/channels/{channel}/messages/{msg_id}"): {
+        "ok": lambda n, path: first_message(n),
+        "404": lambda n, path: n.call("GET", "/channels/c/messages/1"),
+        "422": lambda n, path: n.call("GET", "/channels/c/messages/x"),
+        "503": lambda n, path: first_message(n, down=True),
+    },
+    ("post", "/channels/{channel}/redrive"): {
+        **channel_route("POST", b'{"to": "d"}'),
+        "400": lambda n, path: n.call("POST", path, b"{oops"),
+        "413": lambda n, path: n.call("POST", path, b" " * 5000 + b"{}"),
+    },
     ("get", "/health"): {"ok": lambda n, path: n.call("GET", path)},
     ("get", "/ready"): {"ok": lambda n, path: n.call("GET", path), "503": not_ready},
     ("get", "/metrics"): {"ok": lambda n, path: n.call("GET", path)},

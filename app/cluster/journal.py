@@ -338,10 +338,11 @@ class Journal:
             attempts = [lease.attempt for lease in leases]
             log.append(Extended(ch.name, ids, attempts, deadline))
 
-    def dead_lettered(self, ch: ChannelState, ids: list[int]) -> None:
+    def dead_lettered(self, ch: ChannelState, ids: list[int], target: str | None) -> None:
+        """Messages moved out of the channel to `target` (None: dropped): dead-lettered or
+        redriven."""
         log = self._log(ch.name)
         if log is not None:
-            target = ch.config.dead_letter
             log.append(DeadLettered(ch.name, ids, target, ch.total, ch.delayed))
 
     def promoted(self, ch: ChannelState, due: Sequence[Message]) -> None:

@@ -139,6 +139,12 @@ Consumer = Callable[[], str]
 _header_encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(dict[str, str])
 
+# The header naming the channel a dead letter came from (where a redrive sends it back).
+DEAD_LETTER_CHANNEL_HEADER = "x-dead-letter-channel"
+
+# The copy of a message moved to another channel: (message, new id, now) -> the copy.
+Copier = Callable[[Message, int, int], Message]
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -1014,7 +1020,7 @@ class QueueEngine:
             ch, epoch, ids, lambda: self.store.release(ch.name, ids, at, events), undo, finish
         )
 
-    # -- dead letters -----------------------------------------------------------------------
+    # -- moves between channels -------------------------------------------------------------
     async def _dead_letter(
         self,
         ch: ChannelState,
@@ -1028,31 +1034,66 @@ class QueueEngine:
         the end of a lease that led here ("nacked", "lease_expired"), for a traced history.
 
         Returns whether memory was finished (False: a purge came between, nothing counted)."""
+
+        def copy(m: Message, new_id: int, now: int) -> Message:
+            return Message(
+                id=new_id, body=m.body, headers=_dead_headers(m, ch.name, reason), enqueued_at=now
+            )
+
+        def counted(gone: int) -> None:
+            ch.dead_lettered += gone
+            log.info("dead-lettered %d message(s) from %s (%s)", gone, ch.name, reason)
+
+        target = ch.config.dead_letter
+        events = None
+        if ch.config.trace and target is not None:
+            events = trace.dead_lettered(self.clock.now_ms(), messages, reason, target, after)
+        return await self._transfer(
+            ch, epoch, messages, target, copy, counted, undo, dlq=True, events=events
+        )
+
+    async def _transfer(
+        self,
+        ch: ChannelState,
+        epoch: int,
+        messages: list[Message],
+        target_name: str | None,
+        copy: Copier,
+        counted: Callable[[int], None],
+        undo: Callable[[], None] | None = None,
+        *,
+        dlq: bool = False,
+        events: Sequence[Event] | None = None,
+    ) -> bool:
+        """Move messages of `ch` to `target_name` (None: drop them) with one atomic store
+        `move`, and finish memory on both sides: the one path of dead-lettering and redrive.
+
+        The messages are taken out of reach at once (off the window and the leases; put back,
+        and `undo` run, if the store fails). Copies are made by `copy(message, new id, now)`.
+        A target on another shard is written under the source's fence with ids of the
+        source's shard, and its owner poked; a local one (created if new: as a dead-letter
+        channel when `dlq`) is counted and woken here. `counted(n)` adds the source's counters
+        for the n messages the store actually took. `events` (a traced source's, one per
+        message): the copies carry their history on with these. Returns whether memory was
+        finished (False: a purge came between, nothing counted)."""
         ids = [m.id for m in messages]
         # Off the window too (those TTL expiry finds may sit there); back on it if this fails.
         was_ready = [m for m in messages if ch.ready.pop(m.id, None) is not None]
         for msg_id in ids:
             ch.leases.pop(msg_id, None)
-        target_name = ch.config.dead_letter
-        traced = ch.config.trace
-        events = None
-        if traced and target_name is not None:
-            events = trace.dead_lettered(self.clock.now_ms(), messages, reason, target_name, after)
+        # What the store took: all of `ids` when dropped; the copies made when moved (a message
+        # acked or purged meanwhile is not copied, and was counted out by its own path).
+        taken = len(ids)
+        # A dead-letter channel made for a traced channel traces too: its copies carry history.
+        traced = dlq and ch.config.trace
 
         def copies(ids_from: str) -> list[Message]:
             now = self.clock.now_ms()
             first = self._ids(ids_from).take(len(messages))
-            return [
-                Message(
-                    id=first + i,
-                    body=m.body,
-                    headers=_dead_headers(m, ch.name, reason),
-                    enqueued_at=now,
-                )
-                for i, m in enumerate(messages)
-            ]
+            return [copy(m, first + i, now) for i, m in enumerate(messages)]
 
         async def move() -> None:
+            nonlocal taken
             if target_name is None:
                 await self.store.move(ch.name, ids, None, [])
                 return
@@ -1062,13 +1103,16 @@ class QueueEngine:
                 # source's fence, with ids of the source's shard (unique across primaries);
                 # then its owner is told (a lost poke only delays: its audit re-reads).
                 target_config = self.default_config(
-                    target_name, dead_letter_target=True, trace=traced
+                    target_name, dead_letter_target=dlq, trace=traced
                 )
-                moved = copies(ch.name)
-                if await self.store.move(ch.name, ids, target_name, moved, target_config, events):
+                copied = await self.store.move(
+                    ch.name, ids, target_name, copies(ch.name), target_config, events
+                )
+                taken = len(copied)
+                if copied:
                     own.poke(target_name)
                 return
-            target = await self.ensure(target_name, dead_letter_target=True, trace=traced)
+            target = await self.ensure(target_name, dead_letter_target=dlq, trace=traced)
             if ch.epoch != epoch:
                 return  # purged meanwhile: no copies of what the purge took
             moved = copies(target_name)
@@ -1078,6 +1122,7 @@ class QueueEngine:
                 copied = await self.store.move(ch.name, ids, target_name, moved, None, events)
             finally:
                 target.end_write()
+            taken = len(copied)
             if self.channels.get(target_name) is target:
                 self._stored(target, copied)
 
@@ -1088,13 +1133,38 @@ class QueueEngine:
 
         def finish() -> None:
             ch.forget(ids)
-            ch.total -= len(ids)
-            ch.dead_lettered += len(ids)
+            ch.total = max(0, ch.total - taken)
+            counted(taken)
             if self.journal is not None:
-                self.journal.dead_lettered(ch, ids)
-            log.info("dead-lettered %d message(s) from %s (%s)", len(ids), ch.name, reason)
+                self.journal.dead_lettered(ch, ids, target_name)
 
         return await self._complete(ch, epoch, ids, move, put_back, finish)
+
+    async def move_ready(
+        self, ch: ChannelState, messages: list[Message], target: str, copy: Copier
+    ) -> int:
+        """Move those of `messages` (read from the store as ready) that are ready in memory too
+        to `target`, in one atomic store move; return how many moved. Ones memory holds in
+        flight (leased, even past its deadline, or being settled) or delayed (due but not
+        promoted yet) are left: their own path ends them. Judged and taken out of reach in one
+        step, with no await between, so no consumer can lease one meanwhile."""
+        if self.channels.get(ch.name) is not ch:
+            return 0  # left memory (deleted, handed off) since it was looked up
+        busy = ch.leases.keys() | ch.settling
+        ready = [m for m in messages if m.id not in busy and (m.leased or not m.available_at)]
+        if not ready:
+            return 0
+        moved = 0
+
+        def counted(gone: int) -> None:
+            nonlocal moved
+            moved = gone
+
+        events = None
+        if ch.config.trace:
+            events = trace.redriven(self.clock.now_ms(), ch.name, target, len(ready))
+        await self._transfer(ch, ch.epoch, ready, target, copy, counted, events=events)
+        return moved
 
     # -- maintenance ------------------------------------------------------------------------
     async def tick(self, now: int) -> int | None:
@@ -1276,7 +1346,7 @@ def _wake_all(waiters: Iterable[asyncio.Future[None]]) -> None:
 
 def _dead_headers(m: Message, channel: str, reason: str) -> bytes:
     headers = _header_decoder.decode(m.headers) if m.headers else {}
-    headers["x-dead-letter-channel"] = channel
+    headers[DEAD_LETTER_CHANNEL_HEADER] = channel
     headers["x-dead-letter-reason"] = reason
     headers["x-dead-letter-attempts"] = str(m.attempt)
     headers["x-dead-letter-message-id"] = str(m.id)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from app.errors import Fenced, StoreError, StoreTooLarge
 from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Event, Message
@@ -38,6 +38,29 @@ Resolve = Callable[[str], tuple[str, int] | None]
 
 # Size of the store's secret (see Store.secret), in bytes.
 SECRET_BYTES = 32
+
+# A message's state as browsing shows it, judged from its row at a time `now` (see `state_of`).
+MessageState = Literal["ready", "delayed", "in_flight"]
+MESSAGE_STATES: tuple[MessageState, ...] = ("ready", "delayed", "in_flight")
+
+
+def state_of(m: Message, now: int) -> MessageState:
+    """The state a stored message is in at `now`, by the encoding above: deliverable once
+    `available_at` has passed (a delay that fell due, a lease that ran out), else in flight
+    while leased and delayed while not. The one rule `Store.browse` filters by."""
+    if m.available_at <= now:
+        return "ready"
+    return "in_flight" if m.leased else "delayed"
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of `Store.browse`: `next` is the `after_id` of the next page, None when no message
+    lies past this one (a page cut short by the scan bound may be short, even empty, with a
+    `next`)."""
+
+    messages: list[Message]
+    next: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +218,27 @@ class Store(Protocol):
 
     async def max_id(self) -> int:
         """The highest message id ever stored that is still present (0 when empty)."""
+        ...
+
+    async def browse(
+        self,
+        channel: str,
+        state: MessageState | None,
+        after_id: int,
+        now: int,
+        limit: int,
+        scan: int,
+    ) -> Page:
+        """Up to `limit` messages of the channel with id > `after_id`, in id order, in `state`
+        at `now` (`state_of`; None: any state), each with the dedup id its record still holds
+        (None once pruned). Examines at most `scan` (>= `limit`) messages past `after_id`, walking
+        the channel's id index, so that a rare state in a long channel costs a bounded read.
+        Reads only: changes nothing, leases nothing, not fenced."""
+        ...
+
+    async def get_message(self, channel: str, msg_id: int) -> Message | None:
+        """One message of the channel (with its dedup id as `browse` has it), None when the
+        channel holds no message with that id. Reads only."""
         ...
 
     # -- ownership --------------------------------------------------------------------------

@@ -88,6 +88,8 @@ from app.models import (
 from app.settings import mongo_database
 from app.store.base import (
     SECRET_BYTES,
+    MessageState,
+    Page,
     Resolve,
     ShardLease,
     check_sizes,
@@ -308,6 +310,8 @@ class MongoStore:
                 [
                     IndexModel([("channel", ASCENDING), ("dedup_id", ASCENDING)], unique=True),
                     IndexModel([("used_at", ASCENDING)]),  # prune_dedup
+                    # browse, get_message: a message's dedup id while its record is kept.
+                    IndexModel([("channel", ASCENDING), ("message_id", ASCENDING)]),
                 ]
             )
 
@@ -827,6 +831,57 @@ class MongoStore:
             )
         return 0 if doc is None else int(doc["_id"])
 
+    async def browse(
+        self,
+        channel: str,
+        state: MessageState | None,
+        after_id: int,
+        now: int,
+        limit: int,
+        scan: int,
+    ) -> Page:
+        ids: Doc = {"$gt": after_id}
+        query: Doc = {"channel": channel, "_id": ids}
+        upper: int | None = None
+        with _translated():
+            if state is not None:
+                # Where the scan stops: `scan` entries along the (channel, _id) index.
+                stop = self._messages.find(query, {"_id": True}).sort("_id", ASCENDING)
+                last = await stop.skip(max(scan, limit) - 1).limit(1).to_list(None)
+                if last:
+                    upper = int(last[0]["_id"])
+                    ids["$lte"] = upper
+                query.update(_browse_state(state, now))
+            docs = (
+                await self._messages.find(query).sort("_id", ASCENDING).limit(limit).to_list(None)
+            )
+        found = [_from_doc(d) for d in docs]
+        await self._with_dedup_ids(channel, found)
+        if len(found) == limit:
+            return Page(found, found[-1].id)
+        return Page(found, upper)
+
+    async def get_message(self, channel: str, msg_id: int) -> Message | None:
+        with _translated():
+            doc = await self._messages.find_one({"_id": msg_id, "channel": channel})
+        if doc is None:
+            return None
+        found = _from_doc(doc)
+        await self._with_dedup_ids(channel, [found])
+        return found
+
+    async def _with_dedup_ids(self, channel: str, messages: list[Message]) -> None:
+        """Fill in the dedup ids whose records are still kept (one indexed read for a page)."""
+        if not messages:
+            return
+        by_id = {m.id: m for m in messages}
+        with _translated():
+            async for rec in self._dedup.find(
+                {"channel": channel, "message_id": {"$in": list(by_id)}},
+                {"message_id": True, "dedup_id": True},
+            ):
+                by_id[int(rec["message_id"])].dedup_id = str(rec["dedup_id"])
+
     # -- ownership --------------------------------------------------------------------------
     async def store_time_ms(self) -> int:
         if self._clock is not None:
@@ -951,6 +1006,13 @@ class MongoStore:
             except DuplicateKeyError:  # two first upserts raced; the other one's value stands
                 doc = await meta.find_one({"_id": "secret"})
         return bytes(doc["value"])
+
+
+def _browse_state(state: MessageState, now: int) -> Doc:
+    """A browsing state (`app.store.base.state_of`) as a filter on the message documents."""
+    if state == "ready":
+        return {"available_at": {"$lte": now}}
+    return {"leased": state == "in_flight", "available_at": {"$gt": now}}
 
 
 def _only_duplicate_keys(exc: StoreError) -> list[dict[str, Any]] | None:

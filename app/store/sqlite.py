@@ -89,6 +89,8 @@ from app.models import (
 )
 from app.store.base import (
     SECRET_BYTES,
+    MessageState,
+    Page,
     Resolve,
     ShardLease,
     check_sizes,
@@ -163,6 +165,8 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (ch, dedup_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_by_age ON dedup (used_at);
+-- Browsing shows each message's dedup id while its record is kept.
+CREATE INDEX IF NOT EXISTS dedup_by_message ON dedup (ch, msg_id);
 -- expires_at is on the store's clock; 0 once released.
 CREATE TABLE IF NOT EXISTS shard_leases (
     shard TEXT PRIMARY KEY,
@@ -1125,6 +1129,59 @@ class SQLiteStore:
         )
         return value or 0
 
+    async def browse(
+        self,
+        channel: str,
+        state: MessageState | None,
+        after_id: int,
+        now: int,
+        limit: int,
+        scan: int,
+    ) -> Page:
+        def op(conn: sqlite3.Connection) -> Page:
+            key = self._read_key(conn, channel)
+            if key is None:
+                return Page([], None)
+            where, params = _BROWSE_STATES[state], (now,) if state is not None else ()
+            bound = None
+            if state is not None:
+                # Where the scan stops: `scan` entries along the id index (no row is read).
+                bound = conn.execute(
+                    "SELECT id FROM messages INDEXED BY messages_by_channel WHERE ch = ?"
+                    " AND id > ? ORDER BY id LIMIT 1 OFFSET ?",
+                    (key, after_id, max(scan, limit) - 1),
+                ).fetchone()
+            upper = bound[0] if bound is not None else _MAX_ID
+            # Along the id index, never the due index: a page costs at most `scan` rows.
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages INDEXED BY messages_by_channel WHERE ch = ?"
+                f" AND id > ? AND id <= ?{where} ORDER BY id LIMIT ?",
+                (key, after_id, upper, *params, limit),
+            ).fetchall()
+            found = [_message(r) for r in rows]
+            _with_dedup_ids(conn, key, found)
+            if len(found) == limit:
+                return Page(found, found[-1].id)
+            return Page(found, None if bound is None else upper)
+
+        return await self._read(op)
+
+    async def get_message(self, channel: str, msg_id: int) -> Message | None:
+        def op(conn: sqlite3.Connection) -> Message | None:
+            key = self._read_key(conn, channel)
+            if key is None:
+                return None
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE id = ? AND ch = ?", (msg_id, key)
+            ).fetchone()
+            if row is None:
+                return None
+            found = _message(row)
+            _with_dedup_ids(conn, key, [found])
+            return found
+
+        return await self._read(op)
+
     # -- ownership --------------------------------------------------------------------------
     async def store_time_ms(self) -> int:
         return self._clock.now_ms()
@@ -1254,6 +1311,29 @@ def _lease_rows(conn: sqlite3.Connection, rows: list[Any]) -> None:
             " WHERE messages.id = v.column1",
             chunk,
         )
+
+
+# Each browsing state as a condition on the row (`state_of`), with `now` as its one parameter.
+_BROWSE_STATES: dict[MessageState | None, str] = {
+    None: "",
+    "ready": " AND available_at <= ?",
+    "delayed": " AND leased = 0 AND available_at > ?",
+    "in_flight": " AND leased = 1 AND available_at > ?",
+}
+_MAX_ID = 2**63 - 1
+
+
+def _with_dedup_ids(conn: sqlite3.Connection, key: int, messages: list[Message]) -> None:
+    """Fill in the dedup ids whose records are still kept (one indexed read for a page)."""
+    if not messages:
+        return
+    by_id = {m.id: m for m in messages}
+    for msg_id, dedup_id in conn.execute(
+        "SELECT msg_id, dedup_id FROM dedup INDEXED BY dedup_by_message WHERE ch = ?"
+        f" AND msg_id IN ({_marks(len(by_id))})",
+        (key, *by_id),
+    ):
+        by_id[msg_id].dedup_id = dedup_id
 
 
 def _existing_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> set[int]:
