@@ -51,9 +51,13 @@ class Pair:
     b: Served
     app_b: NodeApp
 
-    async def history(self, channel: str, msg_id: int) -> list[Event] | None:
-        result: list[Event] | None = await self.app_b.state.node.engine.history(channel, msg_id)
-        return result
+    async def history(self, channel: str, msg_id: int) -> list[Event]:
+        """As GET /channels/{channel}/messages/{id} shows it, asked of A (forwarded to B)."""
+        async with httpx.AsyncClient(base_url=self.a.url, headers=AUTH, timeout=10) as c:
+            r = await c.get(f"/channels/{channel}/messages/{msg_id}")
+        assert r.status_code == 200 and r.headers["x-lionmq-forwarded-by"] == "node-a", r.text
+        history: list[Event] = r.json()["history"]
+        return history
 
 
 @pytest.fixture
@@ -101,7 +105,7 @@ async def delivered_to(pair: Pair, port: int, **headers: str) -> tuple[str, str]
     )
     assert status == 200 and len(answer["messages"]) == 1, answer
     history = await pair.history("far", msg_id)
-    assert history is not None and history[-1]["event"] == "delivered"
+    assert history[-1]["event"] == "delivered"
     consumer = history[-1]["consumer"]
     assert isinstance(consumer, str)
     return consumer, us
@@ -161,3 +165,52 @@ def test_consumer_of_believes_a_valid_tag_only() -> None:
     assert consumer_of(scope_of(peer, (header, swapped)), SECRET) == "10.0.0.5:5555"
     assert consumer_of(scope_of(("::1", 80)), SECRET) == "[::1]:80"
     assert consumer_of(scope_of(None), SECRET) == "unknown"
+
+
+async def test_a_messages_history_over_http(app_client: httpx.AsyncClient) -> None:
+    c = app_client
+    r = await c.put("/channels/jobs", json={"trace": True, "max_attempts": 1})
+    assert r.status_code == 200, r.text
+    [msg_id] = (await c.post("/channels/jobs/enqueue", json={"messages": [{"body": 1}]})).json()[
+        "ids"
+    ]
+    r = await c.get(f"/channels/jobs/messages/{msg_id}")
+    assert r.status_code == 200, r.text
+    [enqueued] = r.json()["history"]
+    assert enqueued["event"] == "enqueued" and isinstance(enqueued["at"], int)
+
+    [got] = (await c.post("/channels/jobs/dequeue", json={"max": 1})).json()["messages"]
+    [_, delivered] = (await c.get(f"/channels/jobs/messages/{msg_id}")).json()["history"]
+    assert delivered["event"] == "delivered" and delivered["attempt"] == 1
+    assert delivered["consumer"] == "127.0.0.1:123"  # httpx's ASGI transport's client
+    assert delivered["lease_deadline"] == delivered["at"] + 30_000
+
+    # The last attempt nacked: dead-lettered, the copy carrying its history on.
+    r = await c.post("/channels/jobs/nack", json={"receipts": [got["receipt"]]})
+    assert r.json()["nacked"] == 1
+    assert (await c.get(f"/channels/jobs/messages/{msg_id}")).status_code == 404
+    [dead] = (await c.get("/channels/jobs.dlq/messages")).json()["messages"]
+    history = (await c.get(f"/channels/jobs.dlq/messages/{dead['id']}")).json()["history"]
+    assert history[:2] == [enqueued, delivered]
+    assert {k: v for k, v in history[2].items() if k != "at"} == {
+        "event": "dead_lettered",
+        "reason": "max_attempts",
+        "to": "jobs.dlq",
+        "after": "nacked",
+        "attempt": 1,
+    }
+    # Redriven back: carried on again.
+    r = await c.post("/channels/jobs.dlq/redrive", json={})
+    assert r.json()["moved"] == 1, r.text
+    [back] = (await c.get("/channels/jobs/messages")).json()["messages"]
+    again = (await c.get(f"/channels/jobs/messages/{back['id']}")).json()["history"]
+    assert again[:3] == history
+    assert {k: v for k, v in again[3].items() if k != "at"} == {
+        "event": "redriven",
+        "from": "jobs.dlq",
+        "to": "jobs",
+    }
+
+    # An untraced channel shows no history.
+    ids = (await c.post("/channels/plain/enqueue", json={"messages": [{"body": 2}]})).json()["ids"]
+    assert (await c.get(f"/channels/plain/messages/{ids[0]}")).json()["history"] is None
