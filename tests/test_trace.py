@@ -17,7 +17,7 @@ from app.cluster import journal
 from app.cluster.journal import config_of, settings_of
 from app.engine import trace
 from app.engine.channel import ChannelState
-from app.engine.ids import receipt
+from app.engine.ids import IdGenerator, receipt
 from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.errors import ChannelNotFound
 from app.models import ChannelConfig, Event, Lease, Message
@@ -230,3 +230,40 @@ def test_the_trace_setting_round_trips_through_the_mirror() -> None:
     older = msgspec.json.decode(wire, type=list[object])[:-1]
     decoded = msgspec.json.decode(msgspec.json.encode(older), type=journal.Settings)
     assert config_of(decoded) == ChannelConfig(max_attempts=4, trace=False)
+
+
+class OneShard:
+    """This node serves every channel but the dead-letter channel, which is another shard's."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.ids = IdGenerator(clock)
+        self.poked: list[str] = []
+
+    def ids_for(self, channel: str) -> IdGenerator:
+        return self.ids
+
+    def serves(self, channel: str) -> bool:
+        return not channel.endswith(".dlq")
+
+    def admits(self, channel: str) -> bool:
+        return self.serves(channel)
+
+    def poke(self, channel: str) -> None:
+        self.poked.append(channel)
+
+
+async def test_a_dead_letter_into_another_shard_carries_its_history(env: Env) -> None:
+    q = env.engine
+    own = q.ownership = OneShard(env.clock)
+    await q.configure("jobs", {"trace": True, "max_attempts": 1})
+    await q.enqueue("jobs", [msg(1)])
+    [lease] = await env.dequeue("jobs")
+    await q.nack("jobs", receipts([lease]), 0, False)
+    assert own.poked == ["jobs.dlq"] and "jobs.dlq" not in q.channels
+    # The other shard's owner finds the channel (tracing, as made for a traced channel) and the
+    # copy with its history, in the store.
+    assert (await env.store.load_channels())["jobs.dlq"].trace
+    [copy] = await env.store.page_ready("jobs.dlq", 0, env.clock.now_ms(), 10)
+    history = await env.store.history("jobs.dlq", copy.id)
+    assert history is not None
+    assert [e["event"] for e in history] == ["enqueued", "delivered", "dead_lettered"]
