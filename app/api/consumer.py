@@ -3,11 +3,10 @@
 The owner sees the ASGI scope's client: the TCP peer (the node runs uvicorn without proxy
 headers, so X-Forwarded-For is never believed; a reverse proxy in front shows as itself). A
 request forwarded by another node of the cluster comes from that node, so the forwarder passes
-the client's address on in `X-LionMQ-Client:
-<address> <tag>`, the tag an HMAC of the address under CLUSTER_SECRET: the owner believes the
-address only with a valid tag, so a client cannot make the history name someone else, and a
-node without a secret (nothing tells a peer from a client) never believes it. The forwarder
-drops any such header a client sent.
+the client's address on in `X-LionMQ-Client: <address> <tag>`, the tag an HMAC of the address
+under CLUSTER_SECRET: the owner believes the address only with a valid tag, so a client cannot
+make the history name someone else, and a node without a secret (nothing tells a peer from a
+client) never believes it. The forwarder drops any such header a client sent.
 
 Read only by a dequeue of a traced channel: an untraced one never looks at the headers.
 """

@@ -41,7 +41,8 @@ class Settings(msgspec.Struct, array_like=True, tag="c"):
     ttl_ms: int | None
     total: int
     delayed: int
-    # Last, with a default: a node of an older version sends and takes the shorter array.
+    # Last, with a default: a node of an older version sends the array without it, and drops
+    # it from the end of ours.
     trace: bool = False
 
 
