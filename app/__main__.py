@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         log_config=log_config(settings.log_level, ("lionmq", "app", "uvicorn")),
         log_level=settings.log_level,
         access_log=False,
-        proxy_headers=False,  # the node reads no client address; parsing them costs per request
+        # The client address is the TCP peer (X-Forwarded-For is not believed; a traced
+        # channel records it, app/api/consumer.py); parsing proxy headers costs per request.
+        proxy_headers=False,
         lifespan="on",
     )
     server = uvicorn.Server(config)

@@ -98,7 +98,7 @@ async def open_cluster(
     # Closed before the session: no request forwards through a closed session.
     resources.push_async_callback(runtime.stop)
     await runtime.start()
-    forward.install(app, runtime, session)
+    forward.install(app, runtime, session, settings.cluster_secret)
     resources.callback(forward.uninstall, app)
     return runtime
 

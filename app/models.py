@@ -22,6 +22,16 @@ DEAD_LETTER_SUFFIX = ".dlq"
 # encoded). A store accepts a dead letter this much past its message limit, so a message it
 # took in can always be dead-lettered; each store's limit leaves room for it.
 DEAD_LETTER_HEADROOM = 1024
+# A traced message keeps its last HISTORY_LIMIT events (app/engine/trace.py), stored with it.
+# Each event is at most a few hundred bytes (times, attempt, a consumer address cut to
+# CONSUMER_MAX_CHARS, at most two channel names), so a full history fits in HISTORY_HEADROOM:
+# a store whose record size is bounded (MongoDB) keeps that much room next to the message.
+HISTORY_LIMIT = 100
+CONSUMER_MAX_CHARS = 64
+HISTORY_HEADROOM = 48 * 1024
+
+# One history event: {"at": ms, "event": name, ...details}.
+Event = dict[str, int | str | None]
 
 
 @dataclass(slots=True)
@@ -32,6 +42,8 @@ class ChannelConfig:
     dead_letter: str | None = None
     max_length: int | None = None
     ttl_ms: int | None = None
+    # Record each message's history (app/engine/trace.py); off: no history work at all.
+    trace: bool = False
 
 
 @dataclass(slots=True)

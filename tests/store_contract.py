@@ -29,7 +29,15 @@ import pytest
 
 from app.clock import ManualClock
 from app.errors import Fenced, StoreError, StoreTooLarge, StoreUnavailable
-from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import (
+    DEAD_LETTER_HEADROOM,
+    HISTORY_LIMIT,
+    ChannelConfig,
+    ChannelCounts,
+    EnqueueResult,
+    Event,
+    Message,
+)
 from app.store.base import SECRET_BYTES, MessageState, Page, Resolve, ShardLease, Store, state_of
 
 Reopen = Callable[[Store], Awaitable[Store]]
@@ -59,6 +67,11 @@ def msg(id: int, body: bytes | None = None, **fields: Any) -> Message:
     fields.setdefault("enqueued_at", NOW)
     fields.setdefault("headers", None)
     return Message(id=id, body=b'{"n": %d}' % id if body is None else body, **fields)
+
+
+def _event(name: str, **details: int | str | None) -> Event:
+    """A history event as the engine makes one (the stores keep them as given)."""
+    return {"at": NOW, "event": name, **details}
 
 
 def ids(messages: Sequence[Message]) -> list[int]:
@@ -597,6 +610,127 @@ class StoreContract:
         second = ChannelConfig(visibility_ms=2_000, dead_letter=None, max_length=None)
         await store.save_channel("a", second)  # overwrite, not merge
         assert await store.load_channels() == {"a": second, "a.dlq": ChannelConfig()}
+
+    # -- history (a traced channel's) -------------------------------------------------------
+    async def test_history_starts_with_the_insert_and_grows_with_leases_and_releases(
+        self, store: Store
+    ) -> None:
+        enqueued: Event = {"at": NOW, "event": "enqueued"}
+        await store.insert(CH, [msg(1), msg(2)], dedup_since=0, events=[enqueued, enqueued])
+        await store.insert(CH, [msg(3)], dedup_since=0)  # untraced: no history
+        assert await store.history(CH, 1) == [enqueued]
+        assert await store.history(CH, 3) == []
+        assert await store.history(CH, 4) is None  # no such message
+        assert await store.history(OTHER, 1) is None  # not in that channel
+
+        first = _event("delivered", attempt=1)
+        fourth = _event("delivered", attempt=4)
+        await store.lease(CH, [(1, 1), (2, 4), (3, 1)], NOW + 100, [first, fourth, first])
+        expired = _event("lease_expired", attempt=1)
+        await store.release(CH, [1, 3], 0, [expired, expired])
+        await store.release(CH, [2], NOW + 50)  # untraced write: nothing appended
+        assert await store.history(CH, 1) == [enqueued, first, expired]
+        assert await store.history(CH, 2) == [enqueued, fourth]
+        assert await store.history(CH, 3) == [first, expired]
+        # The writes did what they do untraced, too.
+        assert await store.page_ready(CH, 0, NOW, 10) == [
+            replace(msg(1), attempt=1),
+            replace(msg(3), attempt=1),
+        ]
+        assert await store.counts(CH, NOW) == ChannelCounts(3, 1, NOW + 50, None)
+
+    async def test_traced_and_untraced_writes_at_once(self, store: Store) -> None:
+        # Written together (SQLite merges them into one commit group's statements).
+        events = [_event("enqueued", n=i) for i in range(6)]
+        await asyncio.gather(
+            *(
+                store.insert(CH, [msg(i)], 0, events=[events[i]] if i % 2 else None)
+                for i in range(1, 6)
+            )
+        )
+        await asyncio.gather(
+            *(
+                store.lease(CH, [(i, 1)], NOW + 100, [events[0]] if i % 2 else None)
+                for i in range(1, 6)
+            )
+        )
+        for i in range(1, 6):
+            assert await store.history(CH, i) == ([events[i], events[0]] if i % 2 else [])
+        assert [m.attempt for m in await store.leased(CH, NOW)] == [1] * 5
+
+    async def test_history_keeps_the_last_events_only(self, store: Store) -> None:
+        await store.insert(CH, [msg(1)], dedup_since=0, events=[_event("enqueued")])
+        for attempt in range(1, HISTORY_LIMIT + 6):
+            await store.lease(CH, [(1, attempt)], NOW + 100, [_event("delivered", attempt=attempt)])
+        history = await store.history(CH, 1)
+        assert history is not None and len(history) == HISTORY_LIMIT
+        assert [e["attempt"] for e in history] == list(range(6, HISTORY_LIMIT + 6))
+
+    async def test_history_of_a_deduplicated_message_is_its_first_copys(self, store: Store) -> None:
+        one, two = _event("enqueued", n=1), _event("enqueued", n=2)
+        result = await store.insert(
+            CH, [msg(1, dedup_id="x"), msg(2, dedup_id="x"), msg(3)], 0, events=[one, one, two]
+        )
+        assert result.ids == [1, 1, 3]
+        again = await store.insert(CH, [msg(4, dedup_id="x")], 0, events=[two])
+        assert again.ids == [1] and again.new == []
+        assert await store.history(CH, 1) == [one]
+        assert await store.history(CH, 3) == [two]
+        assert await store.history(CH, 4) is None
+
+    async def test_a_moved_copy_carries_its_history_forward(self, store: Store) -> None:
+        enqueued = _event("enqueued")
+        await store.insert(CH, [msg(1), msg(2), msg(3)], 0, events=[enqueued] * 3)
+        delivered = _event("delivered", attempt=5)
+        await store.lease(CH, [(1, 5), (2, 5)], NOW + 100, [delivered, delivered])
+        await store.delete(CH, [2])  # gone before the move: no copy, no history
+        dead = _event("dead_lettered", reason="max_attempts", to="orders.dlq")
+        copies = [Message(20, b"1", None, NOW + 1), Message(21, b"2", None, NOW + 1)]
+        moved = await store.move(CH, [1, 2], "orders.dlq", copies, None, [dead, dead])
+        assert moved == [copies[0]]
+        assert await store.history(CH, 1) is None
+        assert await store.history("orders.dlq", 20) == [enqueued, delivered, dead]
+        assert await store.history("orders.dlq", 21) is None
+        # Redriven back: carried on again, into a channel of settings given in the same write.
+        back = _event("redriven", to=CH, **{"from": "orders.dlq"})
+        again = [Message(30, b"1", None, NOW + 2)]
+        await store.move("orders.dlq", [20], CH, again, ChannelConfig(trace=True), [back])
+        assert await store.history(CH, 30) == [enqueued, delivered, dead, back]
+        # An untraced move makes a copy with no history.
+        await store.move(CH, [3], "orders.dlq", [Message(22, b"3", None, NOW + 3)])
+        assert await store.history("orders.dlq", 22) == []
+
+    async def test_a_carried_history_stays_bounded(self, store: Store) -> None:
+        await store.insert(CH, [msg(1)], 0, events=[_event("enqueued")])
+        for attempt in range(1, HISTORY_LIMIT + 1):
+            await store.lease(CH, [(1, attempt)], NOW + 100, [_event("delivered", attempt=attempt)])
+        dead = _event("dead_lettered", reason="max_attempts", to="orders.dlq")
+        await store.move(CH, [1], "orders.dlq", [Message(20, b"1", None, NOW + 1)], None, [dead])
+        history = await store.history("orders.dlq", 20)
+        assert history is not None and len(history) == HISTORY_LIMIT
+        assert history[0] == _event("delivered", attempt=2) and history[-1] == dead
+
+    async def test_history_goes_with_its_message(self, store: Store) -> None:
+        events = [_event("enqueued")] * 2
+        await store.save_channel(CH, ChannelConfig(trace=True))
+        await store.insert(CH, [msg(1), msg(2)], 0, events=events)
+        await store.insert(OTHER, [msg(3), msg(4)], 0, events=events)
+        await store.delete(CH, [1])  # an ack
+        assert await store.history(CH, 1) is None
+        await store.purge(CH)
+        assert await store.history(CH, 2) is None
+        await store.drop_channel(OTHER)
+        assert await store.history(OTHER, 3) is None and await store.history(OTHER, 4) is None
+        # Ids are never reused, but a store must not keep a history for one either way.
+        await store.insert(CH, [msg(1)], dedup_since=0)
+        assert await store.history(CH, 1) == []
+
+    async def test_trace_setting_round_trips(self, store: Store, reopen: Reopen) -> None:
+        await store.save_channel(CH, ChannelConfig(trace=True, ttl_ms=5))
+        await store.insert(CH, [msg(1)], 0, events=[_event("enqueued")])
+        store = await reopen(store)
+        assert await store.load_channels() == {CH: ChannelConfig(trace=True, ttl_ms=5)}
+        assert await store.history(CH, 1) == [_event("enqueued")]
 
     # -- durability across reopen -----------------------------------------------------------
     async def test_reopen_keeps_everything(self, store: Store, reopen: Reopen) -> None:

@@ -64,6 +64,7 @@ async def test_channel_settings_and_listing(app_client: httpx.AsyncClient) -> No
         "dead_letter": "c1.dlq",
         "max_length": 10,
         "ttl_ms": 5000,
+        "trace": False,
     }
     names = [c["name"] for c in (await app_client.get("/channels")).json()["channels"]]
     assert "c1" in names

@@ -8,7 +8,7 @@ messages back to where they were dead-lettered from (or to a channel named). All
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 from fastapi import APIRouter, Request
@@ -19,7 +19,7 @@ from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs
 from app.api.deps import channel_name, node
 from app.engine import redrive as engine_redrive
 from app.errors import InvalidInput, MessageNotFound
-from app.models import Message
+from app.models import Event, Message
 from app.store.base import MESSAGE_STATES, MessageState, state_of
 
 router = APIRouter(prefix="/channels", tags=["browse"])
@@ -44,9 +44,11 @@ class MessageView(msgspec.Struct):
 
 
 class MessageDetail(MessageView):
-    """One message; `history` lists what happened to it when its channel traces (else null)."""
+    """One message; `history` lists what happened to it, oldest first (its last 100 events:
+    `{"at": ms, "event": ..., details}`, see README), when its channel traces or it carries a
+    history from one that did (a dead letter); else null."""
 
-    history: list[dict[str, Any]] | None = None
+    history: list[Event] | None = None
 
 
 class MessagePage(msgspec.Struct):
@@ -192,7 +194,12 @@ async def get_message(channel: str, msg_id: str, request: Request) -> Response:
     found = await engine_redrive.get_message(n.engine, name, wanted)
     if found is None:
         raise MessageNotFound(f"channel {name!r} holds no message {wanted} (acked, moved or never)")
-    return _json(_view(found, n.clock.now_ms(), MessageDetail))
+    detail = _view(found, n.clock.now_ms(), MessageDetail)
+    # Read after the message: an event recorded in between shows too (gone meanwhile: none).
+    events = await n.engine.history(name, wanted)
+    traced = n.engine.get(name).config.trace
+    detail.history = events if events else ([] if traced else None)
+    return _json(detail)
 
 
 @router.post(

@@ -39,6 +39,8 @@ class ChannelSettings(msgspec.Struct, forbid_unknown_fields=True):
     dead_letter: ChannelName | msgspec.UnsetType | None = msgspec.UNSET
     max_length: MaxLength | msgspec.UnsetType | None = msgspec.UNSET
     ttl_ms: TimeToLive | msgspec.UnsetType | None = msgspec.UNSET
+    # Record each message's history (GET /channels/{channel}/messages/{id}); costs nothing off.
+    trace: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         if isinstance(self.dead_letter, str) and not valid_channel_name(self.dead_letter):
@@ -51,6 +53,7 @@ class Settings(msgspec.Struct):
     dead_letter: str | None
     max_length: int | None
     ttl_ms: int | None
+    trace: bool
 
 
 class Counts(msgspec.Struct):
@@ -104,7 +107,9 @@ def _info(ch: ChannelState, now: int) -> ChannelInfo:
     c = ch.config
     return ChannelInfo(
         name=ch.name,
-        settings=Settings(c.visibility_ms, c.max_attempts, c.dead_letter, c.max_length, c.ttl_ms),
+        settings=Settings(
+            c.visibility_ms, c.max_attempts, c.dead_letter, c.max_length, c.ttl_ms, c.trace
+        ),
         counts=Counts(ready=s.ready, delayed=s.delayed, in_flight=s.in_flight),
         totals=Totals(s.enqueued, s.dequeued, s.acked, s.nacked, s.dead_lettered, s.redelivered),
         oldest_ready_age_ms=s.oldest_ready_age_ms,

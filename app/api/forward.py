@@ -37,6 +37,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from yarl import URL
 
+from app.api.consumer import CLIENT_HEADER, forwarded_client
 from app.api.hotpath import _read_body
 from app.api.messages import MAX_WAIT_MS, _disconnected
 from app.api.problems import problem_for
@@ -70,12 +71,15 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# X-LionMQ-Client is this node's to set (app/api/consumer.py): a client's own is dropped.
+_CLIENT = CLIENT_HEADER.encode()
 _NOT_FORWARDED = _HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"expect",
     b"origin",
     _FORWARDED,
+    _CLIENT,
 }
 # This node's server adds its own Date and Server; the owner's would be doubled.
 _NOT_RETURNED_HEAD = _HOP_BY_HOP | {b"date", b"server"}
@@ -104,19 +108,22 @@ class Router(Protocol):
 class Forwarding:
     """The layer's parts, opened in the lifespan: the runtime's router and the shared session."""
 
-    __slots__ = ("mark", "node_id", "router", "session")
+    __slots__ = ("mark", "node_id", "router", "secret", "session")
 
-    def __init__(self, router: Router, session: aiohttp.ClientSession) -> None:
+    def __init__(self, router: Router, session: aiohttp.ClientSession, secret: str = "") -> None:
         self.router = router
         self.session = session
         self.node_id = router.node_id
         self.mark = router.node_id.encode()
+        self.secret = secret  # CLUSTER_SECRET: tags the client address of a forwarded dequeue
 
 
-def install(app: Starlette, router: Router, session: aiohttp.ClientSession) -> None:
+def install(
+    app: Starlette, router: Router, session: aiohttp.ClientSession, secret: str = ""
+) -> None:
     """Turn forwarding on in `app`'s Forwarder layer (call it in the lifespan, once the runtime
     and the session are open). The layer holds its parts itself: a request pays no lookup."""
-    _forwarder(app).forwarding = Forwarding(router, session)
+    _forwarder(app).forwarding = Forwarding(router, session, secret)
 
 
 def uninstall(app: Starlette) -> None:
@@ -215,6 +222,10 @@ class Forwarder:
             headers.append((name, value))
         headers = [(n, v) for n, v in headers if n not in drop and not n.startswith(b"sec-fetch-")]
         headers.append((_FORWARDED, fwd.mark))
+        long_poll = scope["path"].endswith(_LONG_POLL)
+        if long_poll and fwd.secret:
+            # The owner records who dequeued when the channel traces: the client, not this node.
+            headers.append((_CLIENT, forwarded_client(scope, fwd.secret)))
         try:
             body = await _read_body(scope, receive, self.max_request_bytes)
         except LionMQError as exc:  # too large: refused here, never sent on
@@ -226,7 +237,7 @@ class Forwarder:
         target = route.url.rstrip("/") + raw_path.decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
-        read_s = READ_TIMEOUT_S if scope["path"].endswith(_LONG_POLL) else ANSWER_TIMEOUT_S
+        read_s = READ_TIMEOUT_S if long_poll else ANSWER_TIMEOUT_S
         timeout = patience(fwd.session, read_s)
         request = (scope["method"], URL(target, encoded=True), headers, body, timeout)
         answer = await _exchange_unless_gone(fwd.session, request, receive)

@@ -56,7 +56,7 @@ class HotPath:
         node: Node = scope["app"].state.node
         try:
             body = await _read_body(scope, receive, node.settings.max_request_bytes)
-            status, payload = await operation.handler(node, channel, body, receive)
+            status, payload = await operation.handler(node, channel, body, receive, scope)
         except LionMQError as exc:
             refusal = problem_for(exc)
             refusal.raw_headers.append(self.node)

@@ -7,17 +7,19 @@ serves them straight from ASGI and `OPERATIONS` documents them in the OpenAPI sc
 from __future__ import annotations
 
 import asyncio
+import functools
 import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from app.api.codec import SHALLOW_JSON_BYTES, check_depth, decode
+from app.api.consumer import consumer_of
 from app.api.deps import Node, channel_name
-from app.engine.queue import MAX_DELAY_MS, NewMessage, Outcome
+from app.engine.queue import MAX_DELAY_MS, Consumer, NewMessage, Outcome
 from app.errors import PayloadTooLarge
 from app.models import Lease
 
@@ -98,7 +100,9 @@ _BODY = operator.attrgetter("body")
 _HEADERS = operator.attrgetter("headers")
 
 
-async def enqueue(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
+async def enqueue(
+    n: Node, channel: str, body: bytes, receive: Receive, scope: Scope | None = None
+) -> Reply:
     name = channel_name(channel)
     req = decode(body, _enqueue)
     _check_batch(n, req.messages)
@@ -127,21 +131,31 @@ def _check_batch(n: Node, messages: list[NewMessage]) -> None:
             )
 
 
-async def dequeue(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
+async def dequeue(
+    n: Node, channel: str, body: bytes, receive: Receive, scope: Scope | None = None
+) -> Reply:
     name = channel_name(channel)
     req = decode(body, _dequeue) if body.strip() else DequeueRequest()
+    # Who asks, worked out only if the channel traces (a partial is all this costs otherwise).
+    consumer = None
+    if scope is not None:
+        consumer = functools.partial(consumer_of, scope, n.settings.cluster_secret)
     if req.wait_ms == 0:
-        leases = await n.engine.dequeue(name, req.max, 0, req.visibility_ms)
+        leases = await n.engine.dequeue(name, req.max, 0, req.visibility_ms, consumer)
     else:
-        leases = await _long_poll(n, name, req, receive)
+        leases = await _long_poll(n, name, req, receive, consumer)
     sign = n.receipts.sign
     delivered = [_delivered(lease, sign(name, lease.message.id, lease.attempt)) for lease in leases]
     return 200, _encoder.encode(DequeueResponse(messages=delivered))
 
 
-async def _long_poll(n: Node, name: str, req: DequeueRequest, receive: Receive) -> list[Lease]:
+async def _long_poll(
+    n: Node, name: str, req: DequeueRequest, receive: Receive, consumer: Consumer | None
+) -> list[Lease]:
     """Wait for messages, but stop waiting when the consumer hangs up: never lease to no one."""
-    poll = asyncio.ensure_future(n.engine.dequeue(name, req.max, req.wait_ms, req.visibility_ms))
+    poll = asyncio.ensure_future(
+        n.engine.dequeue(name, req.max, req.wait_ms, req.visibility_ms, consumer)
+    )
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((poll, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -187,14 +201,18 @@ def _check_receipts(n: Node, channel: str, receipts: list[str]) -> list[str]:
     return receipts
 
 
-async def ack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
+async def ack(
+    n: Node, channel: str, body: bytes, receive: Receive, scope: Scope | None = None
+) -> Reply:
     name = channel_name(channel)
     req = decode(body, _ack)
     out: Outcome = await n.engine.ack(name, _check_receipts(n, name, req.receipts))
     return 200, _encoder.encode(AckResponse(acked=out.done, stale=out.stale))
 
 
-async def nack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
+async def nack(
+    n: Node, channel: str, body: bytes, receive: Receive, scope: Scope | None = None
+) -> Reply:
     name = channel_name(channel)
     req = decode(body, _nack)
     receipts = _check_receipts(n, name, req.receipts)
@@ -202,7 +220,9 @@ async def nack(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
     return 200, _encoder.encode(NackResponse(nacked=out.done, stale=out.stale))
 
 
-async def extend(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
+async def extend(
+    n: Node, channel: str, body: bytes, receive: Receive, scope: Scope | None = None
+) -> Reply:
     name = channel_name(channel)
     req = decode(body, _extend)
     receipts = _check_receipts(n, name, req.receipts)
@@ -212,7 +232,7 @@ async def extend(n: Node, channel: str, body: bytes, receive: Receive) -> Reply:
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    handler: Callable[[Node, str, bytes, Receive], Awaitable[Reply]]
+    handler: Callable[[Node, str, bytes, Receive, Scope], Awaitable[Reply]]
     summary: str
     request: type[msgspec.Struct]
     response: type[msgspec.Struct]

@@ -41,6 +41,9 @@ class Settings(msgspec.Struct, array_like=True, tag="c"):
     ttl_ms: int | None
     total: int
     delayed: int
+    # Last, with a default: a node of an older version sends the array without it, and drops
+    # it from the end of ours.
+    trace: bool = False
 
 
 class Enqueued(msgspec.Struct, array_like=True, tag="e"):
@@ -197,6 +200,7 @@ def settings_of(ch: ChannelState) -> Settings:
         c.ttl_ms,
         ch.total,
         ch.delayed,
+        c.trace,
     )
 
 
@@ -207,6 +211,7 @@ def config_of(s: Settings) -> ChannelConfig:
         dead_letter=s.dead_letter,
         max_length=s.max_length,
         ttl_ms=s.ttl_ms,
+        trace=s.trace,
     )
 
 

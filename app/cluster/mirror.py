@@ -287,13 +287,7 @@ class Mirror:
                 continue
             c = ch.config
             s = mc.settings
-            if (c.visibility_ms, c.max_attempts, c.dead_letter, c.max_length, c.ttl_ms) != (
-                s.visibility_ms,
-                s.max_attempts,
-                s.dead_letter,
-                s.max_length,
-                s.ttl_ms,
-            ) or (ch.total, ch.delayed) != (mc.total, mc.delayed):
+            if c != config_of(s) or (ch.total, ch.delayed) != (mc.total, mc.delayed):
                 settings += 1
             stored = {i: (lease.attempt, lease.deadline) for i, lease in ch.leases.items()}
             leases += sum(1 for i, v in stored.items() if mc.leases.get(i) != v)

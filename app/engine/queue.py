@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Concatenate, ParamSpec, Protoc
 import msgspec
 
 from app.clock import Clock
+from app.engine import trace
 from app.engine.channel import ChannelState
 from app.engine.ids import IdGenerator, parse_receipts
 from app.engine.timers import Timers
@@ -32,6 +33,7 @@ from app.models import (
     ChannelConfig,
     ChannelStats,
     EnqueueResult,
+    Event,
     Lease,
     Message,
     valid_channel_name,
@@ -130,6 +132,9 @@ class Ownership(Protocol):
         """Tell the channel's owner that messages were moved into it from another shard."""
         ...
 
+
+# Who dequeues ("ip:port"), asked only when the channel traces.
+Consumer = Callable[[], str]
 
 _header_encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(dict[str, str])
@@ -296,15 +301,23 @@ class QueueEngine:
             raise ChannelNotFound(f"channel {name!r} does not exist; enqueue to it to create it")
         return ch
 
-    def default_config(self, name: str, *, dead_letter_target: bool = False) -> ChannelConfig:
+    def default_config(
+        self, name: str, *, dead_letter_target: bool = False, trace: bool = False
+    ) -> ChannelConfig:
+        """The settings a channel is created with; `trace`: made as the dead-letter channel of
+        a traced channel, it traces too (the copies carry their history into it)."""
         dlq = f"{name}{DEAD_LETTER_SUFFIX}"
         # A dead-letter channel gets none of its own: no .dlq.dlq chains.
         no_dlq = dead_letter_target or name.endswith(DEAD_LETTER_SUFFIX)
         return replace(
-            self.limits.defaults, dead_letter=None if no_dlq or not valid_channel_name(dlq) else dlq
+            self.limits.defaults,
+            dead_letter=None if no_dlq or not valid_channel_name(dlq) else dlq,
+            trace=trace or self.limits.defaults.trace,
         )
 
-    async def ensure(self, name: str, *, dead_letter_target: bool = False) -> ChannelState:
+    async def ensure(
+        self, name: str, *, dead_letter_target: bool = False, trace: bool = False
+    ) -> ChannelState:
         """The channel, created with default settings (and persisted) on first use."""
         ch = self.channels.get(name)
         if ch is not None and ch.deleting is None:
@@ -313,7 +326,7 @@ class QueueEngine:
         self._ids(name)  # a channel of a shard this node does not serve is refused here
 
         async def create() -> ChannelConfig:
-            config = self.default_config(name, dead_letter_target=dead_letter_target)
+            config = self.default_config(name, dead_letter_target=dead_letter_target, trace=trace)
             await self.store.save_channel(name, config)
             return config
 
@@ -462,6 +475,12 @@ class QueueEngine:
             ch.drained = None
             deleting.set_result(None)
 
+    async def history(self, name: str, message_id: int) -> list[Event] | None:
+        """The message's recorded history (see app/engine/trace.py), or None when the channel
+        holds no such message. `ChannelNotFound` for an unknown channel."""
+        self.get(name)
+        return await self.store.history(name, message_id)
+
     def stats_of(self, names: Iterable[str], now: int) -> list[ChannelStats]:
         """The stats of the named channels that exist, in the order named."""
         channels = self.channels
@@ -524,7 +543,10 @@ class QueueEngine:
 
         # Settled from the write's end: a producer that hangs up leaves nothing uncounted.
         since = now - self.limits.dedup_window_ms
-        return await self._settled(lambda: self.store.insert(ch.name, messages, since), settle)
+        events = trace.enqueued(now, n) if ch.config.trace else None
+        return await self._settled(
+            lambda: self.store.insert(ch.name, messages, since, events), settle
+        )
 
     def _stored(self, ch: ChannelState, new: list[Message]) -> None:
         """Account for messages just made durable in this channel and wake its consumers."""
@@ -560,10 +582,16 @@ class QueueEngine:
     # -- dequeue ----------------------------------------------------------------------------
     @_noted
     async def dequeue(
-        self, name: str, max_count: int, wait_ms: int, visibility_ms: int | None
+        self,
+        name: str,
+        max_count: int,
+        wait_ms: int,
+        visibility_ms: int | None,
+        consumer: Consumer | None = None,
     ) -> list[Lease]:
         """Lease up to `max_count` messages, waiting up to `wait_ms` for one. An unknown
-        channel is not created: it has nothing to give, and a long poll waits for it."""
+        channel is not created: it has nothing to give, and a long poll waits for it.
+        `consumer` tells who asks, for a traced channel's history (asked only there)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         while True:
@@ -577,7 +605,8 @@ class QueueEngine:
                 )
             leases: list[Lease] = []
             if ch is not None:
-                leases = await self._take(ch, max_count, visibility_ms or ch.config.visibility_ms)
+                visibility = visibility_ms or ch.config.visibility_ms
+                leases = await self._take(ch, max_count, visibility, consumer)
             remaining = deadline - loop.time()
             if leases or remaining <= 0:
                 return leases
@@ -600,7 +629,9 @@ class QueueEngine:
                     if not waiters and self._absent.get(name) is waiters:
                         del self._absent[name]
 
-    async def _take(self, ch: ChannelState, n: int, visibility_ms: int) -> list[Lease]:
+    async def _take(
+        self, ch: ChannelState, n: int, visibility_ms: int, consumer: Consumer | None = None
+    ) -> list[Lease]:
         if ch.needs_page():
             ch.loading = asyncio.ensure_future(self._load_page(ch))
             ch.loading.add_done_callback(_log_failure)
@@ -622,9 +653,13 @@ class QueueEngine:
             return []  # (purged meanwhile: leasing them would hold what the store dropped)
         deadline = now + visibility_ms
         leases = ch.lease(messages, deadline)
+        events = None
+        if ch.config.trace:
+            who = consumer() if consumer is not None else "unknown"
+            events = trace.delivered(now, leases, who, deadline)
         # Once leased in memory, the write must finish even if the caller leaves.
         write = self._background(
-            self.store.lease(ch.name, [(m.id, m.attempt) for m in messages], deadline)
+            self.store.lease(ch.name, [(m.id, m.attempt) for m in messages], deadline, events)
         )
         try:
             await asyncio.shield(write)
@@ -872,7 +907,7 @@ class QueueEngine:
         ch, claim = self._claim(name, receipts)
         if ch is not None and claim.held:
             reason = "nack" if dead_letter else None
-            await self._return(ch, claim.held, claim.now, delay_ms, reason)
+            await self._return(ch, claim.held, claim.now, delay_ms, reason, nacked=True)
             ch.nacked += len(claim.held)
         return Outcome(len(claim.held), claim.stale)
 
@@ -903,9 +938,17 @@ class QueueEngine:
         return Outcome(len(claim.held), claim.stale)
 
     async def _return(
-        self, ch: ChannelState, held: list[Lease], now: int, delay_ms: int, reason: str | None
+        self,
+        ch: ChannelState,
+        held: list[Lease],
+        now: int,
+        delay_ms: int,
+        reason: str | None,
+        *,
+        nacked: bool,
     ) -> None:
-        """Leases that ended without an ack: ready again, delayed, or dead-lettered."""
+        """Leases that ended without an ack (`nacked`, else expired): ready again, delayed, or
+        dead-lettered."""
         epoch = ch.epoch
         leases = {lease.message.id: lease for lease in held}
         messages = [lease.message for lease in held]
@@ -923,17 +966,29 @@ class QueueEngine:
             mine = [leases[m.id] for m in group]
             try:
                 if why:
+                    after = "nacked" if nacked else "lease_expired"
                     await self._dead_letter(
-                        ch, epoch, group, why, functools.partial(ch.restore, mine)
+                        ch, epoch, group, why, functools.partial(ch.restore, mine), after
                     )
                 else:
-                    await self._release(ch, epoch, mine, now + delay_ms if delay_ms else 0)
+                    events = None
+                    if ch.config.trace:
+                        events = trace.returned(now, mine, delay_ms if nacked else None)
+                    at = now + delay_ms if delay_ms else 0
+                    await self._release(ch, epoch, mine, at, events)
             except BaseException:
                 if ch.epoch == epoch:  # the later steps never ran: those leases go back as well
                     ch.restore([leases[m.id] for later, _ in steps[i + 1 :] for m in later])
                 raise
 
-    async def _release(self, ch: ChannelState, epoch: int, held: list[Lease], at: int) -> None:
+    async def _release(
+        self,
+        ch: ChannelState,
+        epoch: int,
+        held: list[Lease],
+        at: int,
+        events: list[Event] | None = None,
+    ) -> None:
         back = [lease.message for lease in held]
         ids = [m.id for m in back]
         if at:
@@ -962,7 +1017,7 @@ class QueueEngine:
             ch.restore(held)
 
         await self._complete(
-            ch, epoch, ids, lambda: self.store.release(ch.name, ids, at), undo, finish
+            ch, epoch, ids, lambda: self.store.release(ch.name, ids, at, events), undo, finish
         )
 
     # -- moves between channels -------------------------------------------------------------
@@ -973,8 +1028,10 @@ class QueueEngine:
         messages: list[Message],
         reason: str,
         undo: Callable[[], None] | None = None,
+        after: str | None = None,
     ) -> bool:
-        """Move messages to the channel's dead-letter channel (or drop them), durably.
+        """Move messages to the channel's dead-letter channel (or drop them), durably. `after`:
+        the end of a lease that led here ("nacked", "lease_expired"), for a traced history.
 
         Returns whether memory was finished (False: a purge came between, nothing counted)."""
 
@@ -988,7 +1045,12 @@ class QueueEngine:
             log.info("dead-lettered %d message(s) from %s (%s)", gone, ch.name, reason)
 
         target = ch.config.dead_letter
-        return await self._transfer(ch, epoch, messages, target, copy, counted, undo, dlq=True)
+        events = None
+        if ch.config.trace and target is not None:
+            events = trace.dead_lettered(self.clock.now_ms(), messages, reason, target, after)
+        return await self._transfer(
+            ch, epoch, messages, target, copy, counted, undo, dlq=True, events=events
+        )
 
     async def _transfer(
         self,
@@ -1001,6 +1063,7 @@ class QueueEngine:
         undo: Callable[[], None] | None = None,
         *,
         dlq: bool = False,
+        events: Sequence[Event] | None = None,
     ) -> bool:
         """Move messages of `ch` to `target_name` (None: drop them) with one atomic store
         `move`, and finish memory on both sides: the one path of dead-lettering and redrive.
@@ -1010,8 +1073,9 @@ class QueueEngine:
         A target on another shard is written under the source's fence with ids of the
         source's shard, and its owner poked; a local one (created if new: as a dead-letter
         channel when `dlq`) is counted and woken here. `counted(n)` adds the source's counters
-        for the n messages the store actually took. Returns whether memory was finished (False:
-        a purge came between, nothing counted)."""
+        for the n messages the store actually took. `events` (a traced source's, one per
+        message): the copies carry their history on with these. Returns whether memory was
+        finished (False: a purge came between, nothing counted)."""
         ids = [m.id for m in messages]
         # Off the window too (those TTL expiry finds may sit there); back on it if this fails.
         was_ready = [m for m in messages if ch.ready.pop(m.id, None) is not None]
@@ -1020,6 +1084,8 @@ class QueueEngine:
         # What the store took: all of `ids` when dropped; the copies made when moved (a message
         # acked or purged meanwhile is not copied, and was counted out by its own path).
         taken = len(ids)
+        # A dead-letter channel made for a traced channel traces too: its copies carry history.
+        traced = dlq and ch.config.trace
 
         def copies(ids_from: str) -> list[Message]:
             now = self.clock.now_ms()
@@ -1036,22 +1102,24 @@ class QueueEngine:
                 # The target lives on another shard: one atomic move in the store, under the
                 # source's fence, with ids of the source's shard (unique across primaries);
                 # then its owner is told (a lost poke only delays: its audit re-reads).
-                target_config = self.default_config(target_name, dead_letter_target=dlq)
+                target_config = self.default_config(
+                    target_name, dead_letter_target=dlq, trace=traced
+                )
                 copied = await self.store.move(
-                    ch.name, ids, target_name, copies(ch.name), target_config
+                    ch.name, ids, target_name, copies(ch.name), target_config, events
                 )
                 taken = len(copied)
                 if copied:
                     own.poke(target_name)
                 return
-            target = await self.ensure(target_name, dead_letter_target=dlq)
+            target = await self.ensure(target_name, dead_letter_target=dlq, trace=traced)
             if ch.epoch != epoch:
                 return  # purged meanwhile: no copies of what the purge took
             moved = copies(target_name)
             target.begin_write()
             try:
                 # Only what the source still held is copied (a purge may have come first).
-                copied = await self.store.move(ch.name, ids, target_name, moved)
+                copied = await self.store.move(ch.name, ids, target_name, moved, None, events)
             finally:
                 target.end_write()
             taken = len(copied)
@@ -1092,7 +1160,10 @@ class QueueEngine:
             nonlocal moved
             moved = gone
 
-        await self._transfer(ch, ch.epoch, ready, target, copy, counted)
+        events = None
+        if ch.config.trace:
+            events = trace.redriven(self.clock.now_ms(), ch.name, target, len(ready))
+        await self._transfer(ch, ch.epoch, ready, target, copy, counted, events=events)
         return moved
 
     # -- maintenance ------------------------------------------------------------------------
@@ -1154,7 +1225,7 @@ class QueueEngine:
         try:
             expired = ch.expired_leases(now)
             if expired:
-                await self._return(ch, expired, now, 0, reason=None)
+                await self._return(ch, expired, now, 0, reason=None, nacked=False)
             if ch.next_due is not None and ch.next_due <= now:
                 await self._promote(ch, now)
             if ch.next_expiry is not None and ch.next_expiry <= now:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from app.errors import Fenced, StoreError, StoreTooLarge
-from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import ChannelConfig, ChannelCounts, EnqueueResult, Event, Message
 
 # A fence: the (shard, epoch) a node writes a channel's messages under, or None when it owns no
 # shard for the channel. Called once per fenced write call (never per message).
@@ -108,24 +108,45 @@ class Store(Protocol):
     # -- writes -----------------------------------------------------------------------------
     # The hot writes are awaitables, not coroutines: a store may answer with a future of its
     # own (SQLite's writer does), which the engine shields and settles without a task.
+    #
+    # History (a channel with `trace`): the writes that change a message's course take
+    # `events`, one per message of the write in its order (the same event object may repeat),
+    # and append each to its message's history in the same write, all or nothing with it. A
+    # history keeps its last HISTORY_LIMIT events and goes with its message (delete, move,
+    # purge, drop). None (every untraced channel): no history work at all.
     def insert(
-        self, channel: str, messages: Sequence[Message], dedup_since: int
+        self,
+        channel: str,
+        messages: Sequence[Message],
+        dedup_since: int,
+        events: Sequence[Event] | None = None,
     ) -> Awaitable[EnqueueResult]:
         """Store a batch, all or nothing.
 
         A message whose `dedup_id` was used in this channel at or after `dedup_since` (by an
         earlier batch or earlier in this one) is not stored; its slot in `ids` holds the first
-        message's id. `new` lists the messages actually stored, in batch order.
+        message's id. `new` lists the messages actually stored, in batch order. With `events`,
+        each stored message's history starts with its event.
         """
         ...
 
     def lease(
-        self, channel: str, leases: Sequence[tuple[int, int]], deadline: int
+        self,
+        channel: str,
+        leases: Sequence[tuple[int, int]],
+        deadline: int,
+        events: Sequence[Event] | None = None,
     ) -> Awaitable[None]:
         """Mark (id, attempt) pairs as leased until `deadline`."""
         ...
 
-    def release(self, channel: str, ids: Sequence[int], available_at: int) -> Awaitable[None]:
+    def release(
+        self,
+        channel: str,
+        ids: Sequence[int],
+        available_at: int,
+        events: Sequence[Event] | None = None,
+    ) -> Awaitable[None]:
         """End leases: ready again at `available_at` (0: now)."""
         ...
 
@@ -142,6 +163,7 @@ class Store(Protocol):
         target: str | None,
         moved: Sequence[Message],
         target_config: ChannelConfig | None = None,
+        events: Sequence[Event] | None = None,
     ) -> Awaitable[list[Message]]:
         """Delete `ids` from `channel` and insert `moved` into `target` (if any), atomically;
         `moved[i]` is the copy of `ids[i]`. Only copies of messages the channel still holds
@@ -149,7 +171,8 @@ class Store(Protocol):
         returns the copies inserted. With `target_config`, a target that has no settings yet
         gets these in the same write, so `load_channels` lists it: a dead letter sent into
         another shard's channel that no request ever created is found by that shard's owner
-        (its audit, a takeover) even when the poke telling it is lost."""
+        (its audit, a takeover) even when the poke telling it is lost. With `events`, each
+        copy carries its original's history forward, with `events[i]` appended."""
         ...
 
     async def purge(self, channel: str) -> int:
@@ -166,6 +189,11 @@ class Store(Protocol):
         ...
 
     # -- reads ------------------------------------------------------------------------------
+    async def history(self, channel: str, message_id: int) -> list[Event] | None:
+        """The message's history, oldest event first ([] when nothing was recorded for it), or
+        None when the channel holds no such message."""
+        ...
+
     async def page_ready(self, channel: str, after_id: int, now: int, limit: int) -> list[Message]:
         """Deliverable messages (available_at <= now) with id > after_id, in id order."""
         ...

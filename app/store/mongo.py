@@ -54,7 +54,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bson.errors import BSONError
 from motor.motor_asyncio import AsyncIOMotorClient
-from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument, UpdateMany, WriteConcern
+from pymongo import (
+    ASCENDING,
+    DESCENDING,
+    IndexModel,
+    ReturnDocument,
+    UpdateMany,
+    WriteConcern,
+)
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
@@ -70,9 +77,12 @@ from app.clock import Clock
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
 from app.models import (
     DEAD_LETTER_HEADROOM,
+    HISTORY_HEADROOM,
+    HISTORY_LIMIT,
     ChannelConfig,
     ChannelCounts,
     EnqueueResult,
+    Event,
     Message,
 )
 from app.settings import mongo_database
@@ -96,9 +106,10 @@ log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
 # A BSON document holds at most 16 MiB; a message document also carries its id, channel name
-# (up to 128 characters), times and field names, and a dead-lettered one gains a few headers.
+# (up to 128 characters), times and field names, a dead-lettered one gains a few headers, and a
+# traced one its history.
 BSON_LIMIT = 16 * 1024 * 1024
-MAX_MESSAGE_BYTES = BSON_LIMIT - 16 * 1024
+MAX_MESSAGE_BYTES = BSON_LIMIT - 16 * 1024 - HISTORY_HEADROOM
 # Server error codes a retry can fix: the server's retryable errors (host unreachable or not
 # found, shutting down, stepped down, not primary, network timeout, socket error), time limits,
 # write-concern failures, write conflicts and a full disk.
@@ -171,6 +182,23 @@ def _to_doc(channel: str, m: Message) -> Doc:
     if m.expires_at is not None:
         doc["expires_at"] = m.expires_at
     return doc
+
+
+def _pushed(events: Sequence[Event]) -> list[tuple[Event, list[int]]]:
+    """Each distinct event object (one per batch, or per attempt) with the positions it is
+    the event of: one update appends it to all of those messages."""
+    groups: dict[int, tuple[Event, list[int]]] = {}
+    for i, event in enumerate(events):
+        group = groups.get(id(event))
+        if group is None:
+            group = groups[id(event)] = (event, [])
+        group[1].append(i)
+    return list(groups.values())
+
+
+def _push(event: Event) -> Doc:
+    """Append `event` to a history, keeping its last HISTORY_LIMIT events."""
+    return {"$push": {"history": {"$each": [event], "$slice": -HISTORY_LIMIT}}}
 
 
 def _from_doc(doc: Mapping[str, Any]) -> Message:
@@ -346,7 +374,11 @@ class MongoStore:
     # -- writes -----------------------------------------------------------------------------
     @_fenced_write
     async def insert(
-        self, channel: str, messages: Sequence[Message], dedup_since: int
+        self,
+        channel: str,
+        messages: Sequence[Message],
+        dedup_since: int,
+        events: Sequence[Event] | None = None,
     ) -> EnqueueResult:
         """Dedup is enforced by the unique (channel, dedup id) index (see `_claim`), across
         every store instance; batches of this instance that share a dedup id also run one
@@ -356,21 +388,25 @@ class MongoStore:
         check_sizes(messages, self.max_message_bytes, self.kind)
         keys = {(channel, m.dedup_id) for m in messages if m.dedup_id is not None}
         if not keys:
-            return await self._insert(channel, messages, dedup_since)
+            return await self._insert(channel, messages, dedup_since, events)
         while busy := {self._claims[k] for k in keys if k in self._claims}:
             await asyncio.wait(busy)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for k in keys:
             self._claims[k] = mine
         try:
-            return await self._insert(channel, messages, dedup_since)
+            return await self._insert(channel, messages, dedup_since, events)
         finally:
             for k in keys:
                 del self._claims[k]
             mine.set_result(None)
 
     async def _insert(
-        self, channel: str, messages: Sequence[Message], dedup_since: int
+        self,
+        channel: str,
+        messages: Sequence[Message],
+        dedup_since: int,
+        events: Sequence[Event] | None,
     ) -> EnqueueResult:
         wanted = list({m.dedup_id for m in messages if m.dedup_id is not None})
         previous: dict[str, Doc] = {}
@@ -394,7 +430,11 @@ class MongoStore:
         # Messages first, dedup records second: a crash between the two can only let a retry
         # store a duplicate (at-least-once), never dedup against a message that was not stored.
         if new:
-            await self._insert_messages(channel, new)
+            history = None
+            if events is not None:
+                started = {m.id: [event] for m, event in zip(messages, events, strict=True)}
+                history = [started[m.id] for m in new]
+            await self._insert_messages(channel, new, history)
         lost: dict[str, int] = {}
         if claimed:
             try:
@@ -482,11 +522,18 @@ class MongoStore:
         with _translated():
             await self._messages.delete_many({"channel": channel, "_id": {"$in": list(ids)}})
 
-    async def _insert_messages(self, channel: str, new: Sequence[Message]) -> None:
-        """insert_many, or nothing: on failure delete what this call inserted, then raise."""
+    async def _insert_messages(
+        self, channel: str, new: Sequence[Message], history: Sequence[list[Event]] | None = None
+    ) -> None:
+        """insert_many, or nothing: on failure delete what this call inserted, then raise.
+        `history`: each message's (traced), else none."""
+        docs = [_to_doc(channel, m) for m in new]
+        if history is not None:
+            for doc, events in zip(docs, history, strict=True):
+                doc["history"] = events
         try:
             with _translated():
-                await self._messages.insert_many([_to_doc(channel, m) for m in new], ordered=True)
+                await self._messages.insert_many(docs, ordered=True)
         except StoreError as exc:
             cause = exc.__cause__
             # Ordered: exactly the first nInserted went in. No server selected: nothing was sent.
@@ -532,32 +579,64 @@ class MongoStore:
             log.warning("MongoDB undo after a failed write failed too: %s", exc)
 
     @_fenced_write
-    async def lease(self, channel: str, leases: Sequence[tuple[int, int]], deadline: int) -> None:
+    async def lease(
+        self,
+        channel: str,
+        leases: Sequence[tuple[int, int]],
+        deadline: int,
+        events: Sequence[Event] | None = None,
+    ) -> None:
         if not leases:
             return
-        by_attempt: dict[int, list[int]] = {}
-        for message_id, attempt in leases:
-            by_attempt.setdefault(attempt, []).append(message_id)
+        # One update per attempt (and, traced, per event: one per attempt too), in one bulk.
+        groups: dict[tuple[int, int], tuple[Doc, list[int]]] = {}
+        for i, (message_id, attempt) in enumerate(leases):
+            event = None if events is None else events[i]
+            group = groups.get((attempt, id(event)))
+            if group is None:
+                leased = {"leased": True, "available_at": deadline, "attempt": attempt}
+                update: Doc = {"$set": leased}
+                if event is not None:
+                    update.update(_push(event))
+                group = groups[(attempt, id(event))] = (update, [])
+            group[1].append(message_id)
         with _translated():
             await self._messages.bulk_write(
                 [
-                    UpdateMany(
-                        {"channel": channel, "_id": {"$in": ids}},
-                        {"$set": {"leased": True, "available_at": deadline, "attempt": attempt}},
-                    )
-                    for attempt, ids in by_attempt.items()
+                    UpdateMany({"channel": channel, "_id": {"$in": ids}}, update)
+                    for update, ids in groups.values()
                 ],
                 ordered=False,
             )
 
     @_fenced_write
-    async def release(self, channel: str, ids: Sequence[int], available_at: int) -> None:
-        if ids:
-            with _translated():
+    async def release(
+        self,
+        channel: str,
+        ids: Sequence[int],
+        available_at: int,
+        events: Sequence[Event] | None = None,
+    ) -> None:
+        if not ids:
+            return
+        back = {"$set": {"leased": False, "available_at": available_at}}
+        with _translated():
+            if events is None:
                 await self._messages.update_many(
-                    {"channel": channel, "_id": {"$in": list(ids)}},
-                    {"$set": {"leased": False, "available_at": available_at}},
+                    {"channel": channel, "_id": {"$in": list(ids)}}, back
                 )
+                return
+            # Traced: one update per distinct event, each setting and appending, in one bulk.
+            await self._messages.bulk_write(
+                [
+                    UpdateMany(
+                        {"channel": channel, "_id": {"$in": [ids[i] for i in where]}},
+                        {**back, **_push(event)},
+                    )
+                    for event, where in _pushed(events)
+                ],
+                ordered=False,
+            )
 
     @_fenced_write
     async def extend(self, channel: str, ids: Sequence[int], deadline: int) -> None:
@@ -583,6 +662,7 @@ class MongoStore:
         target: str | None,
         moved: Sequence[Message],
         target_config: ChannelConfig | None = None,
+        events: Sequence[Event] | None = None,
     ) -> list[Message]:
         # No transactions: insert into the target first, then delete from the source. A failure
         # or crash between the two leaves the message in both channels (a duplicate, which
@@ -590,17 +670,26 @@ class MongoStore:
         # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
         check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
         copies: list[Message] = []
+        history: list[list[Event]] | None = None
         if target is not None and moved:
             # Copies of what the source still holds only: a purge or delete that came first
-            # took the rest, which must not come back as dead letters.
+            # took the rest, which must not come back as dead letters. Traced: each copy
+            # carries its original's history on, with its event.
+            fields = {"_id": 1} if events is None else {"_id": 1, "history": 1}
             with _translated():
                 held = {
-                    d["_id"]
+                    d["_id"]: d.get("history") or []
                     async for d in self._messages.find(
-                        {"channel": channel, "_id": {"$in": list(ids)}}, {"_id": 1}
+                        {"channel": channel, "_id": {"$in": list(ids)}}, fields
                     )
                 }
             copies = [c for i, c in zip(ids, moved, strict=True) if i in held]
+            if events is not None:
+                history = [
+                    [*held[i][-(HISTORY_LIMIT - 1) :], event]
+                    for i, event in zip(ids, events, strict=True)
+                    if i in held
+                ]
         if target is not None and copies and target_config is not None:
             # Settings first (kept if it has some): copies never sit in a channel no owner
             # lists; a failure after this leaves a channel with settings and no messages.
@@ -612,11 +701,13 @@ class MongoStore:
                 )
         if target is not None and copies:
             moved_ids = [m.id for m in copies]
+            docs = [_to_doc(target, m) for m in copies]
+            if history is not None:
+                for doc, events_of in zip(docs, history, strict=True):
+                    doc["history"] = events_of
             try:
                 with _translated():
-                    await self._messages.insert_many(
-                        [_to_doc(target, m) for m in copies], ordered=False
-                    )
+                    await self._messages.insert_many(docs, ordered=False)
             except StoreError as exc:
                 # Only duplicate keys: an earlier attempt already copied them; carry on.
                 if _only_duplicate_keys(exc) is None:
@@ -723,6 +814,15 @@ class MongoStore:
                 query, projection={field: True}, sort=[(field, ASCENDING)]
             )
         return None if doc is None else int(doc[field])
+
+    async def history(self, channel: str, message_id: int) -> list[Event] | None:
+        with _translated():
+            doc = await self._messages.find_one(
+                {"_id": message_id, "channel": channel}, {"history": 1}
+            )
+        if doc is None:
+            return None
+        return list(doc.get("history") or [])
 
     async def max_id(self) -> int:
         with _translated():

@@ -71,12 +71,22 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
+
+import msgspec
 
 from app.clock import Clock, SystemClock
 from app.errors import StoreError, StoreTooLarge, StoreUnavailable
-from app.models import DEAD_LETTER_HEADROOM, ChannelConfig, ChannelCounts, EnqueueResult, Message
+from app.models import (
+    DEAD_LETTER_HEADROOM,
+    HISTORY_LIMIT,
+    ChannelConfig,
+    ChannelCounts,
+    EnqueueResult,
+    Event,
+    Message,
+)
 from app.store.base import (
     SECRET_BYTES,
     MessageState,
@@ -97,6 +107,7 @@ class _Insert:
     channel: str
     messages: Sequence[Message]
     dedup_since: int
+    events: Sequence[Event] | None = None
 
 
 @dataclass(slots=True)
@@ -108,6 +119,7 @@ class _Delete:
 class _Lease:
     leases: Sequence[tuple[int, int]]  # (id, attempt)
     deadline: int
+    events: Sequence[Event] | None = None
 
 
 # A write is a function of the connection, or one of the kinds the hot path sends most, which
@@ -178,7 +190,10 @@ CREATE TABLE IF NOT EXISTS members (
 _LEASE_COLUMNS = "shard, owner, owner_url, epoch, expires_at"
 
 _COLUMNS = "id, body, headers, enqueued_at, available_at, expires_at, attempt, leased"
-_INSERT_MESSAGES = "INSERT INTO messages"
+# Columns named: a store that traces has one more, `history` (see `_with_history`).
+_STORED = "id, ch, body, headers, enqueued_at, available_at, expires_at, attempt, leased"
+_INSERT_MESSAGES = f"INSERT INTO messages ({_STORED})"
+_INSERT_TRACED = f"INSERT INTO messages ({_STORED}, history)"
 # SQLite binds at most 32766 values in one statement.
 _MAX_VALUES = 32_000
 
@@ -215,6 +230,80 @@ def _message_values(key: int, messages: Sequence[Message]) -> list[Any]:
             m.leased,
         )
     return values
+
+
+def _traced_values(key: int, messages: Sequence[Message], histories: Sequence[str]) -> list[Any]:
+    """`_message_values` with each message's history (JSON text) as a tenth column."""
+    values: list[Any] = []
+    for m, history in zip(messages, histories, strict=True):
+        values += (
+            m.id,
+            key,
+            m.body,
+            m.headers,
+            m.enqueued_at,
+            m.available_at,
+            m.expires_at,
+            m.attempt,
+            m.leased,
+            history,
+        )
+    return values
+
+
+_event_encoder = msgspec.json.Encoder()
+_history_decoder = msgspec.json.Decoder(list[Event])
+
+
+def _encoded(events: Sequence[Event]) -> list[str]:
+    """Each event as JSON text; an event object repeated (one per batch) is encoded once."""
+    done: dict[int, str] = {}
+    out: list[str] = []
+    for event in events:
+        text = done.get(id(event))
+        if text is None:
+            text = done[id(event)] = _event_encoder.encode(event).decode()
+        out.append(text)
+    return out
+
+
+def _carried(history: str | None, event: str) -> str:
+    """A copy's history: its original's (`history`, JSON text or None), bounded, plus `event`."""
+    if not history or history == "[]":
+        return f"[{event}]"
+    kept = _history_decoder.decode(history)[-(HISTORY_LIMIT - 1) :]
+    return _event_encoder.encode(kept).decode()[:-1] + f",{event}]"
+
+
+# Append one event to each message's history, keeping its last HISTORY_LIMIT; rows of (id, JSON
+# event text). A message no longer stored is skipped (the UPDATE finds no row).
+_APPEND = (
+    "UPDATE messages SET history = CASE"
+    " WHEN history IS NULL THEN json_array(json(v.column2))"
+    f" WHEN json_array_length(history) >= {HISTORY_LIMIT}"
+    " THEN json_insert(json_remove(history, '$[0]'), '$[#]', json(v.column2))"
+    " ELSE json_insert(history, '$[#]', json(v.column2)) END"
+    " FROM ({}) AS v WHERE messages.id = v.column1"
+)
+
+
+def _started(events: Sequence[Event]) -> list[str]:
+    """A new message's history (JSON text): its one event."""
+    return [f"[{text}]" for text in _encoded(events)]
+
+
+def _append_history(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    step = _MAX_VALUES // 2 * 2
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        conn.execute(_APPEND.format(_values("", 2, len(chunk) // 2).strip()), chunk)
+
+
+def _history_rows(ids: Sequence[int], events: Sequence[Event]) -> list[Any]:
+    rows: list[Any] = []
+    for msg_id, text in zip(ids, _encoded(events), strict=True):
+        rows += (msg_id, text)
+    return rows
 
 
 def _message(row: tuple[Any, ...]) -> Message:
@@ -311,6 +400,9 @@ class SQLiteStore:
         # Shared: the -shm file of `_files`, the one SQLite maps into memory (exclusive: none).
         self._mapped: list[tuple[str, int, int]] = []
         self._keys: dict[str, int] = {}
+        # Whether the messages table has its `history` column (writer thread; see
+        # `_with_history`).
+        self._history = False
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._read_conn: sqlite3.Connection | None = None
@@ -577,11 +669,18 @@ class SQLiteStore:
             return [None] * len(ops)
         if isinstance(first, _Lease):
             rows: list[Any] = []
+            history: list[Any] = []
             for op in ops:
                 deadline = op.deadline  # type: ignore[union-attr]
                 for msg_id, attempt in op.leases:  # type: ignore[union-attr]
                     rows += (msg_id, attempt, deadline)
+                if op.events is not None:  # type: ignore[union-attr]
+                    leased = [msg_id for msg_id, _ in op.leases]  # type: ignore[union-attr]
+                    history += _history_rows(leased, op.events)  # type: ignore[union-attr]
             _lease_rows(conn, rows)
+            if history:
+                self._with_history(conn)
+                _append_history(conn, history)
             return [None] * len(ops)
         return [first(conn)]
 
@@ -600,13 +699,40 @@ class SQLiteStore:
             if conn.total_changes - before < len(claims) // 4:
                 return self._insert_with_duplicates(conn, keys, inserts)
         values: list[Any] = []
+        traced: list[Any] = []
         results: list[EnqueueResult] = []
         for key, op in zip(keys, inserts, strict=True):
             fresh = list(op.messages)
-            values += _message_values(key, fresh)
+            if op.events is None:
+                values += _message_values(key, fresh)
+            else:
+                traced += _traced_values(key, fresh, _started(op.events))
             results.append(EnqueueResult(ids=[m.id for m in fresh], new=fresh))
-        _insert_rows(conn, _INSERT_MESSAGES, 9, values)
+        self._insert_messages(conn, values, traced)
         return results
+
+    def _insert_messages(
+        self, conn: sqlite3.Connection, values: list[Any], traced: list[Any]
+    ) -> None:
+        """Insert rows of `_message_values` and of `_traced_values` (their own statement, so a
+        group with no traced channel writes exactly what it did before tracing existed)."""
+        _insert_rows(conn, _INSERT_MESSAGES, 9, values)
+        if traced:
+            self._with_history(conn)
+            _insert_rows(conn, _INSERT_TRACED, 10, traced)
+
+    def _with_history(self, conn: sqlite3.Connection) -> None:
+        """Give the messages table its `history` column if it has none yet (in the writer's
+        transaction). Made on first use, like `meta`: a store no channel ever traced keeps
+        the schema older versions made, so older nodes sharing the file keep working (their
+        inserts name no columns). After a rollback this is checked again (see
+        `_forget_new_keys`)."""
+        if self._history:
+            return
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "history" not in columns:
+            conn.execute("ALTER TABLE messages ADD COLUMN history TEXT")
+        self._history = True
 
     def _insert_with_duplicates(
         self, conn: sqlite3.Connection, keys: list[int], inserts: list[_Insert]
@@ -634,11 +760,14 @@ class SQLiteStore:
         results: list[EnqueueResult] = []
         values: list[Any] = []
         renewed: list[tuple[int, int, int, str]] = []
+        traced: list[Any] = []
         for key, op in zip(keys, inserts, strict=True):
             found = known[key]
             ids: list[int] = []
             new: list[Message] = []
-            for m in op.messages:
+            histories: list[str] = []
+            started = None if op.events is None else _started(op.events)
+            for i, m in enumerate(op.messages):
                 if m.dedup_id is not None:
                     first, used_at = found[m.dedup_id]
                     if first != m.id:
@@ -649,16 +778,23 @@ class SQLiteStore:
                         renewed.append((m.id, m.enqueued_at, key, m.dedup_id))
                 ids.append(m.id)
                 new.append(m)
-            values += _message_values(key, new)
+                if started is not None:
+                    histories.append(started[i])
+            if started is None:
+                values += _message_values(key, new)
+            else:
+                traced += _traced_values(key, new, histories)
             results.append(EnqueueResult(ids=ids, new=new))
         conn.executemany(
             "UPDATE dedup SET msg_id = ?, used_at = ? WHERE ch = ? AND dedup_id = ?", renewed
         )
-        _insert_rows(conn, _INSERT_MESSAGES, 9, values)
+        self._insert_messages(conn, values, traced)
         return results
 
     def _forget_new_keys(self, conn: sqlite3.Connection) -> None:
-        """After a rollback, channel keys made in that transaction no longer exist."""
+        """After a rollback, channel keys made in that transaction no longer exist (nor, maybe,
+        the history column)."""
+        self._history = False
         with contextlib.suppress(sqlite3.Error):
             self._keys = dict(conn.execute("SELECT name, key FROM channels").fetchall())
 
@@ -729,7 +865,8 @@ class SQLiteStore:
                 "SELECT name, config FROM channels WHERE config IS NOT NULL"
             ).fetchall()
         )
-        return {name: ChannelConfig(**json.loads(config)) for name, config in rows}
+        # Known fields only: settings a newer version wrote do not stop this one starting.
+        return {name: _config(json.loads(config)) for name, config in rows}
 
     async def save_channel(self, name: str, config: ChannelConfig) -> None:
         encoded = json.dumps(asdict(config))
@@ -755,22 +892,37 @@ class SQLiteStore:
     # -- writes -----------------------------------------------------------------------------
     # The hot writes answer with the writer's future (see `_submit`).
     def insert(
-        self, channel: str, messages: Sequence[Message], dedup_since: int
+        self,
+        channel: str,
+        messages: Sequence[Message],
+        dedup_since: int,
+        events: Sequence[Event] | None = None,
     ) -> asyncio.Future[EnqueueResult]:
         check_sizes(messages, self.max_message_bytes, self.kind)
-        return self._submit(_Insert(channel, messages, dedup_since), channel)
+        return self._submit(_Insert(channel, messages, dedup_since, events), channel)
 
     def lease(
-        self, channel: str, leases: Sequence[tuple[int, int]], deadline: int
+        self,
+        channel: str,
+        leases: Sequence[tuple[int, int]],
+        deadline: int,
+        events: Sequence[Event] | None = None,
     ) -> asyncio.Future[None]:
-        return self._submit(_Lease(leases, deadline), channel)
+        return self._submit(_Lease(leases, deadline, events), channel)
 
-    def release(self, channel: str, ids: Sequence[int], available_at: int) -> asyncio.Future[None]:
+    def release(
+        self,
+        channel: str,
+        ids: Sequence[int],
+        available_at: int,
+        events: Sequence[Event] | None = None,
+    ) -> asyncio.Future[None]:
         return self._update_many(
             channel,
             "UPDATE messages SET leased = 0, available_at = ? WHERE id IN ({})",
             available_at,
             ids,
+            events,
         )
 
     def extend(self, channel: str, ids: Sequence[int], deadline: int) -> asyncio.Future[None]:
@@ -785,11 +937,19 @@ class SQLiteStore:
         return self._submit(_Delete(ids), channel)
 
     def _update_many(
-        self, channel: str, sql: str, value: int, ids: Sequence[int]
+        self,
+        channel: str,
+        sql: str,
+        value: int,
+        ids: Sequence[int],
+        events: Sequence[Event] | None = None,
     ) -> asyncio.Future[None]:
         def op(conn: sqlite3.Connection) -> None:
             if ids:
                 conn.execute(sql.format(_marks(len(ids))), (value, *ids))
+                if events is not None:
+                    self._with_history(conn)
+                    _append_history(conn, _history_rows(ids, events))
 
         return self._write(op, channel)
 
@@ -800,19 +960,32 @@ class SQLiteStore:
         target: str | None,
         moved: Sequence[Message],
         target_config: ChannelConfig | None = None,
+        events: Sequence[Event] | None = None,
     ) -> asyncio.Future[list[Message]]:
         # A dead letter carries a few more headers than the message did (DEAD_LETTER_HEADROOM).
         check_sizes(moved, self.max_message_bytes + DEAD_LETTER_HEADROOM, self.kind)
 
         def op(conn: sqlite3.Connection) -> list[Message]:
             copies: list[Message] = []
-            if target is not None and moved:
-                held = _existing_ids(conn, ids)
-                copies = [c for i, c in zip(ids, moved, strict=True) if i in held]
+            histories: list[str] = []
+            if target is not None and moved and events is not None:
+                # Traced: each copy carries its original's history on, with its event.
+                self._with_history(conn)
+                held = _histories(conn, ids)
+                for i, c, event in zip(ids, moved, _encoded(events), strict=True):
+                    if i in held:
+                        copies.append(c)
+                        histories.append(_carried(held[i], event))
+            elif target is not None and moved:
+                found = _existing_ids(conn, ids)
+                copies = [c for i, c in zip(ids, moved, strict=True) if i in found]
             _delete_ids(conn, ids)
             if target is not None and copies:
                 key = self._key(conn, target)
-                _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, copies))
+                if events is None:
+                    _insert_rows(conn, _INSERT_MESSAGES, 9, _message_values(key, copies))
+                else:
+                    _insert_rows(conn, _INSERT_TRACED, 10, _traced_values(key, copies, histories))
                 if target_config is not None:
                     conn.execute(
                         "UPDATE channels SET config = ? WHERE key = ? AND config IS NULL",
@@ -932,6 +1105,23 @@ class SQLiteStore:
             channel, "SELECT MIN(expires_at) FROM messages WHERE ch = ? AND expires_at > ?", (now,)
         )
         return value
+
+    async def history(self, channel: str, message_id: int) -> list[Event] | None:
+        def op(conn: sqlite3.Connection) -> tuple[bool, str | None]:
+            key = self._read_key(conn, channel)
+            if key is None:
+                return False, None
+            traced = any(r[1] == "history" for r in conn.execute("PRAGMA table_info(messages)"))
+            row = conn.execute(
+                f"SELECT {'history' if traced else 'NULL'} FROM messages WHERE id = ? AND ch = ?",
+                (message_id, key),
+            ).fetchone()
+            return (False, None) if row is None else (True, row[0])
+
+        found, history = await self._read(op)
+        if not found:
+            return None
+        return [] if history is None else _history_decoder.decode(history)
 
     async def max_id(self) -> int:
         value: int | None = await self._read(
@@ -1097,6 +1287,13 @@ class SQLiteStore:
         return await self._write(op, None)
 
 
+_CONFIG_FIELDS = frozenset(f.name for f in fields(ChannelConfig))
+
+
+def _config(stored: dict[str, Any]) -> ChannelConfig:
+    return ChannelConfig(**{k: v for k, v in stored.items() if k in _CONFIG_FIELDS})
+
+
 def _stored_epoch(conn: sqlite3.Connection, shard: str) -> int | None:
     """The epoch of the shard's lease (None: never taken): the fence's one indexed read."""
     row = conn.execute("SELECT epoch FROM shard_leases WHERE shard = ?", (shard,)).fetchone()
@@ -1148,6 +1345,19 @@ def _existing_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> set[int]:
             for row in conn.execute(
                 f"SELECT id FROM messages WHERE id IN ({_marks(len(chunk))})", chunk
             )
+        )
+    return found
+
+
+def _histories(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, str | None]:
+    """The history (JSON text, or None) of each of `ids` still stored."""
+    found: dict[int, str | None] = {}
+    for start in range(0, len(ids), _MAX_VALUES):
+        chunk = list(ids[start : start + _MAX_VALUES])
+        found.update(
+            conn.execute(
+                f"SELECT id, history FROM messages WHERE id IN ({_marks(len(chunk))})", chunk
+            ).fetchall()
         )
     return found
 
