@@ -200,7 +200,9 @@ class HeartbeatSender:
         """Beats behind, per backup url and shard (GET /cluster, /metrics)."""
         out: dict[str, dict[str, int]] = {}
         for (backup, shard), peer in self.peers.items():
-            out.setdefault(backup, {})[shard] = peer.lag
+            # One that never confirmed a beat (just met, or resyncing) is not caught up.
+            lag = peer.lag if peer.acked is not None else max(peer.lag, 1)
+            out.setdefault(backup, {})[shard] = lag
         return out
 
     def snapshot(self, shard: str) -> Snapshot:
