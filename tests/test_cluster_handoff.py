@@ -141,6 +141,9 @@ def test_handoff_moves_the_shard_with_its_messages_and_leases(pair: Cluster) -> 
         assert view["shards"][0]["epoch"] == before + 1
     assert {k: v for k, v in pair.view()["last_handoff"].items() if k != "at"} == doc
     assert metric(owner, "lionmq_handoffs_total") >= 1
+    labels = f'{{shard="{shard}",to="{backup.server_host}"}}'
+    assert metric(owner, "lionmq_last_handoff_seconds" + labels) == doc["took_ms"] / 1000
+    assert metric(owner, "lionmq_last_handoff_timestamp_seconds" + labels) > 1.7e9
     # The lease in flight is honoured by the new owner; the rest is served there.
     r = http.post(f"{backup.url}/channels/ho/ack", json={"receipts": [leased["receipt"]]})
     assert r.status_code == 200 and r.json()["stale"] == [], r.text
