@@ -17,7 +17,7 @@ from app.cluster.route import Local, Remote
 from app.main import create_app
 from app.settings import CLUSTER_SECRET_HEADER
 from tests.cluster.nodes import ADMIN_TOKEN, Cluster, api_auth
-from tests.cluster.test_rolling import backup_lag, wait_caught_up
+from tests.cluster.rolling import backup_lag, wait_caught_up
 from tests.conftest import NodeProcess, make_settings, wait_until
 from tests.test_cluster_api import client_for
 from tests.test_cluster_keeper import Member, clock, make_store, members, two_shards  # noqa: F401  (fixture)  # noqa: F401  (fixtures)
