@@ -42,6 +42,7 @@ class Stop:
     epoch_before: int
     epoch_after: int
     back_in_s: float  # from the start again until it was a caught-up backup
+    took_ms: int  # the hand-off as the old owner timed it (shard refused -> new owner serving)
 
 
 def backup_lag(owner: ClusterNode, backup: ClusterNode, shard: str) -> float | None:
@@ -119,7 +120,15 @@ def restart_gracefully(
     wait_caught_up(successor, node, shard, 20)
     back = time.monotonic() - restarted
     return Stop(
-        node.node_id, shard, successor.node_id, ended - began, worst, epoch, epoch + 1, back
+        node.node_id,
+        shard,
+        successor.node_id,
+        ended - began,
+        worst,
+        epoch,
+        epoch + 1,
+        back,
+        int(last["took_ms"]),
     )
 
 
@@ -154,8 +163,8 @@ def describe(stops: Sequence[Stop]) -> str:
     """A line per stop and the worst unavailability, for a test's output or the benchmark."""
     lines = [
         f"  {s.node} ({s.shard}, epoch {s.epoch_before} -> {s.epoch_after}, to"
-        f" {s.handed_to}): exit {s.stopped_in_s * 1000:.0f} ms after SIGTERM,"
-        f" longest unavailability {s.worst_s * 1000:.0f} ms; a caught-up backup again"
+        f" {s.handed_to}): hand-off {s.took_ms} ms, exit {s.stopped_in_s * 1000:.0f} ms after"
+        f" SIGTERM, longest unavailability {s.worst_s * 1000:.0f} ms; a caught-up backup again"
         f" {s.back_in_s:.1f} s after its start"
         for s in stops
     ]
