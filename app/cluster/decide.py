@@ -133,7 +133,7 @@ class Candidate:
     # Beats behind by the owner's count of its heartbeat acks: 0 when it confirmed every beat
     # up to the newest, None when it never answered one.
     lag: int | None
-    up: bool  # its member report is fresh, and not the last one of a stopped node
+    up: bool  # its member report is fresh, not a stopped node's last one, not a leaving one's
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ SIGTERM the node then releases the lease as before, and a backup takes it at its
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -95,6 +96,7 @@ class Handover:
         backup takes it at its next tick). Nothing is taken from here on."""
         keeper = self.keeper
         keeper.leaving = True
+        await keeper.report()  # so that no owner hands a shard to this node meanwhile
         for shard in sorted(keeper.held):
             try:
                 await self.hand_off(shard)
@@ -123,15 +125,19 @@ class Handover:
         to_id = members[to][1].id  # an up candidate has a report
         began = keeper.mono()
         keeper.begin_handoff(shard)
+        steps = [began]  # when each step ended, for the log: where a slow hand-off's time went
         try:
             await self.engine.quiesce()
+            steps.append(keeper.mono())
             if not await self.sender.catch_up(shard, to):
                 raise HandoffRefused(
                     f"shard {shard}: {to} did not confirm the last heartbeat; it stays here"
                 )
+            steps.append(keeper.mono())
             lease = await self.store.transfer_lease(
                 shard, keeper.node_id, h.held.epoch, to_id, to, keeper.lease_ms
             )
+            steps.append(keeper.mono())
         except BaseException:
             keeper.abandon_handoff(shard, h)
             raise
@@ -141,15 +147,22 @@ class Handover:
         record = HandoffRecord(shard, keeper.url, to, lease.epoch, 0, 0)
         await keeper.handed(shard, lease, record)
         served = await self._tell(shard, lease.epoch, to)
-        record.took_ms = keeper.mono() - began
+        steps.append(keeper.mono())
+        record.took_ms = steps[-1] - began
         record.at = await self.store.store_time_ms()
+        drained, beaten, moved, adopted = (b - a for a, b in itertools.pairwise(steps))
         log.info(
-            "shard %s: handed to %s at epoch %d in %d ms%s",
+            "shard %s: handed to %s at epoch %d in %d ms (writes drained in %d, last heartbeat"
+            " %d, lease transferred %d, %s %d)",
             shard,
             to,
             lease.epoch,
             record.took_ms,
-            "" if served else " (it adopts at its next tick)",
+            drained,
+            beaten,
+            moved,
+            "serving there after" if served else "not told; it adopts at its next tick, after",
+            adopted,
         )
         await keeper.report()
         return record
@@ -160,7 +173,11 @@ class Handover:
         out = []
         for url in self.backups_of(shard):
             age, doc = members.get(url, (None, None))
-            up = doc is not None and not doc.stopped and status_of(age, lease_ms) == "up"
+            up = (
+                doc is not None
+                and not (doc.stopped or doc.leaving)
+                and status_of(age, lease_ms) == "up"
+            )
             out.append(Candidate(url, behind.get(url.rstrip("/")), up))
         return out
 

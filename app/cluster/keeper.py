@@ -62,6 +62,7 @@ class MemberDoc(msgspec.Struct):
     backups: dict[str, dict[str, int]] | None = None
     stopped: bool = False  # its last report, made on a graceful stop
     last_handoff: HandoffRecord | None = None  # the last shard this node handed to a backup
+    leaving: bool = False  # stopping (SIGTERM): no shard is to be handed to it
 
 
 @dataclass(slots=True)
@@ -342,11 +343,15 @@ class OwnershipKeeper:
             return h if h is not None and h.held.epoch == epoch else None
         self.accepting.add(shard)
         try:
-            renewed = await self.store.renew_lease(shard, self.node_id, epoch, self.lease_ms)
+            # With the renewal, the topology (a set_nodes since the last tick places the
+            # channels): both are needed before serving, neither needs the other.
+            renewed, _ = await asyncio.gather(
+                self.store.renew_lease(shard, self.node_id, epoch, self.lease_ms),
+                self._read_topology(),
+            )
             if renewed is None:
                 return None
             self.view.leases[shard] = renewed
-            await self._read_topology()  # a set_nodes since the last tick places the channels
             await self._gain(shard, renewed, None, now)
             return self.held[shard]
         finally:
@@ -556,6 +561,7 @@ class OwnershipKeeper:
             backups=self.backups_lag() if self.backups_lag else None,
             stopped=stopped,
             last_handoff=self.last_handoff,
+            leaving=self.leaving,
         )
         try:
             await self.store.report_member(self.url, msgspec.json.encode(doc))
