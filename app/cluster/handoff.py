@@ -92,8 +92,10 @@ class Handover:
 
     async def leave(self) -> None:
         """SIGTERM: hand every shard this node serves to an up-to-date backup, one by one, each
-        unavailable only for its own hand-off; a shard that cannot be handed is released (a
-        backup takes it at its next tick). Nothing is taken from here on."""
+        unavailable only for its own hand-off. A shard that cannot be handed is released now
+        when it has backups (one takes it at its next tick); one without (a lone node, the
+        implicit shard) is served until the node exits and released then, as before, so its
+        requests under way finish. Nothing is taken from here on."""
         keeper = self.keeper
         keeper.leaving = True
         await keeper.report()  # so that no owner hands a shard to this node meanwhile
@@ -101,6 +103,8 @@ class Handover:
             try:
                 await self.hand_off(shard)
             except LionMQError as exc:
+                if not self.backups_of(shard):
+                    continue  # released by the lifespan's exit, after the requests under way
                 log.warning("shard %s: no hand-off (%s); releasing it", shard, exc.detail)
                 await keeper.let_go(shard)
 
