@@ -6,6 +6,7 @@ The SIGTERM hand-off of a rolling restart is tested under load in tests/cluster/
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -195,6 +196,30 @@ def test_handoff_refusals(pair: Cluster) -> None:
         assert r.status_code == 201, r.text  # served on, as if nothing was asked
     finally:
         other.resume()
+
+
+def test_sigterm_without_an_up_to_date_backup_releases_the_shard(pair: Cluster) -> None:
+    """The fallback (the last test on `pair`: its owner is stopped for good). Its backup frozen,
+    a SIGTERM makes no hand-off: the owner releases the lease before it exits, and the backup,
+    woken, takes it at its next tick without waiting out any expiry."""
+    (shard,) = pair.shard_ids()
+    before = pair.view()
+    owner = pair.node_at(before["shards"][0]["owner"])
+    other = next(n for n in pair.nodes if n is not owner)
+    caught_up(pair, other.index, shard)
+    other.freeze_outside_store_lock()
+    try:
+        wait_until(lambda: (backup_lag(owner, other, shard) or 0) > 0, 10, "a lagging backup")
+        owner.stop()  # SIGTERM, and wait for the exit
+    finally:
+        other.resume()
+    # uvicorn ends a graceful stop by raising the signal it caught again (status -15).
+    assert owner.proc is not None and owner.proc.returncode in (0, -signal.SIGTERM)
+    assert "no hand-off" in owner.log.read_text()
+    wait_until(lambda: pair.owners_are({shard: other.server_host}, other), 5, "the backup owns")
+    view = pair.view(other)
+    assert view["shards"][0]["epoch"] == before["shards"][0]["epoch"] + 1
+    assert view["last_handoff"] == before["last_handoff"]  # no hand-off was made
 
 
 async def test_handoff_is_forbidden_without_an_admin_token(
