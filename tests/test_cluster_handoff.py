@@ -11,9 +11,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from app.clock import ManualClock
+from app.cluster.heartbeat import HeartbeatSender, Peer
+from app.cluster.journal import Answer, Heartbeat, Journal
+from app.cluster.liveness import Liveness
+from app.cluster.mirror import Follower, Mirror, snapshot_path
 from app.cluster.route import Local, Remote
 from app.main import create_app
 from app.settings import CLUSTER_SECRET_HEADER
@@ -22,7 +27,11 @@ from tests.cluster.rolling import backup_lag, wait_caught_up
 from tests.conftest import NodeProcess, make_settings, wait_until
 from tests.test_cluster_api import client_for
 from tests.test_cluster_keeper import Member, clock, make_store, members, two_shards  # noqa: F401  (fixture)  # noqa: F401  (fixtures)
+from tests.test_engine import Env, msg
 
+SHARD = "s1"
+_enc = msgspec.json.Encoder()
+_hb = msgspec.json.Decoder(Heartbeat)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TIMEOUT = httpx.Timeout(10.0, connect=2.0)
 
@@ -73,6 +82,63 @@ async def test_a_restarted_node_does_not_adopt_its_previous_lives_lease(
     assert again.runtime.owned() == {}
     await again.tick(100)
     assert again.runtime.owned() == {}
+
+
+# -- the owner's last heartbeat -----------------------------------------------------------------
+
+
+async def test_catch_up_tells_an_up_to_date_backup_from_one_that_never_confirmed(
+    tmp_path: Path,
+) -> None:
+    """`catch_up` beats a backup until it holds the newest delta; one that only ever asks for
+    a snapshot (resyncing, just met) is never "up to date": `behind` says None and the lag
+    the owner reports is at least one beat, never the 0 of a peer just created."""
+    env = Env(tmp_path / "owner.db")
+    engine = await env.open()
+    mirror = Mirror(Liveness(0))
+    resyncing = {"http://slow"}
+
+    async def route(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "slow":
+            return httpx.Response(200, content=_enc.encode(Answer(snapshot=True)))
+        if request.url.path == snapshot_path(SHARD):  # the fast backup's resync
+            return httpx.Response(200, content=_enc.encode(sender.snapshot(SHARD)))
+        answer = follower.heartbeat(_hb.decode(request.content))
+        await follower.settle()
+        return httpx.Response(200, content=_enc.encode(answer))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(route)) as http:
+        follower = Follower(mirror, http, "secret", lambda: 0)
+        sender = HeartbeatSender(
+            engine=engine,
+            journal=Journal(lambda name: SHARD),
+            owned=lambda: {SHARD: 3},
+            backups_of=lambda shard: ["http://fast", *resyncing],
+            node_id="owner",
+            node_url="http://owner",
+            secret="secret",
+            heartbeat_ms=100,
+            http=http,
+            monotonic_ms=lambda: 0,
+        )
+        try:
+            await sender.tick(0)  # opens the shard's journal, meets both backups
+            await engine.enqueue("jobs", [msg(1), msg(2)])
+            assert await sender.catch_up(SHARD, "http://fast")
+            assert await sender.catch_up(SHARD, "http://slow") is False
+            assert sender.behind(SHARD) == {"http://fast": 0, "http://slow": None}
+            lag = sender.lag()
+            assert lag["http://fast"][SHARD] == 0 and lag["http://slow"][SHARD] >= 1
+            assert await sender.catch_up("s9", "http://fast") is False  # not journaled here
+            # A peer just met (its first beat under way, or a new epoch) is not caught up.
+            sender.peers[("http://new", SHARD)] = Peer(epoch=3)
+            assert sender.lag()["http://new"][SHARD] == 1
+            assert sender.behind(SHARD)["http://new"] is None
+        finally:
+            await sender.stop()
+            await follower.stop()
+            await engine.stop()
+            await env.store.close()
 
 
 # -- the endpoint, on processes ----------------------------------------------------------------
