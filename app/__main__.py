@@ -9,10 +9,11 @@ import uvicorn
 
 from app import __version__
 from app.errors import ConfigError
-from app.main import create_app
+from app.main import before_stop, create_app
 from app.server import (
     AccessLog,
     ConnectionGuard,
+    NodeServer,
     OneLineParser,
     connection_cap,
     flag_overrides,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy_headers=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = NodeServer(config, lambda: before_stop(app))
     logging.getLogger("lionmq.server").info(
         "accepting up to %d connections; headers within %d ms, bodies within %d ms",
         max_connections,

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from app.api import forward
 from app.api.internal import Mirroring
 from app.clock import Clock
+from app.cluster.handoff import Handover
 from app.cluster.heartbeat import HeartbeatSender
 from app.cluster.journal import Journal
 from app.cluster.mirror import Follower, Mirror
@@ -78,7 +79,7 @@ async def open_cluster(
     sender = HeartbeatSender(
         engine=engine,
         journal=Journal(runtime.shard_of),
-        owned=runtime.owned,
+        owned=runtime.keeper.mirrored,
         backups_of=lambda shard: list(runtime.backups_of(shard)),
         node_id=runtime.node_id,
         node_url=runtime.url,
@@ -88,6 +89,17 @@ async def open_cluster(
         monotonic_ms=runtime.mono_ms,
     )
     runtime.attach(sender)  # started after the first tick, stopped before the shards go
+    runtime.handover = Handover(
+        keeper=runtime.keeper,
+        engine=engine,
+        store=store,
+        sender=sender,
+        http=http,
+        secret=settings.cluster_secret,
+        members=runtime.members,
+        backups_of=runtime.backups_of,
+        peers=runtime.peers,
+    )
     runtime.keeper.events = MirrorEvents(mirror, engine, runtime)
     runtime.lag = lambda: backup_lag(runtime)
     runtime.keeper.backups_lag = sender.lag

@@ -119,5 +119,18 @@ class OwnerUnreachable(ShardUnavailable):
     title = "Owner unreachable"
 
 
+class ShardNotFound(LionMQError):
+    status = 404
+    title = "Shard not found"
+
+
+class HandoffRefused(LionMQError):
+    """No hand-off of the shard was made (no up-to-date backup, or this node does not own
+    it): the shard stays where it was."""
+
+    status = 409
+    title = "Hand-off refused"
+
+
 class ConfigError(LionMQError):
     """A setting is wrong; the node refuses to start."""

@@ -101,6 +101,14 @@ class NodeApp(FastAPI):
         return Guard(app, s.allowed_host_names, any_host=s.any_host)
 
 
+async def before_stop(app: FastAPI) -> None:
+    """What a node does on SIGTERM while its server still serves (app/server.py NodeServer):
+    a cluster node hands its shards to up-to-date backups (app/cluster/handoff.py)."""
+    node: Node | None = getattr(app.state, "node", None)
+    if node is not None:
+        await node.cluster.leave()
+
+
 def create_app(
     settings: Settings, *, clock: Clock | None = None, store: Store | None = None
 ) -> FastAPI:
@@ -196,4 +204,4 @@ def create_app(
     return app
 
 
-__all__ = ["check_store_limits", "create_app", "engine_limits"]
+__all__ = ["before_stop", "check_store_limits", "create_app", "engine_limits"]

@@ -14,10 +14,12 @@ import argparse
 import asyncio
 import logging
 import resource
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, NoReturn
 
+import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -304,6 +306,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedHttpProtocol]:
     """The protocol class for one server (uvicorn builds a protocol per connection)."""
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
+
+
+class NodeServer(uvicorn.Server):
+    """uvicorn's server with one step before it stops: on SIGTERM (or SIGINT), `before_stop`
+    runs while the server still accepts and serves, so a cluster node hands its shards to
+    backups and forwards their requests to the new owners meanwhile. uvicorn's own shutdown
+    follows: it stops accepting, lets the requests under way finish, then the lifespan exits
+    (by then the node owns nothing, and the clients went to the new owners)."""
+
+    def __init__(self, config: uvicorn.Config, before_stop: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.before_stop = before_stop
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self.force_exit:  # a second Ctrl-C: out at once
+            try:
+                await self.before_stop()
+            except Exception:  # the lifespan's exit still releases what is held
+                log.exception("the hand-off before stopping failed; stopping anyway")
+        await super().shutdown(sockets)
 
 
 class OneLineParser(argparse.ArgumentParser):

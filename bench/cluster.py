@@ -9,7 +9,11 @@ one SQLite file, with the default HEARTBEAT_MS (500) and LEASE_MS (2000).
 - set_nodes: a third shard added then removed under load; the longest time a moved channel
   answered no request (it is probed every 20 ms) and how long until every node routed anew;
 - the cost of a forwarded request: median latency of a one-message enqueue sent to a node that
-  forwards it against one sent to the owner.
+  forwards it against one sent to the owner;
+- rolling restart: every node of both shards stopped with SIGTERM (each while it owns its shard,
+  so each stop hands the shard to its up-to-date backup) and started again, under load; the
+  longest time a channel answered no request around each stop (probed every 20 ms), and the
+  books judged as above.
 
 The steps are the cluster tests' own (tests/cluster/scenarios.py), not a second version of them.
 """
@@ -33,6 +37,7 @@ from tests.cluster.ledger import (
     duplicated,
     lost,
     overlapping,
+    problems,
     refused,
     server_errors,
     summary,
@@ -45,6 +50,7 @@ from tests.cluster.nodes import (
     Cluster,
     channels_on,
 )
+from tests.cluster.rolling import describe, roll
 from tests.cluster.scenarios import forward_cost, kill_owner, moving_channels, rejoin, reshape
 
 VISIBILITY_MS = 5000
@@ -67,6 +73,8 @@ class Figures:
     direct_ms: float = 0.0
     forwarded_ms: float = 0.0
     books: dict[str, int] = field(default_factory=dict)
+    restart_outage_s: list[float] = field(default_factory=list)  # per SIGTERM hand-off
+    restart_problems: int = 0  # lost, redelivered after ack, two owners, errors...
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -75,10 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--forward-requests", type=int, default=300, help="enqueues per side of the forward cost"
     )
+    parser.add_argument(
+        "--restarts", type=int, default=1, help="rolling restart rounds over every node (1)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    if args.kills < 1 or args.forward_requests < 1:
-        parser.error("--kills and --forward-requests must be at least 1")
+    if args.kills < 1 or args.forward_requests < 1 or args.restarts < 0:
+        parser.error("--kills and --forward-requests must be at least 1, --restarts 0 or more")
     return args
 
 
@@ -134,6 +145,13 @@ def run(args: argparse.Namespace, data: Path) -> Figures:
 
         cost = forward_cost(cluster, channels[0], args.forward_requests)
         figures.direct_ms, figures.forwarded_ms = cost.direct_ms, cost.forwarded_ms
+
+        if args.restarts:
+            ledger = Ledger()
+            stops = roll(cluster, ledger, args.restarts, len(ids))
+            figures.restart_outage_s = [s.worst_s for s in stops]
+            figures.restart_problems = len(problems(ledger.books()))
+            log(f"[cluster] rolling restart:\n{describe(stops)}")
     finally:
         cluster.stop()
     return figures
@@ -154,6 +172,13 @@ def report(figures: Figures) -> str:
         f"forwarded enqueue: median {figures.forwarded_ms:.2f} ms against {figures.direct_ms:.2f} "
         f"ms direct (+{figures.forwarded_ms - figures.direct_ms:.2f} ms)",
     ]
+    if figures.restart_outage_s:
+        r = figures.restart_outage_s
+        lines.append(
+            f"rolling restart ({len(r)} SIGTERM hand-offs): longest unavailability of a channel"
+            f" median {statistics.median(r) * 1000:.0f} ms, max {max(r) * 1000:.0f} ms;"
+            f" {figures.restart_problems} broken promises"
+        )
     return "\n".join(lines)
 
 

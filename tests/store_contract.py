@@ -894,6 +894,59 @@ class StoreContract:
         fresh = await store.take_lease("s2", *A, TTL, from_epoch=0)
         assert fresh is not None and fresh.epoch == 1
 
+    async def test_transfer_hands_a_live_lease_from_its_holder_to_another_at_once(
+        self, store: Store, twin: Store, clock: ManualClock
+    ) -> None:
+        held = await store.take_lease(SHARD, *A, TTL)  # live for TTL more
+        assert held is not None
+        clock.advance(500)
+        moved = await store.transfer_lease(SHARD, A[0], 1, *B, TTL)
+        assert moved == ShardLease(SHARD, B[0], B[1], 2, clock.now_ms() + TTL)
+        assert await store.leases() == {SHARD: moved}
+        # The old holder is deposed: its epoch renews, releases and transfers nothing ...
+        assert await store.renew_lease(SHARD, A[0], 1, TTL) is None
+        assert await store.release_lease(SHARD, A[0], 1) is False
+        assert await store.transfer_lease(SHARD, A[0], 1, *C, TTL) is None
+        # ... and a write fenced at it is refused, in another store instance too.
+        twin.fence(lambda ch: (SHARD, 1))
+        with pytest.raises(Fenced):
+            await twin.insert(CH, [msg(1)], 0)
+        # The new holder renews its epoch as if it had taken it.
+        renewed = await store.renew_lease(SHARD, B[0], 2, TTL)
+        assert renewed is not None and renewed.owner == B[0]
+        # Only the holder of (owner, epoch) can transfer: not another node, not another epoch.
+        assert await store.transfer_lease(SHARD, A[0], 2, *C, TTL) is None
+        assert await store.transfer_lease(SHARD, B[0], 1, *C, TTL) is None
+        assert await store.transfer_lease("s9", A[0], 1, *C, TTL) is None  # never taken
+        # Expired but taken by no one: the epoch never moved, the holder may still hand it on.
+        clock.advance(TTL + 1)
+        onward = await store.transfer_lease(SHARD, B[0], 2, *C, TTL)
+        assert onward == ShardLease(SHARD, C[0], C[1], 3, clock.now_ms() + TTL)
+        # Released: nothing left to hand on (whoever takes it next bumps the epoch).
+        assert await store.release_lease(SHARD, C[0], 3) is True
+        assert await store.transfer_lease(SHARD, C[0], 3, *A, TTL) is None
+        assert (await store.leases())[SHARD].expires_at == 0
+
+    async def test_of_a_transfer_and_concurrent_takers_exactly_one_wins(
+        self, store: Store, twin: Store, clock: ManualClock
+    ) -> None:
+        for round_ in range(3):
+            lease = (await store.leases()).get(SHARD) or await store.take_lease(SHARD, *A, TTL)
+            assert lease is not None
+            clock.advance(TTL)  # expired: takers may take it, its holder may transfer it
+            stores = (store, twin)
+            outcomes = await asyncio.gather(
+                store.transfer_lease(SHARD, lease.owner, lease.epoch, *B, TTL),
+                *(
+                    stores[i % 2].take_lease(SHARD, f"n{i}", f"http://n{i}:1", TTL)
+                    for i in range(4)
+                ),
+            )
+            winners = [o for o in outcomes if o is not None]
+            assert len(winners) == 1, (round_, outcomes)
+            assert winners[0].epoch == lease.epoch + 1
+            assert (await store.leases())[SHARD] == winners[0]
+
     async def test_epochs_grow_by_one_and_are_never_reused(
         self, store: Store, clock: ManualClock, reopen: Reopen
     ) -> None:

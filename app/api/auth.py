@@ -14,10 +14,11 @@ from app.settings import CLUSTER_SECRET_HEADER
 # Probes must answer without a token; the docs carry no data and let a person find the API.
 OPEN_PATHS = frozenset({"/health", "/ready", DOCS_URL, "/openapi.json"})
 OPEN_PREFIX = ASSETS_URL + "/"
-# Cluster routes with credentials of their own (app.api.cluster): ADMIN_TOKEN for set-nodes,
-# CLUSTER_SECRET node to node. The API token cannot share their Authorization header.
+# Cluster routes with credentials of their own (app.api.cluster): ADMIN_TOKEN for set-nodes and
+# shard hand-offs (/cluster/shards/{id}/handoff), CLUSTER_SECRET node to node. The API token
+# cannot share their Authorization header.
 OWN_AUTH_PATHS = frozenset({"/cluster/nodes"})
-OWN_AUTH_PREFIX = "/cluster/internal/"
+OWN_AUTH_PREFIXES = ("/cluster/internal/", "/cluster/shards/")
 
 
 class BearerAuth:
@@ -30,7 +31,7 @@ class BearerAuth:
         open_path = (
             path in OPEN_PATHS
             or path in OWN_AUTH_PATHS
-            or path.startswith((OPEN_PREFIX, OWN_AUTH_PREFIX))
+            or path.startswith((OPEN_PREFIX, *OWN_AUTH_PREFIXES))
         )
         if scope["type"] in ("http", "websocket") and not open_path:
             given = b""

@@ -9,9 +9,11 @@ these paths to this module, so a node with API_TOKEN still takes them).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
+import httpx
 import msgspec
 from fastapi import APIRouter, Depends, Request
 from lionmq.topology import (
@@ -20,6 +22,7 @@ from lionmq.topology import (
     Topology,
     decode_topology,
     next_topology,
+    normalize_url,
     validate_set_nodes,
 )
 from starlette.responses import Response
@@ -27,10 +30,20 @@ from starlette.responses import Response
 from app.api.auth import check_cluster_secret
 from app.api.codec import decode, json_response_doc, problem_docs, read_body
 from app.api.deps import Node, channel_name, node
-from app.cluster.decide import live
-from app.cluster.keeper import MemberDoc
+from app.api.forward import FORWARDED
+from app.cluster.decide import live, status_of
+from app.cluster.handoff import Adopt, Adopted
+from app.cluster.keeper import HandoffRecord, MemberDoc
 from app.cluster.route import Local, Remote
-from app.errors import Forbidden, InvalidInput, StoreUnavailable, Unauthorized
+from app.errors import (
+    Forbidden,
+    HandoffRefused,
+    InvalidInput,
+    OwnerUnreachable,
+    ShardNotFound,
+    StoreUnavailable,
+    Unauthorized,
+)
 from app.settings import CLUSTER_SECRET_HEADER
 
 router = APIRouter(prefix="/cluster", tags=["cluster"])
@@ -39,6 +52,8 @@ ADMIN_PATH = "/cluster/nodes"
 INTERNAL_PREFIX = "/cluster/internal/"
 _SWAP_TRIES = 5
 _BODY_LIMIT = 1024 * 1024
+# The new owner answers the old one's hand-off call once its channels are adopted, or after this.
+_ADOPT_WAIT_S = 1.5
 
 
 class NodeRef(msgspec.Struct):
@@ -75,6 +90,8 @@ class ClusterView(msgspec.Struct):
     node: NodeRef
     shards: list[ShardView]
     nodes: list[NodeView]
+    # The latest hand-off any member reported (a rolling restart, POST .../handoff), or null.
+    last_handoff: HandoffRecord | None = None
 
 
 class RouteView(msgspec.Struct):
@@ -91,9 +108,21 @@ class Poked(msgspec.Struct):
     served: bool
 
 
+class HandoffAsk(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /cluster/shards/{id}/handoff: to this backup (a topology URL), or null: the first
+    up-to-date one."""
+
+    to: str | None = None
+
+
 SCHEMAS: list[type[msgspec.Struct]] = [ClusterView, RouteView, Poke, Poked]
 _set_nodes_decoder = msgspec.json.Decoder(SetNodes)
 _poke_decoder = msgspec.json.Decoder(Poke)
+_handoff_decoder = msgspec.json.Decoder(HandoffAsk)
+_adopt_decoder = msgspec.json.Decoder(Adopt)
+# A hand-off asked of a node that does not own the shard is forwarded once to its owner, which
+# answers within this (the hand-off itself takes well under a second).
+_HANDOFF_FORWARD_S = 10.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -109,7 +138,8 @@ def cluster_secret(request: Request) -> Node:
 
 
 def admin(request: Request) -> Node:
-    """PUT /cluster/nodes: `Authorization: Bearer <ADMIN_TOKEN>` (not the API token)."""
+    """Cluster control (PUT /cluster/nodes, POST /cluster/shards/{id}/handoff):
+    `Authorization: Bearer <ADMIN_TOKEN>` (not the API token)."""
     n = node(request)
     token = n.settings.admin_token
     if not token:
@@ -118,17 +148,10 @@ def admin(request: Request) -> Node:
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), token.encode()
     ):
-        raise Unauthorized("PUT /cluster/nodes needs 'Authorization: Bearer <ADMIN_TOKEN>'")
+        raise Unauthorized(
+            f"{request.method} {request.url.path[:200]} needs 'Authorization: Bearer <ADMIN_TOKEN>'"
+        )
     return n
-
-
-def status_of(age_ms: int | None, lease_ms: int) -> str:
-    """A member's status from how long ago it reported (by the store's clock)."""
-    if age_ms is None:
-        return "down"
-    if age_ms < lease_ms:
-        return "up"
-    return "suspect" if age_ms < 3 * lease_ms else "down"
 
 
 @router.get(
@@ -204,7 +227,9 @@ async def cluster_document(n: Node) -> ClusterView:
             )
         )
     me = NodeRef(rt.node_id, rt.url, _role(rt.url, topology, holders, len(alive)))
-    return ClusterView(topology.version if topology else 0, me, shards, nodes)
+    handoffs = [doc.last_handoff for _, doc in members.values() if doc.last_handoff]
+    last = max(handoffs, key=lambda r: r.at, default=None)
+    return ClusterView(topology.version if topology else 0, me, shards, nodes, last)
 
 
 def _alive(members: dict[str, tuple[int, MemberDoc]], lease_ms: int) -> list[str]:
@@ -319,3 +344,86 @@ async def poke(request: Request, n: Annotated[Node, Depends(cluster_secret)]) ->
     body = await read_body(request, _BODY_LIMIT)
     name = channel_name(decode(body, _poke_decoder).channel)
     return _json(Poked(await n.cluster.poked(name)))
+
+
+@router.post("/shards/{shard}/handoff", include_in_schema=False)
+async def handoff(request: Request, shard: str, n: Annotated[Node, Depends(admin)]) -> Response:
+    """Hand the shard to an up-to-date backup now (app/cluster/handoff.py). Asked of a node
+    that does not own it, the call is forwarded once to the owner (409 when there is none, or
+    when the owner in turn sees another)."""
+    body = await read_body(request, _BODY_LIMIT)
+    ask = decode(body, _handoff_decoder) if body.strip() else HandoffAsk()
+    rt = n.cluster
+    if shard not in rt.keeper.shard_ids:
+        raise ShardNotFound(
+            f"no shard {shard[:100]!r} in the cluster ({', '.join(rt.keeper.shard_ids)})"
+        )
+    wanted = None
+    if ask.to is not None:
+        try:
+            wanted = normalize_url(ask.to)
+        except InvalidTopology as exc:
+            raise InvalidInput(f"to: {exc}") from None
+    if rt.handover is None:
+        raise HandoffRefused("this node takes no part in a cluster's hand-offs")
+    if shard in rt.keeper.held:
+        record = await rt.handover.hand_off(shard, wanted)
+        return _json(
+            Handoff(record.shard, record.from_url, record.to, record.epoch, record.took_ms)
+        )
+    route = rt.route_shard(shard)
+    if not isinstance(route, Remote) or FORWARDED in request.headers:
+        owner = f"its owner is {route.url}" if isinstance(route, Remote) else "it has no owner now"
+        raise HandoffRefused(
+            f"shard {shard} is not owned by this node ({rt.url}); {owner}: ask that node"
+        )
+    return await _forward_handoff(n, request, route, body)
+
+
+class Handoff(msgspec.Struct):
+    shard: str
+    from_url: str = msgspec.field(name="from")
+    to: str
+    epoch: int
+    took_ms: int
+
+
+async def _forward_handoff(n: Node, request: Request, owner: Remote, body: bytes) -> Response:
+    """The hand-off asked of the shard's owner, its answer passed back as it is."""
+    assert n.cluster.handover is not None
+    headers = {
+        "authorization": request.headers.get("authorization", ""),
+        "content-type": "application/json",
+        FORWARDED: n.cluster.node_id,
+    }
+    try:
+        answer = await n.cluster.handover.http.post(
+            owner.url + request.url.path, content=body, headers=headers, timeout=_HANDOFF_FORWARD_S
+        )
+    except httpx.HTTPError as exc:
+        raise OwnerUnreachable(
+            f"the owner of shard {owner.shard}, {owner.node_id} at {owner.url}, did not answer"
+            f" ({type(exc).__name__}); retry"
+        ) from None
+    kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "retry-after")}
+    return Response(answer.content, answer.status_code, headers=kept)
+
+
+@router.post("/internal/shards/{shard}/adopt", include_in_schema=False)
+async def adopt(
+    request: Request, shard: str, n: Annotated[Node, Depends(cluster_secret)]
+) -> Response:
+    """Node to node: the shard's owner transferred its lease to this node; serve it now."""
+    given = decode(await read_body(request, _BODY_LIMIT), _adopt_decoder)
+    keeper = n.cluster.keeper
+    h = await keeper.adopt_given(shard, given.epoch, keeper.mono())
+    if h is not None and h.adopting is not None:
+        await asyncio.wait({h.adopting}, timeout=_ADOPT_WAIT_S)
+    return _json(Adopted(keeper.serving(shard) is not None))
+
+
+@router.post("/internal/shards/{shard}/look", include_in_schema=False)
+async def look(shard: str, n: Annotated[Node, Depends(cluster_secret)]) -> Response:
+    """Node to node: the shard was handed to another node; read the leases again now."""
+    await n.cluster.keeper.look()
+    return _json(Poked(isinstance(n.cluster.route_shard(shard), Local)))

@@ -279,9 +279,27 @@ class _ClusterCollector(Collector):
         )
         yield CounterMetricFamily(
             "lionmq_handoffs",
-            "Hand-offs of channels or shards this node made (set_nodes)",
+            "Hand-offs this node made: shards to a backup (rolling restart, POST"
+            " /cluster/shards/{id}/handoff) and channels moved by set_nodes",
             value=rt.counters.handoffs,
         )
+        # The last shard this node handed to a backup: how long its channels were refused.
+        last = rt.keeper.last_handoff
+        took = GaugeMetricFamily(
+            "lionmq_last_handoff_seconds",
+            "How long the last shard this node handed to a backup was unavailable",
+            labels=["shard", "to"],
+        )
+        at = GaugeMetricFamily(
+            "lionmq_last_handoff_timestamp_seconds",
+            "When the last shard this node handed to a backup was handed (store clock)",
+            labels=["shard", "to"],
+        )
+        if last is not None:
+            took.add_metric([last.shard, last.to], last.took_ms / 1000)
+            at.add_metric([last.shard, last.to], last.at / 1000)
+        yield took
+        yield at
 
 
 def metrics_registry(n: Node) -> NodeMetrics:

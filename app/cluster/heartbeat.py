@@ -172,12 +172,37 @@ class HeartbeatSender:
             peer.acked = answer.applied
             peer.lag = 0 if answer.applied >= newest else peer.lag + 1
 
+    # -- hand-offs -----------------------------------------------------------------------------
+    def behind(self, shard: str) -> dict[str, int | None]:
+        """Beats each backup of the shard is behind, None for one that never acked a beat."""
+        return {
+            backup: None if peer.acked is None else peer.lag
+            for (backup, s), peer in self.peers.items()
+            if s == shard
+        }
+
+    async def catch_up(self, shard: str, backup: str, tries: int = 3) -> bool:
+        """Beat one backup of the shard now, until it holds every delta up to the newest (a
+        hand-off: the shard's writes are drained, so the newest stays put). Whether it does."""
+        backup = backup.rstrip("/")
+        log_ = self.journal.logs.get(shard)
+        if log_ is None:
+            return False
+        for _ in range(tries):  # a probe first when its seq is unknown, then the deltas
+            await self._beat(backup, shard)
+            peer = self.peers.get((backup, shard))
+            if peer is not None and peer.acked is not None and peer.acked >= log_.seq:
+                return True
+        return False
+
     # -- what the node shows and serves ---------------------------------------------------
     def lag(self) -> dict[str, dict[str, int]]:
         """Beats behind, per backup url and shard (GET /cluster, /metrics)."""
         out: dict[str, dict[str, int]] = {}
         for (backup, shard), peer in self.peers.items():
-            out.setdefault(backup, {})[shard] = peer.lag
+            # One that never confirmed a beat (just met, or resyncing) is not caught up.
+            lag = peer.lag if peer.acked is not None else max(peer.lag, 1)
+            out.setdefault(backup, {})[shard] = lag
         return out
 
     def snapshot(self, shard: str) -> Snapshot:

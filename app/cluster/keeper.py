@@ -61,6 +61,8 @@ class MemberDoc(msgspec.Struct):
     # As the owner sees them: beats each backup is behind, per backup URL and shard.
     backups: dict[str, dict[str, int]] | None = None
     stopped: bool = False  # its last report, made on a graceful stop
+    last_handoff: HandoffRecord | None = None  # the last shard this node handed to a backup
+    leaving: bool = False  # stopping (SIGTERM): no shard is to be handed to it
 
 
 @dataclass(slots=True)
@@ -73,6 +75,9 @@ class Holding:
     # Adopting its channels (a task of its own, so the tick goes on renewing meanwhile).
     adopting: asyncio.Task[None] | None = None
     quitting: bool = False  # being let go: adoption stops
+    # Being handed to a backup (app/cluster/handoff.py): not served, its writes drained, the
+    # lease still ours until the transfer in the store.
+    handing: bool = False
 
 
 @dataclass(slots=True)
@@ -87,6 +92,17 @@ class Incoming:
 class Counters:
     failovers: int = 0
     handoffs: int = 0
+
+
+class HandoffRecord(msgspec.Struct):
+    """One hand-off of a shard's lease (GET /cluster's `last_handoff`, the member report)."""
+
+    shard: str
+    from_url: str = msgspec.field(name="from")
+    to: str
+    epoch: int  # the new owner's
+    took_ms: int  # from refusing the shard's requests here to the new owner serving it
+    at: int  # store-clock ms when it ended
 
 
 @dataclass(slots=True)
@@ -139,7 +155,13 @@ class OwnershipKeeper:
         self.incoming: dict[str, Incoming] = {}
         self.applied_version = 0
         self.counters = Counters()
+        self.last_handoff: HandoffRecord | None = None
         self.view = View()
+        # Each shard's epoch at this process's first reading of the leases: a live lease under
+        # our id at a later epoch was handed to us (adopted), one before is a previous life's.
+        self.found: dict[str, int] | None = None
+        self.accepting: set[str] = set()  # shards handed to us, being adopted
+        self.leaving = False  # stopping: hand off, take nothing more
         self.ticks = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -167,7 +189,7 @@ class OwnershipKeeper:
         """The holding of a shard this node serves now (lease held by the monotonic rule, its
         channels adopted), or None."""
         h = self.held.get(shard)
-        if h is None or not h.adopted:
+        if h is None or not h.adopted or h.handing:
             return None
         return h if serving(h.held, self.mono() if now is None else now, self.lease_ms) else None
 
@@ -232,11 +254,19 @@ class OwnershipKeeper:
         store_now = await self.store.store_time_ms()
         leases = await self.store.leases()
         self.view = View(leases, store_now, now)
+        if self.found is None:
+            self.found = {shard: lease.epoch for shard, lease in leases.items()}
+        found = self.found
         # Before any take: a fresh topology whose sources are all gone blocks nothing.
         await self._admit_incoming(leases, store_now)
         seats = self.seats()
         for shard in sorted(set(seats) | set(self.held)):
             held = self.held.get(shard)
+            if shard in self.accepting:
+                continue  # handed to us: adopted by `adopt_given` right now
+            if held is not None and held.handing:
+                await self._renew_handing(shard, held, now)
+                continue
             action = decide(
                 me=self.url,
                 node_id=self.node_id,
@@ -246,6 +276,8 @@ class OwnershipKeeper:
                 held=held.held if held else None,
                 silence_ms=self.liveness.silent_for(shard, now),
                 lease_ms=self.lease_ms,
+                found_epoch=found.get(shard, 0),
+                leaving=self.leaving,
             )
             try:
                 await self._act(shard, action, leases.get(shard), now)
@@ -285,6 +317,71 @@ class OwnershipKeeper:
         elif action is Action.RELEASE:
             await self._let_go(shard, release=True)
             self.counters.handoffs += 1
+        elif action is Action.ADOPT and lease is not None:
+            # Handed to us and the holder's call never came (it died right after the transfer).
+            log.info("shard %s: handed to this node at epoch %d; adopting", shard, lease.epoch)
+            await self.adopt_given(shard, lease.epoch, now)
+
+    async def _renew_handing(self, shard: str, h: Holding, now: int) -> None:
+        """Renew a shard being handed off, so a slow hand-off that gives up can serve on; once
+        transferred the renewal finds nothing, and the hand-off itself lets the shard go."""
+        try:
+            renewed = await self.store.renew_lease(shard, self.node_id, h.held.epoch, self.lease_ms)
+        except LionMQError as exc:
+            log.warning("shard %s: renewing during its hand-off failed: %s", shard, exc.detail)
+            return
+        if renewed is not None and self.held.get(shard) is h:
+            h.held = Held(h.held.epoch, now)
+
+    # -- hand-offs (the moves themselves are app/cluster/handoff.py's) ------------------------
+    async def adopt_given(self, shard: str, epoch: int, now: int) -> Holding | None:
+        """Serve a shard whose lease its holder transferred to this node at `epoch`: renewed
+        first (so the serving rule counts from before a call of ours), then gained as a taken
+        one. None when the store says the lease is not ours at that epoch."""
+        if shard in self.held or shard in self.accepting:
+            h = self.held.get(shard)
+            return h if h is not None and h.held.epoch == epoch else None
+        self.accepting.add(shard)
+        try:
+            # With the renewal, the topology (a set_nodes since the last tick places the
+            # channels): both are needed before serving, neither needs the other.
+            renewed, _ = await asyncio.gather(
+                self.store.renew_lease(shard, self.node_id, epoch, self.lease_ms),
+                self._read_topology(),
+            )
+            if renewed is None:
+                return None
+            self.view.leases[shard] = renewed
+            await self._gain(shard, renewed, None, now)
+            return self.held[shard]
+        finally:
+            self.accepting.discard(shard)
+
+    def begin_handoff(self, shard: str) -> Holding:
+        """Stop serving the shard for its hand-off: requests get 503 + Retry-After: 0 (or are
+        forwarded by a node that already sees the new owner), writes are fenced."""
+        h = self.held[shard]
+        h.handing = True
+        return h
+
+    def abandon_handoff(self, shard: str, h: Holding) -> None:
+        """The hand-off did not happen (no transfer in the store): serve the shard again."""
+        h.handing = False
+
+    async def handed(self, shard: str, lease: ShardLease, record: HandoffRecord) -> None:
+        """The store gave the lease to `lease.owner`: route the shard there from now on and let
+        go of its channels (writes were drained before the transfer; none started since)."""
+        self.view.leases[shard] = lease
+        await self._let_go(shard, release=False)
+        self.counters.handoffs += 1
+        self.last_handoff = record
+
+    async def look(self) -> None:
+        """Read the leases again now (another node handed a shard on: route to its new owner
+        before the next tick)."""
+        now = self.mono()
+        store_now = await self.store.store_time_ms()
+        self.view = View(await self.store.leases(), store_now, now)
 
     async def _gain(self, shard: str, got: ShardLease, before: ShardLease | None, now: int) -> None:
         floor = await self.store.max_id()
@@ -325,6 +422,11 @@ class OwnershipKeeper:
             log.exception("shard %s: adopting its channels failed; again", shard)
         finally:
             h.adopting = None
+
+    async def let_go(self, shard: str, *, release: bool = True) -> None:
+        """Stop serving the shard and let go of its channels (and, with `release`, of its
+        lease: drained first, so a backup takes it at its next tick)."""
+        await self._let_go(shard, release=release)
 
     async def _let_go(self, shard: str, *, release: bool) -> None:
         h = self.held.get(shard)
@@ -443,6 +545,13 @@ class OwnershipKeeper:
         now = self.mono()
         return {s: h.held.epoch for s, h in self.held.items() if self.serving(s, now)}
 
+    def mirrored(self) -> dict[str, int]:
+        """Shards whose deltas go to their backups: those served now, and those being handed
+        off (the last heartbeat before the transfer needs their journal)."""
+        out = self.owned()
+        out.update({s: h.held.epoch for s, h in self.held.items() if h.handing})
+        return out
+
     async def report(self, *, stopped: bool = False) -> None:
         doc = MemberDoc(
             id=self.node_id,
@@ -453,6 +562,8 @@ class OwnershipKeeper:
             lag=self.lag() if self.lag else None,
             backups=self.backups_lag() if self.backups_lag else None,
             stopped=stopped,
+            last_handoff=self.last_handoff,
+            leaving=self.leaving,
         )
         try:
             await self.store.report_member(self.url, msgspec.json.encode(doc))
@@ -464,4 +575,4 @@ def _placed(channel: str, shard_ids: tuple[str, ...]) -> str:
     return shard_ids[0] if len(shard_ids) == 1 else shard_for(channel, shard_ids)
 
 
-__all__ = ["MemberDoc", "OwnershipKeeper"]
+__all__ = ["HandoffRecord", "MemberDoc", "OwnershipKeeper"]

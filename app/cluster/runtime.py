@@ -42,6 +42,7 @@ from lionmq.topology import InvalidTopology, Topology, normalize_url
 
 from app.clock import Clock
 from app.cluster.decide import live
+from app.cluster.handoff import Handover
 from app.cluster.init import parse_cluster_init
 from app.cluster.keeper import MemberDoc, OwnershipKeeper
 from app.cluster.liveness import Liveness
@@ -105,6 +106,8 @@ class ClusterRuntime:
             lag=lambda: self.lag() if self.lag else None,
         )
         self.counters = self.keeper.counters
+        # Hand-offs to backups (app/cluster/handoff.py), set by app/assemble.py.
+        self.handover: Handover | None = None
         self._services: list[Service] = []
         self._pokes: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
@@ -127,6 +130,20 @@ class ClusterRuntime:
 
     def role(self) -> str:
         return self.keeper.role()
+
+    def peers(self) -> list[str]:
+        """Every other node the topology names."""
+        topology = self.topology
+        if topology is None:
+            return []
+        urls = {u for shard in topology.shards for u in shard.members}
+        return sorted(urls - {self.url})
+
+    async def leave(self) -> None:
+        """The node is stopping (SIGTERM, before the server stops accepting): hand each shard
+        to an up-to-date backup, release those that cannot be handed."""
+        if self.handover is not None:
+            await self.handover.leave()
 
     def attach(self, service: Service) -> None:
         self._services.append(service)
@@ -164,6 +181,10 @@ class ClusterRuntime:
         keeper = self.keeper
         if keeper.serving(shard) is not None:
             return Local(shard)
+        h = keeper.held.get(shard)
+        if h is not None and h.handing:
+            # A hand-off lasts well under a second: retry at once, not after the usual second.
+            return NoOwner(shard, 0, f"shard {shard} is being handed to a backup")
         lease = keeper.view.leases.get(shard)
         # The reading is at most a heartbeat old: judged on the store's clock moved on since.
         store_now = keeper.view.store_now + (self.mono_ms() - keeper.view.read_at)
@@ -199,7 +220,12 @@ class ClusterRuntime:
         keeper = self.keeper
         shard = keeper.shard_of(channel)
         h = keeper.held.get(shard)
-        return h is not None and not h.quitting and not keeper.blocked(channel, shard)
+        return (
+            h is not None
+            and not h.quitting
+            and not h.handing
+            and not keeper.blocked(channel, shard)
+        )
 
     def poke(self, channel: str) -> None:
         task = asyncio.ensure_future(self._poke(channel))

@@ -271,6 +271,17 @@ class Store(Protocol):
         is lost: taken by another (a new epoch) or released (a holder that let go stays gone)."""
         ...
 
+    async def transfer_lease(
+        self, shard: str, owner: str, epoch: int, to: str, to_url: str, ttl_ms: int
+    ) -> ShardLease | None:
+        """Hand the lease from its holder straight to another node (a rolling restart, POST
+        /cluster/shards/{id}/handoff): if (owner, epoch) still match and it was not released,
+        it becomes `to`'s (at `to_url`) at epoch + 1 until store time + `ttl_ms`, without
+        waiting for expiry. None otherwise (taken by another, or released: nothing changes).
+        The holder calls it once its writes are drained; its late writes are fenced out by the
+        new epoch like a deposed owner's. Not fenced: it is itself a compare-and-set."""
+        ...
+
     async def release_lease(self, shard: str, owner: str, epoch: int) -> bool:
         """Expire the lease now (graceful stop, hand-off) if (owner, epoch) match; whether it
         did. The epoch stays: the next take, by anyone, bumps it."""

@@ -947,6 +947,19 @@ class MongoStore:
             )
         return None if doc is None else _lease(doc)
 
+    async def transfer_lease(
+        self, shard: str, owner: str, epoch: int, to: str, to_url: str, ttl_ms: int
+    ) -> ShardLease | None:
+        now = await self.store_time_ms()
+        holder = {"owner": to, "owner_url": to_url, "expires_at": now + ttl_ms}
+        with _translated():
+            doc = await self._leases.find_one_and_update(
+                {"_id": shard, "owner": owner, "epoch": epoch, "expires_at": {"$gt": 0}},
+                {"$set": holder, "$inc": {"epoch": 1}},
+                return_document=ReturnDocument.AFTER,
+            )
+        return None if doc is None else _lease(doc)
+
     async def release_lease(self, shard: str, owner: str, epoch: int) -> bool:
         with _translated():
             result = await self._leases.update_one(

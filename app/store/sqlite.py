@@ -626,8 +626,8 @@ class SQLiteStore:
     ) -> bool:
         """Whether a fenced write's epoch is still its shard's stored one; if not, its refusal
         joins `outcomes`. Under the group's write lock no other writer can move an epoch before
-        COMMIT, and only a take in this group can (which updates `_epochs`), so each shard's
-        epoch is read at most once per group."""
+        COMMIT, and only a take or a transfer in this group can (each updates `_epochs`), so
+        each shard's epoch is read at most once per group."""
         _, future, fence = pending
         assert fence is not None
         shard, epoch = fence
@@ -1219,6 +1219,24 @@ class SQLiteStore:
                 (self._clock.now_ms() + ttl_ms, shard, owner, epoch),
             ).fetchone()
             return None if row is None else ShardLease(*row)
+
+        return await self._write(op, None)
+
+    async def transfer_lease(
+        self, shard: str, owner: str, epoch: int, to: str, to_url: str, ttl_ms: int
+    ) -> ShardLease | None:
+        def op(conn: sqlite3.Connection) -> ShardLease | None:
+            row = conn.execute(
+                "UPDATE shard_leases SET owner = ?, owner_url = ?, epoch = epoch + 1,"
+                " expires_at = ? WHERE shard = ? AND owner = ? AND epoch = ? AND expires_at > 0"
+                f" RETURNING {_LEASE_COLUMNS}",
+                (to, to_url, self._clock.now_ms() + ttl_ms, shard, owner, epoch),
+            ).fetchone()
+            if row is None:
+                return None
+            lease = ShardLease(*row)
+            self._epochs[shard] = lease.epoch  # fenced writes later in this group see it
+            return lease
 
         return await self._write(op, None)
 
