@@ -167,7 +167,8 @@ def evaluate(facts: Facts, thresholds: Thresholds, now_ms: int) -> list[Conditio
                 "failed": "a primary that stopped reporting and that no peer sees up",
                 "down": "said it stopped" if node.stopped else "stopped reporting",
             }[node.status]
-            add(_condition("node_down", node.name, f"node {node.name}{where} is down: {why}"))
+            message = f"node {node.name}{where} is down: {why}"
+            add(_condition("node_down", node.name, message, node.name))
             continue  # what it reported last is stale: its channels and memory do not count
         if node.status == "suspect":
             add(
@@ -175,6 +176,7 @@ def evaluate(facts: Facts, thresholds: Thresholds, now_ms: int) -> list[Conditio
                     "node_suspect",
                     node.name,
                     f"node {node.name}{where} is late with its reports (suspect)",
+                    node.name,
                 )
             )
         rss = node.memory_rss_bytes
