@@ -28,13 +28,15 @@ watcher: $(STAMP)
 
 # Debian packages the suite uses, installed with apt when missing (fresh containers and CI run
 # as root, where there is no sudo): chromium for the browser test, docker-compose (1.29) to
-# validate the compose files. One `apt-get update`, then one install of whatever is missing.
-TEST_PACKAGES := chromium docker-compose
+# validate the compose files, prometheus for promtool (checks and unit-tests the alerting rules).
+# Each as package:command, the command that tells it is installed. One `apt-get update`, then one
+# install of whatever is missing.
+TEST_PACKAGES := chromium:chromium docker-compose:docker-compose prometheus:promtool
 
 test-deps:
 	@missing=""; \
-	for pkg in $(TEST_PACKAGES); do \
-	  command -v $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	for pair in $(TEST_PACKAGES); do \
+	  command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; \
 	done; \
 	[ -z "$$missing" ] || { \
 	  echo "installing Debian's$$missing for the tests"; \

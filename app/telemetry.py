@@ -39,14 +39,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from app.clock import Clock
-from app.models import ChannelStats
+from app.models import DEAD_LETTER_SUFFIX, ChannelStats
 from app.settings import Settings
 
 log = logging.getLogger("lionmq.telemetry")
 
 # Version 2 added the node totals and `channels_total`: `channels` lists only some channels.
 # Version 3 added `cluster`: the node's view of the cluster (see `cluster_section`).
-SCHEMA_VERSION = 3
+# Version 4 lists every dead-letter channel holding messages (up to TOP_DEAD_LETTER), however
+# shallow: the watcher alerts when one grows, and reads a missing one as empty.
+SCHEMA_VERSION = 4
 # What a snapshot carries of a cluster view at most (the watcher refuses more): a topology holds
 # at most 63 shards; the watcher tracks at most 256 nodes.
 CLUSTER_MAX_SHARDS = 64
@@ -55,6 +57,7 @@ CLUSTER_MAX_NODES = 256
 # the watcher's WATCHER_MAX_CHANNELS); the others count only in the totals.
 TOP_BY_DEPTH = 50
 TOP_BY_ACTIVITY = 20
+TOP_DEAD_LETTER = 50
 # Channels read per step when many changed at once (the first snapshot reads all of them); the
 # loop serves requests between steps.
 READ_CHUNK = 2000
@@ -141,13 +144,15 @@ def _increase(now: ChannelStats, before: ChannelStats | None, counter: str) -> i
 class ChannelTable:
     """The pusher's copy of each channel's counts, changed only where the engine saw activity.
 
-    Holds the channels with anything to count (messages, or lifetime counters above zero), and
-    the node's depths as running sums, so keeping it costs O(changed channels).
+    Holds the channels with anything to count (messages, or lifetime counters above zero), the
+    node's depths as running sums, and the dead-letter channels holding messages, so keeping it
+    costs O(changed channels).
     """
 
     def __init__(self) -> None:
         self.rows: dict[str, ChannelStats] = {}
         self.sums = dict.fromkeys(_GAUGES, 0)
+        self.dead_letters: set[str] = set()
 
     def update(self, fresh: Sequence[ChannelStats], gone: Iterable[str]) -> dict[str, ChannelStats]:
         """Take fresh stats and forget deleted channels; returns each changed channel's
@@ -195,6 +200,11 @@ class ChannelTable:
     def _add(self, st: ChannelStats, sign: int) -> None:
         for gauge in _GAUGES:
             self.sums[gauge] += sign * getattr(st, gauge)
+        if st.name.endswith(DEAD_LETTER_SUFFIX):
+            if sign > 0 and _depth(st):
+                self.dead_letters.add(st.name)
+            else:
+                self.dead_letters.discard(st.name)
 
 
 def build_snapshot(
@@ -217,7 +227,7 @@ def build_snapshot(
     totals: NodeTotals | None = None,
     cluster: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One snapshot, as the watcher's `/ingest` expects it (schema version 3).
+    """One snapshot, as the watcher's `/ingest` expects it (schema version 4).
 
     `stats` are the channels listed in full. Rates are counter deltas against `previous` (the
     stats of the last snapshot; a channel missing there counts from zero) over `elapsed_ms`;
@@ -555,7 +565,8 @@ class WatcherPusher:
             self._deepest = self.table.rerank(self._deepest, TOP_BY_DEPTH, changed, before)
         active = (name for name, amount in activity.items() if amount)
         busiest = heapq.nlargest(TOP_BY_ACTIVITY, active, key=activity.__getitem__)
-        listed = engine.stats_of(dict.fromkeys([*self._deepest, *busiest]), now)
+        dead = heapq.nsmallest(TOP_DEAD_LETTER, self.table.dead_letters)
+        listed = engine.stats_of(dict.fromkeys([*self._deepest, *busiest, *dead]), now)
         # A listed channel that did not change has the same counters as at the last snapshot.
         previous: dict[str, ChannelStats] = {}
         for st in listed:

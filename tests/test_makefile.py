@@ -68,10 +68,10 @@ def test_make_test_installs_the_debian_packages_it_needs_first() -> None:
         [MAKE or "make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert plan.returncode == 0, plan.stderr
-    # The apt step comes before pytest, and names both packages.
+    # The apt step comes before pytest, and names every package with the command it provides.
     install = plan.stdout.index("apt-get install")
     assert install < plan.stdout.index("-m pytest")
-    assert "chromium docker-compose" in plan.stdout
+    assert "chromium:chromium docker-compose:docker-compose prometheus:promtool" in plan.stdout
 
 
 def test_as_root_apt_get_runs_without_sudo(tmp_path: Path) -> None:
@@ -79,10 +79,10 @@ def test_as_root_apt_get_runs_without_sudo(tmp_path: Path) -> None:
     script(Path(env["PATH"]) / "sudo", "echo 'sudo must not run as root' >&2; exit 1\n")
     done = run_make(project, env, "test-deps")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "installing Debian's chromium docker-compose" in done.stdout
+    assert "installing Debian's chromium docker-compose prometheus" in done.stdout
     assert calls.read_text().splitlines() == [
         "apt-get DEBIAN_FRONTEND= update -qq",
-        "apt-get DEBIAN_FRONTEND=noninteractive install -y -qq chromium docker-compose",
+        "apt-get DEBIAN_FRONTEND=noninteractive install -y -qq chromium docker-compose prometheus",
     ]
 
 
@@ -93,18 +93,23 @@ def test_as_a_user_apt_get_runs_through_sudo(tmp_path: Path) -> None:
     assert calls.read_text().splitlines() == [
         "sudo apt-get update -qq",
         "apt-get DEBIAN_FRONTEND= update -qq",
-        "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium docker-compose",
-        "apt-get DEBIAN_FRONTEND=noninteractive install -y -qq chromium docker-compose",
+        "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium docker-compose"
+        " prometheus",
+        "apt-get DEBIAN_FRONTEND=noninteractive install -y -qq chromium docker-compose prometheus",
     ]
 
 
 def test_only_what_is_missing_is_installed_and_nothing_when_all_is_there(tmp_path: Path) -> None:
     project, env, calls = bare_debian(tmp_path, uid=0)
     script(Path(env["PATH"]) / "docker-compose", "exit 0\n")
+    # The prometheus package is known by its promtool: a `prometheus` command alone (the server,
+    # from elsewhere) does not count.
+    script(Path(env["PATH"]) / "prometheus", "exit 0\n")
     assert run_make(project, env, "test-deps").returncode == 0
-    assert calls.read_text().splitlines()[-1].endswith("install -y -qq chromium")
+    assert calls.read_text().splitlines()[-1].endswith("install -y -qq chromium prometheus")
     calls.unlink()
     script(Path(env["PATH"]) / "chromium", "exit 0\n")
+    script(Path(env["PATH"]) / "promtool", "exit 0\n")
     done = run_make(project, env, "test-deps")
     assert done.returncode == 0, done.stderr
     assert not calls.exists() and done.stdout == ""

@@ -217,7 +217,7 @@ async def test_the_snapshot_carries_totals_and_the_top_channels_and_skips_idle_w
 def test_node_and_watcher_speak_the_same_schema_version() -> None:
     from app.telemetry import SCHEMA_VERSION
 
-    assert SCHEMA_VERSION == WATCHER_SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == WATCHER_SCHEMA_VERSION == 4
 
 
 # -- /metrics ---------------------------------------------------------------------------------

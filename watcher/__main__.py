@@ -21,7 +21,7 @@ from app.server import (
 )
 from app.settings import BODY_TIMEOUT_MS, HEADER_TIMEOUT_MS
 from watcher.app import create_app
-from watcher.settings import WatcherConfigError, load_settings
+from watcher.settings import WatcherConfigError, WatcherSettings, load_settings
 
 
 def parser() -> OneLineParser:
@@ -36,6 +36,18 @@ def parser() -> OneLineParser:
     p.add_argument(
         "--log-level", metavar="{debug,info,warning,error}", help="WATCHER_LOG_LEVEL, default info"
     )
+    alerts = p.add_argument_group(
+        "alerts",
+        "The watcher also raises an alert, without a threshold, for a node down or suspect and "
+        "for a shard without an owner; see GET /alerts.",
+    )
+    for name, field in WatcherSettings.model_fields.items():
+        if name.startswith("alert_"):
+            alerts.add_argument(
+                "--" + name.replace("_", "-"),
+                metavar="N",
+                help=f"{field.description} (WATCHER_{name.upper()}, default {field.default})",
+            )
     return p
 
 

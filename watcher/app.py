@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from watcher import feed, ingest
@@ -72,6 +73,23 @@ def create_app(
             "browsers": len(hub.browsers),
             "ingest": hub.state.counters.as_dict(),
         }
+
+    @app.get("/alerts")
+    async def alerts(request: Request) -> Response:
+        """The alerts raised now and the last cleared ones, for scripts and probes. With
+        WATCHER_VIEW_TOKEN set it asks for it as `Authorization: Bearer`, as the page's feed
+        does (there as a subprotocol)."""
+        hub: Hub = request.app.state.hub
+        expected = settings.view_token
+        if expected and not ingest.token_ok(request.headers.get("authorization"), expected):
+            return JSONResponse(
+                {"title": "Unauthorized", "status": 401, "detail": "viewer token required"},
+                status_code=401,
+                media_type="application/problem+json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        hub.check_alerts()
+        return JSONResponse(hub.alerts.picture(hub.clock()))
 
     app.include_router(ingest.router)
     app.include_router(feed.router)

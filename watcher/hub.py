@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from watcher.alerts import AlertBook, Thresholds, evaluate, gather
 from watcher.cluster import ClusterState, normalize
 from watcher.schema import ClusterView, encoder
 from watcher.settings import WatcherSettings
@@ -72,12 +73,16 @@ class Hub:
         self.connection_ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         self._last_status_ms = 0
+        self.thresholds = Thresholds.of(settings)
+        self.alerts = AlertBook()
+        self._alerts_sent: list[dict[str, Any]] = []
 
     # -- browsers ---------------------------------------------------------------------------
     def encoded_picture(self) -> str:
         now = self.clock()
         picture = self.state.picture(now)
         picture["cluster"] = self.cluster_picture(now)
+        picture["alerts"] = self.alerts.picture(now)
         return encoder.encode(picture).decode()
 
     def telemetry(self, now: int) -> dict[str, tuple[str, Status, bool]]:
@@ -168,6 +173,28 @@ class Hub:
             }
         )
 
+    # -- alerts -----------------------------------------------------------------------------
+    def check_alerts(self) -> None:
+        """Evaluate the conditions now: raise, refresh and clear alerts; the browsers hear of
+        any change (a new or cleared alert, or a value that moved)."""
+        now = self.clock()
+        facts = gather(
+            self.state,
+            self.cluster,
+            self.telemetry(now),
+            now,
+            self.thresholds.dead_letter_window_ms,
+        )
+        raised, cleared = self.alerts.update(evaluate(facts, self.thresholds, now), now)
+        for alert in raised:
+            log.warning("alert raised: %s", alert.condition.message)
+        for alert in cleared:
+            log.info("alert cleared: %s", alert.condition.message)
+        picture = self.alerts.picture(now)
+        if raised or cleared or picture["alerts"] != self._alerts_sent:
+            self._alerts_sent = picture["alerts"]
+            self.publish({"type": "alerts", **picture})
+
     # -- the sweeper ------------------------------------------------------------------------
     def sweep(self) -> None:
         changed, removed = self.state.sweep(self.clock())
@@ -183,6 +210,7 @@ class Hub:
             self.publish_status(dict(changed), removed)
             # Owners' leases run out and statuses age even when no view arrives.
             self._cluster_dirty = self._cluster_dirty or bool(self.cluster.reporters)
+            self.check_alerts()
         # Views arrive from every node every interval: the picture (which reads every view) goes
         # at most twice a second, at once when the owner of a shard changed.
         if self._cluster_urgent or (self._cluster_dirty and now - self._last_cluster_ms >= 500):

@@ -6,6 +6,9 @@ Version 2 (app/telemetry.py's SCHEMA_VERSION, kept in step) added the node's `to
 `channels`. A version 1 snapshot lists every channel, and its totals are added up here.
 Version 3 added `cluster`: the node's own `GET /cluster` document (see /work/CLUSTER.md), the
 fields the watcher shows; older nodes send none and show as standalone.
+Version 4 lists every dead-letter channel holding messages (up to 50) among `channels`, however
+shallow, so the watcher sees one grow (watcher/alerts.py); from an older node, a dead-letter
+channel missing from a snapshot may merely not have been listed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
 Millis = Annotated[float, msgspec.Meta(ge=0.0, le=1e13)]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # A topology holds at most 63 shards (lionmq.topology's MAX_SHARDS - 1); a view lists at most as
 # many nodes as the watcher tracks.
 MAX_CLUSTER_SHARDS = 64

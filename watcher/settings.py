@@ -44,6 +44,43 @@ class WatcherSettings(BaseSettings):
     # Ownership changes (failovers, hand-offs) the cluster timeline keeps, newest first.
     timeline_events: Annotated[int, Field(ge=1, le=10_000)] = 100
     send_timeout_ms: Annotated[int, Field(ge=100, le=60_000)] = 5000
+    # Alerts (see watcher/alerts.py). A node down or suspect and a shard without an owner need
+    # no threshold: they follow the statuses above and the nodes' cluster views. The
+    # descriptions are also `python -m watcher --help`'s.
+    alert_backup_lag_beats: Annotated[
+        int,
+        Field(ge=1, le=1_000_000, description="a backup more than this many heartbeats behind"),
+    ] = 5
+    alert_dead_letter_growth: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="a dead-letter channel (<name>.dlq) that gained at least this many ready "
+            "messages within the window",
+        ),
+    ] = 1
+    alert_dead_letter_window_s: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=24 * 3600,
+            description="the window, in seconds (at most WATCHER_HISTORY_S: the watcher compares "
+            "with the history it keeps)",
+        ),
+    ] = 600
+    alert_oldest_ready_s: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=30 * 24 * 3600.0,
+            description="a channel whose oldest ready message waits longer than this many "
+            "seconds: consumers stuck or gone (0: off)",
+        ),
+    ] = 300.0
+    alert_memory_bytes: Annotated[
+        int,
+        Field(ge=0, description="a node whose resident memory (RSS) is above this (0: off)"),
+    ] = 1024**3
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("token")

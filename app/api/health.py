@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import msgspec
 from fastapi import APIRouter, Request
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -20,7 +20,7 @@ from app.api.codec import json_response_doc, problem_docs
 from app.api.deps import Node, node
 from app.engine.queue import QueueEngine
 from app.errors import NotReady, StoreError
-from app.models import ChannelStats
+from app.models import DEAD_LETTER_SUFFIX, ChannelStats
 
 router = APIRouter(tags=["operations"])
 
@@ -96,6 +96,9 @@ async def metrics(request: Request) -> Response:
 
 # Channels read between two yields to the event loop while a scrape adds them up.
 _SCRAPE_CHUNK = 5000
+# Dead-letter channels holding messages a scrape labels even when they are not among the
+# deepest, so an alert sees one grow (deploy/prometheus/alerts.yml).
+_SCRAPE_DEAD_LETTERS = 100
 
 _GAUGES = {
     "ready": ("channel_ready", "Messages ready for delivery"),
@@ -122,10 +125,12 @@ class ScrapeView:
 
 
 async def scrape_view(engine: QueueEngine, now: int, per_channel: int) -> ScrapeView:
-    """Add up every channel and keep the `per_channel` deepest, in steps of _SCRAPE_CHUNK
-    channels between which the event loop serves other requests (a node may hold 100,000)."""
+    """Add up every channel and keep the `per_channel` deepest (and the dead-letter channels
+    holding messages), in steps of _SCRAPE_CHUNK channels between which the event loop serves
+    other requests (a node may hold 100,000)."""
     sums = dict.fromkeys([*_GAUGES, *_COUNTERS], 0)
     heap: list[tuple[int, str]] = []  # (depth, name): the deepest so far, smallest on top
+    dead: list[str] = []
     names = list(engine.channels)
     for i in range(0, len(names), _SCRAPE_CHUNK):
         if i:
@@ -147,12 +152,15 @@ async def scrape_view(engine: QueueEngine, now: int, per_channel: int) -> Scrape
             depth = max(ch.total, in_flight + ch.delayed)
             if not per_channel or not depth:
                 continue
+            if len(dead) < _SCRAPE_DEAD_LETTERS and name.endswith(DEAD_LETTER_SUFFIX):
+                dead.append(name)
             if len(heap) < per_channel:
                 heapq.heappush(heap, (depth, name))
             elif depth > heap[0][0]:
                 heapq.heapreplace(heap, (depth, name))
     ranked = [name for _, name in sorted(heap, reverse=True)]
-    return ScrapeView(len(engine.channels), sums, engine.stats_of(ranked, now))
+    listed = dict.fromkeys([*ranked, *dead])
+    return ScrapeView(len(engine.channels), sums, engine.stats_of(listed, now))
 
 
 class NodeMetrics(CollectorRegistry):
@@ -168,6 +176,8 @@ class NodeMetrics(CollectorRegistry):
         self.role = ""  # as GET /cluster names it, read with the view
         self.register(_ViewCollector(self))
         self.register(_ClusterCollector(self))
+        # process_resident_memory_bytes, CPU seconds, open fds: read from /proc at each scrape.
+        ProcessCollector(registry=self)
 
     async def render(self) -> bytes:
         n = self.node
@@ -188,7 +198,8 @@ class _ViewCollector(Collector):
         yield GaugeMetricFamily("lionmq_channels", "Channels on this node", value=view.channels)
         yield GaugeMetricFamily(
             "lionmq_channels_exported",
-            "Channels exported with a channel label (the deepest; METRICS_MAX_CHANNELS)",
+            "Channels exported with a channel label (the METRICS_MAX_CHANNELS deepest, and "
+            "dead-letter channels holding messages)",
             value=len(view.deepest),
         )
         for field, (metric, doc) in _GAUGES.items():

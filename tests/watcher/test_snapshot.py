@@ -297,7 +297,7 @@ CLUSTER_DOC: dict[str, Any] = {
 
 def test_a_snapshot_carries_the_nodes_cluster_view_in_the_watcher_schema() -> None:
     snap = snapshot(cluster=CLUSTER_DOC)
-    assert snap["v"] == 3 and snap["role"] == "backup"
+    assert snap["v"] == 4 and snap["role"] == "backup"
     assert "internal" not in snap["cluster"]["shards"][0]
     assert "extra" not in snap["cluster"]["node"]
     view = cluster_decoder.decode(decoder.decode(msgspec.json.encode(snap)).cluster)

@@ -18,6 +18,7 @@
     stepMs: 1000,
     ingest: null,
     cluster: null, // shards, node cards and the failover timeline (watcher/cluster.py)
+    alerts: { alerts: [], cleared: [] }, // raised now, and the last cleared (watcher/alerts.py)
     focus: { node: null, channel: null },
     sort: { key: "depth", dir: -1 },
     rangeMs: 5 * 60 * 1000,
@@ -151,6 +152,7 @@
       model.history = new Map(Object.entries(msg.history));
       model.ingest = msg.ingest;
       model.cluster = msg.cluster || null;
+      model.alerts = msg.alerts || { alerts: [], cleared: [] };
       if (model.focus.node && !model.nodes.has(model.focus.node)) model.focus = { node: null, channel: null };
     } else if (msg.type === "node") {
       const view = msg.node;
@@ -170,6 +172,8 @@
       model.ingest = msg.ingest;
     } else if (msg.type === "cluster") {
       model.cluster = msg.cluster;
+    } else if (msg.type === "alerts") {
+      model.alerts = { alerts: msg.alerts, cleared: msg.cleared };
     } else {
       return;
     }
@@ -187,12 +191,67 @@
 
   // -- rendering --------------------------------------------------------------------------------
   function render() {
+    renderAlerts();
     renderOverview();
     renderCluster();
     renderNodes();
     renderChannels();
     renderCharts();
     renderFooter();
+  }
+
+  const KIND_NAMES = {
+    node_down: "Node down",
+    node_suspect: "Node suspect",
+    shard_unowned: "Shard without owner",
+    backup_lag: "Backup lagging",
+    dead_letters_growing: "Dead letters growing",
+    oldest_ready: "Messages waiting",
+    memory: "Memory high",
+  };
+
+  function renderAlerts() {
+    const { alerts, cleared } = model.alerts;
+    const banner = $("#alert-banner");
+    const section = $("#alerts");
+    section.hidden = !alerts.length && !cleared.length;
+    const critical = alerts.filter((a) => a.severity === "critical").length;
+    if (alerts.length) {
+      const first = alerts[0];
+      const more = alerts.length > 1 ? ` (and ${alerts.length - 1} more)` : "";
+      banner.className = `alert-banner sev-${critical ? "critical" : "warning"}`;
+      banner.textContent = `${alerts.length} alert${alerts.length === 1 ? "" : "s"}: ${first.message}${more}`;
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+      banner.textContent = "";
+    }
+    $("#alerts-note").textContent = alerts.length
+      ? `${alerts.length} active${critical ? `, ${critical} critical` : ""}` : "none active";
+    const now = serverNow();
+    const rows = alerts.map((a) => el(
+      "tr",
+      { class: `sev-${a.severity}`, "data-alert": a.id, "data-kind": a.kind },
+      el("td", {}, el("span", { class: `badge badge-${a.severity}`, text: a.severity })),
+      el("td", { class: "strong", text: KIND_NAMES[a.kind] || a.kind }),
+      el("td", { "data-started": a.started_ms, text: fmtClock(a.started_ms) }),
+      el("td", { class: "num", text: fmtMs(Math.max(0, now - a.started_ms)) }),
+      el("td", { text: a.message }),
+    ));
+    if (!rows.length) {
+      rows.push(el("tr", {}, el("td", { class: "empty-row", text: "No alert now." })));
+      rows[0].firstChild.setAttribute("colspan", "5");
+    }
+    $("#alert-list tbody").replaceChildren(...rows);
+    $("#alerts-cleared").hidden = !cleared.length;
+    $("#alert-cleared tbody").replaceChildren(...cleared.map((a) => el(
+      "tr",
+      { "data-alert": a.id },
+      el("td", { class: "strong", text: KIND_NAMES[a.kind] || a.kind }),
+      el("td", { text: fmtClock(a.started_ms) }),
+      el("td", { text: fmtClock(a.ended_ms) }),
+      el("td", { text: a.message }),
+    )));
   }
 
   function sortedNodes() {
