@@ -100,6 +100,11 @@ def cluster_view(url: str, token: str) -> dict[str, Any]:
     return view
 
 
+def watcher_nodes(url: str) -> dict[str, int]:
+    counts: dict[str, int] = httpx.get(url + "/health", timeout=2).json()["nodes"]
+    return counts
+
+
 def owners(url: str, token: str) -> dict[str, str | None]:
     try:
         return {s["id"]: s["owner"] for s in cluster_view(url, token)["shards"]}
@@ -126,7 +131,8 @@ def test_make_cluster_shows_a_failover_and_stops_everything(launcher: Launcher) 
         assert shard["owner"] == shard["primary"] and len(shard["backups"]) == 1
     assert procs["node1"][2] == "primary of s1" and procs["node2"][2] == "backup of s1"
     assert shards["s1"]["primary"] == procs["node1"][0]
-    assert httpx.get(procs["watcher"][0] + "/health", timeout=2).status_code == 200
+    # Every node reports to the watcher (its WATCHER_URL and WATCHER_TOKEN are right).
+    wait_until(lambda: watcher_nodes(procs["watcher"][0]).get("up") == 4, 10, "4 nodes up")
     # The failover it tells you to try: kill -9 the primary of s1, as printed.
     assert re.search(rf"kill -9 {procs['node1'][1]}\b", launcher.output)
     os.kill(procs["node1"][1], signal.SIGKILL)
