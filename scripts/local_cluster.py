@@ -181,29 +181,31 @@ class Launcher:
             WATCHER_PORT=str(watcher_port),
             WATCHER_TOKEN=self.tokens["WATCHER_TOKEN"],
         )
-        self.nodes = []
-        for shard, members in self.shards.items():
-            for n, url in enumerate(members):
-                port = ports[urls.index(url)]
-                self.nodes.append(
-                    self._child(
-                        f"node{urls.index(url) + 1}",
-                        url,
-                        f"{'primary' if n == 0 else 'backup'} of {shard}",
-                        "app",
-                        HOST=HOST,
-                        PORT=str(port),
-                        NODE_ID=f"node{urls.index(url) + 1}",
-                        SERVER_HOST=url,
-                        STORE_URL=self.store_url,
-                        CLUSTER_INIT=json.dumps(init),
-                        CLUSTER_SECRET=self.tokens["CLUSTER_SECRET"],
-                        ADMIN_TOKEN=self.tokens["ADMIN_TOKEN"],
-                        API_TOKEN=self.tokens["API_TOKEN"],
-                        WATCHER_URL=f"ws://{HOST}:{watcher_port}/ingest",
-                        WATCHER_TOKEN=self.tokens["WATCHER_TOKEN"],
-                    )
-                )
+        shared = {
+            "HOST": HOST,
+            "STORE_URL": self.store_url,
+            "CLUSTER_INIT": json.dumps(init),
+            "WATCHER_URL": f"ws://{HOST}:{watcher_port}/ingest",
+            **self.tokens,
+        }
+        roles = {
+            n: f"{'backup' if k else 'primary'} of {shard}"
+            for shard, members in zip(self.shards, LAYOUT, strict=True)
+            for k, n in enumerate(members)
+        }
+        self.nodes = [
+            self._child(
+                f"node{n + 1}",
+                urls[n],
+                roles[n],
+                "app",
+                **shared,
+                PORT=str(ports[n]),
+                NODE_ID=f"node{n + 1}",
+                SERVER_HOST=urls[n],
+            )
+            for n in sorted(roles)
+        ]
         self.children = [self.watcher, *self.nodes]
         self.owners: dict[str, str | None] = {}
         self.restart_asked = False
