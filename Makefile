@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow test-deps lint fmt watcher bench bench-peer bench-transport clean
+.PHONY: run cluster test test-slow test-deps lint fmt watcher bench bench-peer bench-transport clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -25,6 +25,17 @@ run: $(STAMP)
 
 watcher: $(STAMP)
 	$(BIN)/python -m watcher
+
+# 2 shards x (primary + backup) and the watcher on 127.0.0.1, on one SQLite file in a temporary
+# directory (CLUSTER_DATA=dir keeps it); prints the URLs, the secrets it generated and how to
+# see a failover; Ctrl-C stops everything (scripts/local_cluster.py).
+CLUSTER_PORTS ?= 8001,8002,8003,8004
+CLUSTER_WATCHER_PORT ?= 8080
+CLUSTER_DATA ?=
+
+cluster: $(STAMP)
+	$(BIN)/python scripts/local_cluster.py --ports $(CLUSTER_PORTS) \
+	  --watcher-port $(CLUSTER_WATCHER_PORT) $(if $(CLUSTER_DATA),--data $(CLUSTER_DATA))
 
 # Debian packages the suite uses, installed with apt when missing (fresh containers and CI run
 # as root, where there is no sudo): chromium for the browser test, docker-compose (1.29) to

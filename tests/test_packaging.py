@@ -1,4 +1,4 @@
-"""What is checked by reading: the compose file, .env.example, and start-up errors."""
+"""What is checked by reading: .env.example and start-up errors (compose files: test_compose.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from app.settings import Settings
 from tests.conftest import free_port, wait_until
@@ -25,36 +24,6 @@ def watcher_settings() -> set[str]:
 
     prefix = WatcherSettings.model_config.get("env_prefix", "")
     return {(prefix + name).upper() for name in WatcherSettings.model_fields}
-
-
-def compose() -> dict[str, dict[str, object]]:
-    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services: dict[str, dict[str, object]] = data["services"]
-    return services
-
-
-def test_compose_sets_only_real_settings() -> None:
-    services = compose()
-    known = {"node": NODE_SETTINGS, "watcher": watcher_settings()}
-    for name, service in services.items():
-        build = service.get("build")
-        if not isinstance(build, dict):
-            continue  # a stock image, such as mongo
-        target = build["target"]
-        env = service.get("environment", {})
-        assert isinstance(env, dict)
-        unknown = set(env) - known[target]
-        assert not unknown, f"service {name} sets {unknown}, which are not {target} settings"
-
-
-def test_compose_node_uses_mongodb_with_a_named_volume() -> None:
-    services = compose()
-    env = services["node"]["environment"]
-    assert isinstance(env, dict)
-    assert str(env["STORE_URL"]).startswith("mongodb://mongo:27017/")
-    volumes = services["mongo"]["volumes"]
-    assert isinstance(volumes, list)
-    assert any(str(v).startswith("mongo-data:") for v in volumes)
 
 
 def test_env_example_lists_every_setting_with_a_comment() -> None:
@@ -142,43 +111,3 @@ def test_a_copied_env_example_starts_the_node(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def test_compose_requires_the_api_token_and_publishes_on_loopback() -> None:
-    services = compose()
-    node_env = services["node"]["environment"]
-    assert isinstance(node_env, dict)
-    assert str(node_env["API_TOKEN"]).startswith("${API_TOKEN:?")
-    for name in ("node", "watcher"):
-        ports = services[name]["ports"]
-        assert isinstance(ports, list)
-        assert all(str(p).startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in ports), ports
-
-
-def docker_compose_config(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
-    """`docker-compose config` on a sample env file (never the developer's .env)."""
-    env_file = tmp_path / "sample.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
-    return subprocess.run(
-        ["docker-compose", "--env-file", str(env_file), "-f", "docker-compose.yml", "config"],
-        cwd=ROOT,
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
-def test_docker_compose_validates_the_file(tmp_path: Path) -> None:
-    tokens = {"API_TOKEN": "api-token-0123", "WATCHER_TOKEN": "watcher-token-0123"}
-    run = docker_compose_config(tmp_path, **tokens)
-    assert run.returncode == 0, run.stderr
-    config = yaml.safe_load(run.stdout)
-    published = [p for s in config["services"].values() for p in s.get("ports", [])]
-    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
-    assert config["services"]["node"]["environment"]["API_TOKEN"] == "api-token-0123"
-    opened = docker_compose_config(tmp_path, BIND_ADDRESS="0.0.0.0", **tokens)
-    assert opened.returncode == 0 and "0.0.0.0:8000:8000" in opened.stdout
-    no_token = docker_compose_config(tmp_path, WATCHER_TOKEN="watcher-token-0123")
-    assert no_token.returncode != 0 and "set API_TOKEN" in no_token.stderr
