@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from lionmq import Client, ConnectionFailed, LionMQError, Unauthorized
+from lionmq import Client, ConnectionFailed, LionMQError
 from lionmq.cli import output
 
 EXIT_OK = 0
@@ -71,6 +71,11 @@ class Context:
                 admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
             )
         return self._client
+
+    def require_admin(self) -> None:
+        """Cluster changes take the admin token: say so before connecting at all."""
+        if not os.environ.get(ADMIN_TOKEN_ENV):
+            raise UsageError(f"this command needs the cluster's ADMIN_TOKEN: set {ADMIN_TOKEN_ENV}")
 
     def close(self) -> None:
         if self._client is not None:
@@ -253,12 +258,6 @@ def main(
     except ConnectionFailed as exc:
         output.error(f"cannot reach the node: {exc.detail or exc.title}", err)
         return EXIT_UNREACHABLE
-    except Unauthorized as exc:
-        if exc.status is None:  # refused by the client itself: no admin token to send
-            output.error(f"this command needs the cluster's ADMIN_TOKEN in ${ADMIN_TOKEN_ENV}", err)
-        else:
-            output.error(exc.detail or exc.title, err)
-        return EXIT_PROBLEM
     except LionMQError as exc:
         output.error(exc.detail or exc.title, err)
         return EXIT_PROBLEM

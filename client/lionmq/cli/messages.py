@@ -94,6 +94,13 @@ lionmq consume orders --exec ./handle.sh --follow   # a worker: until Ctrl-C
         metavar="DURATION",
         help="lease of each message (default 30s; extended while --exec runs)",
     )
+    p.add_argument(
+        "--nack-delay",
+        type=duration_ms,
+        default=0,
+        metavar="DURATION",
+        help="a nacked message is ready again after this (default 0: at once)",
+    )
 
     p = commands.add(
         "peek",
@@ -227,7 +234,7 @@ def consume(ctx: Context, args: argparse.Namespace) -> int:
             continue
         if args.command:
             for message in messages:
-                if _run(args.command, message, args.visibility, ctx):
+                if _run(args.command, message, args, ctx):
                     acked += 1
                 else:
                     nacked += 1
@@ -257,9 +264,10 @@ def _delivered(message: Message) -> dict[str, Any]:
     }
 
 
-def _run(command: str, message: Message, visibility_ms: int, ctx: Context) -> bool:
+def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context) -> bool:
     """Runs `command` on one message and settles it: ack on exit 0, else nack. The lease is
     extended whenever half of it has gone by. Ctrl-C nacks the message, then stops."""
+    visibility_ms: int = args.visibility
     env = {
         **os.environ,
         "LIONMQ_CHANNEL": message.channel,
@@ -283,13 +291,13 @@ def _run(command: str, message: Message, visibility_ms: int, ctx: Context) -> bo
             except subprocess.TimeoutExpired:
                 message.extend(visibility_ms)
     except BaseException:
-        message.nack()
+        message.nack(delay_ms=args.nack_delay)
         raise
     if code == 0:
         message.ack()
         return True
     ctx.err.write(f"lionmq: {command!r} exited with {code}: message {message.id} nacked\n")
-    message.nack()
+    message.nack(delay_ms=args.nack_delay)
     return False
 
 

@@ -119,6 +119,7 @@ def set_nodes(ctx: Context, args: argparse.Namespace) -> int:
         if not primary:
             raise UsageError(f"--shard {spec!r}: give PRIMARY[=BACKUP[,BACKUP]]")
         shards.append({"primary": primary, "backups": [b for b in backups.split(",") if b.strip()]})
+    ctx.require_admin()
     topology = ctx.client.set_nodes(shards)
     if ctx.json:
         ctx.emit(topology)
@@ -138,6 +139,7 @@ def _topology(topology: Topology, ctx: Context) -> None:
 
 
 def handoff(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.require_admin()
     result = ctx.client.handoff(args.shard, to=args.to)
     if ctx.json:
         ctx.emit(result)

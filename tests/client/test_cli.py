@@ -1,0 +1,177 @@
+"""The `lionmq` command, run through its installed entry point against a real node process,
+as a user types it (subprocesses: each costs ~0.3 s, so each test groups its assertions)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_support import cli_env, lionmq, lionmq_here, lionmq_on_tty
+from lionmq import Client
+from lionmq.cli.main import build_parser, main
+
+from tests.conftest import NodeProcess, free_port
+
+TOKEN = "cli-api-token"
+
+
+@pytest.fixture(scope="module")
+def mq_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    node = NodeProcess(tmp_path_factory.mktemp("cli-node"), API_TOKEN=TOKEN).start()
+    yield node
+    node.kill9()
+
+
+@pytest.fixture(scope="module")
+def env(mq_node: NodeProcess) -> dict[str, str]:
+    return cli_env(LIONMQ_URL=mq_node.url, LIONMQ_TOKEN=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def mq(mq_node: NodeProcess) -> Iterator[Client]:
+    with Client(mq_node.url, token=TOKEN) as client:
+        yield client
+
+
+def test_publish_then_consume_round_trip(env: dict[str, str], mq: Client, tmp_path: Path) -> None:
+    one = lionmq("publish", "rt", '{"sku": "A1"}', env=env)
+    assert one.code == 0 and one.err == ""
+    assert one.out.strip().isdigit()  # the id, alone on its line
+
+    lines = tmp_path / "bodies.jsonl"
+    lines.write_text('{"n": 1}\n\n[2]\n"three"\n')
+    first = lionmq("publish", "rt", "--file", str(lines), "--dedup", "imp", "--json", env=env)
+    again = lionmq_here("publish", "rt", "--file", str(lines), "--dedup", "imp", "--json", env=env)
+    assert first.code == again.code == 0
+    assert first.err == ""  # stderr is no terminal: no progress bar
+    # Same dedup ids (imp-1, imp-3, imp-4): the second run stored nothing and got the same ids.
+    assert json.loads(first.out)["ids"] == json.loads(again.out)["ids"]
+    assert len(json.loads(first.out)["ids"]) == 3
+
+    piped = lionmq("publish", "rt", "--header", "source=cli", env=env, input='"from stdin"\n')
+    assert (piped.code, piped.out) == (0, "published 1 message to rt\n")
+
+    listed = lionmq_here("channels", "--json", env=env)
+    (rt,) = [c for c in json.loads(listed.out) if c["name"] == "rt"]
+    assert rt["counts"]["ready"] == 5
+
+    printed = lionmq("consume", "rt", "--max", "4", "--wait", "1s", env=env)
+    assert printed.code == 0
+    assert printed.out.splitlines() == ['{"sku":"A1"}', '{"n":1}', "[2]", '"three"']
+    assert printed.err == "consumed 4 messages from rt: 4 acked, 0 nacked\n"
+
+    whole = lionmq("consume", "rt", "--json", "--wait", "300ms", env=env)
+    (message,) = [json.loads(line) for line in whole.out.splitlines()]
+    assert message["body"] == "from stdin" and message["headers"] == {"source": "cli"}
+    assert message["attempt"] == 1
+    info = mq.get_channel("rt")
+    assert (info.counts.ready, info.counts.in_flight, info.totals.acked) == (0, 0, 5)
+
+
+def test_consume_exec_acks_on_exit_0_nacks_otherwise_and_extends_leases(
+    env: dict[str, str], mq: Client
+) -> None:
+    mq.enqueue_many("ex", ["ok", "fail", "slow"])
+    # "slow" outlasts its 1 s lease: acked all the same because the lease is extended.
+    script = (
+        'read body; echo "$LIONMQ_ATTEMPT $LIONMQ_CHANNEL $body"; '
+        "case $body in *slow*) sleep 1.6;; *fail*) exit 3;; esac"
+    )
+    ran = lionmq(
+        "consume", "ex", "--exec", script, "--max", "3", "--visibility", "1s",
+        "--nack-delay", "100ms", env=env,
+    )  # fmt: skip
+    assert ran.code == 4  # a command failed: its message was nacked
+    assert ran.out.splitlines() == ['1 ex "ok"', '1 ex "fail"', '1 ex "slow"']
+    assert "exited with 3: message" in ran.err
+    assert ran.err.endswith("consumed 3 messages from ex: 2 acked, 1 nacked\n")
+    info = mq.get_channel("ex")
+    assert (info.counts.ready + info.counts.delayed, info.counts.in_flight) == (1, 0)
+    assert info.totals.acked == 2
+    assert info.totals.redelivered == 0  # "slow" never went back while its command ran
+    (again,) = mq.dequeue("ex", 10, wait_ms=2000)
+    assert (again.body, again.attempt) == ("fail", 2)
+    again.ack()
+
+
+def test_errors_are_one_line_with_distinct_exit_codes(env: dict[str, str]) -> None:
+    unknown = lionmq("stats", "nope", env=env)
+    assert unknown.code == 1
+    assert (
+        unknown.err == "lionmq: error: channel 'nope' does not exist; enqueue to it to create it\n"
+    )
+    wrong_token = lionmq_here("channels", env={**env, "LIONMQ_TOKEN": "wrong"})
+    assert wrong_token.code == 1
+    assert wrong_token.err.startswith("lionmq: error: ") and wrong_token.err.count("\n") == 1
+    down = lionmq("channels", "--url", f"http://127.0.0.1:{free_port()}", env=env)
+    assert down.code == 3 and down.err.startswith("lionmq: error: cannot reach the node: ")
+    bad = lionmq("publish", "rt", "{not json", env=env)
+    assert bad.code == 2 and bad.err.startswith("lionmq: error: BODY is not JSON")
+    no_admin = lionmq_here("nodes", "handoff", "s1", env=env)
+    assert no_admin.code == 2 and "set LIONMQ_ADMIN_TOKEN" in no_admin.err
+    for ran in (unknown, wrong_token, down, bad, no_admin):
+        assert ran.out == "" and ran.err.count("\n") == 1, ran
+
+
+def test_set_shows_the_settings_and_stats_reads_them(env: dict[str, str]) -> None:
+    ran = lionmq(
+        "set", "st", "--max-attempts", "3", "--visibility", "1m", "--dead-letter", "none",
+        "--max-length", "10", "--ttl", "1h", "--json", env=env,
+    )  # fmt: skip
+    assert ran.code == 0, ran.err
+    settings = json.loads(ran.out)["settings"]
+    assert settings["max_attempts"] == 3 and settings["visibility_ms"] == 60_000
+    assert settings["dead_letter"] is None and settings["max_length"] == 10
+    assert settings["ttl_ms"] == 3_600_000
+    shown = lionmq_here("stats", "st", env=env).out.splitlines()
+    assert "max attempts  3" in shown and "visibility    1m 0s" in shown
+    assert "dead letter   none (dropped)" in shown and "ttl           1h 0m" in shown
+    node = json.loads(lionmq_here("stats", "--json", env=env).out)
+    assert node["node"]["status"] == "ok" and node["channels"] >= 1
+    nothing = lionmq_here("set", "st", env=env)
+    assert nothing.code == 2 and "nothing to set" in nothing.err
+
+
+def test_purge_asks_on_a_terminal_and_refuses_without_one(env: dict[str, str], mq: Client) -> None:
+    mq.enqueue_many("pg", [1, 2, 3])
+    blind = lionmq("purge", "pg", env=env)
+    assert blind.code == 2 and "add --yes" in blind.err
+    declined = lionmq_on_tty("purge", "pg", env=env, answer="n\n")
+    assert "purge every message of pg (3 ready, 0 delayed, 0 in flight)? [y/N]" in declined.err
+    assert declined.code == 1 and mq.get_channel("pg").counts.ready == 3
+    agreed = lionmq_on_tty("purge", "pg", env=env, answer="y\n")
+    assert (agreed.code, agreed.out) == (0, "purged 3 messages from pg\n")
+    assert mq.get_channel("pg").counts.ready == 0
+    scripted = lionmq_here("purge", "pg", "--yes", "--json", env=env)
+    assert json.loads(scripted.out) == {"channel": "pg", "purged": 0}
+
+
+def test_progress_bar_only_on_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
+    lines = tmp_path / "many.jsonl"
+    lines.write_text("".join(f'{{"n": {i}}}\n' for i in range(1200)))
+    shown = lionmq_on_tty("publish", "bar", "--file", str(lines), env=env)
+    assert shown.code == 0 and shown.out == "published 1200 messages to bar\n"
+    assert "publishing to bar [" in shown.err and "1200/1200" in shown.err
+    assert shown.err.endswith("\r\033[K")  # wiped once done
+
+
+def test_every_command_has_help_with_an_example(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    top = lionmq("--help", env=env)
+    assert top.code == 0 and "LIONMQ_ADMIN_TOKEN" in top.out
+    commands = [
+        ["publish"], ["consume"], ["peek"], ["get"], ["channels"], ["stats"], ["set"],
+        ["purge"], ["redrive"], ["nodes"], ["nodes", "show"], ["nodes", "set"],
+        ["nodes", "handoff"],
+    ]  # fmt: skip
+    listed = build_parser().format_help()
+    for command in commands:
+        assert command[0] in listed
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert "example:\n  lionmq " + " ".join(command) in text, command
