@@ -175,3 +175,65 @@ def test_every_command_has_help_with_an_example(
         assert exited.value.code == 0
         text = capsys.readouterr().out
         assert "example:\n  lionmq " + " ".join(command) in text, command
+
+
+def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
+    mq.put_channel("br", max_attempts=1)  # a nack dead-letters at once, to br.dlq
+    first, second = mq.enqueue_many("br", [{"n": 1}, {"n": 2}])
+    later = mq.enqueue("br", "later", delay_ms=60_000)
+    (held,) = mq.dequeue("br", 1)
+
+    page = json.loads(lionmq("peek", "br", "--json", env=env).out)
+    states = {m["id"]: m["state"] for m in page["messages"]}
+    assert states == {first: "in_flight", second: "ready", later: "delayed"}
+    assert page["next"] is None and mq.get_channel("br").counts.in_flight == 1  # nothing leased
+    table = lionmq_here("peek", "br", "--state", "in-flight", env=env).out.splitlines()
+    assert table[0].split() == ["ID", "STATE", "ATTEMPT", "ENQUEUED", "DUE", "/", "LEASE", "ENDS",
+                                "BODY"]  # fmt: skip
+    assert len(table) == 2 and table[1].split()[:3] == [first, "in-flight", "1"]
+    assert table[1].endswith('{"n":1}')
+    short = lionmq_here("peek", "br", "--limit", "1", env=env)
+    assert short.err == f"more: lionmq peek br --after {first}\n"
+
+    shown = lionmq("get", "br", first, env=env)
+    assert shown.code == 0, shown.err
+    lines = shown.out.splitlines()
+    assert lines[0].split() == ["id", first] and ["state", "in-flight"] in [
+        line.split() for line in lines
+    ]
+    assert any(line.startswith("lease ends") and "(in " in line for line in lines)
+    assert 'body\n{\n  "n": 1\n}\n' in shown.out
+    missing = lionmq_here("get", "br", "12345", env=env)
+    assert missing.code == 1 and missing.err.startswith("lionmq: error: ")
+
+    held.nack()  # its last attempt: to br.dlq
+    moved = lionmq("redrive", "br.dlq", env=env)
+    assert (moved.code, moved.err) == (0, "")
+    assert moved.out == "moved 1 message from br.dlq back to their channels; 0 left\n"
+    (back,) = mq.peek("br", state="ready").messages[-1:]
+    assert (back.body, back.attempt) == ({"n": 1}, 0)
+    assert back.headers is not None and back.headers["x-redriven-from"] == "br.dlq"
+    assert back.headers["x-dead-letter-channel"] == "br"  # kept, as history
+
+    mq.enqueue_many("nohdr", [1, 2, 3])
+    skipped = lionmq_here("redrive", "nohdr", env=env)
+    assert skipped.out == (
+        "moved 0 messages from nohdr back to their channels; 3 skipped "
+        "(no x-dead-letter-channel header: use --to); 3 left\n"
+    )
+    paced = lionmq_here("redrive", "nohdr", "--to", "dst", "--rate", "100", "--json", env=env)
+    assert json.loads(paced.out) == {"moved": 3, "skipped": 0, "remaining": 0, "calls": 1}
+    assert mq.get_channel("dst").counts.ready == 3
+
+
+async def test_async_client_browses_and_redrives(mq_node: NodeProcess, mq: Client) -> None:
+    from lionmq import AsyncClient
+
+    mq.enqueue_many("abr", ["x", "y"])
+    async with AsyncClient(mq_node.url, token=TOKEN) as client:
+        page = await client.peek("abr", state="ready", limit=1)
+        assert [m.body for m in page.messages] == ["x"] and page.next == page.messages[0].id
+        one = await client.get_message("abr", page.messages[0].id)
+        assert (one.body, one.state, one.history) == ("x", "ready", None)
+        result = await client.redrive("abr", to="abr2", max=1)
+        assert (result.moved, result.remaining) == (1, 1)
