@@ -4,11 +4,13 @@ as a user types it (subprocesses: each costs ~0.3 s, so each test groups its ass
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_support import cli_env, lionmq, lionmq_here, lionmq_on_tty
+from cli_support import LIONMQ, cli_env, lionmq, lionmq_here, lionmq_on_tty
 from lionmq import Client
 from lionmq.cli.main import build_parser, main
 
@@ -237,3 +239,32 @@ async def test_async_client_browses_and_redrives(mq_node: NodeProcess, mq: Clien
         assert (one.body, one.state, one.history) == ("x", "ready", None)
         result = await client.redrive("abr", to="abr2", max=1)
         assert (result.moved, result.remaining) == (1, 1)
+
+
+def test_consume_stopped_nacks_the_message_in_hand_and_stops_its_command(
+    env: dict[str, str], mq: Client
+) -> None:
+    mq.enqueue("stop", "long job")
+    # The command would run 30 s; SIGTERM (a supervisor's stop, handled as Ctrl-C) ends it.
+    worker = subprocess.Popen(
+        [str(LIONMQ), "consume", "stop", "--follow", "--exec", "read b; echo started; sleep 30"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == "started\n"  # the command has the message
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 130
+    assert "interrupted: message" in err and "nacked" in err
+    assert err.endswith("consumed 0 messages from stop: 0 acked, 0 nacked\n\n")
+    (again,) = mq.dequeue("stop", 1)  # back at once, not after its lease
+    assert (again.body, again.attempt) == ("long job", 2)
+    again.ack()

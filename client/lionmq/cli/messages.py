@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -215,43 +216,60 @@ def _read_messages(args: argparse.Namespace, headers: dict[str, str] | None) -> 
 
 
 def consume(ctx: Context, args: argparse.Namespace) -> int:
+    tally = {"acked": 0, "nacked": 0}
+    # A worker under a supervisor is stopped with SIGTERM: the same as Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _consume(ctx, args, tally)
+    except KeyboardInterrupt:  # a message in hand was nacked; say what was done
+        _summary(ctx, args.channel, tally)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _summary(ctx, args.channel, tally)
+    return EXIT_NACKED if tally["nacked"] else EXIT_OK
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _summary(ctx: Context, channel: str, tally: dict[str, int]) -> None:
+    handled = tally["acked"] + tally["nacked"]
+    ctx.err.write(
+        f"consumed {output.count(handled, 'message')} from {channel}: "
+        f"{tally['acked']} acked, {tally['nacked']} nacked\n"
+    )
+
+
+def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> None:
     client, channel = ctx.client, args.channel
-    handled = acked = nacked = 0
+    handled = 0
     idle_since = time.monotonic()
     while args.max is None or handled < args.max:
         if args.follow:
             wait_ms = MAX_WAIT_MS
         else:
-            wait_ms = args.wait - round((time.monotonic() - idle_since) * 1000)
+            wait_ms = min(args.wait - round((time.monotonic() - idle_since) * 1000), MAX_WAIT_MS)
             if wait_ms < 0:
                 break
         left = PRINT_BATCH if args.max is None else args.max - handled
         batch = min(left, 1 if args.command else PRINT_BATCH)
-        messages = client.dequeue(
-            channel, batch, wait_ms=min(wait_ms, MAX_WAIT_MS), visibility_ms=args.visibility
-        )
+        messages = client.dequeue(channel, batch, wait_ms=wait_ms, visibility_ms=args.visibility)
         if not messages:
             continue
         if args.command:
             for message in messages:
-                if _run(args.command, message, args, ctx):
-                    acked += 1
-                else:
-                    nacked += 1
+                tally["acked" if _run(args.command, message, args, ctx) else "nacked"] += 1
         else:
             for message in messages:
                 line = output.compact(_delivered(message) if ctx.json else message.body)
                 ctx.out.write(line + "\n")
             ctx.out.flush()  # printed before acked: a message is never lost to a full pipe
             client.ack(channel, [m.receipt for m in messages])
-            acked += len(messages)
+            tally["acked"] += len(messages)
         handled += len(messages)
         idle_since = time.monotonic()
-    ctx.err.write(
-        f"consumed {output.count(handled, 'message')} from {channel}: "
-        f"{acked} acked, {nacked} nacked\n"
-    )
-    return EXIT_NACKED if nacked else EXIT_OK
 
 
 def _delivered(message: Message) -> dict[str, Any]:
@@ -275,9 +293,10 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
         "LIONMQ_ATTEMPT": str(message.attempt),
         "LIONMQ_HEADERS": output.compact(message.headers),
     }
+    # The command's stdout and stderr are ours: what it prints is what the user sees. Its own
+    # process group: stopping it stops what it started too (`sh -c` leaves its children).
+    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, env=env, process_group=0)
     try:
-        # The command's stdout and stderr are ours: what it prints is what the user sees.
-        proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, env=env)
         assert proc.stdin is not None
         try:
             proc.stdin.write(output.compact(message.body).encode() + b"\n")
@@ -290,8 +309,10 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
                 break
             except subprocess.TimeoutExpired:
                 message.extend(visibility_ms)
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM: the command stops too, its message goes back
+        _stop(proc)
         message.nack(delay_ms=args.nack_delay)
+        ctx.err.write(f"lionmq: interrupted: message {message.id} nacked\n")
         raise
     if code == 0:
         message.ack()
@@ -299,6 +320,21 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
     ctx.err.write(f"lionmq: {command!r} exited with {code}: message {message.id} nacked\n")
     message.nack(delay_ms=args.nack_delay)
     return False
+
+
+STOP_GRACE_S = 5.0
+"""How long a stopped command gets to exit on SIGTERM before it is killed."""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 # -- peek and get ---------------------------------------------------------------------------
