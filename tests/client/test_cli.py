@@ -180,7 +180,9 @@ def test_every_command_has_help_with_an_example(
 
 
 def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
-    mq.put_channel("br", max_attempts=1)  # a nack dead-letters at once, to br.dlq
+    # A nack dead-letters at once (to br.dlq), and every message's history is recorded.
+    traced = lionmq_here("set", "br", "--max-attempts", "1", "--trace", "on", env=env)
+    assert "trace         on" in traced.out.splitlines()
     first, second = mq.enqueue_many("br", [{"n": 1}, {"n": 2}])
     later = mq.enqueue("br", "later", delay_ms=60_000)
     (held,) = mq.dequeue("br", 1)
@@ -205,6 +207,10 @@ def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
     ]
     assert any(line.startswith("lease ends") and "(in " in line for line in lines)
     assert 'body\n{\n  "n": 1\n}\n' in shown.out
+    history = shown.out.split("history\n", 1)[1].splitlines()
+    assert history[0].split() == ["AT", "EVENT", "DETAILS"]
+    assert [line.split()[4] for line in history[1:]] == ["enqueued", "delivered"]
+    assert "attempt=1 consumer=127.0.0.1:" in history[2]
     missing = lionmq_here("get", "br", "12345", env=env)
     assert missing.code == 1 and missing.err.startswith("lionmq: error: ")
 
@@ -216,6 +222,10 @@ def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
     assert (back.body, back.attempt) == ({"n": 1}, 0)
     assert back.headers is not None and back.headers["x-redriven-from"] == "br.dlq"
     assert back.headers["x-dead-letter-channel"] == "br"  # kept, as history
+    events = json.loads(lionmq_here("get", "br", back.id, "--json", env=env).out)["history"]
+    assert [e["event"] for e in events] == [
+        "enqueued", "delivered", "nacked", "dead_lettered", "redriven"
+    ]  # fmt: skip
 
     mq.enqueue_many("nohdr", [1, 2, 3])
     skipped = lionmq_here("redrive", "nohdr", env=env)
