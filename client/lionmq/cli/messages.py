@@ -379,6 +379,16 @@ def peek(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _detail(key: str, value: object) -> str:
+    """An event's detail as people read it: times as UTC clock times, delays as spans."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if key.endswith(("_at", "_deadline")):
+            return output.clock_time(value)
+        if key.endswith("_ms"):
+            return output.span(value)
+    return value if isinstance(value, str) else output.compact(value)
+
+
 def get(ctx: Context, args: argparse.Namespace) -> int:
     m = ctx.client.get_message(args.channel, args.id)
     if ctx.json:
@@ -411,9 +421,7 @@ def get(ctx: Context, args: argparse.Namespace) -> int:
                     output.timestamp(event.get("at"), now),
                     event.get("event"),
                     " ".join(
-                        f"{k}={output.compact(v) if not isinstance(v, str) else v}"
-                        for k, v in event.items()
-                        if k not in ("at", "event")
+                        f"{k}={_detail(k, v)}" for k, v in event.items() if k not in ("at", "event")
                     ),
                 )
                 for event in m.history

@@ -61,6 +61,11 @@ def relative(at: int | None, now: int) -> str:
     return f"in {span(at - now)}" if at > now else f"{span(now - at)} ago"
 
 
+def clock_time(at: int) -> str:
+    """An epoch-ms time as its UTC time of day, to the millisecond: 18:16:07.514Z."""
+    return datetime.fromtimestamp(at / 1000, UTC).strftime("%H:%M:%S.%f")[:-3] + "Z"
+
+
 def timestamp(at: int | None, now: int) -> str:
     """An epoch-ms time in UTC with its distance from now."""
     if at is None:
