@@ -226,7 +226,7 @@ def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
     assert back.headers["x-dead-letter-channel"] == "br"  # kept, as history
     events = json.loads(lionmq_here("get", "br", back.id, "--json", env=env).out)["history"]
     assert [e["event"] for e in events] == [
-        "enqueued", "delivered", "nacked", "dead_lettered", "redriven"
+        "enqueued", "delivered", "dead_lettered", "redriven"
     ]  # fmt: skip
 
     mq.enqueue_many("nohdr", [1, 2, 3])
