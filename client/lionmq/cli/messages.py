@@ -380,13 +380,14 @@ def peek(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _detail(key: str, value: object) -> str:
-    """An event's detail as people read it: times as UTC clock times, delays as spans."""
+    """An event's detail as people read it: times as UTC clock times, delays as spans (and
+    `delay_ms=500` as `delay=500ms`)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if key.endswith(("_at", "_deadline")):
-            return output.clock_time(value)
+            return f"{key}={output.clock_time(value)}"
         if key.endswith("_ms"):
-            return output.span(value)
-    return value if isinstance(value, str) else output.compact(value)
+            return f"{key.removesuffix('_ms')}={output.span(value)}"
+    return f"{key}={value if isinstance(value, str) else output.compact(value)}"
 
 
 def get(ctx: Context, args: argparse.Namespace) -> int:
@@ -420,9 +421,7 @@ def get(ctx: Context, args: argparse.Namespace) -> int:
                 (
                     output.timestamp(event.get("at"), now),
                     event.get("event"),
-                    " ".join(
-                        f"{k}={_detail(k, v)}" for k, v in event.items() if k not in ("at", "event")
-                    ),
+                    " ".join(_detail(k, v) for k, v in event.items() if k not in ("at", "event")),
                 )
                 for event in m.history
             ),

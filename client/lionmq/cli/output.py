@@ -41,17 +41,18 @@ def cut(text: str, width: int = CELL_WIDTH) -> str:
 
 
 def span(ms: int) -> str:
-    """A duration as people read it: 850ms, 4.2s, 3m 5s, 2h 10m, 3d 4h."""
+    """A duration as people read it: 850ms, 4.2s, 30s, 3m 5s, 1m, 2h 10m, 3d 4h."""
     ms = abs(ms)
     if ms < 1000:
         return f"{ms}ms"
     if ms < 60_000:
-        return f"{ms / 1000:.1f}s"
+        return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms / 1000:.1f}s"
     s = ms // 1000
     for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
         if s >= size:
-            return f"{s // size}{unit} {s % size // subsize}{sub}"
-    return f"{s // 60}m {s % 60}s"
+            rest = s % size // subsize
+            return f"{s // size}{unit} {rest}{sub}" if rest else f"{s // size}{unit}"
+    return f"{s // 60}m {s % 60}s" if s % 60 else f"{s // 60}m"
 
 
 def relative(at: int | None, now: int) -> str:

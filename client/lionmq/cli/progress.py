@@ -62,7 +62,8 @@ class Progress:
     def line(self) -> str:
         elapsed = time.monotonic() - self._started
         if not self.total:
-            return f"{self.label}  {self.done}  {elapsed:.1f}s"
+            count = f" {self.done}" if self.done else ""
+            return f"{self.label}…{count} {elapsed:.1f}s"
         share = min(self.done / self.total, 1.0)
         full = round(share * WIDTH)
         bar = "#" * full + "-" * (WIDTH - full)
