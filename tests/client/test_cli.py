@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,6 +240,15 @@ def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
     paced = lionmq_here("redrive", "nohdr", "--to", "dst", "--rate", "100", "--json", env=env)
     assert json.loads(paced.out) == {"moved": 3, "skipped": 0, "remaining": 0, "calls": 1}
     assert mq.get_channel("dst").counts.ready == 3
+
+    # Paced: one call carries two seconds' worth (the node paces inside a call and starts each
+    # call at once, so many small calls would each add a batch to the rate).
+    mq.enqueue_many("pace", list(range(3000)))
+    began = time.monotonic()
+    fast = lionmq_here("redrive", "pace", "--to", "paced", "--rate", "5000", "--json", env=env)
+    took = time.monotonic() - began
+    assert json.loads(fast.out) == {"moved": 3000, "skipped": 0, "remaining": 0, "calls": 1}
+    assert took >= 0.5, took  # the last of six batches of 500 is due 0.5 s after the start
 
 
 async def test_async_client_browses_and_redrives(mq_node: NodeProcess, mq: Client) -> None:

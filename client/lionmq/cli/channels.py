@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any, TextIO
 
 from lionmq import ChannelInfo, ChannelOptions
@@ -20,8 +21,10 @@ from lionmq.cli.main import (
 )
 from lionmq.cli.progress import Progress
 
-REDRIVE_MAX = 1000
-"""Messages per redrive call when no --rate paces it (the node takes up to 10000)."""
+REDRIVE_BATCH = 1000
+"""Messages per redrive call when no --rate paces it (the bar moves once per call)."""
+REDRIVE_MAX = 10_000
+"""The most one call may move (the node's bound)."""
 REDRIVE_CALL_S = 2.0
 """With --rate, each call moves about this many seconds' worth, so the bar keeps moving."""
 NONE = ("none", "off", "null")
@@ -262,14 +265,19 @@ def redrive(ctx: Context, args: argparse.Namespace) -> int:
     elif args.rate:
         per_call = max(1, min(REDRIVE_MAX, round(args.rate * REDRIVE_CALL_S)))
     else:
-        per_call = REDRIVE_MAX
+        per_call = REDRIVE_BATCH
     total = client.get_channel(channel).counts.ready
     moved = calls = 0
     skipped = remaining = 0
     with Progress(f"redriving {channel}", total, ctx.err) as bar:
         # Bounded: every call but the last moves at least one message, and the source held
         # `total` (plus what arrives meanwhile; the bound leaves room for that).
+        started = time.monotonic()
         for _ in range(2 * (total // per_call) + 10):
+            if args.rate:
+                # The node paces within a call and starts each call at once: wait out this
+                # call's share first, or every call would add a batch's worth to the rate.
+                time.sleep(max(0.0, started + moved / args.rate - time.monotonic()))
             result = client.redrive(channel, to=args.to, max=per_call, rate=args.rate)
             calls += 1
             moved += result.moved
