@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -38,8 +39,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess
     for node in (a, b):
         node.env.update(settings)
     try:
-        a.start()
-        b.start()
+        with ThreadPoolExecutor(1) as pool:  # the two start-ups overlap
+            second = pool.submit(b.start)
+            a.start()
+            second.result()
         wait_until(
             lambda: (
                 all(
@@ -86,7 +89,10 @@ def test_nodes_show_handoff_and_set(pair: tuple[NodeProcess, NodeProcess]) -> No
     assert stored.out.splitlines()[0] == "stored topology version 2"
     assert stored.out.splitlines()[2].split() == ["s1", b.url, a.url]
     refused = lionmq_here("nodes", "set", "--shard", f"{b.url}={b.url}", env=env)
-    assert refused.code == 1 and "lionmq: error: " in refused.err
+    assert refused.code == 2  # checked before sending, as the nodes would
+    assert (
+        refused.err == f"lionmq: error: {b.url} is the primary of shard 1 and a backup of shard 1\n"
+    )
 
 
 def test_handoff_goes_to_the_owner_once_never_retried() -> None:

@@ -1,7 +1,7 @@
 """Argument parsing, configuration and exit codes of the `lionmq` command.
 
-Every command module registers its subcommands with `register(subparsers, common)`; each
-subcommand's `run(ctx, args)` returns an exit code. Failures become one line on stderr:
+Every command module registers its subcommands with `register(commands)`; each subcommand's
+`run(ctx, args)` returns an exit code. Failures become one line on stderr:
 
     lionmq: error: <the problem's detail>
 
@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from lionmq import Client, ConnectionFailed, LionMQError
+from lionmq import Client, ConnectionFailed, InvalidTopology, LionMQError
 from lionmq.cli import output
 
 EXIT_OK = 0
@@ -254,6 +254,9 @@ def main(
         return code
     except UsageError as exc:
         output.error(str(exc), err)
+        return EXIT_USAGE
+    except InvalidTopology as exc:  # checked by the client: nothing was sent
+        output.error(exc.detail or exc.title, err)
         return EXIT_USAGE
     except ConnectionFailed as exc:
         output.error(f"cannot reach the node: {exc.detail or exc.title}", err)
