@@ -111,6 +111,12 @@ def test_errors_are_one_line_with_distinct_exit_codes(env: dict[str, str]) -> No
     assert wrong_token.err.startswith("lionmq: error: ") and wrong_token.err.count("\n") == 1
     down = lionmq("channels", "--url", f"http://127.0.0.1:{free_port()}", env=env)
     assert down.code == 3 and down.err.startswith("lionmq: error: cannot reach the node: ")
+    # Seeds: --url repeated or comma-separated; one that does not answer is passed over.
+    seeds = lionmq_here(
+        "channels", "--json", "--url", f"http://127.0.0.1:{free_port()}", "--url",
+        f"http://127.0.0.1:{free_port()},{env['LIONMQ_URL']}", env=env,
+    )  # fmt: skip
+    assert seeds.code == 0 and isinstance(json.loads(seeds.out), list), seeds.err
     bad = lionmq("publish", "rt", "{not json", env=env)
     assert bad.code == 2 and bad.err.startswith("lionmq: error: BODY is not JSON")
     no_admin = lionmq_here("nodes", "handoff", "s1", env=env)
