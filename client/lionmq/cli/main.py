@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -30,6 +31,7 @@ EXIT_UNREACHABLE = 3
 EXIT_NACKED = 4
 EXIT_INTERRUPTED = 130
 
+HELP_WIDTH = 79
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "LIONMQ_URL"
 TOKEN_ENV = "LIONMQ_TOKEN"
@@ -176,7 +178,8 @@ class Commands:
         parser: argparse.ArgumentParser = (sub or self._sub).add_parser(
             name,
             help=help,
-            description=description or help,
+            # Raw (the examples keep their lines), so the description is wrapped here.
+            description=textwrap.fill(description or help, HELP_WIDTH),
             epilog="example:\n" + _indent(example),
             formatter_class=argparse.RawDescriptionHelpFormatter,
             parents=[self.common],

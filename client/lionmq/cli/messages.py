@@ -74,8 +74,8 @@ lionmq consume orders --exec ./handle.sh --follow   # a worker: until Ctrl-C
         "LIONMQ_CHANNEL, LIONMQ_MESSAGE_ID, LIONMQ_ATTEMPT, LIONMQ_HEADERS in its environment; "
         "exit 0 acks the message, anything else nacks it (exit code 4 at the end). The lease "
         "is extended while the command runs. Stops after --max messages, or once none came "
-        "for --wait (default 2s), or never with --follow (Ctrl-C stops; a message in hand is "
-        "nacked).",
+        "for --wait (default 2s), or never with --follow. Ctrl-C or SIGTERM stops it: the "
+        "running command is stopped and its message nacked at once.",
     )
     p.add_argument("channel", metavar="CHANNEL")
     p.add_argument("--exec", dest="command", metavar="CMD", help="run CMD for each message")
