@@ -12,7 +12,7 @@ import httpx
 import msgspec
 import pytest
 from cli_support import cli_env, lionmq, lionmq_here
-from lionmq import Client, RetryPolicy, ServiceUnavailable
+from lionmq import AsyncClient, Client, RetryPolicy, ServiceUnavailable
 
 from tests.conftest import NodeProcess, wait_until
 
@@ -95,10 +95,8 @@ def test_nodes_show_handoff_and_set(pair: tuple[NodeProcess, NodeProcess]) -> No
     )
 
 
-def test_handoff_goes_to_the_owner_once_never_retried() -> None:
-    """A hand-off repeated after a failure could move the shard on again: sent once, to the
-    shard's owner as GET /cluster names it."""
-    sent: list[str] = []
+def fake_cluster(sent: list[str]) -> httpx.MockTransport:
+    """GET /cluster names p:1 as the owner of s1; every hand-off answers 503."""
     topology = {
         "version": 1,
         "shards": [
@@ -112,12 +110,32 @@ def test_handoff_goes_to_the_owner_once_never_retried() -> None:
             return httpx.Response(200, json=topology)
         return httpx.Response(503, json={"title": "Unavailable", "detail": "draining"})
 
-    retry = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.01)
+    return httpx.MockTransport(answer)
+
+
+RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.01)
+ONCE = ["GET http://k:2/cluster", "POST http://p:1/cluster/shards/s1/handoff"]
+
+
+def test_handoff_goes_to_the_owner_once_never_retried() -> None:
+    """A hand-off repeated after a failure could move the shard on again: sent once, to the
+    shard's owner as GET /cluster names it."""
+    sent: list[str] = []
+    transport = fake_cluster(sent)
     with (
-        Client(
-            "http://k:2", transport=httpx.MockTransport(answer), retry=retry, admin_token=ADMIN
-        ) as client,
+        Client("http://k:2", transport=transport, retry=RETRY, admin_token=ADMIN) as client,
         pytest.raises(ServiceUnavailable, match="draining"),
     ):
         client.handoff("s1")
-    assert sent == ["GET http://k:2/cluster", "POST http://p:1/cluster/shards/s1/handoff"]
+    assert sent == ONCE
+
+
+async def test_async_handoff_goes_to_the_owner_once_never_retried() -> None:
+    sent: list[str] = []
+    transport = fake_cluster(sent)
+    async with AsyncClient(
+        "http://k:2", transport=transport, retry=RETRY, admin_token=ADMIN
+    ) as client:
+        with pytest.raises(ServiceUnavailable, match="draining"):
+            await client.handoff("s1")
+    assert sent == ONCE
