@@ -297,3 +297,29 @@ def test_consume_stopped_nacks_the_message_in_hand_and_stops_its_command(
     (again,) = mq.dequeue("stop", 1)  # back at once, not after its lease
     assert (again.body, again.attempt) == ("long job", 2)
     again.ack()
+
+
+def test_consume_into_a_reader_that_leaves_nacks_what_it_printed(
+    env: dict[str, str], mq: Client
+) -> None:
+    """`lionmq consume … | head -1`: bodies larger than the pipe's buffer, so the write fails
+    once the reader is gone; the batch goes back at once instead of waiting out its lease."""
+    mq.enqueue_many("gone", ["x" * 100_000] * 3)
+    reader = subprocess.Popen(
+        [str(LIONMQ), "consume", "gone", "--max", "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.read(10) == b'"xxxxxxxxx'
+        reader.stdout.close()  # the reader leaves
+        reader.wait(timeout=15)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 1
+    counts = mq.get_channel("gone").counts
+    assert (counts.ready, counts.in_flight) == (3, 0)

@@ -262,11 +262,16 @@ def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> N
             for message in messages:
                 tally["acked" if _run(args.command, message, args, ctx) else "nacked"] += 1
         else:
-            for message in messages:
-                line = output.compact(_delivered(message) if ctx.json else message.body)
-                ctx.out.write(line + "\n")
-            ctx.out.flush()  # printed before acked: a message is never lost to a full pipe
-            client.ack(channel, [m.receipt for m in messages])
+            receipts = [m.receipt for m in messages]
+            try:
+                for message in messages:
+                    line = output.compact(_delivered(message) if ctx.json else message.body)
+                    ctx.out.write(line + "\n")
+                ctx.out.flush()  # printed before acked: never lost to a reader gone
+            except BrokenPipeError:  # `| head`: what it did not read goes back at once
+                client.nack(channel, receipts)
+                raise
+            client.ack(channel, receipts)
             tally["acked"] += len(messages)
         handled += len(messages)
         idle_since = time.monotonic()
