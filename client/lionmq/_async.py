@@ -20,10 +20,14 @@ from lionmq.models import (
     ChannelInfo,
     ClusterInfo,
     ExtendResult,
+    HandoffResult,
+    MessageDetail,
+    MessagePage,
     NackResult,
     NewMessage,
+    RedriveResult,
 )
-from lionmq.protocol import Call, Got, Send
+from lionmq.protocol import Call, Got, MessageState, Send
 from lionmq.topology import ShardSpec, Topology
 
 T = TypeVar("T")
@@ -156,6 +160,29 @@ class AsyncClient(ClientBase):
     async def delete_channel(self, channel: str) -> None:
         await self._call(self._wire.delete(channel))
 
+    # -- browsing and redriving ------------------------------------------------------------
+
+    async def peek(
+        self,
+        channel: str,
+        *,
+        state: MessageState | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> MessagePage:
+        """Like `Client.peek`."""
+        return await self._call(self._wire.messages(channel, state, after, limit))
+
+    async def get_message(self, channel: str, id: str) -> MessageDetail:
+        """Like `Client.get_message`."""
+        return await self._call(self._wire.message(channel, id))
+
+    async def redrive(
+        self, channel: str, *, to: str | None = None, max: int = 1000, rate: float | None = None
+    ) -> RedriveResult:
+        """Like `Client.redrive`."""
+        return await self._call(self._wire.redrive(channel, to, max, rate))
+
     async def health(self) -> dict[str, Any]:
         return await self._call(self._wire.health())
 
@@ -181,6 +208,13 @@ class AsyncClient(ClientBase):
         topology = await self._call(self._set_nodes_call(shards, primaries, backups))
         self._router.invalidate()
         return topology
+
+    async def handoff(self, shard: str, *, to: str | None = None) -> HandoffResult:
+        """Like `Client.handoff`."""
+        call = self._handoff_call(await self.cluster(), shard, to)
+        result = await self._call(call)
+        self._router.invalidate()
+        return result
 
     # -- consuming -------------------------------------------------------------------------
 

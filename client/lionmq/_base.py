@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from lionmq.models import NewMessage
+from lionmq.models import ClusterInfo, HandoffResult, NewMessage
 from lionmq.options import ClientOptions, MessageOptions
 from lionmq.protocol import Call, Router, Wire, new_messages
 from lionmq.retry import RetryPolicy
@@ -77,3 +77,9 @@ class ClientBase:
         except msgspec.ValidationError as exc:
             raise InvalidTopology("Invalid set_nodes request", str(exc)) from None
         return self._wire.set_nodes(validate_set_nodes(request), self._admin_token)
+
+    def _handoff_call(self, info: ClusterInfo, shard: str, to: str | None) -> Call[HandoffResult]:
+        """Hand-offs go to the shard's acting owner as `info` names it (any other node would
+        have to send it there); to the current seed when it names none (the node says why)."""
+        owner = next((s.owner for s in info.shards if s.id == shard and s.owner), None)
+        return self._wire.handoff(shard, to, owner, self._admin_token)

@@ -20,10 +20,14 @@ from lionmq.models import (
     ChannelInfo,
     ClusterInfo,
     ExtendResult,
+    HandoffResult,
+    MessageDetail,
+    MessagePage,
     NackResult,
     NewMessage,
+    RedriveResult,
 )
-from lionmq.protocol import Call, Got, Send
+from lionmq.protocol import Call, Got, MessageState, Send
 from lionmq.topology import ShardSpec, Topology
 
 T = TypeVar("T")
@@ -152,6 +156,35 @@ class Client(ClientBase):
     def delete_channel(self, channel: str) -> None:
         self._call(self._wire.delete(channel))
 
+    # -- browsing and redriving ------------------------------------------------------------
+
+    def peek(
+        self,
+        channel: str,
+        *,
+        state: MessageState | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> MessagePage:
+        """Up to `limit` (1..1000) messages of `channel` in id order, past the id `after`, in
+        one state or all: nothing is leased or changed. Pass the page's `next` as `after` for
+        the next page. Raises ChannelNotFound for a channel that does not exist."""
+        return self._call(self._wire.messages(channel, state, after, limit))
+
+    def get_message(self, channel: str, id: str) -> MessageDetail:
+        """One message, with its history when the channel traces (`put_channel(trace=True)`)."""
+        return self._call(self._wire.message(channel, id))
+
+    def redrive(
+        self, channel: str, *, to: str | None = None, max: int = 1000, rate: float | None = None
+    ) -> RedriveResult:
+        """Moves up to `max` (1..10000) ready messages of `channel` (normally a dead-letter
+        channel), oldest first, to `to`, or with `to=None` each back to the channel its
+        `x-dead-letter-channel` header names; `rate` paces it (messages per second). Each
+        batch moves atomically: call it again until `remaining` is 0 (the `lionmq redrive`
+        command does)."""
+        return self._call(self._wire.redrive(channel, to, max, rate))
+
     def health(self) -> dict[str, Any]:
         return self._call(self._wire.health())
 
@@ -181,6 +214,15 @@ class Client(ClientBase):
         topology = self._call(self._set_nodes_call(shards, primaries, backups))
         self._router.invalidate()
         return topology
+
+    def handoff(self, shard: str, *, to: str | None = None) -> HandoffResult:
+        """Hands `shard` from its owner to an up-to-date backup (or to the node `to`), as a
+        rolling restart does. Needs the client's `admin_token`. Sent once, never retried: a
+        failure is raised as it came (409: no backup up to date, or not the owner)."""
+        call = self._handoff_call(self.cluster(), shard, to)
+        result = self._call(call)
+        self._router.invalidate()
+        return result
 
     # -- consuming -------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ class ChannelSettings(msgspec.Struct):
     dead_letter: str | None = None
     max_length: int | None = None
     ttl_ms: int | None = None
+    trace: bool = False
+    """Per-message history is recorded (a node from before tracing reports False)."""
 
 
 class ChannelCounts(msgspec.Struct):
@@ -112,6 +114,72 @@ class ChannelList(msgspec.Struct):
 
 class PurgeReply(msgspec.Struct):
     purged: int = 0
+
+
+# -- browsing and redriving messages ------------------------------------------------------------
+
+
+class MessageView(msgspec.Struct):
+    """A message as browsing shows it, without leasing it. Times are epoch milliseconds."""
+
+    id: str
+    state: str = "ready"
+    """"ready", "delayed" or "in_flight"."""
+    body: Any = None
+    headers: dict[str, str] | None = None
+    attempt: int = 0
+    enqueued_at: int = 0
+    available_at: int | None = None
+    """When a delayed message falls due."""
+    lease_deadline: int | None = None
+    """When the lease of an in-flight message ends."""
+    expires_at: int | None = None
+    dedup_id: str | None = None
+
+
+class MessageDetail(MessageView):
+    """One message (`get_message`), with its history when its channel traces."""
+
+    history: list[dict[str, Any]] | None = None
+    """Events, oldest first: each has `at` (ms) and `event` ("enqueued", "delivered", "nacked",
+    "lease_expired", "dead_lettered", "redriven", ...) plus the event's details. None when the
+    channel does not trace."""
+
+
+class MessagePage(msgspec.Struct):
+    """A page of `peek`, in id order; `next` is the `after` of the next page (None: no more)."""
+
+    channel: str
+    messages: list[MessageView] = msgspec.field(default_factory=list)
+    next: str | None = None
+
+
+class RedriveBody(msgspec.Struct):
+    to: str | None
+    max: int
+    rate: float | None
+
+
+class RedriveResult(msgspec.Struct):
+    """What one redrive call did: `remaining` counts the ready messages left in the source."""
+
+    moved: int = 0
+    skipped: int = 0
+    remaining: int = 0
+
+
+class HandoffBody(msgspec.Struct):
+    to: str | None = None
+
+
+class HandoffResult(msgspec.Struct, frozen=True):
+    """A shard handed from its owner (`from_`, "from" on the wire) to a backup."""
+
+    shard: str
+    from_: str = msgspec.field(name="from")
+    to: str = ""
+    epoch: int = 0
+    took_ms: int = 0
 
 
 # -- the cluster (GET /cluster) ----------------------------------------------------------------

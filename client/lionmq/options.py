@@ -29,6 +29,7 @@ class ChannelOptions(TypedDict, total=False):
     dead_letter: str | None
     max_length: int | None
     ttl_ms: int | None
+    trace: bool
 
 
 class ClientOptions(TypedDict, total=False):
@@ -37,7 +38,7 @@ class ClientOptions(TypedDict, total=False):
     token: str | None
     """Sent as `Authorization: Bearer <token>`, for a node with API_TOKEN set."""
     admin_token: str | None
-    """Sent instead of `token` by `set_nodes`, for a cluster with ADMIN_TOKEN set."""
+    """Sent instead of `token` by `set_nodes` and `handoff`, for a cluster with ADMIN_TOKEN."""
     timeout: float
     """Seconds for connecting and for each read (default 10); a long poll adds its wait."""
     retry: RetryPolicy

@@ -12,8 +12,8 @@ import os
 import secrets
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
+from urllib.parse import quote, urlencode
 
 import msgspec
 
@@ -29,10 +29,16 @@ from lionmq.models import (
     EnqueueBody,
     EnqueueReply,
     ExtendResult,
+    HandoffBody,
+    HandoffResult,
+    MessageDetail,
+    MessagePage,
     NackResult,
     NewMessage,
     PurgeReply,
     ReceiptsBody,
+    RedriveBody,
+    RedriveResult,
 )
 from lionmq.options import ChannelOptions
 from lionmq.placement import Ring
@@ -48,6 +54,8 @@ MAX_WAIT_MS = 30_000
 """The node's long-poll bound: a dequeue never waits longer than this."""
 
 CLUSTER_PATH = "/cluster"
+
+MessageState = Literal["ready", "delayed", "in_flight"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,11 @@ class Call(Generic[T_co]):
     the client's current seed."""
     headers: Mapping[str, str] | None = None
     """Headers to add to (or override of) the client's own, for this call only."""
+    node: str | None = None
+    """The base URL of the one node the call is for (a shard's owner), overriding `channel`."""
+    retry: bool = True
+    """False for a call that must not be sent twice (a hand-off would hand the shard on again):
+    its first failure is raised."""
 
     def result(self, reply: Reply) -> T_co:
         """The parsed value of a reply whose status is in `ok`."""
@@ -130,6 +143,10 @@ class Wire:
         self._health: Callable[[Reply], dict[str, Any]] = health
         self._cluster = _cluster_info(_decoding(msgspec.json.Decoder(ClusterInfo)))
         self._topology = _decoding(msgspec.json.Decoder(Topology))
+        self._page = _decoding(msgspec.json.Decoder(MessagePage))
+        self._detail = _decoding(msgspec.json.Decoder(MessageDetail))
+        self._redriven = _decoding(msgspec.json.Decoder(RedriveResult))
+        self._handed = _decoding(msgspec.json.Decoder(HandoffResult))
 
     # -- messages --------------------------------------------------------------------------
 
@@ -191,6 +208,27 @@ class Wire:
     def delete(self, channel: str) -> Call[None]:
         return Call("DELETE", _channel(channel), _none, ok=_DELETED, channel=channel)
 
+    def messages(
+        self, channel: str, state: MessageState | None, after: str | None, limit: int
+    ) -> Call[MessagePage]:
+        query = {"limit": limit, **{k: v for k, v in (("state", state), ("after", after)) if v}}
+        path = f"{_channel(channel)}/messages?{urlencode(query)}"
+        return Call("GET", path, self._page, channel=channel)
+
+    def message(self, channel: str, id: str) -> Call[MessageDetail]:
+        path = f"{_channel(channel)}/messages/{quote(id, safe='')}"
+        return Call("GET", path, self._detail, channel=channel)
+
+    def redrive(
+        self, channel: str, to: str | None, max: int, rate: float | None
+    ) -> Call[RedriveResult]:
+        """Safe to send again: each call moves what is left, each batch atomically."""
+        content = self._encode(RedriveBody(to, max, rate))
+        path = f"{_channel(channel)}/redrive"
+        # A paced call lasts about max / rate seconds: read that long, plus the usual timeout.
+        slow = max / rate if rate else 0.0
+        return Call("POST", path, self._redriven, content, long_poll_s=slow, channel=channel)
+
     def health(self) -> Call[dict[str, Any]]:
         return Call("GET", "/health", self._health)
 
@@ -204,18 +242,32 @@ class Wire:
         return Call("GET", CLUSTER_PATH, self._cluster, ok=_CLUSTER_ANSWERS)
 
     def set_nodes(self, request: SetNodes, admin_token: str | None) -> Call[Topology]:
-        """`request` validated already (`lionmq.topology`): a bad one never leaves the client.
-        Cluster changes take the admin token, not the API token: without one nothing is sent
-        (the API token would only be refused)."""
-        if not admin_token:
-            raise Unauthorized(
-                "No admin token",
-                "set_nodes needs the cluster's ADMIN_TOKEN: Client(..., admin_token=...)",
-                status=None,
-            )
-        headers = {"authorization": f"Bearer {admin_token}"}
+        """`request` validated already (`lionmq.topology`): a bad one never leaves the client."""
         content = self._encode(request)
+        headers = _admin(admin_token, "set_nodes")
         return Call("PUT", "/cluster/nodes", self._topology, content, headers=headers)
+
+    def handoff(
+        self, shard: str, to: str | None, owner: str | None, admin_token: str | None
+    ) -> Call[HandoffResult]:
+        """Sent to `owner` (the shard's acting owner; None: the current seed) and never twice:
+        a repeated hand-off would move the shard on again."""
+        headers = _admin(admin_token, "handoff")
+        path = f"{CLUSTER_PATH}/shards/{quote(shard, safe='')}/handoff"
+        content = self._encode(HandoffBody(to))
+        return Call("POST", path, self._handed, content, headers=headers, node=owner, retry=False)
+
+
+def _admin(admin_token: str | None, what: str) -> dict[str, str]:
+    """The headers of a cluster change: it takes the admin token, not the API token; without
+    one nothing is sent (the API token would only be refused)."""
+    if not admin_token:
+        raise Unauthorized(
+            "No admin token",
+            f"{what} needs the cluster's ADMIN_TOKEN: Client(..., admin_token=...)",
+            status=None,
+        )
+    return {"authorization": f"Bearer {admin_token}"}
 
 
 _DELETED = frozenset({200, 204})
@@ -381,6 +433,8 @@ class Router:
 
         The drivers' fast path: a call whose first try succeeds costs this, `observe` and
         the parse, and no `exchange` at all."""
+        if call.node is not None:
+            return call.node
         if self._stale and call.channel is not None:
             return None
         return self.target(call.channel)
@@ -393,16 +447,23 @@ class Router:
         `url` and `got`: a first try the driver already made (see `first`)."""
         while True:
             if url is None:
-                if self._stale and call.channel is not None:
-                    yield from self._refresh()
-                url = self.target(call.channel)
+                if call.node is not None:
+                    url = call.node
+                else:
+                    if self._stale and call.channel is not None:
+                        yield from self._refresh()
+                    url = self.target(call.channel)
                 got = yield Send(url, call)
             if isinstance(got, Reply):
                 self.observe(url, got)
+                if not call.retry and got.status not in call.ok:
+                    raise error_for(got.status, got.content, got.reason)
                 outcome = attempts.outcome(call, got, self.cluster)
             else:
                 assert got is not None, "a Send is answered with a Reply or ConnectionFailed"
                 self._unreachable(url)
+                if not call.retry:
+                    raise got
                 outcome = attempts.failed(got, self.cluster)
             if not isinstance(outcome, Wait):
                 return outcome

@@ -1,0 +1,436 @@
+"""Messages: publish, consume, peek and get."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, get_args
+
+from lionmq import Message, NewMessage
+from lionmq.cli import output
+from lionmq.cli.main import (
+    EXIT_NACKED,
+    EXIT_OK,
+    Commands,
+    Context,
+    UsageError,
+    duration_ms,
+    json_value,
+    positive_int,
+)
+from lionmq.cli.progress import Progress
+from lionmq.models import MessageView
+from lionmq.protocol import MAX_WAIT_MS, MessageState
+
+PUBLISH_BATCH = 500
+"""Messages per request when publishing a file (the progress bar moves once per request)."""
+PRINT_BATCH = 100
+"""Messages per dequeue when consume prints them (acked together once printed)."""
+PAGE_MAX = 1000
+"""The node's largest page of messages."""
+STATES: tuple[str, ...] = tuple(s.replace("_", "-") for s in get_args(MessageState))
+
+
+def register(commands: Commands) -> None:
+    p = commands.add(
+        "publish",
+        "publish messages (BODY, --file or stdin: one JSON value per line)",
+        """
+lionmq publish orders '{"sku": "A1", "qty": 2}'
+lionmq publish orders '"a string"' --delay 30s --dedup order-42
+lionmq publish orders --file orders.jsonl --dedup import-2026-11-21
+some-program | lionmq publish orders
+""",
+        publish,
+        description="Publish one message (BODY, a JSON value), or one per line of --file F or "
+        'of stdin. Prints the id (--json: {"ids": [...]}). With --file or stdin, --dedup ID '
+        "gives line n the dedup id ID-n: publishing the same file again within the node's "
+        "DEDUP_WINDOW_MS stores nothing twice.",
+    )
+    p.add_argument("channel", metavar="CHANNEL")
+    p.add_argument("body", metavar="BODY", nargs="?", help="the message body, as JSON")
+    p.add_argument("--file", "-f", metavar="F", help="one JSON body per line ('-': stdin)")
+    p.add_argument("--delay", type=duration_ms, metavar="DURATION", help="deliver after this")
+    p.add_argument("--ttl", type=duration_ms, metavar="DURATION", help="dead-letter after this")
+    p.add_argument("--dedup", metavar="ID", help="dedup id (a prefix, with --file or stdin)")
+    p.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+
+    p = commands.add(
+        "consume",
+        "take messages: print their bodies, or run a command on each",
+        """
+lionmq consume orders --max 10                      # print up to 10 bodies, ack them
+lionmq consume orders --exec 'python handle.py'     # body on the command's stdin
+lionmq consume orders --exec ./handle.sh --follow   # a worker: until Ctrl-C
+""",
+        consume,
+        description="Takes messages from CHANNEL. Without --exec, prints each body as one "
+        "line of JSON (--json: the whole message) and acks it once printed. With --exec CMD, "
+        "runs CMD (through /bin/sh) for each message with the body as JSON on its stdin and "
+        "LIONMQ_CHANNEL, LIONMQ_MESSAGE_ID, LIONMQ_ATTEMPT, LIONMQ_HEADERS in its environment; "
+        "exit 0 acks the message, anything else nacks it (exit code 4 at the end). The lease "
+        "is extended while the command runs. Stops after --max messages, or once none came "
+        "for --wait (default 2s), or never with --follow. Ctrl-C or SIGTERM stops it: the "
+        "running command is stopped and its message nacked at once.",
+    )
+    p.add_argument("channel", metavar="CHANNEL")
+    p.add_argument("--exec", dest="command", metavar="CMD", help="run CMD for each message")
+    p.add_argument("--max", type=positive_int, metavar="N", help="stop after N messages")
+    p.add_argument(
+        "--wait",
+        type=duration_ms,
+        default=2000,
+        metavar="DURATION",
+        help="stop once no message came for this long (default 2s)",
+    )
+    p.add_argument("--follow", action="store_true", help="never stop on an empty channel")
+    p.add_argument(
+        "--visibility",
+        type=duration_ms,
+        default=30_000,
+        metavar="DURATION",
+        help="lease of each message (default 30s; extended while --exec runs)",
+    )
+    p.add_argument(
+        "--nack-delay",
+        type=duration_ms,
+        default=0,
+        metavar="DURATION",
+        help="a nacked message is ready again after this (default 0: at once)",
+    )
+
+    p = commands.add(
+        "peek",
+        "list messages without taking them",
+        """
+lionmq peek orders
+lionmq peek orders.dlq --state ready --limit 100
+lionmq peek orders --after 1882449093859475456     # the next page
+""",
+        peek,
+        description="Lists CHANNEL's messages in id order without leasing or changing them: "
+        "id, state, attempt, when enqueued, when due (delayed) or when the lease ends (in "
+        "flight), and the body. When more remain, the --after to pass for the next page is "
+        'printed on stderr (--json: "next").',
+    )
+    p.add_argument("channel", metavar="CHANNEL")
+    p.add_argument("--state", choices=STATES, help="only messages in this state")
+    p.add_argument("--limit", type=positive_int, default=20, metavar="N", help="default 20")
+    p.add_argument("--after", metavar="ID", help="start past this id")
+
+    p = commands.add(
+        "get",
+        "show one message (with its history on a channel that traces)",
+        """
+lionmq get orders.dlq 1882449093859475456
+lionmq set orders --trace on          # record histories from now on
+""",
+        get,
+        description="Shows one message: state, attempt, times, headers, body, and its history "
+        "(enqueued, deliveries with the consumer's address, nacks, lease expiries, "
+        "dead-lettering, redrive) when the channel traces (`lionmq set CHANNEL --trace on`).",
+    )
+    p.add_argument("channel", metavar="CHANNEL")
+    p.add_argument("id", metavar="ID")
+
+
+# -- publish --------------------------------------------------------------------------------
+
+
+def publish(ctx: Context, args: argparse.Namespace) -> int:
+    headers = _headers(args.header)
+    if args.body is not None:
+        if args.file is not None:
+            raise UsageError("give BODY or --file, not both")
+        body = json_value(args.body, "BODY")
+        ids = [
+            ctx.client.enqueue(args.channel, body, **_message_options(args, headers, args.dedup))
+        ]
+    else:
+        messages = _read_messages(args, headers)
+        ids = []
+        with Progress(f"publishing to {args.channel}", len(messages), ctx.err) as bar:
+            for start in range(0, len(messages), PUBLISH_BATCH):
+                batch = messages[start : start + PUBLISH_BATCH]
+                ids += ctx.client.enqueue_many(args.channel, batch)
+                bar.advance(len(batch))
+    if ctx.json:
+        ctx.emit({"ids": ids})
+    elif args.body is not None:
+        ctx.out.write(ids[0] + "\n")
+    else:
+        ctx.out.write(f"published {output.count(len(ids), 'message')} to {args.channel}\n")
+    return EXIT_OK
+
+
+def _headers(given: list[str]) -> dict[str, str] | None:
+    headers: dict[str, str] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--header {item!r}: give KEY=VALUE")
+        headers[key] = value
+    return headers or None
+
+
+def _message_options(
+    args: argparse.Namespace, headers: dict[str, str] | None, dedup: str | None
+) -> dict[str, Any]:
+    given = {"headers": headers, "delay_ms": args.delay, "ttl_ms": args.ttl, "dedup_id": dedup}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _read_messages(args: argparse.Namespace, headers: dict[str, str] | None) -> list[NewMessage]:
+    """Every line parsed before anything is sent: a bad line stops the command with nothing
+    published. Blank lines are skipped but keep their number (for dedup ids)."""
+    name = args.file or "-"
+    if name == "-":
+        if sys.stdin.isatty():
+            raise UsageError("give BODY or --file F, or pipe one JSON body per line to stdin")
+        lines = sys.stdin.read().splitlines()
+        where = "stdin"
+    else:
+        try:
+            with open(name, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise UsageError(f"cannot read {name}: {exc.strerror}") from None
+        where = name
+    messages = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        body = json_value(line, f"{where} line {number}")
+        dedup = f"{args.dedup}-{number}" if args.dedup else None
+        messages.append(NewMessage(body, **_message_options(args, headers, dedup)))
+    if not messages:
+        raise UsageError(f"{where} has no message (one JSON body per line)")
+    return messages
+
+
+# -- consume --------------------------------------------------------------------------------
+
+
+def consume(ctx: Context, args: argparse.Namespace) -> int:
+    tally = {"acked": 0, "nacked": 0}
+    # A worker under a supervisor is stopped with SIGTERM: the same as Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _consume(ctx, args, tally)
+    except KeyboardInterrupt:  # a message in hand was nacked; say what was done
+        _summary(ctx, args.channel, tally)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _summary(ctx, args.channel, tally)
+    return EXIT_NACKED if tally["nacked"] else EXIT_OK
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _summary(ctx: Context, channel: str, tally: dict[str, int]) -> None:
+    handled = tally["acked"] + tally["nacked"]
+    ctx.err.write(
+        f"consumed {output.count(handled, 'message')} from {channel}: "
+        f"{tally['acked']} acked, {tally['nacked']} nacked\n"
+    )
+
+
+def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> None:
+    client, channel = ctx.client, args.channel
+    handled = 0
+    idle_since = time.monotonic()
+    while args.max is None or handled < args.max:
+        if args.follow:
+            wait_ms = MAX_WAIT_MS
+        else:
+            wait_ms = min(args.wait - round((time.monotonic() - idle_since) * 1000), MAX_WAIT_MS)
+            if wait_ms < 0:
+                break
+        left = PRINT_BATCH if args.max is None else args.max - handled
+        batch = min(left, 1 if args.command else PRINT_BATCH)
+        messages = client.dequeue(channel, batch, wait_ms=wait_ms, visibility_ms=args.visibility)
+        if not messages:
+            continue
+        if args.command:
+            for message in messages:
+                tally["acked" if _run(args.command, message, args, ctx) else "nacked"] += 1
+        else:
+            receipts = [m.receipt for m in messages]
+            try:
+                for message in messages:
+                    line = output.compact(_delivered(message) if ctx.json else message.body)
+                    ctx.out.write(line + "\n")
+                ctx.out.flush()  # printed before acked: never lost to a reader gone
+            except BrokenPipeError:  # `| head`: what it did not read goes back at once
+                client.nack(channel, receipts)
+                raise
+            client.ack(channel, receipts)
+            tally["acked"] += len(messages)
+        handled += len(messages)
+        idle_since = time.monotonic()
+
+
+def _delivered(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "attempt": message.attempt,
+        "enqueued_at": message.enqueued_at,
+        "headers": message.headers,
+        "body": message.body,
+    }
+
+
+def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context) -> bool:
+    """Runs `command` on one message and settles it: ack on exit 0, else nack. The lease is
+    extended whenever half of it has gone by. Ctrl-C nacks the message, then stops."""
+    visibility_ms: int = args.visibility
+    env = {
+        **os.environ,
+        "LIONMQ_CHANNEL": message.channel,
+        "LIONMQ_MESSAGE_ID": message.id,
+        "LIONMQ_ATTEMPT": str(message.attempt),
+        "LIONMQ_HEADERS": output.compact(message.headers),
+    }
+    # The command's stdout and stderr are ours: what it prints is what the user sees. Its own
+    # process group: stopping it stops what it started too (`sh -c` leaves its children).
+    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, env=env, process_group=0)
+    try:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(output.compact(message.body).encode() + b"\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the command did not read its input; its exit code decides all the same
+        while True:
+            try:
+                code = proc.wait(timeout=visibility_ms / 2000)
+                break
+            except subprocess.TimeoutExpired:
+                message.extend(visibility_ms)
+    except BaseException:  # Ctrl-C, SIGTERM: the command stops too, its message goes back
+        _stop(proc)
+        message.nack(delay_ms=args.nack_delay)
+        ctx.err.write(f"lionmq: interrupted: message {message.id} nacked\n")
+        raise
+    if code == 0:
+        message.ack()
+        return True
+    ctx.err.write(f"lionmq: {command!r} exited with {code}: message {message.id} nacked\n")
+    message.nack(delay_ms=args.nack_delay)
+    return False
+
+
+STOP_GRACE_S = 5.0
+"""How long a stopped command gets to exit on SIGTERM before it is killed."""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# -- peek and get ---------------------------------------------------------------------------
+
+
+def peek(ctx: Context, args: argparse.Namespace) -> int:
+    state: Any = args.state.replace("-", "_") if args.state else None
+    found: list[MessageView] = []
+    after: str | None = args.after
+    for _ in range(-(-args.limit // PAGE_MAX)):  # ceil: the pages `limit` needs at most
+        page = ctx.client.peek(
+            args.channel, state=state, after=after, limit=min(args.limit - len(found), PAGE_MAX)
+        )
+        found += page.messages
+        after = page.next
+        if after is None:
+            break
+    if ctx.json:
+        ctx.emit({"channel": args.channel, "messages": found, "next": after})
+        return EXIT_OK
+    now = output.now_ms()
+    if not found:
+        ctx.out.write(f"no {args.state or ''} messages in {args.channel}\n".replace("  ", " "))
+    else:
+        output.table(
+            ("ID", "STATE", "ATTEMPT", "ENQUEUED", "DUE / LEASE ENDS", "BODY"),
+            (
+                (
+                    m.id,
+                    m.state.replace("_", "-"),
+                    m.attempt,
+                    output.relative(m.enqueued_at, now),
+                    output.relative(m.available_at or m.lease_deadline, now),
+                    output.compact(m.body),
+                )
+                for m in found
+            ),
+            ctx.out,
+        )
+    if after is not None:
+        ctx.err.write(f"more: lionmq peek {args.channel} --after {after}\n")
+    return EXIT_OK
+
+
+def _detail(key: str, value: object) -> str:
+    """An event's detail as people read it: times as UTC clock times, delays as spans (and
+    `delay_ms=500` as `delay=500ms`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if key.endswith(("_at", "_deadline")):
+            return f"{key}={output.clock_time(value)}"
+        if key.endswith("_ms"):
+            return f"{key.removesuffix('_ms')}={output.span(value)}"
+    return f"{key}={value if isinstance(value, str) else output.compact(value)}"
+
+
+def get(ctx: Context, args: argparse.Namespace) -> int:
+    m = ctx.client.get_message(args.channel, args.id)
+    if ctx.json:
+        ctx.emit(m)
+        return EXIT_OK
+    now = output.now_ms()
+    fields: list[tuple[str, object]] = [
+        ("id", m.id),
+        ("channel", args.channel),
+        ("state", m.state.replace("_", "-")),
+        ("attempt", m.attempt),
+        ("enqueued", output.timestamp(m.enqueued_at, now)),
+    ]
+    if m.available_at is not None:
+        fields.append(("due", output.timestamp(m.available_at, now)))
+    if m.lease_deadline is not None:
+        fields.append(("lease ends", output.timestamp(m.lease_deadline, now)))
+    fields += [("expires", output.timestamp(m.expires_at, now)), ("dedup id", m.dedup_id)]
+    fields += [(f"header {k}", v) for k, v in sorted((m.headers or {}).items())]
+    output.pairs(fields, ctx.out)
+    ctx.out.write("body\n" + output.pretty(m.body) + "\n")
+    if m.history is None:
+        ctx.out.write("history  not recorded (lionmq set CHANNEL --trace on)\n")
+    else:
+        ctx.out.write("history\n")
+        output.table(
+            ("AT", "EVENT", "DETAILS"),
+            (
+                (
+                    output.timestamp(event.get("at"), now),
+                    event.get("event"),
+                    " ".join(_detail(k, v) for k, v in event.items() if k not in ("at", "event")),
+                )
+                for event in m.history
+            ),
+            ctx.out,
+            width=None,
+        )
+    return EXIT_OK

@@ -1,0 +1,325 @@
+"""The `lionmq` command, run through its installed entry point against a real node process,
+as a user types it (subprocesses: each costs ~0.3 s, so each test groups its assertions)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_support import LIONMQ, cli_env, lionmq, lionmq_here, lionmq_on_tty
+from lionmq import Client
+from lionmq.cli.main import build_parser, main
+
+from tests.conftest import NodeProcess, free_port
+
+TOKEN = "cli-api-token"
+
+
+@pytest.fixture(scope="module")
+def mq_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    node = NodeProcess(tmp_path_factory.mktemp("cli-node"), API_TOKEN=TOKEN).start()
+    yield node
+    node.kill9()
+
+
+@pytest.fixture(scope="module")
+def env(mq_node: NodeProcess) -> dict[str, str]:
+    return cli_env(LIONMQ_URL=mq_node.url, LIONMQ_TOKEN=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def mq(mq_node: NodeProcess) -> Iterator[Client]:
+    with Client(mq_node.url, token=TOKEN) as client:
+        yield client
+
+
+def test_publish_then_consume_round_trip(env: dict[str, str], mq: Client, tmp_path: Path) -> None:
+    one = lionmq("publish", "rt", '{"sku": "A1"}', env=env)
+    assert one.code == 0 and one.err == ""
+    assert one.out.strip().isdigit()  # the id, alone on its line
+
+    lines = tmp_path / "bodies.jsonl"
+    lines.write_text('{"n": 1}\n\n[2]\n"three"\n')
+    first = lionmq("publish", "rt", "--file", str(lines), "--dedup", "imp", "--json", env=env)
+    again = lionmq_here("publish", "rt", "--file", str(lines), "--dedup", "imp", "--json", env=env)
+    assert first.code == again.code == 0
+    assert first.err == ""  # stderr is no terminal: no progress bar
+    # Same dedup ids (imp-1, imp-3, imp-4): the second run stored nothing and got the same ids.
+    assert json.loads(first.out)["ids"] == json.loads(again.out)["ids"]
+    assert len(json.loads(first.out)["ids"]) == 3
+
+    piped = lionmq("publish", "rt", "--header", "source=cli", env=env, input='"from stdin"\n')
+    assert (piped.code, piped.out) == (0, "published 1 message to rt\n")
+
+    listed = lionmq_here("channels", "--json", env=env)
+    (rt,) = [c for c in json.loads(listed.out) if c["name"] == "rt"]
+    assert rt["counts"]["ready"] == 5
+
+    printed = lionmq("consume", "rt", "--max", "4", "--wait", "1s", env=env)
+    assert printed.code == 0
+    assert printed.out.splitlines() == ['{"sku":"A1"}', '{"n":1}', "[2]", '"three"']
+    assert printed.err == "consumed 4 messages from rt: 4 acked, 0 nacked\n"
+
+    whole = lionmq("consume", "rt", "--json", "--wait", "300ms", env=env)
+    (message,) = [json.loads(line) for line in whole.out.splitlines()]
+    assert message["body"] == "from stdin" and message["headers"] == {"source": "cli"}
+    assert message["attempt"] == 1
+    info = mq.get_channel("rt")
+    assert (info.counts.ready, info.counts.in_flight, info.totals.acked) == (0, 0, 5)
+
+
+def test_consume_exec_acks_on_exit_0_nacks_otherwise_and_extends_leases(
+    env: dict[str, str], mq: Client
+) -> None:
+    mq.enqueue_many("ex", ["ok", "fail", "slow"])
+    # "slow" outlasts its 1 s lease: acked all the same because the lease is extended.
+    script = (
+        'read body; echo "$LIONMQ_ATTEMPT $LIONMQ_CHANNEL $body"; '
+        "case $body in *slow*) sleep 1.6;; *fail*) exit 3;; esac"
+    )
+    ran = lionmq(
+        "consume", "ex", "--exec", script, "--max", "3", "--visibility", "1s",
+        "--nack-delay", "100ms", env=env,
+    )  # fmt: skip
+    assert ran.code == 4  # a command failed: its message was nacked
+    assert ran.out.splitlines() == ['1 ex "ok"', '1 ex "fail"', '1 ex "slow"']
+    assert "exited with 3: message" in ran.err
+    assert ran.err.endswith("consumed 3 messages from ex: 2 acked, 1 nacked\n")
+    info = mq.get_channel("ex")
+    assert (info.counts.ready + info.counts.delayed, info.counts.in_flight) == (1, 0)
+    assert info.totals.acked == 2
+    assert info.totals.redelivered == 0  # "slow" never went back while its command ran
+    (again,) = mq.dequeue("ex", 10, wait_ms=2000)
+    assert (again.body, again.attempt) == ("fail", 2)
+    again.ack()
+
+
+def test_errors_are_one_line_with_distinct_exit_codes(env: dict[str, str]) -> None:
+    unknown = lionmq("stats", "nope", env=env)
+    assert unknown.code == 1
+    assert (
+        unknown.err == "lionmq: error: channel 'nope' does not exist; enqueue to it to create it\n"
+    )
+    wrong_token = lionmq_here("channels", env={**env, "LIONMQ_TOKEN": "wrong"})
+    assert wrong_token.code == 1
+    assert wrong_token.err.startswith("lionmq: error: ") and wrong_token.err.count("\n") == 1
+    down = lionmq("channels", "--url", f"http://127.0.0.1:{free_port()}", env=env)
+    assert down.code == 3 and down.err.startswith("lionmq: error: cannot reach the node: ")
+    # Seeds: --url repeated or comma-separated; one that does not answer is passed over.
+    seeds = lionmq_here(
+        "channels", "--json", "--url", f"http://127.0.0.1:{free_port()}", "--url",
+        f"http://127.0.0.1:{free_port()},{env['LIONMQ_URL']}", env=env,
+    )  # fmt: skip
+    assert seeds.code == 0 and isinstance(json.loads(seeds.out), list), seeds.err
+    bad = lionmq("publish", "rt", "{not json", env=env)
+    assert bad.code == 2 and bad.err.startswith("lionmq: error: BODY is not JSON")
+    no_admin = lionmq_here("nodes", "handoff", "s1", env=env)
+    assert no_admin.code == 2 and "set LIONMQ_ADMIN_TOKEN" in no_admin.err
+    for ran in (unknown, wrong_token, down, bad, no_admin):
+        assert ran.out == "" and ran.err.count("\n") == 1, ran
+
+
+def test_set_shows_the_settings_and_stats_reads_them(env: dict[str, str]) -> None:
+    ran = lionmq(
+        "set", "st", "--max-attempts", "3", "--visibility", "1m", "--dead-letter", "none",
+        "--max-length", "10", "--ttl", "1h", "--json", env=env,
+    )  # fmt: skip
+    assert ran.code == 0, ran.err
+    settings = json.loads(ran.out)["settings"]
+    assert settings["max_attempts"] == 3 and settings["visibility_ms"] == 60_000
+    assert settings["dead_letter"] is None and settings["max_length"] == 10
+    assert settings["ttl_ms"] == 3_600_000
+    shown = lionmq_here("stats", "st", env=env).out.splitlines()
+    assert "max attempts  3" in shown and "visibility    1m" in shown
+    assert "dead letter   none (dropped)" in shown and "ttl           1h" in shown
+    node = json.loads(lionmq_here("stats", "--json", env=env).out)
+    assert node["node"]["status"] == "ok" and node["channels"] >= 1
+    nothing = lionmq_here("set", "st", env=env)
+    assert nothing.code == 2 and "nothing to set" in nothing.err
+
+
+def test_purge_asks_on_a_terminal_and_refuses_without_one(env: dict[str, str], mq: Client) -> None:
+    mq.enqueue_many("pg", [1, 2, 3])
+    blind = lionmq("purge", "pg", env=env)
+    assert blind.code == 2 and "add --yes" in blind.err
+    declined = lionmq_on_tty("purge", "pg", env=env, answer="n\n")
+    assert "purge every message of pg (3 ready, 0 delayed, 0 in flight)? [y/N]" in declined.err
+    assert declined.code == 1 and mq.get_channel("pg").counts.ready == 3
+    agreed = lionmq_on_tty("purge", "pg", env=env, answer="y\n")
+    assert (agreed.code, agreed.out) == (0, "purged 3 messages from pg\n")
+    assert "purging pg…" in agreed.err  # the terminal shows it working
+    assert mq.get_channel("pg").counts.ready == 0
+    scripted = lionmq_here("purge", "pg", "--yes", "--json", env=env)
+    assert json.loads(scripted.out) == {"channel": "pg", "purged": 0}
+
+
+def test_progress_bar_only_on_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
+    lines = tmp_path / "many.jsonl"
+    lines.write_text("".join(f'{{"n": {i}}}\n' for i in range(1200)))
+    shown = lionmq_on_tty("publish", "bar", "--file", str(lines), env=env)
+    assert shown.code == 0 and shown.out == "published 1200 messages to bar\n"
+    assert "publishing to bar [" in shown.err and "1200/1200" in shown.err
+    assert shown.err.endswith("\r\033[K")  # wiped once done
+
+
+def test_every_command_has_help_with_an_example(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    top = lionmq("--help", env=env)
+    assert top.code == 0 and "LIONMQ_ADMIN_TOKEN" in top.out
+    commands = [
+        ["publish"], ["consume"], ["peek"], ["get"], ["channels"], ["stats"], ["set"],
+        ["purge"], ["redrive"], ["nodes"], ["nodes", "show"], ["nodes", "set"],
+        ["nodes", "handoff"],
+    ]  # fmt: skip
+    listed = build_parser().format_help()
+    for command in commands:
+        assert command[0] in listed
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert "example:\n  lionmq " + " ".join(command) in text, command
+
+
+def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
+    # A nack dead-letters at once (to br.dlq), and every message's history is recorded.
+    traced = lionmq_here("set", "br", "--max-attempts", "1", "--trace", "on", env=env)
+    assert "trace         on" in traced.out.splitlines()
+    first, second = mq.enqueue_many("br", [{"n": 1}, {"n": 2}])
+    later = mq.enqueue("br", "later", delay_ms=60_000)
+    (held,) = mq.dequeue("br", 1)
+
+    page = json.loads(lionmq("peek", "br", "--json", env=env).out)
+    states = {m["id"]: m["state"] for m in page["messages"]}
+    assert states == {first: "in_flight", second: "ready", later: "delayed"}
+    assert page["next"] is None and mq.get_channel("br").counts.in_flight == 1  # nothing leased
+    table = lionmq_here("peek", "br", "--state", "in-flight", env=env).out.splitlines()
+    assert table[0].split() == ["ID", "STATE", "ATTEMPT", "ENQUEUED", "DUE", "/", "LEASE", "ENDS",
+                                "BODY"]  # fmt: skip
+    assert len(table) == 2 and table[1].split()[:3] == [first, "in-flight", "1"]
+    assert table[1].endswith('{"n":1}')
+    short = lionmq_here("peek", "br", "--limit", "1", env=env)
+    assert short.err == f"more: lionmq peek br --after {first}\n"
+
+    shown = lionmq("get", "br", first, env=env)
+    assert shown.code == 0, shown.err
+    lines = shown.out.splitlines()
+    assert lines[0].split() == ["id", first] and ["state", "in-flight"] in [
+        line.split() for line in lines
+    ]
+    assert any(line.startswith("lease ends") and "(in " in line for line in lines)
+    assert 'body\n{\n  "n": 1\n}\n' in shown.out
+    history = shown.out.split("history\n", 1)[1].splitlines()
+    assert history[0].split() == ["AT", "EVENT", "DETAILS"]
+    assert [line.split()[4] for line in history[1:]] == ["enqueued", "delivered"]
+    assert "attempt=1" in history[2] and " consumer=127.0.0.1:" in history[2]
+    assert re.search(r" lease_deadline=\d\d:\d\d:\d\d\.\d{3}Z", history[2]), history[2]
+    missing = lionmq_here("get", "br", "12345", env=env)
+    assert missing.code == 1 and missing.err.startswith("lionmq: error: ")
+
+    held.nack()  # its last attempt: to br.dlq
+    moved = lionmq("redrive", "br.dlq", env=env)
+    assert (moved.code, moved.err) == (0, "")
+    assert moved.out == "moved 1 message from br.dlq back to their channels; 0 left\n"
+    (back,) = mq.peek("br", state="ready").messages[-1:]
+    assert (back.body, back.attempt) == ({"n": 1}, 0)
+    assert back.headers is not None and back.headers["x-redriven-from"] == "br.dlq"
+    assert back.headers["x-dead-letter-channel"] == "br"  # kept, as history
+    events = json.loads(lionmq_here("get", "br", back.id, "--json", env=env).out)["history"]
+    assert [e["event"] for e in events] == [
+        "enqueued", "delivered", "dead_lettered", "redriven"
+    ]  # fmt: skip
+
+    mq.enqueue_many("nohdr", [1, 2, 3])
+    skipped = lionmq_here("redrive", "nohdr", env=env)
+    assert skipped.out == (
+        "moved 0 messages from nohdr back to their channels; 3 skipped "
+        "(no x-dead-letter-channel header: use --to); 3 left\n"
+    )
+    paced = lionmq_here("redrive", "nohdr", "--to", "dst", "--rate", "100", "--json", env=env)
+    assert json.loads(paced.out) == {"moved": 3, "skipped": 0, "remaining": 0, "calls": 1}
+    assert mq.get_channel("dst").counts.ready == 3
+
+    # Paced: one call carries two seconds' worth (the node paces inside a call and starts each
+    # call at once, so many small calls would each add a batch to the rate).
+    mq.enqueue_many("pace", list(range(3000)))
+    began = time.monotonic()
+    fast = lionmq_here("redrive", "pace", "--to", "paced", "--rate", "5000", "--json", env=env)
+    took = time.monotonic() - began
+    assert json.loads(fast.out) == {"moved": 3000, "skipped": 0, "remaining": 0, "calls": 1}
+    assert took >= 0.5, took  # the last of six batches of 500 is due 0.5 s after the start
+
+
+async def test_async_client_browses_and_redrives(mq_node: NodeProcess, mq: Client) -> None:
+    from lionmq import AsyncClient
+
+    mq.enqueue_many("abr", ["x", "y"])
+    async with AsyncClient(mq_node.url, token=TOKEN) as client:
+        page = await client.peek("abr", state="ready", limit=1)
+        assert [m.body for m in page.messages] == ["x"] and page.next == page.messages[0].id
+        one = await client.get_message("abr", page.messages[0].id)
+        assert (one.body, one.state, one.history) == ("x", "ready", None)
+        result = await client.redrive("abr", to="abr2", max=1)
+        assert (result.moved, result.remaining) == (1, 1)
+
+
+def test_consume_stopped_nacks_the_message_in_hand_and_stops_its_command(
+    env: dict[str, str], mq: Client
+) -> None:
+    mq.enqueue("stop", "long job")
+    # The command would run 30 s; SIGTERM (a supervisor's stop, handled as Ctrl-C) ends it.
+    worker = subprocess.Popen(
+        [str(LIONMQ), "consume", "stop", "--follow", "--exec", "read b; echo started; sleep 30"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == "started\n"  # the command has the message
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 130
+    assert "interrupted: message" in err and "nacked" in err
+    assert err.endswith("consumed 0 messages from stop: 0 acked, 0 nacked\n\n")
+    (again,) = mq.dequeue("stop", 1)  # back at once, not after its lease
+    assert (again.body, again.attempt) == ("long job", 2)
+    again.ack()
+
+
+def test_consume_into_a_reader_that_leaves_nacks_what_it_printed(
+    env: dict[str, str], mq: Client
+) -> None:
+    """`lionmq consume … | head -1`: bodies larger than the pipe's buffer, so the write fails
+    once the reader is gone; the batch goes back at once instead of waiting out its lease."""
+    mq.enqueue_many("gone", ["x" * 100_000] * 3)
+    reader = subprocess.Popen(
+        [str(LIONMQ), "consume", "gone", "--max", "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.read(10) == b'"xxxxxxxxx'
+        reader.stdout.close()  # the reader leaves
+        reader.wait(timeout=15)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 1
+    counts = mq.get_channel("gone").counts
+    assert (counts.ready, counts.in_flight) == (3, 0)
