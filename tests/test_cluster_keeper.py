@@ -686,3 +686,32 @@ async def test_channels_arriving_with_set_nodes_are_not_served_while_the_node_dr
     await b.tick()
     await a.tick()
     assert a.runtime.route(arriving) == Local("s1")
+
+
+async def test_a_new_shard_goes_to_its_primary_not_to_a_backup_that_learned_of_it_first(
+    members: Callable[..., Member],
+) -> None:
+    """set_nodes adds s2 (primary b, backup c). c, running for long, reads the new topology
+    before b: it must leave s2 to b for LEASE_MS (silence counts from when c began to back it),
+    and take it only if b never comes."""
+    a = members("a", 9101, cluster_init=msgspec.json.encode({"shards": [{"primary": A}]}).decode())
+    b, c = members("b", 9102), members("c", 9103)
+    for m in (a, b, c):
+        await m.start()
+    await c.tick(advance=10 * LEASE)  # c has been up for long, never heard of s2
+    await set_nodes(a, ShardSpec(A), ShardSpec(B, (C,)))
+    await c.tick()
+    await c.tick(advance=HEARTBEAT)
+    assert "s2" not in c.runtime.keeper.held
+    await b.tick()
+    assert "s2" in b.runtime.keeper.held
+
+    # Without its primary (d never starts), the backup e takes the new shard after LEASE_MS.
+    d, e = "http://127.0.0.1:9104", members("e", 9105)
+    await e.start()
+    await e.tick(advance=10 * LEASE)
+    await set_nodes(a, ShardSpec(A), ShardSpec(B, (C,)), ShardSpec(d, (e.url,)))
+    await e.tick()
+    assert "s3" not in e.runtime.keeper.held
+    await e.tick(advance=LEASE)
+    assert "s3" in e.runtime.keeper.held

@@ -457,7 +457,18 @@ class OwnershipKeeper:
             return
         new = decode_topology(stored[1])
         before = self.shard_ids
+        backed = (
+            {s.id for s in self.topology.shards if self.url in s.backups}
+            if self.topology
+            else set()
+        )
         self.topology = new
+        now = self.mono()
+        for shard in new.shards:
+            if self.url in shard.backups and shard.id not in backed:
+                # A shard this node backs from now on: its silence counts from now, so a new
+                # shard's primary has LEASE_MS to take it before its backup may.
+                self.liveness.watch(shard.id, now)
         await self._apply_topology(before, new)
 
     async def _apply_topology(self, before: tuple[str, ...], new: Topology) -> None:

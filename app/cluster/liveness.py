@@ -13,6 +13,12 @@ class Liveness:
         # A shard never heard from has been silent since this node started.
         self._started_at = started_at
         self._last: dict[str, int] = {}
+        # Shards this node began to back after it started (set_nodes): silent since then.
+        self._since: dict[str, int] = {}
+
+    def watch(self, shard: str, now: int) -> None:
+        """This node backs `shard` from `now` on: it has not been silent for longer."""
+        self._since[shard] = now
 
     def beat(self, shard: str, now: int) -> None:
         self._last[shard] = max(now, self._last.get(shard, now))
@@ -21,7 +27,8 @@ class Liveness:
         return self._last.get(shard)
 
     def silent_for(self, shard: str, now: int) -> int:
-        return max(0, now - self._last.get(shard, self._started_at))
+        heard = self._last.get(shard, self._started_at)
+        return max(0, now - max(heard, self._since.get(shard, heard)))
 
 
 __all__ = ["Liveness"]
