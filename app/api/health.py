@@ -72,14 +72,18 @@ async def health(request: Request) -> JSONResponse:
 )
 async def ready(request: Request) -> JSONResponse:
     n = node(request)
-    problem = n.maintenance.problem() or n.cluster.problem()
+    problem = n.maintenance.problem()
     if problem is not None:
         raise NotReady(problem)
+    # The store first: when it fails, a shard without an owner is its consequence, not the cause.
     try:
         await asyncio.wait_for(n.store.ping(), timeout=5)
     except (StoreError, TimeoutError) as exc:
         detail = getattr(exc, "detail", "the store did not answer within 5 s")
         raise NotReady(detail) from exc
+    problem = n.cluster.problem()
+    if problem is not None:
+        raise NotReady(problem)
     return JSONResponse({"status": "ready", "store": n.store.kind})
 
 
