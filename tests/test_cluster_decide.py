@@ -14,6 +14,7 @@ from app.cluster.decide import (
     handoff_refusal,
     serving,
     successor,
+    worth_waiting,
 )
 from app.store.base import ShardLease
 
@@ -271,3 +272,17 @@ def test_serving_margin(renewed_at: int, now: int, expected: bool) -> None:
 
 def test_serving_needs_a_lease() -> None:
     assert not serving(None, 0, LEASE)
+
+
+@pytest.mark.parametrize(
+    ("candidates", "expected"),
+    [
+        ([Candidate(B1, None, True)], True),  # resyncing after its restart
+        ([Candidate(B1, 4, True)], True),  # a few beats behind
+        ([Candidate(B1, 0, False)], False),  # down: it will not catch up
+        ([Candidate(B1, 2, False), Candidate(B2, None, True)], True),
+        ([], False),
+    ],
+)
+def test_worth_waiting(candidates: list[Candidate], expected: bool) -> None:
+    assert worth_waiting(candidates) is expected

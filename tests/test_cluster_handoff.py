@@ -265,7 +265,7 @@ def test_handoff_refusals(pair: Cluster) -> None:
 
 
 def test_sigterm_without_an_up_to_date_backup_releases_the_shard(pair: Cluster) -> None:
-    """The fallback (the last test on `pair`: its owner is stopped for good). Its backup frozen,
+    """The fallback (its owner is stopped; the next test starts it again). Its backup frozen,
     a SIGTERM makes no hand-off: the owner releases the lease before it exits, and the backup,
     woken, takes it at its next tick without waiting out any expiry."""
     (shard,) = pair.shard_ids()
@@ -286,6 +286,27 @@ def test_sigterm_without_an_up_to_date_backup_releases_the_shard(pair: Cluster) 
     view = pair.view(other)
     assert view["shards"][0]["epoch"] == before["shards"][0]["epoch"] + 1
     assert view["last_handoff"] == before["last_handoff"]  # no hand-off was made
+
+
+def test_sigterm_waits_for_a_backup_still_catching_up(pair: Cluster) -> None:
+    """After the test above: its stopped owner comes back (a backup, resyncing its mirror) and
+    the shard's owner gets SIGTERM at once, as a rolling restart that does not wait for the
+    backup's lag to reach 0 would do: the owner waits for it to catch up, then hands off."""
+    before = pair.view()
+    owner = pair.node_at(before["shards"][0]["owner"])
+    back = next(n for n in pair.nodes if n is not owner)
+    assert not back.running
+    back.restart()
+    owner.stop()
+    view = pair.view(back)
+    assert view["shards"][0]["owner"] == back.server_host
+    assert view["shards"][0]["epoch"] == before["shards"][0]["epoch"] + 1
+    last = view["last_handoff"]
+    assert (last["from"], last["to"], last["epoch"]) == (
+        owner.server_host,
+        back.server_host,
+        before["shards"][0]["epoch"] + 1,
+    )
 
 
 async def test_handoff_is_forbidden_without_an_admin_token(

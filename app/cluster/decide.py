@@ -163,6 +163,13 @@ def successor(candidates: Sequence[Candidate], wanted: str | None = None) -> str
     return Refusal("no backup is up to date: " + ", ".join(behind))
 
 
+def worth_waiting(candidates: Sequence[Candidate]) -> bool:
+    """Whether a node that is stopping should wait a little for a backup to catch up rather
+    than release the shard now: some backup reports itself up (it is resyncing, or a few beats
+    behind), so it may soon confirm every beat. One that is down will not."""
+    return any(c.up for c in candidates)
+
+
 def handoff_refusal(
     *, held: Held | None, adopted: bool, handing: bool, now_mono: int, lease_ms: int
 ) -> Refusal | None:
@@ -193,4 +200,5 @@ __all__ = [
     "serving",
     "status_of",
     "successor",
+    "worth_waiting",
 ]

@@ -29,7 +29,14 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 import msgspec
 
-from app.cluster.decide import Candidate, Refusal, handoff_refusal, status_of, successor
+from app.cluster.decide import (
+    Candidate,
+    Refusal,
+    handoff_refusal,
+    status_of,
+    successor,
+    worth_waiting,
+)
 from app.cluster.heartbeat import HeartbeatSender
 from app.cluster.keeper import HandoffRecord, MemberDoc, OwnershipKeeper
 from app.engine.queue import QueueEngine
@@ -101,12 +108,30 @@ class Handover:
         await keeper.report()  # so that no owner hands a shard to this node meanwhile
         for shard in sorted(keeper.held):
             try:
-                await self.hand_off(shard)
+                await self._hand_off_soon(shard)
             except LionMQError as exc:
                 if not self.backups_of(shard):
                     continue  # released by the lifespan's exit, after the requests under way
                 log.warning("shard %s: no hand-off (%s); releasing it", shard, exc.detail)
                 await keeper.let_go(shard)
+
+    async def _hand_off_soon(self, shard: str) -> None:
+        """Hand the shard off; while its backups are up but not up to date (one just restarted
+        and still resyncing: a rolling restart that did not wait for it), try again each
+        heartbeat for up to 2 x LEASE_MS, serving the shard meanwhile."""
+        keeper = self.keeper
+        deadline = keeper.mono() + 2 * keeper.lease_ms
+        while True:
+            try:
+                await self.hand_off(shard)
+                return
+            except HandoffRefused:
+                if keeper.mono() >= deadline or shard not in keeper.held:
+                    raise
+                members = await self.members()
+                if not worth_waiting(self._candidates(shard, members)):
+                    raise
+            await asyncio.sleep(keeper.heartbeat_ms / 1000)
 
     async def hand_off(self, shard: str, wanted: str | None = None) -> HandoffRecord:
         """Hand `shard` to an up-to-date backup (`wanted`, if given). HandoffRefused when none

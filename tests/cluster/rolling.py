@@ -145,6 +145,13 @@ def roll(cluster: Cluster, ledger: Ledger, rounds: int, shards: int) -> list[Sto
     try:
         with Load(cluster.urls, loaded, ledger, API_TOKEN, visibility_ms=VISIBILITY_MS):
             wait_until(lambda: ledger.confirmed_count() >= 50, 20, "50 enqueues")
+            # A backup started after its primary (as the cluster starts) catches up first.
+            for shard in ids[:shards]:
+                doc = shard_doc(cluster.view(), shard)
+                owner = cluster.node_at(doc["owner"])
+                for url in [doc["primary"], *doc["backups"]]:
+                    if url != owner.server_host:
+                        wait_caught_up(owner, cluster.node_at(url), shard, 20)
             for _ in range(rounds):
                 # Per shard, its owner, then the member it handed the shard to: each node
                 # once per round, and each stop a hand-off.
