@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -262,18 +263,18 @@ async def test_a_change_still_in_progress_at_a_snapshot_shows_in_the_next(
     writing, go_on = asyncio.Event(), asyncio.Event()
     release = engine.store.release
 
-    async def slow_release(channel: str, ids: Sequence[int], available_at: int) -> None:
+    async def slow_release(channel: str, ids: Sequence[int], *args: Any) -> None:
         writing.set()
         await go_on.wait()
-        await release(channel, ids, available_at)
+        await release(channel, ids, *args)
 
     monkeypatch.setattr(engine.store, "release", slow_release)
     nack = asyncio.create_task(engine.nack("c000003", receipts([lease]), 0, False))
-    await writing.wait()
+    await asyncio.wait_for(writing.wait(), 5)
     clock.advance(1000)
     await pusher.tick()
     go_on.set()
-    await nack
+    await asyncio.wait_for(nack, 5)
     clock.advance(1000)
     snap = await pusher.tick()
     assert (snap["totals"]["ready"], snap["totals"]["in_flight"]) == (1, 0)
@@ -308,12 +309,12 @@ async def test_a_store_failure_mid_pass_leaves_the_failed_channel_due(
     release = engine.store.release
     calls = 0
 
-    async def failing_once(channel: str, ids: Sequence[int], available_at: int) -> None:
+    async def failing_once(channel: str, ids: Sequence[int], *args: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise StoreUnavailable("disk busy")
-        await release(channel, ids, available_at)
+        await release(channel, ids, *args)
 
     monkeypatch.setattr(engine.store, "release", failing_once)
     clock.advance(1000)
