@@ -22,7 +22,7 @@ from app.engine.queue import EngineLimits, NewMessage, QueueEngine
 from app.engine.timers import Timers
 from app.errors import StoreUnavailable
 from app.main import create_app
-from app.models import ChannelStats, Lease
+from app.models import ChannelStats, Event, Lease
 from app.settings import Settings
 from app.store.sqlite import SQLiteStore
 from app.telemetry import (
@@ -262,10 +262,12 @@ async def test_a_change_still_in_progress_at_a_snapshot_shows_in_the_next(
     writing, go_on = asyncio.Event(), asyncio.Event()
     release = engine.store.release
 
-    async def slow_release(channel: str, ids: Sequence[int], available_at: int) -> None:
+    async def slow_release(
+        channel: str, ids: Sequence[int], available_at: int, events: list[Event] | None = None
+    ) -> None:
         writing.set()
         await go_on.wait()
-        await release(channel, ids, available_at)
+        await release(channel, ids, available_at, events)
 
     monkeypatch.setattr(engine.store, "release", slow_release)
     nack = asyncio.create_task(engine.nack("c000003", receipts([lease]), 0, False))
@@ -308,12 +310,14 @@ async def test_a_store_failure_mid_pass_leaves_the_failed_channel_due(
     release = engine.store.release
     calls = 0
 
-    async def failing_once(channel: str, ids: Sequence[int], available_at: int) -> None:
+    async def failing_once(
+        channel: str, ids: Sequence[int], available_at: int, events: list[Event] | None = None
+    ) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise StoreUnavailable("disk busy")
-        await release(channel, ids, available_at)
+        await release(channel, ids, available_at, events)
 
     monkeypatch.setattr(engine.store, "release", failing_once)
     clock.advance(1000)
