@@ -4,6 +4,7 @@ pacing runs on the engine's clock (a manual one here)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import msgspec
 import pytest
 
 from app.clock import ManualClock
+from app.engine import redrive as redrive_module
+from app.engine.ids import receipt
 from app.engine.queue import NewMessage, QueueEngine
 from app.engine.redrive import CALL_BUDGET_MS, redrive
 from app.errors import ChannelNotFound, InvalidInput
@@ -161,3 +164,63 @@ async def test_pacing_runs_on_the_engines_clock_and_a_call_is_bounded(engine: An
         await redrive(e, DLQ, DLQ, 10, None, sleep)
     with pytest.raises(ChannelNotFound):
         await redrive(e, "nowhere", None, 10, None, sleep)
+
+
+async def test_a_redrive_racing_consumers_of_the_same_channel_takes_no_delivered_message(
+    engine: Any,
+) -> None:
+    """Consumers lease (and ack) from the DLQ while it is redriven: each message ends either
+    consumed there or moved, never both, and none is lost. Redrive reads its pages from the
+    store while the consumers lease from memory: what they hold when a batch is moved stays."""
+    e, _ = engine
+    n = 600
+    await e.enqueue(DLQ, [NewMessage(body=msgspec.Raw(b"%d" % i)) for i in range(n)])
+    consumed: list[int] = []
+    done = asyncio.Event()
+
+    async def consume() -> None:
+        for _ in range(2 * n):  # bounded; ends once the redrive is over and nothing is left
+            leases = await e.dequeue(DLQ, 7, 0, None)
+            if not leases:
+                if done.is_set():
+                    return
+                await asyncio.sleep(0)
+                continue
+            consumed.extend(int(lease.message.body) for lease in leases)
+            await e.ack(DLQ, [receipt(lease.message.id, lease.attempt) for lease in leases])
+
+    consumers = [asyncio.ensure_future(consume()) for _ in range(3)]
+    moved = 0
+    for _ in range(20):  # small batches of calls, interleaved with the consumers
+        result = await redrive(e, DLQ, "replay", 50, None)
+        moved += result.moved
+        if result.remaining == 0:
+            break
+    done.set()
+    await asyncio.gather(*consumers)
+    replayed = [
+        int(m.body) for m in (await e.store.browse("replay", None, 0, 2**62, 1000, 1000)).messages
+    ]
+    assert moved == len(replayed) and moved > 0 and consumed
+    assert not set(consumed) & set(replayed)
+    assert sorted(consumed + replayed) == list(range(n))
+    assert e.channels[DLQ].total == 0 and e.channels["replay"].total == moved
+
+
+async def test_a_batch_of_large_messages_is_moved_in_several_writes(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e, _ = engine
+    monkeypatch.setattr(redrive_module, "REDRIVE_BATCH_BYTES", 3000)
+    big = msgspec.Raw(b'"' + b"x" * 1000 + b'"')
+    await e.enqueue(DLQ, [NewMessage(body=big) for _ in range(7)])
+    moves: list[int] = []
+    store_move = e.store.move
+
+    def counted(channel: str, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        moves.append(len(ids))
+        return store_move(channel, ids, *args, **kwargs)
+
+    monkeypatch.setattr(e.store, "move", counted)
+    done = await redrive(e, DLQ, "replay", 100, None)
+    assert done.moved == 7 and moves == [2, 2, 2, 1]  # 1,002 bytes each: two fit in 3,000

@@ -1,7 +1,12 @@
 """Browsing a channel's messages without consuming them, and redriving: moving ready messages
 (normally a dead-letter channel's) back to where they came from, or to a channel named.
 
-Browsing reads the store only: it leases nothing and changes nothing. Redrive moves batches
+Browsing reads the store only: it leases nothing and changes nothing. The store is the truth for
+the states it shows, in flight included: a lease is written before its delivery is answered, and
+an ack, nack or extend is written before memory finishes it (during the write the row still shows
+the lease it ends). One lag: a lease past its deadline shows as ready while maintenance has not
+ended it yet (within its next pass). Redrive, which moves messages, also asks memory: a message
+leased there is left (`QueueEngine.move_ready`). Redrive moves batches
 through the engine's one path for moves between channels (`QueueEngine.move_ready`, the path of
 dead-lettering too): each batch is one atomic store `move`, so a redrive that dies midway loses
 nothing and copies nothing twice, and running it again moves only what is left. A call is
@@ -31,8 +36,10 @@ BROWSE_SCAN = 10_000
 # Redrive: messages one call moves at most (and by default).
 MAX_REDRIVE = 10_000
 DEFAULT_REDRIVE = 1000
-# Messages one store move carries at most.
+# Messages one store move carries at most, and bytes (bodies and headers; a message larger than
+# that moves alone): a transaction of large messages stays small.
 REDRIVE_BATCH = 500
+REDRIVE_BATCH_BYTES = 8 * 1024 * 1024
 # How long one call works at most before it answers with what it moved: well within the
 # ANSWER_TIMEOUT_S a forwarding node waits for the owner (app/api/forward.py).
 CALL_BUDGET_MS = 5_000
@@ -118,12 +125,30 @@ async def redrive(
             else:
                 by_target.setdefault(target, []).append(m)
         for target, messages in by_target.items():
-            moved += await engine.move_ready(ch, messages, target, copy)
+            for chunk in _by_size(messages, REDRIVE_BATCH_BYTES):
+                moved += await engine.move_ready(ch, chunk, target, copy)
         if page.next is None:
             break
         after = page.next
     remaining = ch.ready_count if engine.channels.get(name) is ch else 0
     return Redriven(moved=moved, skipped=skipped, remaining=remaining)
+
+
+def _by_size(messages: list[Message], most: int) -> list[list[Message]]:
+    """`messages` in runs of at most `most` bytes each (a message larger alone: a run of one)."""
+    runs: list[list[Message]] = []
+    run: list[Message] = []
+    size = 0
+    for m in messages:
+        grows = len(m.body) + len(m.headers or b"")
+        if run and size + grows > most:
+            runs.append(run)
+            run, size = [], 0
+        run.append(m)
+        size += grows
+    if run:
+        runs.append(run)
+    return runs
 
 
 def _origin(m: Message, source: str) -> str | None:
