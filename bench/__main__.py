@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(map(str, SCENARIOS)),
         help="comma-separated scenario numbers: "
         + "; ".join(f"{n} {name}" for n, name in SCENARIOS.items()),
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="LionMQ's channels with per-message history on (what tracing costs)",
     )
     parser.add_argument("--sizes", default=",".join(SIZES), help="body sizes: 16B,1KiB")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (median)")
@@ -128,7 +134,7 @@ async def run_lionmq(args: argparse.Namespace, profile: Profile, results: Result
 
 
 async def main(args: argparse.Namespace, versions: dict[str, str]) -> Results:
-    profile = QUICK if args.quick else FULL
+    profile = replace(QUICK if args.quick else FULL, trace=args.trace)
     results: Results = {}
     if not args.without_lionmq:
         await run_lionmq(args, profile, results)
@@ -155,9 +161,10 @@ def cli(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # Before any figure: a missing server must not cost a LionMQ run first.
     ensure_installed({PEERS[name].package: PEERS[name].server for name in args.peer})
+    traced = "; trace on: every message's history written" if args.trace else ""
     meta: dict[str, Any] = {
         "machine": report.machine_info(),
-        "durability": {} if args.without_lionmq else {"lionmq": DURABILITY},
+        "durability": {} if args.without_lionmq else {"lionmq": DURABILITY + traced},
         "profile": "quick" if args.quick else "full",
         "runs": args.runs,
         "scenarios": args.scenarios,

@@ -42,6 +42,8 @@ class Profile:
     """Upper bound on the measured part of one run; it stops and reports partial figures."""
     fill_deadline_s: float = 300.0
     """Upper bound on filling a channel before a drain (200k, or 1M for the long queue)."""
+    trace: bool = False
+    """LionMQ's channels with per-message history on (`--trace`): what tracing costs."""
 
 
 FULL = Profile()

@@ -44,7 +44,7 @@ async def fill(client: AsyncClient, channel: str, size: int, total: int, p: Prof
 
 
 async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = queue_name("batch")
+    channel = await lion_channel(client, "batch", p)
     budget = Budget(p.batch_total, p.deadline_s)
 
     async def producer() -> None:
@@ -64,7 +64,7 @@ async def batch_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) 
 
 
 async def single_enqueue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    channel = queue_name("single")
+    channel = await lion_channel(client, "single", p)
     budget = Budget(p.single_total, p.deadline_s)
     latencies: list[float] = []
 
@@ -116,7 +116,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
     `e2e_backlog` messages wait (the credit a broker's flow control gives), so the latency is
     the pipeline's, not the age of a backlog growing without bound. Consumers dequeue 100 and
     send the ack without waiting for it before their next dequeue."""
-    channel = queue_name("e2e")
+    channel = await lion_channel(client, "e2e", p)
     produced = Budget(p.e2e_total, p.deadline_s)
     latencies: list[float] = []
     received = 0
@@ -168,7 +168,7 @@ async def end_to_end(client: AsyncClient, node: Node, size: int, p: Profile) -> 
 async def paced(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
     """p.paced_rate single enqueues a second for p.paced_seconds, each sent on schedule in its
     own task; one consumer long-polls (max 100, wait 1 s) and acks in the background."""
-    channel = queue_name("paced")
+    channel = await lion_channel(client, "paced", p)
     total = int(p.paced_rate * p.paced_seconds)
     budget = Budget(total, p.paced_seconds + p.deadline_s)
     latencies: list[float] = []
@@ -226,18 +226,27 @@ async def _drop(client: AsyncClient, channel: str) -> None:
         await client.delete_channel(channel)
 
 
+async def lion_channel(client: AsyncClient, tag: str, p: Profile) -> str:
+    """A fresh channel's name; with `--trace` the channel is made first, with history on."""
+    name = queue_name(tag)
+    if p.trace:
+        await client.put_channel(name, trace=True)
+    return name
+
+
 class Lion:
     """A node's channels as the shared drain and long queue use them (`bench.shape.Queues`)."""
 
-    def __init__(self, client: AsyncClient, node: Node) -> None:
+    def __init__(self, client: AsyncClient, node: Node, p: Profile) -> None:
         self.client = client
         self.node = node
+        self.p = p
 
     def rss_bytes(self) -> int:
         return self.node.rss_bytes()
 
     async def queue(self, tag: str, max_unacked: int) -> str:
-        return queue_name(tag)  # a channel exists once enqueued to
+        return await lion_channel(self.client, tag, self.p)
 
     async def delete(self, name: str) -> None:
         await _drop(self.client, name)
@@ -250,11 +259,11 @@ class Lion:
 
 
 async def drain(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    return await shape.drain(Lion(client, node), size, p)
+    return await shape.drain(Lion(client, node, p), size, p)
 
 
 async def long_queue(client: AsyncClient, node: Node, size: int, p: Profile) -> RunResult:
-    return await shape.long_queue(Lion(client, node), size, p)
+    return await shape.long_queue(Lion(client, node, p), size, p)
 
 
 RUNNERS: dict[int, Callable[[AsyncClient, Node, int, Profile], Awaitable[RunResult]]] = shape.table(
