@@ -166,6 +166,8 @@ def test_progress_bar_only_on_a_terminal(env: dict[str, str], tmp_path: Path) ->
     assert shown.code == 0 and shown.out == "published 1200 messages to bar\n"
     assert "publishing to bar [" in shown.err and "1200/1200" in shown.err
     assert shown.err.endswith("\r\033[K")  # wiped once done
+    typing = lionmq_on_tty("publish", "bar", env=env)  # no BODY, no file, stdin a terminal
+    assert typing.code == 2 and "pipe one JSON body per line to stdin" in typing.err
 
 
 def test_every_command_has_help_with_an_example(
