@@ -110,7 +110,9 @@ async def test_one_message_and_what_is_refused(app_client: httpx.AsyncClient) ->
     unknown = await c.get(f"/channels/nowhere/messages/{msg_id}")
     assert unknown.status_code == 404 and unknown.json()["title"] == "Channel not found"
     assert (await c.get("/channels/nowhere/messages")).status_code == 404
-    for bad in ("abc", "-1", "1.5", "9" * 30):
+    # Not digits, too large, of 4,300 digits or more (int() refuses those: was a 500), or
+    # digits of another script (was taken as a limit).
+    for bad in ("abc", "-1", "1.5", "9" * 30, "9" * 5000, "\uff11", "²"):
         r = await c.get(f"/channels/orders/messages/{bad}")
         assert r.status_code == 422, bad
         assert r.headers["content-type"] == "application/problem+json"
@@ -119,9 +121,14 @@ async def test_one_message_and_what_is_refused(app_client: httpx.AsyncClient) ->
         {"limit": "0"},
         {"limit": "1001"},
         {"limit": "ten"},
+        {"limit": "9" * 5000},
+        {"limit": "\uff11"},
+        {"after": "9" * 5000},
         {"after": "x"},
         {"status": "ready"},  # a typo is refused, not ignored
     ):
         r = await c.get("/channels/orders/messages", params=params)
         assert r.status_code == 422, params
         assert r.headers["content-type"] == "application/problem+json"
+    padded = await c.get("/channels/orders/messages", params={"limit": "0" * 5000 + "1"})
+    assert padded.status_code == 200 and len(padded.json()["messages"]) == 1, padded.text
