@@ -170,6 +170,34 @@ def test_progress_bar_only_on_a_terminal(env: dict[str, str], tmp_path: Path) ->
     assert typing.code == 2 and "pipe one JSON body per line to stdin" in typing.err
 
 
+def test_publish_failing_midway_says_what_was_published(
+    env: dict[str, str], mq: Client, tmp_path: Path
+) -> None:
+    # 600 messages on lines 1-601 (line 3 blank): the first batch of 500 fits, the second
+    # passes max_length. The node says "nothing was stored" of that batch only: the command
+    # must say that 500 were published, up to which line, and from where it failed.
+    mq.put_channel("half", max_length=550)
+    lines = tmp_path / "half.jsonl"
+    lines.write_text("1\n2\n\n" + "".join(f"{i}\n" for i in range(3, 601)))
+    ran = lionmq("publish", "half", "--file", str(lines), env=env)
+    assert ran.code == 1 and len(ran.err.splitlines()) == 1, ran.err
+    assert "published 500 of 600 messages (up to line 501); lines 502-601 not published" in (
+        ran.err
+    )
+    assert "would pass max_length, so nothing was stored" in ran.err
+    assert mq.get_channel("half").counts.ready == 500
+    # A message the node refuses in a later batch: its index in the batch is named as a line.
+    big = tmp_path / "big.jsonl"
+    big.write_text("1\n" * 700 + '"' + "x" * 300_000 + '"\n')
+    refused = lionmq_here("publish", "big", "--file", str(big), "--dedup", "b", env=env)
+    assert refused.code == 1, refused.err
+    assert "published 500 of 701 messages (up to line 500); lines 501-701 not published" in (
+        refused.err
+    )
+    assert "message 200 is" in refused.err and "its message 0 is line 501" in refused.err
+    assert refused.err.rstrip().endswith("run it again with --dedup b to publish the rest")
+
+
 def test_every_command_has_help_with_an_example(
     env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, get_args
 
-from lionmq import Message, NewMessage
+from lionmq import ConnectionFailed, LionMQError, Message, NewMessage
 from lionmq.cli import output
 from lionmq.cli.main import (
     EXIT_NACKED,
@@ -151,12 +151,16 @@ def publish(ctx: Context, args: argparse.Namespace) -> int:
             ctx.client.enqueue(args.channel, body, **_message_options(args, headers, args.dedup))
         ]
     else:
-        messages = _read_messages(args, headers)
+        where, lines, messages = _read_messages(args, headers)
         ids = []
         with Progress(f"publishing to {args.channel}", len(messages), ctx.err) as bar:
             for start in range(0, len(messages), PUBLISH_BATCH):
                 batch = messages[start : start + PUBLISH_BATCH]
-                ids += ctx.client.enqueue_many(args.channel, batch)
+                try:
+                    ids += ctx.client.enqueue_many(args.channel, batch)
+                except LionMQError as exc:
+                    _say_what_was_published(exc, where, lines, start, len(batch), args.dedup)
+                    raise
                 bar.advance(len(batch))
     if ctx.json:
         ctx.emit({"ids": ids})
@@ -184,9 +188,32 @@ def _message_options(
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _read_messages(args: argparse.Namespace, headers: dict[str, str] | None) -> list[NewMessage]:
-    """Every line parsed before anything is sent: a bad line stops the command with nothing
-    published. Blank lines are skipped but keep their number (for dedup ids)."""
+def _say_what_was_published(
+    exc: LionMQError, where: str, lines: list[int], start: int, size: int, dedup: str | None
+) -> None:
+    """A batch failed after `start` messages were published: put in `exc`'s detail how many
+    were and from which line on the batch failed. The node's detail counts the batch's
+    messages from 0 ("message 200"): say which line that is. Without this, a refusal past the
+    first batch ("nothing was stored") read as if the whole file had been refused."""
+    first, last = lines[start], lines[start + size - 1]
+    total = output.count(len(lines), "message")
+    done = f"published {start} of {total} (up to line {lines[start - 1]}); " if start else ""
+    # No answer came: the node may have stored the batch (the client's retries carry its
+    # dedup ids, so a stored batch is not stored twice, but the outcome is unknown).
+    fate = "may not be published" if isinstance(exc, ConnectionFailed) else "not published"
+    again = f"; run it again with --dedup {dedup} to publish the rest" if dedup else ""
+    exc.detail = (
+        f"{where}: {done}lines {first}-{last} {fate} ({exc.detail or exc.title}; its "
+        f"message 0 is line {first}){again}"
+    )
+
+
+def _read_messages(
+    args: argparse.Namespace, headers: dict[str, str] | None
+) -> tuple[str, list[int], list[NewMessage]]:
+    """Where they come from, each message's line number, the messages. Every line is parsed
+    before anything is sent: a bad line stops the command with nothing published. Blank lines
+    are skipped but keep their number (for dedup ids)."""
     name = args.file or "-"
     if name == "-":
         if sys.stdin.isatty():
@@ -200,16 +227,17 @@ def _read_messages(args: argparse.Namespace, headers: dict[str, str] | None) -> 
         except OSError as exc:
             raise UsageError(f"cannot read {name}: {exc.strerror}") from None
         where = name
-    messages = []
+    numbers, messages = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         body = json_value(line, f"{where} line {number}")
         dedup = f"{args.dedup}-{number}" if args.dedup else None
+        numbers.append(number)
         messages.append(NewMessage(body, **_message_options(args, headers, dedup)))
     if not messages:
         raise UsageError(f"{where} has no message (one JSON body per line)")
-    return messages
+    return where, numbers, messages
 
 
 # -- consume --------------------------------------------------------------------------------
