@@ -198,6 +198,22 @@ def test_publish_failing_midway_says_what_was_published(
     assert refused.err.rstrip().endswith("run it again with --dedup b to publish the rest")
 
 
+def test_peek_by_state_looks_past_a_page_that_found_none(env: dict[str, str], mq: Client) -> None:
+    # A page filtered by state examines at most 10,000 messages: past 10,500 ready ones, the
+    # node's first page of delayed ones is empty, with a `next`. peek follows it, rather than
+    # say "no delayed messages"; and its "more:" hint keeps the state and limit asked.
+    for _ in range(21):
+        mq.enqueue_many("deep", list(range(500)))
+    late = mq.enqueue("deep", "late", delay_ms=600_000)
+    found = lionmq_here("peek", "deep", "--state", "delayed", "--json", env=env)
+    page = json.loads(found.out)
+    assert [m["id"] for m in page["messages"]] == [late] and page["next"] is None
+    shown = lionmq_here("peek", "deep", "--state", "delayed", env=env)
+    assert shown.out.splitlines()[1].split()[:2] == [late, "delayed"], shown.out
+    ready = lionmq_here("peek", "deep", "--state", "ready", "--limit", "2", env=env)
+    assert re.fullmatch(r"more: lionmq peek deep --state ready --limit 2 --after \d+\n", ready.err)
+
+
 def test_every_command_has_help_with_an_example(
     env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -236,7 +252,7 @@ def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
     assert len(table) == 2 and table[1].split()[:3] == [first, "in-flight", "1"]
     assert table[1].endswith('{"n":1}')
     short = lionmq_here("peek", "br", "--limit", "1", env=env)
-    assert short.err == f"more: lionmq peek br --after {first}\n"
+    assert short.err == f"more: lionmq peek br --limit 1 --after {first}\n"
 
     shown = lionmq("get", "br", first, env=env)
     assert shown.code == 0, shown.err

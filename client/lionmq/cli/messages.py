@@ -32,6 +32,12 @@ PRINT_BATCH = 100
 """Messages per dequeue when consume prints them (acked together once printed)."""
 PAGE_MAX = 1000
 """The node's largest page of messages."""
+PEEK_LIMIT = 20
+"""Messages peek shows by default."""
+PEEK_PAGES = 100
+"""Pages one peek reads at most. A page filtered by state examines at most 10,000 messages
+and may come back short, even empty, with a `next`: peek follows it (up to 1,000,000 messages
+examined) rather than report "no delayed messages" while some lie further on."""
 STATES: tuple[str, ...] = tuple(s.replace("_", "-") for s in get_args(MessageState))
 
 
@@ -119,7 +125,9 @@ lionmq peek orders --after 1882449093859475456     # the next page
     )
     p.add_argument("channel", metavar="CHANNEL")
     p.add_argument("--state", choices=STATES, help="only messages in this state")
-    p.add_argument("--limit", type=positive_int, default=20, metavar="N", help="default 20")
+    p.add_argument(
+        "--limit", type=positive_int, default=PEEK_LIMIT, metavar="N", help=f"default {PEEK_LIMIT}"
+    )
     p.add_argument("--after", metavar="ID", help="start past this id")
 
     p = commands.add(
@@ -377,13 +385,13 @@ def peek(ctx: Context, args: argparse.Namespace) -> int:
     state: Any = args.state.replace("-", "_") if args.state else None
     found: list[MessageView] = []
     after: str | None = args.after
-    for _ in range(-(-args.limit // PAGE_MAX)):  # ceil: the pages `limit` needs at most
+    for _ in range(PEEK_PAGES):
         page = ctx.client.peek(
             args.channel, state=state, after=after, limit=min(args.limit - len(found), PAGE_MAX)
         )
         found += page.messages
         after = page.next
-        if after is None:
+        if after is None or len(found) >= args.limit:
             break
     if ctx.json:
         ctx.emit({"channel": args.channel, "messages": found, "next": after})
@@ -408,7 +416,11 @@ def peek(ctx: Context, args: argparse.Namespace) -> int:
             ctx.out,
         )
     if after is not None:
-        ctx.err.write(f"more: lionmq peek {args.channel} --after {after}\n")
+        # The same question, from where this page ended.
+        same = f" --state {args.state}" if args.state else ""
+        if args.limit != PEEK_LIMIT:
+            same += f" --limit {args.limit}"
+        ctx.err.write(f"more: lionmq peek {args.channel}{same} --after {after}\n")
     return EXIT_OK
 
 
