@@ -100,6 +100,38 @@ def test_consume_exec_acks_on_exit_0_nacks_otherwise_and_extends_leases(
     again.ack()
 
 
+def test_consume_exec_a_large_body_a_hung_command_and_a_lost_lease(
+    env: dict[str, str], mq: Client
+) -> None:
+    # A body larger than a pipe's buffer, to a command that reads it only after its lease
+    # would have ended: the lease is extended meanwhile (writing the body to a pipe blocked
+    # until the command read it, so the lease ended and the ack was stale, yet counted acked).
+    mq.enqueue("xl", "x" * 200_000)
+    big = lionmq(
+        "consume", "xl", "--max", "1", "--visibility", "1s", "--exec", "sleep 1.5; wc -c",
+        env=env,
+    )  # fmt: skip
+    assert (big.code, big.out.strip()) == (0, "200003"), big.err
+    info = mq.get_channel("xl")
+    assert (info.totals.acked, info.totals.redelivered, info.counts.ready) == (1, 0, 0)
+    # A command that hangs is stopped after --timeout and its message nacked.
+    mq.enqueue("xl", "hang")
+    hung = lionmq_here(
+        "consume", "xl", "--max", "1", "--timeout", "300ms", "--exec", "sleep 30", env=env
+    )
+    assert hung.code == 4 and "'sleep 30' still ran after 300ms: stopped" in hung.err, hung.err
+    info = mq.get_channel("xl")
+    assert (info.totals.nacked, info.counts.ready) == (1, 1)
+    # The message is gone before the ack (the command purges its channel): not counted acked.
+    purge = f"{LIONMQ} purge xl --yes"
+    lost = lionmq_here("consume", "xl", "--max", "1", "--exec", purge, env=env)
+    assert lost.code == 4, lost.err
+    assert "its lease had ended before the ack" in lost.err
+    assert lost.err.endswith(
+        "consumed 1 message from xl: 0 acked, 0 nacked, 1 not acked in time (delivered again)\n"
+    )
+
+
 def test_errors_are_one_line_with_distinct_exit_codes(env: dict[str, str]) -> None:
     unknown = lionmq("stats", "nope", env=env)
     assert unknown.code == 1

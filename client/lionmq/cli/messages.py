@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, get_args
 
@@ -107,6 +108,13 @@ lionmq consume orders --exec ./handle.sh --follow   # a worker: until Ctrl-C
         default=0,
         metavar="DURATION",
         help="a nacked message is ready again after this (default 0: at once)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=duration_ms,
+        metavar="DURATION",
+        help="stop a --exec command still running after this and nack its message (default: "
+        "none; its lease is extended as long as it runs)",
     )
 
     p = commands.add(
@@ -252,7 +260,7 @@ def _read_messages(
 
 
 def consume(ctx: Context, args: argparse.Namespace) -> int:
-    tally = {"acked": 0, "nacked": 0}
+    tally = {"acked": 0, "nacked": 0, "lost": 0}
     # A worker under a supervisor is stopped with SIGTERM: the same as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -263,7 +271,7 @@ def consume(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     _summary(ctx, args.channel, tally)
-    return EXIT_NACKED if tally["nacked"] else EXIT_OK
+    return EXIT_NACKED if tally["nacked"] or tally["lost"] else EXIT_OK
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -271,10 +279,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _summary(ctx: Context, channel: str, tally: dict[str, int]) -> None:
-    handled = tally["acked"] + tally["nacked"]
+    handled = tally["acked"] + tally["nacked"] + tally["lost"]
+    lost = f", {tally['lost']} not acked in time (delivered again)" if tally["lost"] else ""
     ctx.err.write(
         f"consumed {output.count(handled, 'message')} from {channel}: "
-        f"{tally['acked']} acked, {tally['nacked']} nacked\n"
+        f"{tally['acked']} acked, {tally['nacked']} nacked{lost}\n"
     )
 
 
@@ -296,7 +305,7 @@ def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> N
             continue
         if args.command:
             for message in messages:
-                tally["acked" if _run(args.command, message, args, ctx) else "nacked"] += 1
+                tally[_run(args.command, message, args, ctx)] += 1
         else:
             receipts = [m.receipt for m in messages]
             try:
@@ -307,8 +316,14 @@ def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> N
             except BrokenPipeError:  # `| head`: what it did not read goes back at once
                 client.nack(channel, receipts)
                 raise
-            client.ack(channel, receipts)
-            tally["acked"] += len(messages)
+            stale = len(client.ack(channel, receipts).stale)
+            if stale:  # printed too slowly (a reader that waits): their leases ended first
+                ctx.err.write(
+                    f"lionmq: {output.count(stale, 'message')} printed after its lease ended: "
+                    "delivered again (raise --visibility)\n"
+                )
+            tally["acked"] += len(messages) - stale
+            tally["lost"] += stale
         handled += len(messages)
         idle_since = time.monotonic()
 
@@ -323,9 +338,11 @@ def _delivered(message: Message) -> dict[str, Any]:
     }
 
 
-def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context) -> bool:
-    """Runs `command` on one message and settles it: ack on exit 0, else nack. The lease is
-    extended whenever half of it has gone by. Ctrl-C nacks the message, then stops."""
+def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context) -> str:
+    """Runs `command` on one message and settles it: ack on exit 0, else nack (and after
+    --timeout, stopped and nacked). The lease is extended whenever half of it has gone by.
+    Ctrl-C nacks the message, then stops. Returns "acked", "nacked", or "lost" (the lease
+    ended before the ack: the message is delivered again)."""
     visibility_ms: int = args.visibility
     env = {
         **os.environ,
@@ -334,21 +351,33 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
         "LIONMQ_ATTEMPT": str(message.attempt),
         "LIONMQ_HEADERS": output.compact(message.headers),
     }
-    # The command's stdout and stderr are ours: what it prints is what the user sees. Its own
-    # process group: stopping it stops what it started too (`sh -c` leaves its children).
-    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, env=env, process_group=0)
+    # The body from a file, not a pipe: a write of a body larger than the pipe's buffer would
+    # block until the command read it (or exited), and the lease, not yet extended, could end.
+    with tempfile.TemporaryFile() as body:
+        body.write(output.compact(message.body).encode() + b"\n")
+        body.seek(0)
+        # The command's stdout and stderr are ours: what it prints is what the user sees. Its
+        # own process group: stopping it stops what it started too (`sh -c` leaves children).
+        proc = subprocess.Popen(command, shell=True, stdin=body, env=env, process_group=0)
+    started = time.monotonic()
+    timeout_s = None if args.timeout is None else args.timeout / 1000
+    code: int | None = None
     try:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(output.compact(message.body).encode() + b"\n")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # the command did not read its input; its exit code decides all the same
-        while True:
+        while code is None:
+            wait_s = visibility_ms / 2000
+            if timeout_s is not None:
+                wait_s = max(0.0, min(wait_s, started + timeout_s - time.monotonic()))
             try:
-                code = proc.wait(timeout=visibility_ms / 2000)
-                break
+                code = proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
+                if timeout_s is not None and time.monotonic() - started >= timeout_s:
+                    _stop(proc)
+                    ctx.err.write(
+                        f"lionmq: {command!r} still ran after {output.span(args.timeout)}: "
+                        f"stopped, message {message.id} nacked\n"
+                    )
+                    message.nack(delay_ms=args.nack_delay)
+                    return "nacked"
                 message.extend(visibility_ms)
     except BaseException:  # Ctrl-C, SIGTERM: the command stops too, its message goes back
         _stop(proc)
@@ -356,11 +385,16 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
         ctx.err.write(f"lionmq: interrupted: message {message.id} nacked\n")
         raise
     if code == 0:
-        message.ack()
-        return True
+        if message.ack().stale:
+            ctx.err.write(
+                f"lionmq: message {message.id}: its lease had ended before the ack (it is "
+                "delivered again, unless purged or moved meanwhile)\n"
+            )
+            return "lost"
+        return "acked"
     ctx.err.write(f"lionmq: {command!r} exited with {code}: message {message.id} nacked\n")
     message.nack(delay_ms=args.nack_delay)
-    return False
+    return "nacked"
 
 
 STOP_GRACE_S = 5.0
