@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import LIONMQ, cli_env, lionmq, lionmq_here, lionmq_on_tty
-from lionmq import Client
+from lionmq import Client, NewMessage
 from lionmq.cli.main import build_parser, main
 
 from tests.conftest import NodeProcess, free_port
@@ -130,6 +130,29 @@ def test_consume_exec_a_large_body_a_hung_command_and_a_lost_lease(
     assert lost.err.endswith(
         "consumed 1 message from xl: 0 acked, 0 nacked, 1 not acked in time (delivered again)\n"
     )
+
+
+def test_what_a_publisher_wrote_cannot_drive_the_terminal(env: dict[str, str], mq: Client) -> None:
+    # Header names and values and a dedup id are the publisher's: shown escaped (as JSON
+    # strings) when they hold control characters, never raw (an escape sequence, a newline
+    # forging a line of the output).
+    (msg_id,) = mq.enqueue_many(
+        "esc",
+        [
+            NewMessage(
+                "\x1b[31mred",
+                headers={"k\x1b[2J": "v\x1b]0;pwned\x07\nstate  acked", "plain": "café ok"},
+                dedup_id="d\x1b[1A",
+            )
+        ],
+    )
+    for shown in (lionmq_here("get", "esc", msg_id, env=env), lionmq_here("peek", "esc", env=env)):
+        assert shown.code == 0 and "\x1b" not in shown.out and "\x07" not in shown.out, shown.out
+    lines = lionmq_here("get", "esc", msg_id, env=env).out.splitlines()
+    assert 'header "k\\u001b[2J"  "v\\u001b]0;pwned\\u0007\\nstate  acked"' in lines
+    assert ["header", "plain", "café", "ok"] in [line.split() for line in lines]
+    assert ["dedup", "id", '"d\\u001b[1A"'] in [line.split() for line in lines]
+    assert not any(line.startswith("state  acked") for line in lines)
 
 
 def test_errors_are_one_line_with_distinct_exit_codes(env: dict[str, str]) -> None:
