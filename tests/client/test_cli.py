@@ -10,13 +10,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cli_support import LIONMQ, cli_env, lionmq, lionmq_here, lionmq_on_tty
 from lionmq import Client, NewMessage
 from lionmq.cli.main import build_parser, main
 
-from tests.conftest import NodeProcess, free_port
+from tests.conftest import NodeProcess, free_port, wait_until
 
 TOKEN = "cli-api-token"
 
@@ -251,6 +252,13 @@ def test_publish_failing_midway_says_what_was_published(
     )
     assert "message 200 is" in refused.err and "its message 0 is line 501" in refused.err
     assert refused.err.rstrip().endswith("run it again with --dedup b to publish the rest")
+    # Ctrl-C during the second batch: said too.
+    with mock.patch.object(Client, "enqueue_many", side_effect=[["1"] * 500, KeyboardInterrupt]):
+        stopped = lionmq_here("publish", "big", "--file", str(big), env=env)
+    assert stopped.code == 130 and stopped.err == (
+        f"\nlionmq: interrupted: {big}: published 500 of 701 messages (up to line 500); lines "
+        "501-701 may not be published\n"
+    ), stopped.err
 
 
 def test_peek_by_state_looks_past_a_page_that_found_none(env: dict[str, str], mq: Client) -> None:
@@ -267,6 +275,44 @@ def test_peek_by_state_looks_past_a_page_that_found_none(env: dict[str, str], mq
     assert shown.out.splitlines()[1].split()[:2] == [late, "delayed"], shown.out
     ready = lionmq_here("peek", "deep", "--state", "ready", "--limit", "2", env=env)
     assert re.fullmatch(r"more: lionmq peek deep --state ready --limit 2 --after \d+\n", ready.err)
+
+
+def test_a_redrive_stopped_midway_says_what_it_moved(tmp_path: Path) -> None:
+    # Ctrl-C, then the node killed, each during a paced redrive: the command says how many it
+    # had moved and that running it again is safe (it said nothing).
+    node = NodeProcess(tmp_path / "node", API_TOKEN=TOKEN).start()
+    try:
+        env = cli_env(LIONMQ_URL=node.url, LIONMQ_TOKEN=TOKEN)
+        with Client(node.url, token=TOKEN) as client:
+            client.enqueue_many("s.dlq", [NewMessage(i, headers={"x-dead-letter-channel": "s"})
+                                          for i in range(400)])  # fmt: skip
+            client.put_channel("s")
+
+            def moved() -> int:
+                return client.get_channel("s").counts.ready
+
+            outcomes = []
+            for stop in ("interrupt", "kill"):
+                run = subprocess.Popen(
+                    [str(LIONMQ), "redrive", "s.dlq", "--rate", "200", "--batch", "20"],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                before = moved()
+                wait_until(lambda before=before: moved() >= before + 40, 10, "a redrive under way")
+                if stop == "interrupt":
+                    run.send_signal(signal.SIGINT)
+                else:
+                    node.kill9()
+                _, err = run.communicate(timeout=30)
+                outcomes.append((run.returncode, err))
+        for (code, err), want in zip(outcomes, (130, 3), strict=True):
+            assert code == want and re.search(
+                r"redrive of s.dlq stopped after moving [1-9]\d* messages \(perhaps a batch "
+                r"more\); running it again moves only what is left\n$",
+                err,
+            ), err
+    finally:
+        node.kill9()
 
 
 def test_every_command_has_help_with_an_example(

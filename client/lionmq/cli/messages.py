@@ -169,15 +169,17 @@ def publish(ctx: Context, args: argparse.Namespace) -> int:
     else:
         where, lines, messages = _read_messages(args, headers)
         ids = []
-        with Progress(f"publishing to {args.channel}", len(messages), ctx.err) as bar:
-            for start in range(0, len(messages), PUBLISH_BATCH):
-                batch = messages[start : start + PUBLISH_BATCH]
-                try:
+        start = size = 0
+        try:
+            with Progress(f"publishing to {args.channel}", len(messages), ctx.err) as bar:
+                for start in range(0, len(messages), PUBLISH_BATCH):
+                    batch = messages[start : start + PUBLISH_BATCH]
+                    size = len(batch)
                     ids += ctx.client.enqueue_many(args.channel, batch)
-                except LionMQError as exc:
-                    _say_what_was_published(exc, where, lines, start, len(batch), args.dedup)
-                    raise
-                bar.advance(len(batch))
+                    bar.advance(size)
+        except (LionMQError, KeyboardInterrupt) as exc:  # after the bar is wiped
+            _say_what_was_published(exc, where, lines, start, size, args.dedup, ctx)
+            raise
     if ctx.json:
         ctx.emit({"ids": ids})
     elif args.body is not None:
@@ -205,19 +207,34 @@ def _message_options(
 
 
 def _say_what_was_published(
-    exc: LionMQError, where: str, lines: list[int], start: int, size: int, dedup: str | None
+    exc: LionMQError | KeyboardInterrupt,
+    where: str,
+    lines: list[int],
+    start: int,
+    size: int,
+    dedup: str | None,
+    ctx: Context,
 ) -> None:
-    """A batch failed after `start` messages were published: put in `exc`'s detail how many
-    were and from which line on the batch failed. The node's detail counts the batch's
-    messages from 0 ("message 200"): say which line that is. Without this, a refusal past the
-    first batch ("nothing was stored") read as if the whole file had been refused."""
+    """A batch of `size` failed (or Ctrl-C came) after `start` messages were published: say
+    how many were and from which line on the batch failed (in `exc`'s detail, or on stderr).
+    The node's detail counts the batch's messages from 0 ("message 200"): say which line that
+    is. Without this, a refusal past the first batch ("nothing was stored") read as if the
+    whole file had been refused."""
+    if not size:
+        return  # stopped before the first batch: nothing sent
     first, last = lines[start], lines[start + size - 1]
     total = output.count(len(lines), "message")
     done = f"published {start} of {total} (up to line {lines[start - 1]}); " if start else ""
     # No answer came: the node may have stored the batch (the client's retries carry its
     # dedup ids, so a stored batch is not stored twice, but the outcome is unknown).
-    fate = "may not be published" if isinstance(exc, ConnectionFailed) else "not published"
     again = f"; run it again with --dedup {dedup} to publish the rest" if dedup else ""
+    if isinstance(exc, KeyboardInterrupt):
+        ctx.err.write(
+            f"\nlionmq: interrupted: {where}: {done}lines {first}-{last} may not be "
+            f"published{again}"
+        )  # main's own newline ends the line
+        return
+    fate = "may not be published" if isinstance(exc, ConnectionFailed) else "not published"
     exc.detail = (
         f"{where}: {done}lines {first}-{last} {fate} ({exc.detail or exc.title}; its "
         f"message 0 is line {first}){again}"
