@@ -54,7 +54,7 @@ class MessageDetail(MessageView):
 class MessagePage(msgspec.Struct):
     """`next` is the `after` to ask for the next page; null when no message lies past this one.
     A page may be short (even empty) with a `next`: a page filtered by state examines at most
-    10,000 messages of the channel."""
+    10,000 messages of the channel, and a page ends once its bodies and headers reach 8 MB."""
 
     channel: str
     messages: list[MessageView]
