@@ -4,6 +4,7 @@ as a user types it (subprocesses: each costs ~0.3 s, so each test groups its ass
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -313,6 +314,32 @@ def test_a_redrive_stopped_midway_says_what_it_moved(tmp_path: Path) -> None:
             ), err
     finally:
         node.kill9()
+
+
+def test_publish_reads_lines_as_json_does(env: dict[str, str], mq: Client, tmp_path: Path) -> None:
+    # U+2028 is allowed raw in a JSON string: the line is one message (str.splitlines() cut
+    # it in two, and both halves were refused as not JSON). \r\n ends a line too.
+    piped = lionmq("publish", "u2028", "--json", env=env, input='"a\u2028b"\r\n[2]\n')
+    assert piped.code == 0, piped.err
+    assert [m.body for m in mq.peek("u2028").messages] == ["a\u2028b", [2]]
+    # Bytes that are not UTF-8, in a file, on stdin or as BODY: one line naming them, exit 2
+    # (tracebacks, before).
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'"ok"\n"caf\xe9"\n')
+    for args, given in [
+        (["--file", str(latin)], b""),
+        ([], b'"ok"\n"caf\xe9"\n'),
+        ([os.fsdecode(b'"caf\xe9"')], b""),
+    ]:
+        done = subprocess.run(
+            [str(LIONMQ), "publish", "latin", *args], env=env, input=given, capture_output=True
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.decode().startswith("lionmq: error: ") and b"Traceback" not in (
+            done.stderr
+        )
+        assert b"line 2 is not" in done.stderr or b"BODY is not UTF-8" in done.stderr
+    assert "latin" not in [c.name for c in mq.list_channels()]  # nothing was sent
 
 
 def test_every_command_has_help_with_an_example(

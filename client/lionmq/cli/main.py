@@ -141,10 +141,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def json_value(text: str, where: str) -> Any:
-    """`text` parsed as JSON, or a UsageError naming `where` (BODY, a file's line)."""
+def json_value(text: str | bytes, where: str) -> Any:
+    """`text` parsed as JSON, or a UsageError naming `where` (BODY, a file's line). A str
+    from argv keeps bytes that are not UTF-8 as surrogates: they are refused as such."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
     try:
-        return msgspec.json.decode(text)
+        return msgspec.json.decode(raw)
+    except UnicodeDecodeError:
+        raise UsageError(f"{where} is not UTF-8 text") from None
     except msgspec.DecodeError as exc:
         raise UsageError(
             f"{where} is not JSON ({exc}); a string needs quotes: '\"hello\"'"

@@ -220,8 +220,8 @@ def _say_what_was_published(
     The node's detail counts the batch's messages from 0 ("message 200"): say which line that
     is. Without this, a refusal past the first batch ("nothing was stored") read as if the
     whole file had been refused."""
-    if not size:
-        return  # stopped before the first batch: nothing sent
+    if not size or (not start and isinstance(exc, ConnectionFailed)):
+        return  # nothing sent, or no node reached at all: the error says it all
     first, last = lines[start], lines[start + size - 1]
     total = output.count(len(lines), "message")
     done = f"published {start} of {total} (up to line {lines[start - 1]}); " if start else ""
@@ -246,16 +246,18 @@ def _read_messages(
 ) -> tuple[str, list[int], list[NewMessage]]:
     """Where they come from, each message's line number, the messages. Every line is parsed
     before anything is sent: a bad line stops the command with nothing published. Blank lines
-    are skipped but keep their number (for dedup ids)."""
+    are skipped but keep their number (for dedup ids). Read as bytes and split at \n, \r
+    and \r\n only: str.splitlines() also splits at U+2028 and others, which JSON allows raw
+    in a string; and a line not UTF-8 is named, not a traceback."""
     name = args.file or "-"
     if name == "-":
         if sys.stdin.isatty():
             raise UsageError("give BODY or --file F, or pipe one JSON body per line to stdin")
-        lines = sys.stdin.read().splitlines()
+        lines = sys.stdin.buffer.read().splitlines()
         where = "stdin"
     else:
         try:
-            with open(name, encoding="utf-8") as f:
+            with open(name, "rb") as f:
                 lines = f.read().splitlines()
         except OSError as exc:
             raise UsageError(f"cannot read {name}: {exc.strerror}") from None
