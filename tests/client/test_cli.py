@@ -322,14 +322,16 @@ def test_publish_reads_lines_as_json_does(env: dict[str, str], mq: Client, tmp_p
     piped = lionmq("publish", "u2028", "--json", env=env, input='"a\u2028b"\r\n[2]\n')
     assert piped.code == 0, piped.err
     assert [m.body for m in mq.peek("u2028").messages] == ["a\u2028b", [2]]
-    # Bytes that are not UTF-8, in a file, on stdin or as BODY: one line naming them, exit 2
-    # (tracebacks, before).
+    # Bytes that are not UTF-8, in a file, on stdin, as BODY, a header, a channel or in a
+    # setting: one line naming them, exit 2 (tracebacks, before).
     latin = tmp_path / "latin1.jsonl"
     latin.write_bytes(b'"ok"\n"caf\xe9"\n')
     for args, given in [
         (["--file", str(latin)], b""),
         ([], b'"ok"\n"caf\xe9"\n'),
         ([os.fsdecode(b'"caf\xe9"')], b""),
+        (["1", "--header", os.fsdecode(b"k=caf\xe9")], b""),
+        (["1", "--url", os.fsdecode(b"http://caf\xe9")], b""),
     ]:
         done = subprocess.run(
             [str(LIONMQ), "publish", "latin", *args], env=env, input=given, capture_output=True
@@ -338,7 +340,9 @@ def test_publish_reads_lines_as_json_does(env: dict[str, str], mq: Client, tmp_p
         assert done.stderr.decode().startswith("lionmq: error: ") and b"Traceback" not in (
             done.stderr
         )
-        assert b"line 2 is not" in done.stderr or b"BODY is not UTF-8" in done.stderr
+        assert b"line 2 is not UTF-8" in done.stderr or b"argument " in done.stderr, done.stderr
+    bad_token = lionmq("channels", env={**env, "LIONMQ_TOKEN": os.fsdecode(b"t\xe9")})
+    assert (bad_token.code, bad_token.err) == (2, "lionmq: error: LIONMQ_TOKEN is not UTF-8 text\n")
     assert "latin" not in [c.name for c in mq.list_channels()]  # nothing was sent
 
 
