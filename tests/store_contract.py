@@ -477,6 +477,31 @@ class StoreContract:
         assert ids(full.messages) == [7, 8, 9, 10] and full.next == 10
         assert await store.browse(CH, None, 10, NOW, 4, 100) == Page([], None)
 
+    async def test_browse_stops_at_max_bytes(self, store: Store) -> None:
+        # Bodies of 10 bytes (one with 8 bytes of headers), one of 100: a page of at most 30
+        # bytes holds what fits, and the next goes on from there; one larger message alone.
+        await store.insert(
+            CH,
+            [
+                msg(1, b"1" * 10),
+                msg(2, b"2" * 10, headers=b'{"k":""}'),
+                msg(3, b"3" * 10),
+                msg(4, b"4" * 100),
+                msg(5, b"5" * 10),
+            ],
+            dedup_since=0,
+        )
+        pages = []
+        after: int | None = 0
+        for state in (None, "ready", None, "ready"):
+            assert after is not None
+            page = await store.browse(CH, state, after, NOW, 100, 100, max_bytes=30)
+            pages.append(ids(page.messages))
+            after = page.next
+        assert pages == [[1, 2], [3], [4], [5]] and after is None
+        whole = await store.browse(CH, None, 0, NOW, 100, 100, max_bytes=10**6)
+        assert ids(whole.messages) == [1, 2, 3, 4, 5] and whole.next is None
+
     async def test_browse_examines_at_most_scan_messages(self, store: Store) -> None:
         # Two in flight among many ready: a page of in-flight messages stops its scan after
         # `scan` messages, and says where to go on from.

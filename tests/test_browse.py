@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
+
+from app.engine import redrive as engine_redrive
 
 Json = dict[str, Any]
 
@@ -110,7 +113,9 @@ async def test_one_message_and_what_is_refused(app_client: httpx.AsyncClient) ->
     unknown = await c.get(f"/channels/nowhere/messages/{msg_id}")
     assert unknown.status_code == 404 and unknown.json()["title"] == "Channel not found"
     assert (await c.get("/channels/nowhere/messages")).status_code == 404
-    for bad in ("abc", "-1", "1.5", "9" * 30):
+    # Not digits, too large, of 4,300 digits or more (int() refuses those: was a 500), or
+    # digits of another script (was taken as a limit).
+    for bad in ("abc", "-1", "1.5", "9" * 30, "9" * 5000, "\uff11", "²"):
         r = await c.get(f"/channels/orders/messages/{bad}")
         assert r.status_code == 422, bad
         assert r.headers["content-type"] == "application/problem+json"
@@ -119,9 +124,29 @@ async def test_one_message_and_what_is_refused(app_client: httpx.AsyncClient) ->
         {"limit": "0"},
         {"limit": "1001"},
         {"limit": "ten"},
+        {"limit": "9" * 5000},
+        {"limit": "\uff11"},
+        {"after": "9" * 5000},
         {"after": "x"},
         {"status": "ready"},  # a typo is refused, not ignored
     ):
         r = await c.get("/channels/orders/messages", params=params)
         assert r.status_code == 422, params
         assert r.headers["content-type"] == "application/problem+json"
+    padded = await c.get("/channels/orders/messages", params={"limit": "0" * 5000 + "1"})
+    assert padded.status_code == 200 and len(padded.json()["messages"]) == 1, padded.text
+
+
+async def test_a_page_of_large_messages_is_cut_at_page_bytes(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bounded in bytes, not only in count: 1000 messages of MAX_MESSAGE_BYTES would be read and
+    # encoded at once (256 MB). Cut short, the page says where to go on.
+    monkeypatch.setattr(engine_redrive, "PAGE_BYTES", 2500)
+    ids = await enqueue(app_client, "fat", *({"body": "x" * 1000} for _ in range(5)))
+    first = await page(app_client, "fat", limit=100)
+    assert [m["id"] for m in first["messages"]] == ids[:2] and first["next"] == ids[1]
+    second = await page(app_client, "fat", after=first["next"])
+    assert [m["id"] for m in second["messages"]] == ids[2:4] and second["next"] == ids[3]
+    last = await page(app_client, "fat", after=second["next"])
+    assert [m["id"] for m in last["messages"]] == ids[4:] and last["next"] is None

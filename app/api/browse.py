@@ -54,7 +54,7 @@ class MessageDetail(MessageView):
 class MessagePage(msgspec.Struct):
     """`next` is the `after` to ask for the next page; null when no message lies past this one.
     A page may be short (even empty) with a `next`: a page filtered by state examines at most
-    10,000 messages of the channel."""
+    10,000 messages of the channel, and a page ends once its bodies and headers reach 8 MB."""
 
     channel: str
     messages: list[MessageView]
@@ -100,11 +100,23 @@ def _json(value: msgspec.Struct) -> Response:
     return Response(_encoder.encode(value), media_type="application/json")
 
 
+def _whole(text: str, most: int) -> int | None:
+    """`text` as a whole number of ASCII digits up to `most`, else None. Its length is judged
+    before `int()` reads it: a number of 4,300 digits or more would raise (a 500), and
+    `isdigit()` alone also takes other scripts' digits (U+FF11 fullwidth one, '²')."""
+    digits = (text.lstrip("0") or "0") if text.isascii() and text.isdigit() else ""
+    if not digits or len(digits) > len(str(most)):
+        return None
+    value = int(digits)
+    return value if value <= most else None
+
+
 def message_id(text: str, what: str) -> int:
     """A message id as the API writes it (decimal digits), or 422 naming `what` it was."""
-    if not text.isdigit() or not text.isascii() or int(text) > _MAX_ID:
+    value = _whole(text, _MAX_ID)
+    if value is None:
         raise InvalidInput(f"{what} {text[:40]!r} is not a message id (a decimal number)")
-    return int(text)
+    return value
 
 
 def _view(m: Message, now: int, kind: type[V]) -> V:
@@ -168,11 +180,12 @@ async def list_messages(channel: str, request: Request) -> Response:
             )
     after = message_id(query["after"], "after") if "after" in query else 0
     limit_text = query.get("limit", str(engine_redrive.DEFAULT_PAGE))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= engine_redrive.MAX_PAGE:
+    limit = _whole(limit_text, engine_redrive.MAX_PAGE)
+    if not limit:
         raise InvalidInput(
             f"limit {limit_text[:40]!r} is not a whole number from 1 to {engine_redrive.MAX_PAGE}"
         )
-    page = await engine_redrive.browse(n.engine, name, state, after, int(limit_text))
+    page = await engine_redrive.browse(n.engine, name, state, after, limit)
     now = n.clock.now_ms()
     views = [_view(m, now, MessageView) for m in page.messages]
     following = None if page.next is None else str(page.next)

@@ -32,12 +32,15 @@ from app.store.base import MessageState, Page
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 BROWSE_SCAN = 10_000
+# A page ends once its bodies and headers reach this many bytes (then it is short, with a
+# `next`): 1000 messages of MAX_MESSAGE_BYTES would be 256 MB read and encoded at once.
+PAGE_BYTES = 8 * 1024 * 1024
 
 # Redrive: messages one call moves at most (and by default).
 MAX_REDRIVE = 10_000
 DEFAULT_REDRIVE = 1000
 # Messages one store move carries at most, and bytes (bodies and headers; a message larger than
-# that moves alone): a transaction of large messages stays small.
+# that moves alone): a transaction of large messages stays small, and so does the page read.
 REDRIVE_BATCH = 500
 REDRIVE_BATCH_BYTES = 8 * 1024 * 1024
 # How long one call works at most before it answers with what it moved: well within the
@@ -69,7 +72,8 @@ async def browse(
 ) -> Page:
     """A page of the channel's messages (404 if it does not exist here, as any read)."""
     engine.get(name)
-    return await engine.store.browse(name, state, after, engine.clock.now_ms(), limit, BROWSE_SCAN)
+    now = engine.clock.now_ms()
+    return await engine.store.browse(name, state, after, now, limit, BROWSE_SCAN, PAGE_BYTES)
 
 
 async def get_message(engine: QueueEngine, name: str, msg_id: int) -> Message | None:
@@ -116,7 +120,9 @@ async def redrive(
             break
         if due > now:
             await sleep((due - now) / 1000)
-        page = await engine.store.browse(name, "ready", after, clock.now_ms(), want, BROWSE_SCAN)
+        page = await engine.store.browse(
+            name, "ready", after, clock.now_ms(), want, BROWSE_SCAN, REDRIVE_BATCH_BYTES
+        )
         by_target: dict[str, list[Message]] = {}
         for m in page.messages:
             target = to or _origin(m, name)
@@ -124,31 +130,14 @@ async def redrive(
                 skipped += 1
             else:
                 by_target.setdefault(target, []).append(m)
+        # The page is bounded in bytes (REDRIVE_BATCH_BYTES): so is each target's share of it.
         for target, messages in by_target.items():
-            for chunk in _by_size(messages, REDRIVE_BATCH_BYTES):
-                moved += await engine.move_ready(ch, chunk, target, copy)
+            moved += await engine.move_ready(ch, messages, target, copy)
         if page.next is None:
             break
         after = page.next
     remaining = ch.ready_count if engine.channels.get(name) is ch else 0
     return Redriven(moved=moved, skipped=skipped, remaining=remaining)
-
-
-def _by_size(messages: list[Message], most: int) -> list[list[Message]]:
-    """`messages` in runs of at most `most` bytes each (a message larger alone: a run of one)."""
-    runs: list[list[Message]] = []
-    run: list[Message] = []
-    size = 0
-    for m in messages:
-        grows = len(m.body) + len(m.headers or b"")
-        if run and size + grows > most:
-            runs.append(run)
-            run, size = [], 0
-        run.append(m)
-        size += grows
-    if run:
-        runs.append(run)
-    return runs
 
 
 def _origin(m: Message, source: str) -> str | None:

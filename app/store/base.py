@@ -63,6 +63,11 @@ class Page:
     next: int | None
 
 
+def page_size(message: Message) -> int:
+    """What a message weighs against `browse`'s `max_bytes`: its body and headers."""
+    return len(message.body) + len(message.headers or b"")
+
+
 @dataclass(frozen=True, slots=True)
 class ShardLease:
     """Who owns a shard, as the store records it."""
@@ -228,12 +233,16 @@ class Store(Protocol):
         now: int,
         limit: int,
         scan: int,
+        max_bytes: int | None = None,
     ) -> Page:
         """Up to `limit` messages of the channel with id > `after_id`, in id order, in `state`
         at `now` (`state_of`; None: any state), each with the dedup id its record still holds
         (None once pruned). Examines at most `scan` (>= `limit`) messages past `after_id`, walking
         the channel's id index, so that a rare state in a long channel costs a bounded read.
-        Reads only: changes nothing, leases nothing, not fenced."""
+        With `max_bytes`, the page holds the messages whose bodies and headers fit in
+        `max_bytes` (at least one, however large), `next` the last one's id, so a page of large
+        messages is never read into memory whole. Reads only: changes nothing, leases nothing,
+        not fenced."""
         ...
 
     async def get_message(self, channel: str, msg_id: int) -> Message | None:

@@ -95,6 +95,7 @@ from app.store.base import (
     check_sizes,
     check_topology_version,
     fenced,
+    page_size,
     unowned,
 )
 
@@ -839,6 +840,7 @@ class MongoStore:
         now: int,
         limit: int,
         scan: int,
+        max_bytes: int | None = None,
     ) -> Page:
         ids: Doc = {"$gt": after_id}
         query: Doc = {"channel": channel, "_id": ids}
@@ -852,12 +854,18 @@ class MongoStore:
                     upper = int(last[0]["_id"])
                     ids["$lte"] = upper
                 query.update(_browse_state(state, now))
-            docs = (
-                await self._messages.find(query).sort("_id", ASCENDING).limit(limit).to_list(None)
-            )
-        found = [_from_doc(d) for d in docs]
+            found: list[Message] = []
+            size, full = 0, False
+            # Document by document: a page of large messages stops at `max_bytes`.
+            async for doc in self._messages.find(query).sort("_id", ASCENDING).limit(limit):
+                m = _from_doc(doc)
+                size += page_size(m)
+                if found and max_bytes is not None and size > max_bytes:
+                    full = True
+                    break
+                found.append(m)
         await self._with_dedup_ids(channel, found)
-        if len(found) == limit:
+        if len(found) == limit or full:
             return Page(found, found[-1].id)
         return Page(found, upper)
 

@@ -96,6 +96,7 @@ from app.store.base import (
     check_sizes,
     check_topology_version,
     fenced,
+    page_size,
     unowned,
 )
 
@@ -1137,6 +1138,7 @@ class SQLiteStore:
         now: int,
         limit: int,
         scan: int,
+        max_bytes: int | None = None,
     ) -> Page:
         def op(conn: sqlite3.Connection) -> Page:
             key = self._read_key(conn, channel)
@@ -1157,10 +1159,18 @@ class SQLiteStore:
                 f"SELECT {_COLUMNS} FROM messages INDEXED BY messages_by_channel WHERE ch = ?"
                 f" AND id > ? AND id <= ?{where} ORDER BY id LIMIT ?",
                 (key, after_id, upper, *params, limit),
-            ).fetchall()
-            found = [_message(r) for r in rows]
+            )
+            found: list[Message] = []
+            size, full = 0, False
+            for row in rows:  # row by row: a page of large messages stops at `max_bytes`
+                m = _message(row)
+                size += page_size(m)
+                if found and max_bytes is not None and size > max_bytes:
+                    full = True
+                    break
+                found.append(m)
             _with_dedup_ids(conn, key, found)
-            if len(found) == limit:
+            if len(found) == limit or full:
                 return Page(found, found[-1].id)
             return Page(found, None if bound is None else upper)
 

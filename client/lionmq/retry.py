@@ -31,7 +31,8 @@ class RetryPolicy:
 
     Only connection errors and 5xx are retried: a 4xx will fail the same way again. Every
     request the client sends is safe to repeat (enqueue carries dedup ids; settling a receipt
-    twice reports it stale), so no request is exempt.
+    twice reports it stale; a redrive moves what is left) but a shard hand-off, which is sent
+    once (`Call.retry`).
     """
 
     attempts: int = 4

@@ -4,19 +4,21 @@ as a user types it (subprocesses: each costs ~0.3 s, so each test groups its ass
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cli_support import LIONMQ, cli_env, lionmq, lionmq_here, lionmq_on_tty
-from lionmq import Client
+from lionmq import Client, NewMessage
 from lionmq.cli.main import build_parser, main
 
-from tests.conftest import NodeProcess, free_port
+from tests.conftest import NodeProcess, free_port, wait_until
 
 TOKEN = "cli-api-token"
 
@@ -100,6 +102,61 @@ def test_consume_exec_acks_on_exit_0_nacks_otherwise_and_extends_leases(
     again.ack()
 
 
+def test_consume_exec_a_large_body_a_hung_command_and_a_lost_lease(
+    env: dict[str, str], mq: Client
+) -> None:
+    # A body larger than a pipe's buffer, to a command that reads it only after its lease
+    # would have ended: the lease is extended meanwhile (writing the body to a pipe blocked
+    # until the command read it, so the lease ended and the ack was stale, yet counted acked).
+    mq.enqueue("xl", "x" * 200_000)
+    big = lionmq(
+        "consume", "xl", "--max", "1", "--visibility", "1s", "--exec", "sleep 1.5; wc -c",
+        env=env,
+    )  # fmt: skip
+    assert (big.code, big.out.strip()) == (0, "200003"), big.err
+    info = mq.get_channel("xl")
+    assert (info.totals.acked, info.totals.redelivered, info.counts.ready) == (1, 0, 0)
+    # A command that hangs is stopped after --timeout and its message nacked.
+    mq.enqueue("xl", "hang")
+    hung = lionmq_here(
+        "consume", "xl", "--max", "1", "--timeout", "300ms", "--exec", "sleep 30", env=env
+    )
+    assert hung.code == 4 and "'sleep 30' still ran after 300ms: stopped" in hung.err, hung.err
+    info = mq.get_channel("xl")
+    assert (info.totals.nacked, info.counts.ready) == (1, 1)
+    # The message is gone before the ack (the command purges its channel): not counted acked.
+    purge = f"{LIONMQ} purge xl --yes"
+    lost = lionmq_here("consume", "xl", "--max", "1", "--exec", purge, env=env)
+    assert lost.code == 4, lost.err
+    assert "its lease had ended before the ack" in lost.err
+    assert lost.err.endswith(
+        "consumed 1 message from xl: 0 acked, 0 nacked, 1 not acked in time (delivered again)\n"
+    )
+
+
+def test_what_a_publisher_wrote_cannot_drive_the_terminal(env: dict[str, str], mq: Client) -> None:
+    # Header names and values and a dedup id are the publisher's: shown escaped (as JSON
+    # strings) when they hold control characters, never raw (an escape sequence, a newline
+    # forging a line of the output).
+    (msg_id,) = mq.enqueue_many(
+        "esc",
+        [
+            NewMessage(
+                "\x1b[31mred",
+                headers={"k\x1b[2J": "v\x1b]0;pwned\x07\nstate  acked", "plain": "café ok"},
+                dedup_id="d\x1b[1A",
+            )
+        ],
+    )
+    for shown in (lionmq_here("get", "esc", msg_id, env=env), lionmq_here("peek", "esc", env=env)):
+        assert shown.code == 0 and "\x1b" not in shown.out and "\x07" not in shown.out, shown.out
+    lines = lionmq_here("get", "esc", msg_id, env=env).out.splitlines()
+    assert 'header "k\\u001b[2J"  "v\\u001b]0;pwned\\u0007\\nstate  acked"' in lines
+    assert ["header", "plain", "café", "ok"] in [line.split() for line in lines]
+    assert ["dedup", "id", '"d\\u001b[1A"'] in [line.split() for line in lines]
+    assert not any(line.startswith("state  acked") for line in lines)
+
+
 def test_errors_are_one_line_with_distinct_exit_codes(env: dict[str, str]) -> None:
     unknown = lionmq("stats", "nope", env=env)
     assert unknown.code == 1
@@ -166,6 +223,127 @@ def test_progress_bar_only_on_a_terminal(env: dict[str, str], tmp_path: Path) ->
     assert shown.code == 0 and shown.out == "published 1200 messages to bar\n"
     assert "publishing to bar [" in shown.err and "1200/1200" in shown.err
     assert shown.err.endswith("\r\033[K")  # wiped once done
+    typing = lionmq_on_tty("publish", "bar", env=env)  # no BODY, no file, stdin a terminal
+    assert typing.code == 2 and "pipe one JSON body per line to stdin" in typing.err
+
+
+def test_publish_failing_midway_says_what_was_published(
+    env: dict[str, str], mq: Client, tmp_path: Path
+) -> None:
+    # 600 messages on lines 1-601 (line 3 blank): the first batch of 500 fits, the second
+    # passes max_length. The node says "nothing was stored" of that batch only: the command
+    # must say that 500 were published, up to which line, and from where it failed.
+    mq.put_channel("half", max_length=550)
+    lines = tmp_path / "half.jsonl"
+    lines.write_text("1\n2\n\n" + "".join(f"{i}\n" for i in range(3, 601)))
+    ran = lionmq("publish", "half", "--file", str(lines), env=env)
+    assert ran.code == 1 and len(ran.err.splitlines()) == 1, ran.err
+    assert "published 500 of 600 messages (up to line 501); lines 502-601 not published" in (
+        ran.err
+    )
+    assert "would pass max_length, so nothing was stored" in ran.err
+    assert mq.get_channel("half").counts.ready == 500
+    # A message the node refuses in a later batch: its index in the batch is named as a line.
+    big = tmp_path / "big.jsonl"
+    big.write_text("1\n" * 700 + '"' + "x" * 300_000 + '"\n')
+    refused = lionmq_here("publish", "big", "--file", str(big), "--dedup", "b", env=env)
+    assert refused.code == 1, refused.err
+    assert "published 500 of 701 messages (up to line 500); lines 501-701 not published" in (
+        refused.err
+    )
+    assert "message 200 is" in refused.err and "its message 0 is line 501" in refused.err
+    assert refused.err.rstrip().endswith("run it again with --dedup b to publish the rest")
+    # Ctrl-C during the second batch: said too.
+    with mock.patch.object(Client, "enqueue_many", side_effect=[["1"] * 500, KeyboardInterrupt]):
+        stopped = lionmq_here("publish", "big", "--file", str(big), env=env)
+    assert stopped.code == 130 and stopped.err == (
+        f"\nlionmq: interrupted: {big}: published 500 of 701 messages (up to line 500); lines "
+        "501-701 may not be published\n"
+    ), stopped.err
+
+
+def test_peek_by_state_looks_past_a_page_that_found_none(env: dict[str, str], mq: Client) -> None:
+    # A page filtered by state examines at most 10,000 messages: past 10,500 ready ones, the
+    # node's first page of delayed ones is empty, with a `next`. peek follows it, rather than
+    # say "no delayed messages"; and its "more:" hint keeps the state and limit asked.
+    for _ in range(21):
+        mq.enqueue_many("deep", list(range(500)))
+    late = mq.enqueue("deep", "late", delay_ms=600_000)
+    found = lionmq_here("peek", "deep", "--state", "delayed", "--json", env=env)
+    page = json.loads(found.out)
+    assert [m["id"] for m in page["messages"]] == [late] and page["next"] is None
+    shown = lionmq_here("peek", "deep", "--state", "delayed", env=env)
+    assert shown.out.splitlines()[1].split()[:2] == [late, "delayed"], shown.out
+    ready = lionmq_here("peek", "deep", "--state", "ready", "--limit", "2", env=env)
+    assert re.fullmatch(r"more: lionmq peek deep --state ready --limit 2 --after \d+\n", ready.err)
+
+
+def test_a_redrive_stopped_midway_says_what_it_moved(tmp_path: Path) -> None:
+    # Ctrl-C, then the node killed, each during a paced redrive: the command says how many it
+    # had moved and that running it again is safe (it said nothing).
+    node = NodeProcess(tmp_path / "node", API_TOKEN=TOKEN).start()
+    try:
+        env = cli_env(LIONMQ_URL=node.url, LIONMQ_TOKEN=TOKEN)
+        with Client(node.url, token=TOKEN) as client:
+            client.enqueue_many("s.dlq", [NewMessage(i, headers={"x-dead-letter-channel": "s"})
+                                          for i in range(400)])  # fmt: skip
+            client.put_channel("s")
+
+            def moved() -> int:
+                return client.get_channel("s").counts.ready
+
+            outcomes = []
+            for stop in ("interrupt", "kill"):
+                run = subprocess.Popen(
+                    [str(LIONMQ), "redrive", "s.dlq", "--rate", "200", "--batch", "20"],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                before = moved()
+                wait_until(lambda before=before: moved() >= before + 40, 10, "a redrive under way")
+                if stop == "interrupt":
+                    run.send_signal(signal.SIGINT)
+                else:
+                    node.kill9()
+                _, err = run.communicate(timeout=30)
+                outcomes.append((run.returncode, err))
+        for (code, err), want in zip(outcomes, (130, 3), strict=True):
+            assert code == want and re.search(
+                r"redrive of s.dlq stopped after moving [1-9]\d* messages \(perhaps a batch "
+                r"more\); running it again moves only what is left\n$",
+                err,
+            ), err
+    finally:
+        node.kill9()
+
+
+def test_publish_reads_lines_as_json_does(env: dict[str, str], mq: Client, tmp_path: Path) -> None:
+    # U+2028 is allowed raw in a JSON string: the line is one message (str.splitlines() cut
+    # it in two, and both halves were refused as not JSON). \r\n ends a line too.
+    piped = lionmq("publish", "u2028", "--json", env=env, input='"a\u2028b"\r\n[2]\n')
+    assert piped.code == 0, piped.err
+    assert [m.body for m in mq.peek("u2028").messages] == ["a\u2028b", [2]]
+    # Bytes that are not UTF-8, in a file, on stdin, as BODY, a header, a channel or in a
+    # setting: one line naming them, exit 2 (tracebacks, before).
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'"ok"\n"caf\xe9"\n')
+    for args, given in [
+        (["--file", str(latin)], b""),
+        ([], b'"ok"\n"caf\xe9"\n'),
+        ([os.fsdecode(b'"caf\xe9"')], b""),
+        (["1", "--header", os.fsdecode(b"k=caf\xe9")], b""),
+        (["1", "--url", os.fsdecode(b"http://caf\xe9")], b""),
+    ]:
+        done = subprocess.run(
+            [str(LIONMQ), "publish", "latin", *args], env=env, input=given, capture_output=True
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.decode().startswith("lionmq: error: ") and b"Traceback" not in (
+            done.stderr
+        )
+        assert b"line 2 is not UTF-8" in done.stderr or b"argument " in done.stderr, done.stderr
+    bad_token = lionmq("channels", env={**env, "LIONMQ_TOKEN": os.fsdecode(b"t\xe9")})
+    assert (bad_token.code, bad_token.err) == (2, "lionmq: error: LIONMQ_TOKEN is not UTF-8 text\n")
+    assert "latin" not in [c.name for c in mq.list_channels()]  # nothing was sent
 
 
 def test_every_command_has_help_with_an_example(
@@ -206,7 +384,7 @@ def test_peek_get_and_redrive(env: dict[str, str], mq: Client) -> None:
     assert len(table) == 2 and table[1].split()[:3] == [first, "in-flight", "1"]
     assert table[1].endswith('{"n":1}')
     short = lionmq_here("peek", "br", "--limit", "1", env=env)
-    assert short.err == f"more: lionmq peek br --after {first}\n"
+    assert short.err == f"more: lionmq peek br --limit 1 --after {first}\n"
 
     shown = lionmq("get", "br", first, env=env)
     assert shown.code == 0, shown.err

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from lionmq import ChannelInfo, ChannelOptions
+from lionmq import ChannelInfo, ChannelOptions, LionMQError
 from lionmq.cli import output
 from lionmq.cli.main import (
     EXIT_OK,
@@ -258,6 +258,21 @@ def _terminal_input() -> TextIO | None:
     return sys.stdin if sys.stdin is not None and sys.stdin.isatty() else None
 
 
+def _say_what_was_redriven(
+    exc: LionMQError | KeyboardInterrupt, channel: str, moved: int, err: TextIO
+) -> None:
+    """A redrive stopped midway (the node failed, Ctrl-C): say what it had moved, and that
+    running it again is safe. The call under way may have moved a batch more."""
+    done = (
+        f"redrive of {channel} stopped after moving {output.count(moved, 'message')} (perhaps "
+        "a batch more); running it again moves only what is left"
+    )
+    if isinstance(exc, KeyboardInterrupt):
+        err.write(f"\nlionmq: {done}")  # main's own newline ends the line
+    else:
+        exc.detail = f"{exc.detail or exc.title}; {done}"
+
+
 def redrive(ctx: Context, args: argparse.Namespace) -> int:
     client, channel = ctx.client, args.channel
     if args.batch:
@@ -269,22 +284,26 @@ def redrive(ctx: Context, args: argparse.Namespace) -> int:
     total = client.get_channel(channel).counts.ready
     moved = calls = 0
     skipped = remaining = 0
-    with Progress(f"redriving {channel}", total, ctx.err) as bar:
-        # Bounded: every call but the last moves at least one message, and the source held
-        # `total` (plus what arrives meanwhile; the bound leaves room for that).
-        started = time.monotonic()
-        for _ in range(2 * (total // per_call) + 10):
-            if args.rate:
-                # The node paces within a call and starts each call at once: wait out this
-                # call's share first, or every call would add a batch's worth to the rate.
-                time.sleep(max(0.0, started + moved / args.rate - time.monotonic()))
-            result = client.redrive(channel, to=args.to, max=per_call, rate=args.rate)
-            calls += 1
-            moved += result.moved
-            skipped, remaining = result.skipped, result.remaining
-            bar.advance(result.moved)
-            if result.moved == 0 or result.remaining == 0:
-                break
+    try:
+        with Progress(f"redriving {channel}", total, ctx.err) as bar:
+            # Bounded: every call but the last moves at least one message, and the source
+            # held `total` (plus what arrives meanwhile; the bound leaves room for that).
+            started = time.monotonic()
+            for _ in range(2 * (total // per_call) + 10):
+                if args.rate:
+                    # The node paces within a call and starts each call at once: wait out
+                    # this call's share first, or every call would add a batch's worth.
+                    time.sleep(max(0.0, started + moved / args.rate - time.monotonic()))
+                result = client.redrive(channel, to=args.to, max=per_call, rate=args.rate)
+                calls += 1
+                moved += result.moved
+                skipped, remaining = result.skipped, result.remaining
+                bar.advance(result.moved)
+                if result.moved == 0 or result.remaining == 0:
+                    break
+    except (LionMQError, KeyboardInterrupt) as exc:  # after the bar is wiped
+        _say_what_was_redriven(exc, channel, moved, ctx.err)
+        raise
     summary = {"moved": moved, "skipped": skipped, "remaining": remaining, "calls": calls}
     if ctx.json:
         ctx.emit(summary)

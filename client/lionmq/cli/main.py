@@ -141,10 +141,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def json_value(text: str, where: str) -> Any:
-    """`text` parsed as JSON, or a UsageError naming `where` (BODY, a file's line)."""
+def json_value(text: str | bytes, where: str) -> Any:
+    """`text` parsed as JSON, or a UsageError naming `where` (BODY, a file's line). A str
+    from argv keeps bytes that are not UTF-8 as surrogates: they are refused as such."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
     try:
-        return msgspec.json.decode(text)
+        return msgspec.json.decode(raw)
+    except UnicodeDecodeError:
+        raise UsageError(f"{where} is not UTF-8 text") from None
     except msgspec.DecodeError as exc:
         raise UsageError(
             f"{where} is not JSON ({exc}); a string needs quotes: '\"hello\"'"
@@ -235,6 +239,22 @@ lionmq COMMAND --help      (each command's options, with an example)
     return parser
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Arguments and LIONMQ_* settings are text: bytes that are not UTF-8 (kept by Python as
+    surrogates) would fail as a traceback wherever they are first encoded."""
+    given = [(f"the {name} argument", v, True) for name, v in vars(args).items()]
+    # A setting's value is not shown: LIONMQ_TOKEN is a secret.
+    given += [(n, v, False) for n, v in os.environ.items() if n.startswith("LIONMQ_")]
+    for what, value, show in given:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    shown = f" {repr(os.fsencode(text))[1:]}" if show else ""
+                    raise UsageError(f"{what}{shown} is not UTF-8 text") from None
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -253,6 +273,7 @@ def main(
     args = parser.parse_args(argv)  # exits 2 with argparse's own message on bad usage
     ctx = Context(args, out, err)
     try:
+        _check_text(args)
         code: int = args.run(ctx, args)
         return code
     except UsageError as exc:

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, get_args
 
-from lionmq import Message, NewMessage
+from lionmq import ConnectionFailed, LionMQError, Message, NewMessage
 from lionmq.cli import output
 from lionmq.cli.main import (
     EXIT_NACKED,
@@ -32,6 +33,12 @@ PRINT_BATCH = 100
 """Messages per dequeue when consume prints them (acked together once printed)."""
 PAGE_MAX = 1000
 """The node's largest page of messages."""
+PEEK_LIMIT = 20
+"""Messages peek shows by default."""
+PEEK_PAGES = 100
+"""Pages one peek reads at most. A page filtered by state examines at most 10,000 messages
+and may come back short, even empty, with a `next`: peek follows it (up to 1,000,000 messages
+examined) rather than report "no delayed messages" while some lie further on."""
 STATES: tuple[str, ...] = tuple(s.replace("_", "-") for s in get_args(MessageState))
 
 
@@ -102,6 +109,13 @@ lionmq consume orders --exec ./handle.sh --follow   # a worker: until Ctrl-C
         metavar="DURATION",
         help="a nacked message is ready again after this (default 0: at once)",
     )
+    p.add_argument(
+        "--timeout",
+        type=duration_ms,
+        metavar="DURATION",
+        help="stop a --exec command still running after this and nack its message (default: "
+        "none; its lease is extended as long as it runs)",
+    )
 
     p = commands.add(
         "peek",
@@ -119,7 +133,9 @@ lionmq peek orders --after 1882449093859475456     # the next page
     )
     p.add_argument("channel", metavar="CHANNEL")
     p.add_argument("--state", choices=STATES, help="only messages in this state")
-    p.add_argument("--limit", type=positive_int, default=20, metavar="N", help="default 20")
+    p.add_argument(
+        "--limit", type=positive_int, default=PEEK_LIMIT, metavar="N", help=f"default {PEEK_LIMIT}"
+    )
     p.add_argument("--after", metavar="ID", help="start past this id")
 
     p = commands.add(
@@ -151,13 +167,19 @@ def publish(ctx: Context, args: argparse.Namespace) -> int:
             ctx.client.enqueue(args.channel, body, **_message_options(args, headers, args.dedup))
         ]
     else:
-        messages = _read_messages(args, headers)
+        where, lines, messages = _read_messages(args, headers)
         ids = []
-        with Progress(f"publishing to {args.channel}", len(messages), ctx.err) as bar:
-            for start in range(0, len(messages), PUBLISH_BATCH):
-                batch = messages[start : start + PUBLISH_BATCH]
-                ids += ctx.client.enqueue_many(args.channel, batch)
-                bar.advance(len(batch))
+        start = size = 0
+        try:
+            with Progress(f"publishing to {args.channel}", len(messages), ctx.err) as bar:
+                for start in range(0, len(messages), PUBLISH_BATCH):
+                    batch = messages[start : start + PUBLISH_BATCH]
+                    size = len(batch)
+                    ids += ctx.client.enqueue_many(args.channel, batch)
+                    bar.advance(size)
+        except (LionMQError, KeyboardInterrupt) as exc:  # after the bar is wiped
+            _say_what_was_published(exc, where, lines, start, size, args.dedup, ctx)
+            raise
     if ctx.json:
         ctx.emit({"ids": ids})
     elif args.body is not None:
@@ -184,39 +206,80 @@ def _message_options(
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _read_messages(args: argparse.Namespace, headers: dict[str, str] | None) -> list[NewMessage]:
-    """Every line parsed before anything is sent: a bad line stops the command with nothing
-    published. Blank lines are skipped but keep their number (for dedup ids)."""
+def _say_what_was_published(
+    exc: LionMQError | KeyboardInterrupt,
+    where: str,
+    lines: list[int],
+    start: int,
+    size: int,
+    dedup: str | None,
+    ctx: Context,
+) -> None:
+    """A batch of `size` failed (or Ctrl-C came) after `start` messages were published: say
+    how many were and from which line on the batch failed (in `exc`'s detail, or on stderr).
+    The node's detail counts the batch's messages from 0 ("message 200"): say which line that
+    is. Without this, a refusal past the first batch ("nothing was stored") read as if the
+    whole file had been refused."""
+    if not size or (not start and isinstance(exc, ConnectionFailed)):
+        return  # nothing sent, or no node reached at all: the error says it all
+    first, last = lines[start], lines[start + size - 1]
+    total = output.count(len(lines), "message")
+    done = f"published {start} of {total} (up to line {lines[start - 1]}); " if start else ""
+    # No answer came: the node may have stored the batch (the client's retries carry its
+    # dedup ids, so a stored batch is not stored twice, but the outcome is unknown).
+    again = f"; run it again with --dedup {dedup} to publish the rest" if dedup else ""
+    if isinstance(exc, KeyboardInterrupt):
+        ctx.err.write(
+            f"\nlionmq: interrupted: {where}: {done}lines {first}-{last} may not be "
+            f"published{again}"
+        )  # main's own newline ends the line
+        return
+    fate = "may not be published" if isinstance(exc, ConnectionFailed) else "not published"
+    exc.detail = (
+        f"{where}: {done}lines {first}-{last} {fate} ({exc.detail or exc.title}; its "
+        f"message 0 is line {first}){again}"
+    )
+
+
+def _read_messages(
+    args: argparse.Namespace, headers: dict[str, str] | None
+) -> tuple[str, list[int], list[NewMessage]]:
+    """Where they come from, each message's line number, the messages. Every line is parsed
+    before anything is sent: a bad line stops the command with nothing published. Blank lines
+    are skipped but keep their number (for dedup ids). Read as bytes and split at \n, \r
+    and \r\n only: str.splitlines() also splits at U+2028 and others, which JSON allows raw
+    in a string; and a line not UTF-8 is named, not a traceback."""
     name = args.file or "-"
     if name == "-":
         if sys.stdin.isatty():
             raise UsageError("give BODY or --file F, or pipe one JSON body per line to stdin")
-        lines = sys.stdin.read().splitlines()
+        lines = sys.stdin.buffer.read().splitlines()
         where = "stdin"
     else:
         try:
-            with open(name, encoding="utf-8") as f:
+            with open(name, "rb") as f:
                 lines = f.read().splitlines()
         except OSError as exc:
             raise UsageError(f"cannot read {name}: {exc.strerror}") from None
         where = name
-    messages = []
+    numbers, messages = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         body = json_value(line, f"{where} line {number}")
         dedup = f"{args.dedup}-{number}" if args.dedup else None
+        numbers.append(number)
         messages.append(NewMessage(body, **_message_options(args, headers, dedup)))
     if not messages:
         raise UsageError(f"{where} has no message (one JSON body per line)")
-    return messages
+    return where, numbers, messages
 
 
 # -- consume --------------------------------------------------------------------------------
 
 
 def consume(ctx: Context, args: argparse.Namespace) -> int:
-    tally = {"acked": 0, "nacked": 0}
+    tally = {"acked": 0, "nacked": 0, "lost": 0}
     # A worker under a supervisor is stopped with SIGTERM: the same as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -227,7 +290,7 @@ def consume(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     _summary(ctx, args.channel, tally)
-    return EXIT_NACKED if tally["nacked"] else EXIT_OK
+    return EXIT_NACKED if tally["nacked"] or tally["lost"] else EXIT_OK
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -235,10 +298,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _summary(ctx: Context, channel: str, tally: dict[str, int]) -> None:
-    handled = tally["acked"] + tally["nacked"]
+    handled = tally["acked"] + tally["nacked"] + tally["lost"]
+    lost = f", {tally['lost']} not acked in time (delivered again)" if tally["lost"] else ""
     ctx.err.write(
         f"consumed {output.count(handled, 'message')} from {channel}: "
-        f"{tally['acked']} acked, {tally['nacked']} nacked\n"
+        f"{tally['acked']} acked, {tally['nacked']} nacked{lost}\n"
     )
 
 
@@ -260,7 +324,7 @@ def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> N
             continue
         if args.command:
             for message in messages:
-                tally["acked" if _run(args.command, message, args, ctx) else "nacked"] += 1
+                tally[_run(args.command, message, args, ctx)] += 1
         else:
             receipts = [m.receipt for m in messages]
             try:
@@ -271,8 +335,14 @@ def _consume(ctx: Context, args: argparse.Namespace, tally: dict[str, int]) -> N
             except BrokenPipeError:  # `| head`: what it did not read goes back at once
                 client.nack(channel, receipts)
                 raise
-            client.ack(channel, receipts)
-            tally["acked"] += len(messages)
+            stale = len(client.ack(channel, receipts).stale)
+            if stale:  # printed too slowly (a reader that waits): their leases ended first
+                ctx.err.write(
+                    f"lionmq: {output.count(stale, 'message')} printed after its lease ended: "
+                    "delivered again (raise --visibility)\n"
+                )
+            tally["acked"] += len(messages) - stale
+            tally["lost"] += stale
         handled += len(messages)
         idle_since = time.monotonic()
 
@@ -287,9 +357,11 @@ def _delivered(message: Message) -> dict[str, Any]:
     }
 
 
-def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context) -> bool:
-    """Runs `command` on one message and settles it: ack on exit 0, else nack. The lease is
-    extended whenever half of it has gone by. Ctrl-C nacks the message, then stops."""
+def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context) -> str:
+    """Runs `command` on one message and settles it: ack on exit 0, else nack (and after
+    --timeout, stopped and nacked). The lease is extended whenever half of it has gone by.
+    Ctrl-C nacks the message, then stops. Returns "acked", "nacked", or "lost" (the lease
+    ended before the ack: the message is delivered again)."""
     visibility_ms: int = args.visibility
     env = {
         **os.environ,
@@ -298,21 +370,33 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
         "LIONMQ_ATTEMPT": str(message.attempt),
         "LIONMQ_HEADERS": output.compact(message.headers),
     }
-    # The command's stdout and stderr are ours: what it prints is what the user sees. Its own
-    # process group: stopping it stops what it started too (`sh -c` leaves its children).
-    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, env=env, process_group=0)
+    # The body from a file, not a pipe: a write of a body larger than the pipe's buffer would
+    # block until the command read it (or exited), and the lease, not yet extended, could end.
+    with tempfile.TemporaryFile() as body:
+        body.write(output.compact(message.body).encode() + b"\n")
+        body.seek(0)
+        # The command's stdout and stderr are ours: what it prints is what the user sees. Its
+        # own process group: stopping it stops what it started too (`sh -c` leaves children).
+        proc = subprocess.Popen(command, shell=True, stdin=body, env=env, process_group=0)
+    started = time.monotonic()
+    timeout_s = None if args.timeout is None else args.timeout / 1000
+    code: int | None = None
     try:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(output.compact(message.body).encode() + b"\n")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # the command did not read its input; its exit code decides all the same
-        while True:
+        while code is None:
+            wait_s = visibility_ms / 2000
+            if timeout_s is not None:
+                wait_s = max(0.0, min(wait_s, started + timeout_s - time.monotonic()))
             try:
-                code = proc.wait(timeout=visibility_ms / 2000)
-                break
+                code = proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
+                if timeout_s is not None and time.monotonic() - started >= timeout_s:
+                    _stop(proc)
+                    ctx.err.write(
+                        f"lionmq: {command!r} still ran after {output.span(args.timeout)}: "
+                        f"stopped, message {message.id} nacked\n"
+                    )
+                    message.nack(delay_ms=args.nack_delay)
+                    return "nacked"
                 message.extend(visibility_ms)
     except BaseException:  # Ctrl-C, SIGTERM: the command stops too, its message goes back
         _stop(proc)
@@ -320,11 +404,16 @@ def _run(command: str, message: Message, args: argparse.Namespace, ctx: Context)
         ctx.err.write(f"lionmq: interrupted: message {message.id} nacked\n")
         raise
     if code == 0:
-        message.ack()
-        return True
+        if message.ack().stale:
+            ctx.err.write(
+                f"lionmq: message {message.id}: its lease had ended before the ack (it is "
+                "delivered again, unless purged or moved meanwhile)\n"
+            )
+            return "lost"
+        return "acked"
     ctx.err.write(f"lionmq: {command!r} exited with {code}: message {message.id} nacked\n")
     message.nack(delay_ms=args.nack_delay)
-    return False
+    return "nacked"
 
 
 STOP_GRACE_S = 5.0
@@ -349,13 +438,13 @@ def peek(ctx: Context, args: argparse.Namespace) -> int:
     state: Any = args.state.replace("-", "_") if args.state else None
     found: list[MessageView] = []
     after: str | None = args.after
-    for _ in range(-(-args.limit // PAGE_MAX)):  # ceil: the pages `limit` needs at most
+    for _ in range(PEEK_PAGES):
         page = ctx.client.peek(
             args.channel, state=state, after=after, limit=min(args.limit - len(found), PAGE_MAX)
         )
         found += page.messages
         after = page.next
-        if after is None:
+        if after is None or len(found) >= args.limit:
             break
     if ctx.json:
         ctx.emit({"channel": args.channel, "messages": found, "next": after})
@@ -380,7 +469,11 @@ def peek(ctx: Context, args: argparse.Namespace) -> int:
             ctx.out,
         )
     if after is not None:
-        ctx.err.write(f"more: lionmq peek {args.channel} --after {after}\n")
+        # The same question, from where this page ended.
+        same = f" --state {args.state}" if args.state else ""
+        if args.limit != PEEK_LIMIT:
+            same += f" --limit {args.limit}"
+        ctx.err.write(f"more: lionmq peek {args.channel}{same} --after {after}\n")
     return EXIT_OK
 
 
@@ -413,7 +506,7 @@ def get(ctx: Context, args: argparse.Namespace) -> int:
     if m.lease_deadline is not None:
         fields.append(("lease ends", output.timestamp(m.lease_deadline, now)))
     fields += [("expires", output.timestamp(m.expires_at, now)), ("dedup id", m.dedup_id)]
-    fields += [(f"header {k}", v) for k, v in sorted((m.headers or {}).items())]
+    fields += [(f"header {output.shown(k)}", v) for k, v in sorted((m.headers or {}).items())]
     output.pairs(fields, ctx.out)
     ctx.out.write("body\n" + output.pretty(m.body) + "\n")
     if m.history is None:

@@ -36,6 +36,14 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def shown(text: str) -> str:
+    """`text` as is when every character prints, else as a JSON string (quoted, escaped).
+    Headers, dedup ids and the like come from whoever published the message: written raw, an
+    escape sequence would drive the operator's terminal (clear it, retitle it) and a newline
+    forge a line of the output."""
+    return text if text.isprintable() else compact(text)
+
+
 def cut(text: str, width: int = CELL_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -85,7 +93,7 @@ def table(
     None."""
     raw = [list(row) for row in rows]
     numeric = [bool(raw) and all(_is_count(row[i]) for row in raw) for i in range(len(headers))]
-    cells = [["-" if v is None else str(v) for v in row] for row in raw]
+    cells = [["-" if v is None else shown(str(v)) for v in row] for row in raw]
     if width is not None:
         cells = [[cut(v, width) for v in row] for row in cells]
     widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
@@ -108,10 +116,10 @@ def _is_count(value: object) -> bool:
 
 def pairs(items: Iterable[tuple[str, object]], out: TextIO) -> None:
     """A key-value block: keys padded to one width."""
-    items = list(items)
+    items = [(shown(k), "-" if v is None else shown(str(v))) for k, v in items]
     width = max((len(k) for k, _ in items), default=0)
     for key, value in items:
-        out.write(f"{key.ljust(width)}  {'-' if value is None else value}\n")
+        out.write(f"{key.ljust(width)}  {value}\n")
 
 
 def error(message: str, err: TextIO | None = None) -> None:
