@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from lionmq import ChannelInfo, ChannelOptions, LionMQError
 from lionmq.cli import output
-from lionmq.cli.main import (
+from lionmq.cli.command import (
     EXIT_OK,
     EXIT_PROBLEM,
     Commands,

@@ -13,7 +13,7 @@ from typing import Any, get_args
 
 from lionmq import ConnectionFailed, LionMQError, Message, NewMessage
 from lionmq.cli import output
-from lionmq.cli.main import (
+from lionmq.cli.command import (
     EXIT_NACKED,
     EXIT_OK,
     Commands,

@@ -6,7 +6,7 @@ import argparse
 
 from lionmq import ClusterInfo, Topology
 from lionmq.cli import output
-from lionmq.cli.main import EXIT_OK, Commands, Context, UsageError
+from lionmq.cli.command import EXIT_OK, Commands, Context, UsageError
 
 
 def register(commands: Commands) -> None:
