@@ -439,7 +439,7 @@ class StoreContract:
             "in_flight",
         ]
         by_id = {m.id: m for m in everything.messages}
-        assert by_id[1] == replace(msg(1), dedup_id="d1")  # its record is still kept
+        assert by_id[1] == msg(1)  # the dedup id stays in its record
         assert by_id[3] == replace(msg(3), leased=True, attempt=2, available_at=NOW + 100)
         assert by_id[4] == msg(4, headers=b'{"h": "v"}', expires_at=NOW + 900)
         wanted: dict[MessageState, list[int]] = {
@@ -532,7 +532,7 @@ class StoreContract:
 
     async def test_get_message(self, store: Store) -> None:
         await self._every_state(store)
-        assert await store.get_message(CH, 1) == replace(msg(1), dedup_id="d1")
+        assert await store.get_message(CH, 1) == msg(1)
         assert await store.get_message(CH, 3) == replace(
             msg(3), leased=True, attempt=2, available_at=NOW + 100
         )
@@ -540,15 +540,6 @@ class StoreContract:
         assert await store.get_message(OTHER, 8) == msg(8)
         assert await store.get_message(CH, 99) is None
         assert await store.get_message("nowhere", 1) is None
-
-    async def test_a_dedup_id_shows_while_its_record_is_kept(self, store: Store) -> None:
-        await store.insert(CH, [msg(1, dedup_id="a", enqueued_at=1000)], dedup_since=0)
-        await store.insert(OTHER, [msg(2, dedup_id="a", enqueued_at=5000)], dedup_since=0)
-        assert (await store.get_message(OTHER, 2)) == msg(2, dedup_id="a", enqueued_at=5000)
-        assert await store.prune_dedup(2000, 10) == 1
-        assert (await store.get_message(CH, 1)) == msg(1, enqueued_at=1000)
-        page = await store.browse(OTHER, None, 0, NOW, 10, 10)
-        assert page.messages == [msg(2, dedup_id="a", enqueued_at=5000)]
 
     # -- move, purge, drop ------------------------------------------------------------------
     async def test_move_to_target(self, store: Store) -> None:

@@ -40,7 +40,6 @@ class MessageView(msgspec.Struct):
     available_at: int | None
     lease_deadline: int | None
     expires_at: int | None
-    dedup_id: str | None
 
 
 class MessageDetail(MessageView):
@@ -131,7 +130,6 @@ def _view(m: Message, now: int, kind: type[V]) -> V:
         available_at=m.available_at if state == "delayed" else None,
         lease_deadline=m.available_at if state == "in_flight" else None,
         expires_at=m.expires_at,
-        dedup_id=m.dedup_id,
     )
 
 

@@ -236,8 +236,10 @@ class Store(Protocol):
         max_bytes: int | None = None,
     ) -> Page:
         """Up to `limit` messages of the channel with id > `after_id`, in id order, in `state`
-        at `now` (`state_of`; None: any state), each with the dedup id its record still holds
-        (None once pruned). Examines at most `scan` (>= `limit`) messages past `after_id`, walking
+        at `now` (`state_of`; None: any state), without their dedup ids (kept only in the dedup
+        records, which have no index by message: one per message would cost every enqueue a
+        B-tree write, about 8% of batch throughput, for a field only browsing shows). Examines
+        at most `scan` (>= `limit`) messages past `after_id`, walking
         the channel's id index, so that a rare state in a long channel costs a bounded read.
         With `max_bytes`, the page holds the messages whose bodies and headers fit in
         `max_bytes` (at least one, however large), `next` the last one's id, so a page of large
@@ -246,7 +248,7 @@ class Store(Protocol):
         ...
 
     async def get_message(self, channel: str, msg_id: int) -> Message | None:
-        """One message of the channel (with its dedup id as `browse` has it), None when the
+        """One message of the channel (as `browse` has it), None when the
         channel holds no message with that id. Reads only."""
         ...
 

@@ -311,8 +311,6 @@ class MongoStore:
                 [
                     IndexModel([("channel", ASCENDING), ("dedup_id", ASCENDING)], unique=True),
                     IndexModel([("used_at", ASCENDING)]),  # prune_dedup
-                    # browse, get_message: a message's dedup id while its record is kept.
-                    IndexModel([("channel", ASCENDING), ("message_id", ASCENDING)]),
                 ]
             )
 
@@ -864,7 +862,6 @@ class MongoStore:
                     full = True
                     break
                 found.append(m)
-        await self._with_dedup_ids(channel, found)
         if len(found) == limit or full:
             return Page(found, found[-1].id)
         return Page(found, upper)
@@ -874,21 +871,7 @@ class MongoStore:
             doc = await self._messages.find_one({"_id": msg_id, "channel": channel})
         if doc is None:
             return None
-        found = _from_doc(doc)
-        await self._with_dedup_ids(channel, [found])
-        return found
-
-    async def _with_dedup_ids(self, channel: str, messages: list[Message]) -> None:
-        """Fill in the dedup ids whose records are still kept (one indexed read for a page)."""
-        if not messages:
-            return
-        by_id = {m.id: m for m in messages}
-        with _translated():
-            async for rec in self._dedup.find(
-                {"channel": channel, "message_id": {"$in": list(by_id)}},
-                {"message_id": True, "dedup_id": True},
-            ):
-                by_id[int(rec["message_id"])].dedup_id = str(rec["dedup_id"])
+        return _from_doc(doc)
 
     # -- ownership --------------------------------------------------------------------------
     async def store_time_ms(self) -> int:

@@ -166,8 +166,6 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (ch, dedup_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_by_age ON dedup (used_at);
--- Browsing shows each message's dedup id while its record is kept.
-CREATE INDEX IF NOT EXISTS dedup_by_message ON dedup (ch, msg_id);
 -- expires_at is on the store's clock; 0 once released.
 CREATE TABLE IF NOT EXISTS shard_leases (
     shard TEXT PRIMARY KEY,
@@ -1169,7 +1167,6 @@ class SQLiteStore:
                     full = True
                     break
                 found.append(m)
-            _with_dedup_ids(conn, key, found)
             if len(found) == limit or full:
                 return Page(found, found[-1].id)
             return Page(found, None if bound is None else upper)
@@ -1186,9 +1183,7 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return None
-            found = _message(row)
-            _with_dedup_ids(conn, key, [found])
-            return found
+            return _message(row)
 
         return await self._read(op)
 
@@ -1349,19 +1344,6 @@ _BROWSE_STATES: dict[MessageState | None, str] = {
     "in_flight": " AND leased = 1 AND available_at > ?",
 }
 _MAX_ID = 2**63 - 1
-
-
-def _with_dedup_ids(conn: sqlite3.Connection, key: int, messages: list[Message]) -> None:
-    """Fill in the dedup ids whose records are still kept (one indexed read for a page)."""
-    if not messages:
-        return
-    by_id = {m.id: m for m in messages}
-    for msg_id, dedup_id in conn.execute(
-        "SELECT msg_id, dedup_id FROM dedup INDEXED BY dedup_by_message WHERE ch = ?"
-        f" AND msg_id IN ({_marks(len(by_id))})",
-        (key, *by_id),
-    ):
-        by_id[msg_id].dedup_id = dedup_id
 
 
 def _existing_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> set[int]:

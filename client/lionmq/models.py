@@ -134,7 +134,6 @@ class MessageView(msgspec.Struct):
     lease_deadline: int | None = None
     """When the lease of an in-flight message ends."""
     expires_at: int | None = None
-    dedup_id: str | None = None
 
 
 class MessageDetail(MessageView):

@@ -505,7 +505,7 @@ def get(ctx: Context, args: argparse.Namespace) -> int:
         fields.append(("due", output.timestamp(m.available_at, now)))
     if m.lease_deadline is not None:
         fields.append(("lease ends", output.timestamp(m.lease_deadline, now)))
-    fields += [("expires", output.timestamp(m.expires_at, now)), ("dedup id", m.dedup_id)]
+    fields.append(("expires", output.timestamp(m.expires_at, now)))
     fields += [(f"header {output.shown(k)}", v) for k, v in sorted((m.headers or {}).items())]
     output.pairs(fields, ctx.out)
     ctx.out.write("body\n" + output.pretty(m.body) + "\n")
