@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import httpx
+import pytest
+
 from app.clock import ManualClock
+from app.cluster.handoff import Handover
 from app.cluster.keeper import HandoffRecord
 from app.cluster.route import Local, Remote
+from app.errors import HandoffRefused
 from app.store.base import ShardLease
 from tests.test_cluster_keeper import Member, clock, make_store, members, two_shards  # noqa: F401
 
@@ -90,3 +95,60 @@ async def test_a_tick_reading_the_leases_before_its_own_hand_off_routes_to_the_n
     channel = next(f"c{i}" for i in range(100) if a.runtime.shard_of(f"c{i}") == "s1")
     assert a.runtime.route(channel) == Remote("s1", C, "c")
     assert a.runtime.owned() == {}
+
+
+class Sender:
+    """The owner's heartbeat side as a hand-off sees it: every backup up to date."""
+
+    def behind(self, shard: str) -> dict[str, int | None]:
+        return {C: 0}
+
+    async def catch_up(self, shard: str, backup: str) -> bool:
+        return True
+
+
+def handover(owner: Member, http: httpx.AsyncClient, reports: object) -> Handover:
+    rt = owner.runtime
+    return Handover(
+        keeper=rt.keeper,
+        engine=owner.engine,
+        store=owner.store,
+        sender=Sender(),  # type: ignore[arg-type]
+        http=http,
+        secret="s3cret",
+        members=reports,  # type: ignore[arg-type]
+        backups_of=rt.backups_of,
+        peers=lambda: [],
+    )
+
+
+async def test_two_hand_offs_of_one_shard_at_once_one_is_refused(
+    members: Callable[..., Member],  # noqa: F811
+    clock: ManualClock,  # noqa: F811
+) -> None:
+    """POST .../handoff twice at once: the second is refused (409: under way, or not held),
+    whenever it reaches the owner. It used to pass the check while the first one read the
+    member reports, then fail with a KeyError (a 500) once the first had handed the shard on,
+    or serve the shard again under the first one's transfer when the first gave up."""
+    init = two_shards(A, B, C)
+    a = members("a", 9101, cluster_init=init)
+    b = members("b", 9102, cluster_init=init)
+    c = members("c", 9103, cluster_init=init)
+    for m in (a, b, c):
+        await m.start()
+    await c.tick()  # a fresh member report
+
+    def adopted(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"served": True})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(adopted)) as http:
+        first_reading = Held(a.runtime, "members")
+        ho = handover(a, http, a.runtime.members)
+        second = asyncio.create_task(ho.hand_off("s1"))
+        await asyncio.wait_for(first_reading.reached.wait(), 5)
+        record = await asyncio.wait_for(ho.hand_off("s1"), 5)  # the first, all the way
+        assert (record.to, record.epoch) == (C, 2)
+        first_reading.go.set()
+        with pytest.raises(HandoffRefused):
+            await asyncio.wait_for(second, 5)
+    assert (await a.store.leases())["s1"].owner == "c"
