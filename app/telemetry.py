@@ -474,6 +474,7 @@ class WatcherPusher:
         self._ws: ClientConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._attempt = 0
+        self._stopping = False
 
     # -- building ---------------------------------------------------------------------------
     async def _store_healthy(self) -> bool:
@@ -588,6 +589,7 @@ class WatcherPusher:
         if not self.enabled or self._tasks:
             return
         self.started_ms = self._previous_ms = self.clock.now_ms()
+        self._stopping = False
         if self._sampler is None:
             self._sampler = PsutilSampler()
         self._tasks.append(asyncio.create_task(self._send_loop(), name="watcher-sender"))
@@ -599,6 +601,11 @@ class WatcherPusher:
         """Stop ticking; tell the watcher this node stopped (briefly, best effort); close."""
         if not self._tasks:
             return
+        # The flag as well as the cancel: on 3.11 wait_for can swallow a cancellation that
+        # lands just as its inner wait completes, and a loop that lost it ran on for good (a
+        # node whose port was taken hung in its shutdown, its first snapshot under way).
+        self._stopping = True
+        self._wakeup.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -615,7 +622,7 @@ class WatcherPusher:
         loop = asyncio.get_running_loop()
         period = self.interval_ms / 1000
         next_at = loop.time()
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except Exception:  # a bug here must never take the node down
@@ -633,10 +640,10 @@ class WatcherPusher:
         return cap / 2 + self._rng.uniform(0, cap / 2)
 
     async def _send_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self.buffer:
+            while self.buffer and not self._stopping:
                 try:
                     ws = self._ws or await self._connect()
                     data = self.buffer.popleft()

@@ -39,7 +39,7 @@ from yarl import URL
 
 from app.api.consumer import CLIENT_HEADER, forwarded_client
 from app.api.hotpath import _read_body
-from app.api.messages import MAX_WAIT_MS, _disconnected
+from app.api.messages import MAX_WAIT_MS, DequeueResponse, _disconnected
 from app.api.problems import problem_for
 from app.cluster.route import Local, NoOwner, Remote, Route
 from app.errors import ConfigError, LionMQError, OwnerUnreachable, ShardUnavailable
@@ -108,7 +108,7 @@ class Router(Protocol):
 class Forwarding:
     """The layer's parts, opened in the lifespan: the runtime's router and the shared session."""
 
-    __slots__ = ("mark", "node_id", "router", "secret", "session")
+    __slots__ = ("closing", "mark", "node_id", "router", "secret", "session")
 
     def __init__(self, router: Router, session: aiohttp.ClientSession, secret: str = "") -> None:
         self.router = router
@@ -116,6 +116,8 @@ class Forwarding:
         self.node_id = router.node_id
         self.mark = router.node_id.encode()
         self.secret = secret  # CLUSTER_SECRET: tags the client address of a forwarded dequeue
+        # Set when the node stops (`end_long_polls`): forwarded long polls end at once.
+        self.closing = asyncio.Event()
 
 
 def install(
@@ -129,6 +131,16 @@ def install(
 def uninstall(app: Starlette) -> None:
     """Turn forwarding off again (in the lifespan, before the session closes)."""
     _forwarder(app).forwarding = None
+
+
+def end_long_polls(app: Starlette) -> None:
+    """The node is stopping: the long polls it forwards end now, answered as an empty dequeue
+    (their wait over), the owner's poll cancelled (it gives back what it leased). The server
+    drains the requests under way before it exits, and a forwarded poll would hold that for
+    up to MAX_WAIT_MS. Local polls end by `QueueEngine.end_waits`."""
+    fwd = _forwarder(app).forwarding
+    if fwd is not None:
+        fwd.closing.set()
 
 
 def forwarding_of(app: Starlette) -> Forwarding | None:
@@ -240,9 +252,14 @@ class Forwarder:
         read_s = READ_TIMEOUT_S if long_poll else ANSWER_TIMEOUT_S
         timeout = patience(fwd.session, read_s)
         request = (scope["method"], URL(target, encoded=True), headers, body, timeout)
-        answer = await _exchange_unless_gone(fwd.session, request, receive)
+        closing = fwd.closing if long_poll else None
+        answer = await _exchange_unless_gone(fwd.session, request, receive, closing)
         if answer is None:
             return  # the client hung up: the upstream request was cancelled, nobody to answer
+        if isinstance(answer, ClosedPoll):
+            await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+            await send({"type": "http.response.body", "body": _NOTHING})
+            return
         if isinstance(answer, BaseException):
             detail = (
                 f"the owner of this channel's shard {route.shard}, {route.node_id} at"
@@ -262,6 +279,10 @@ class Forwarder:
         await send({"type": "http.response.body", "body": payload})
 
 
+class ClosedPoll:
+    """The mark of a forwarded long poll the node's stop ended."""
+
+
 Upstream = tuple[str, URL, list[tuple[bytes, bytes]], bytes, aiohttp.ClientTimeout]
 Exchanged = tuple[int, Sequence[tuple[bytes, bytes]], bytes]
 # What "the owner did not answer" is: refused, reset, closed half-way, or timed out.
@@ -277,22 +298,37 @@ async def _exchange(session: aiohttp.ClientSession, request: Upstream) -> Exchan
         return response.status, response.raw_headers, await response.read()
 
 
+# A forwarded long poll ended by the node's stop: answered as a dequeue whose wait ran out.
+_CLOSED = ClosedPoll()
+_NOTHING = msgspec.json.encode(DequeueResponse(messages=[]))
+_JSON = [(b"content-type", b"application/json"), (b"content-length", str(len(_NOTHING)).encode())]
+
+
 async def _exchange_unless_gone(
-    session: aiohttp.ClientSession, request: Upstream, receive: Receive
-) -> Exchanged | BaseException | None:
+    session: aiohttp.ClientSession,
+    request: Upstream,
+    receive: Receive,
+    closing: asyncio.Event | None = None,
+) -> Exchanged | BaseException | ClosedPoll | None:
     """The owner's answer, why it gave none (one of _UNREACHABLE), or None when the client hung
     up first: then the request to the owner is cancelled, which closes its connection, so the
-    owner sees the hang-up too (a long-poll dequeue there stops and gives back what it leased)."""
+    owner sees the hang-up too (a long-poll dequeue there stops and gives back what it leased).
+    `_CLOSED` when `closing` was set first (the node stops): the owner's request is cancelled
+    the same way."""
     exchange = asyncio.ensure_future(_exchange(session, request))
     gone = asyncio.ensure_future(_disconnected(receive))
+    ended = asyncio.ensure_future(closing.wait()) if closing is not None else None
+    waits = (exchange, gone) if ended is None else (exchange, gone, ended)
     try:
-        await asyncio.wait((exchange, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        if ended is not None:
+            ended.cancel()
         exchange.cancel()  # a no-op once it is done; else this request was cancelled itself
     if not exchange.done() or exchange.cancelled():
         await asyncio.wait((exchange,))  # the connection is closed before this returns
-        return None
+        return None if ended is None or not ended.done() or ended.cancelled() else _CLOSED
     error = exchange.exception()
     if isinstance(error, _UNREACHABLE):
         return error
@@ -418,6 +454,7 @@ __all__ = [
     "Forwarder",
     "Forwarding",
     "Router",
+    "end_long_polls",
     "fan_out",
     "forward_session",
     "install",

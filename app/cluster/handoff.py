@@ -137,6 +137,9 @@ class Handover:
         """Hand `shard` to an up-to-date backup (`wanted`, if given). HandoffRefused when none
         is, or when this node does not serve the shard; then nothing changed."""
         keeper = self.keeper
+        # The reports first: from the check on, nothing awaits until the shard is marked as
+        # being handed off, so a second hand-off asked meanwhile is refused, not run alongside.
+        members = await self.members()
         h = keeper.held.get(shard)
         refusal = handoff_refusal(
             held=h.held if h else None,
@@ -147,7 +150,6 @@ class Handover:
         )
         if refusal is not None or h is None:
             raise HandoffRefused(_refused(shard, refusal))
-        members = await self.members()
         to = successor(self._candidates(shard, members), wanted)
         if isinstance(to, Refusal):
             raise HandoffRefused(_refused(shard, to))

@@ -77,21 +77,27 @@ class HeartbeatSender:
         self._beat_limit = beat_limit
         self.peers: dict[tuple[str, str], Peer] = {}  # (backup url, shard) -> state
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.beats = 0
 
     # -- the loop ----------------------------------------------------------------------------
     async def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag as well as the cancel: a cancellation swallowed on its way (3.11's
+            # wait_for, a client library's own cancel scopes) must not leave the loop beating
+            # on, and the node's stop waiting for it forever.
+            self._stopping = True
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.engine.journal = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             began = self._mono()
             try:
                 await self.tick(began)

@@ -113,6 +113,20 @@ class View:
     store_now: int = 0
     read_at: int = 0  # monotonic ms of the reading
 
+    def update(self, leases: dict[str, ShardLease], store_now: int, read_at: int) -> None:
+        """Take a new reading, but where this node already knows a later epoch of a shard's
+        lease (a hand-off it made or took in, while the reading was an await away) keep that:
+        epochs only grow in the store, so the reading is the older news there. Without this a
+        tick that read just before a hand-off undid it: the new owner stopped serving the
+        shard it had just adopted, the old one routed it to nobody, for a heartbeat or more."""
+        known = self.leases
+        self.leases = {
+            shard: known[shard] if shard in known and known[shard].epoch > lease.epoch else lease
+            for shard, lease in leases.items()
+        }
+        self.store_now = store_now
+        self.read_at = read_at
+
 
 class ShardEvents(Protocol):
     """What the mirror hears of the shards this node gains (app/assemble.py)."""
@@ -252,8 +266,8 @@ class OwnershipKeeper:
         # reads this topology after its take (below) and never serves the channel.
         await self._read_topology()
         store_now = await self.store.store_time_ms()
-        leases = await self.store.leases()
-        self.view = View(leases, store_now, now)
+        self.view.update(await self.store.leases(), store_now, now)
+        leases = self.view.leases
         if self.found is None:
             self.found = {shard: lease.epoch for shard, lease in leases.items()}
         found = self.found
@@ -267,11 +281,14 @@ class OwnershipKeeper:
             if held is not None and held.handing:
                 await self._renew_handing(shard, held, now)
                 continue
+            # The view as of now: a hand-off since the reading (acts on earlier shards are
+            # awaits) updated it.
+            lease = self.view.leases.get(shard)
             action = decide(
                 me=self.url,
                 node_id=self.node_id,
                 seat=seats.get(shard),
-                lease=leases.get(shard),
+                lease=lease,
                 store_now=store_now,
                 held=held.held if held else None,
                 silence_ms=self.liveness.silent_for(shard, now),
@@ -280,7 +297,7 @@ class OwnershipKeeper:
                 leaving=self.leaving,
             )
             try:
-                await self._act(shard, action, leases.get(shard), now)
+                await self._act(shard, action, lease, now)
             except LionMQError as exc:
                 log.warning("shard %s: %s failed: %s", shard, action.value, exc.detail)
         await self._admit_incoming(leases, store_now)
@@ -381,7 +398,7 @@ class OwnershipKeeper:
         before the next tick)."""
         now = self.mono()
         store_now = await self.store.store_time_ms()
-        self.view = View(await self.store.leases(), store_now, now)
+        self.view.update(await self.store.leases(), store_now, now)
 
     async def _gain(self, shard: str, got: ShardLease, before: ShardLease | None, now: int) -> None:
         floor = await self.store.max_id()

@@ -196,6 +196,8 @@ class QueueEngine:
         # The mirror's hook (app.cluster.journal): told of every settled batch, None when no
         # shard this node owns has a backup (then it costs one attribute test per batch).
         self.journal: Journal | None = None
+        # The node is stopping (`end_waits`): long polls answer with what they have at once.
+        self.closing = False
 
     # -- start and stop ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -409,6 +411,16 @@ class QueueEngine:
             ch.loading.cancel()
         return ch
 
+    def end_waits(self) -> None:
+        """The node is stopping (SIGTERM, after its hand-offs): every long poll answers now
+        with what it has, as if its wait were over, and none waits from here on. The server
+        drains the requests under way before it exits; a poll left to its `wait_ms` (up to
+        30 s) would hold the exit that long, past a supervisor's stop timeout."""
+        self.closing = True
+        for ch in self.channels.values():
+            ch.wake()
+        self.wake_absent()
+
     def wake_absent(self) -> None:
         """Wake the long polls waiting for channels not in memory: after a hand-off or a lost
         shard they find their channel no longer served here and end (Fenced) at once."""
@@ -608,7 +620,7 @@ class QueueEngine:
                 visibility = visibility_ms or ch.config.visibility_ms
                 leases = await self._take(ch, max_count, visibility, consumer)
             remaining = deadline - loop.time()
-            if leases or remaining <= 0:
+            if leases or remaining <= 0 or self.closing:
                 return leases
             waiter: asyncio.Future[None] = loop.create_future()
             if ch is not None:
