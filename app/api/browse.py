@@ -15,7 +15,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.channels import ChannelName
-from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
+from app.api.codec import (
+    decode,
+    json_body_doc,
+    json_response,
+    json_response_doc,
+    problem_docs,
+    read_body,
+)
 from app.api.deps import channel_name, node
 from app.engine import redrive as engine_redrive
 from app.errors import InvalidInput, MessageNotFound
@@ -89,14 +96,9 @@ SCHEMAS: list[type[msgspec.Struct]] = [
 ]
 
 _redrive = msgspec.json.Decoder(RedriveRequest)
-_encoder = msgspec.json.Encoder()
 _QUERY = frozenset({"state", "after", "limit"})
 _STATES: dict[str, MessageState] = {state: state for state in MESSAGE_STATES}
 V = TypeVar("V", bound=MessageView)
-
-
-def _json(value: msgspec.Struct) -> Response:
-    return Response(_encoder.encode(value), media_type="application/json")
 
 
 def _whole(text: str, most: int) -> int | None:
@@ -187,7 +189,7 @@ async def list_messages(channel: str, request: Request) -> Response:
     now = n.clock.now_ms()
     views = [_view(m, now, MessageView) for m in page.messages]
     following = None if page.next is None else str(page.next)
-    return _json(MessagePage(channel=name, messages=views, next=following))
+    return json_response(MessagePage(channel=name, messages=views, next=following))
 
 
 @router.get(
@@ -210,7 +212,7 @@ async def get_message(channel: str, msg_id: str, request: Request) -> Response:
     events = await n.engine.history(name, wanted)
     traced = n.engine.get(name).config.trace
     detail.history = events if events else ([] if traced else None)
-    return _json(detail)
+    return json_response(detail)
 
 
 @router.post(
@@ -229,4 +231,6 @@ async def redrive(channel: str, request: Request) -> Response:
     req = decode(body, _redrive) if body.strip() else RedriveRequest()
     to = None if req.to is None else channel_name(req.to)
     done = await engine_redrive.redrive(n.engine, name, to, req.max, req.rate)
-    return _json(RedriveResponse(moved=done.moved, skipped=done.skipped, remaining=done.remaining))
+    return json_response(
+        RedriveResponse(moved=done.moved, skipped=done.skipped, remaining=done.remaining)
+    )

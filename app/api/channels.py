@@ -10,7 +10,14 @@ from starlette.responses import Response
 
 from app.api import forward
 from app.api.auth import check_cluster_secret
-from app.api.codec import decode, json_body_doc, json_response_doc, problem_docs, read_body
+from app.api.codec import (
+    decode,
+    json_body_doc,
+    json_response,
+    json_response_doc,
+    problem_docs,
+    read_body,
+)
 from app.api.deps import channel_name, node
 from app.engine.channel import ChannelState
 from app.engine.queue import MAX_TTL_MS
@@ -95,11 +102,6 @@ class Purged(msgspec.Struct):
 SCHEMAS: list[type[msgspec.Struct]] = [ChannelSettings, ChannelInfo, ChannelList, Purged]
 
 _settings = msgspec.json.Decoder(ChannelSettings)
-_encoder = msgspec.json.Encoder()
-
-
-def _json(value: msgspec.Struct) -> Response:
-    return Response(_encoder.encode(value), media_type="application/json")
 
 
 def _info(ch: ChannelState, now: int) -> ChannelInfo:
@@ -130,7 +132,7 @@ async def list_channels(request: Request) -> Response:
     parts = forward.forwarding_of(request.app)
     rt = n.cluster
     if parts is None:
-        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
+        return json_response(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     if forward.FORWARDED in request.headers:
         # A peer's fan-out gets this node's part alone; it proves itself with the cluster
         # secret. A client that sent the mark would take a part for the whole list, and
@@ -139,7 +141,7 @@ async def list_channels(request: Request) -> Response:
         secret = n.settings.cluster_secret
         if secret:
             check_cluster_secret(secret, request.headers.get(CLUSTER_SECRET_HEADER))
-        return _json(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
+        return json_response(ChannelList(channels=sorted(mine, key=lambda c: c.name)))
     others = forward.owners_to_ask(rt.route_shard(s) for s in rt.keeper.shard_ids)
     lists = await forward.fan_out(
         parts.session,
@@ -151,7 +153,7 @@ async def list_channels(request: Request) -> Response:
         authorization=request.headers.get("authorization"),
     )
     merged = forward.merge_by_name(mine, *(answer.channels for answer in lists))
-    return _json(ChannelList(channels=merged))
+    return json_response(ChannelList(channels=merged))
 
 
 @router.get(
@@ -165,7 +167,7 @@ async def list_channels(request: Request) -> Response:
 async def get_channel(channel: str, request: Request) -> Response:
     n = node(request)
     ch = n.engine.get(channel_name(channel))
-    return _json(_info(ch, n.clock.now_ms()))
+    return json_response(_info(ch, n.clock.now_ms()))
 
 
 @router.put(
@@ -188,7 +190,7 @@ async def put_channel(channel: str, request: Request) -> Response:
         if (value := getattr(req, field)) is not msgspec.UNSET
     }
     ch = await n.engine.configure(name, changes)
-    return _json(_info(ch, n.clock.now_ms()))
+    return json_response(_info(ch, n.clock.now_ms()))
 
 
 @router.post(
@@ -201,7 +203,7 @@ async def put_channel(channel: str, request: Request) -> Response:
 )
 async def purge_channel(channel: str, request: Request) -> Response:
     n = node(request)
-    return _json(Purged(purged=await n.engine.purge(channel_name(channel))))
+    return json_response(Purged(purged=await n.engine.purge(channel_name(channel))))
 
 
 @router.delete(

@@ -28,7 +28,7 @@ from lionmq.topology import (
 from starlette.responses import Response
 
 from app.api.auth import check_cluster_secret
-from app.api.codec import decode, json_response_doc, problem_docs, read_body
+from app.api.codec import decode, json_response, json_response_doc, problem_docs, read_body
 from app.api.deps import Node, channel_name, node
 from app.api.forward import FORWARDED
 from app.cluster.decide import live, status_of
@@ -123,11 +123,6 @@ _adopt_decoder = msgspec.json.Decoder(Adopt)
 # A hand-off asked of a node that does not own the shard is forwarded once to its owner, which
 # answers within this (the hand-off itself takes well under a second).
 _HANDOFF_FORWARD_S = 10.0
-_encoder = msgspec.json.Encoder()
-
-
-def _json(value: object) -> Response:
-    return Response(_encoder.encode(value), media_type="application/json")
 
 
 def cluster_secret(request: Request) -> Node:
@@ -163,7 +158,7 @@ def admin(request: Request) -> Node:
     },
 )
 async def cluster_view(request: Request) -> Response:
-    return _json(await cluster_document(node(request)))
+    return json_response(await cluster_document(node(request)))
 
 
 async def cluster_document(n: Node) -> ClusterView:
@@ -291,7 +286,7 @@ async def route_of(request: Request, channel: str) -> Response:
         owner = n.cluster.url
     elif isinstance(route, Remote):
         owner = route.url
-    return _json(RouteView(name, route.shard, owner))
+    return json_response(RouteView(name, route.shard, owner))
 
 
 # Cluster control is left out of the API schema (its credential is ADMIN_TOKEN, not the API
@@ -316,10 +311,10 @@ async def set_nodes(request: Request, n: Annotated[Node, Depends(admin)]) -> Res
         except InvalidTopology as exc:
             raise InvalidInput(str(exc)) from None
         if current is not None and new.version == current.version:
-            return _json(new)  # nothing changes
+            return json_response(new)  # nothing changes
         expected = current.version if current else None
         if await n.store.swap_topology(expected, new.version, msgspec.json.encode(new)):
-            return _json(new)
+            return json_response(new)
     raise StoreUnavailable("the topology kept changing under this request; try again")
 
 
@@ -343,7 +338,7 @@ def _check_stays(url: str, wanted: SetNodes) -> None:
 async def poke(request: Request, n: Annotated[Node, Depends(cluster_secret)]) -> Response:
     body = await read_body(request, _BODY_LIMIT)
     name = channel_name(decode(body, _poke_decoder).channel)
-    return _json(Poked(await n.cluster.poked(name)))
+    return json_response(Poked(await n.cluster.poked(name)))
 
 
 @router.post("/shards/{shard}/handoff", include_in_schema=False)
@@ -368,7 +363,7 @@ async def handoff(request: Request, shard: str, n: Annotated[Node, Depends(admin
         raise HandoffRefused("this node takes no part in a cluster's hand-offs")
     if shard in rt.keeper.held:
         record = await rt.handover.hand_off(shard, wanted)
-        return _json(
+        return json_response(
             Handoff(record.shard, record.from_url, record.to, record.epoch, record.took_ms)
         )
     route = rt.route_shard(shard)
@@ -419,11 +414,11 @@ async def adopt(
     h = await keeper.adopt_given(shard, given.epoch, keeper.mono())
     if h is not None and h.adopting is not None:
         await asyncio.wait({h.adopting}, timeout=_ADOPT_WAIT_S)
-    return _json(Adopted(keeper.serving(shard) is not None))
+    return json_response(Adopted(keeper.serving(shard) is not None))
 
 
 @router.post("/internal/shards/{shard}/look", include_in_schema=False)
 async def look(shard: str, n: Annotated[Node, Depends(cluster_secret)]) -> Response:
     """Node to node: the shard was handed to another node; read the leases again now."""
     await n.cluster.keeper.look()
-    return _json(Poked(isinstance(n.cluster.route_shard(shard), Local)))
+    return json_response(Poked(isinstance(n.cluster.route_shard(shard), Local)))

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import FastAPI
 from starlette.requests import Request
+from starlette.responses import Response
 
 from app.api.problems import PROBLEM_JSON
 from app.errors import InvalidInput, MalformedRequest, PayloadTooLarge
@@ -19,6 +20,15 @@ from app.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 T = TypeVar("T")
 
 _REF = "#/components/schemas/{name}"
+
+
+_response_encoder = msgspec.json.Encoder()
+
+
+def json_response(value: object, status: int = 200) -> Response:
+    """`value` (a msgspec struct, or builtins) as a JSON response: one encoder for every
+    ordinary route (the hot path encodes its own answers, app/api/messages.py)."""
+    return Response(_response_encoder.encode(value), status, media_type="application/json")
 
 
 def refuse_declared_oversize(content_length: bytes | str | None, limit: int) -> None:

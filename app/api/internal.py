@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from app.api.auth import check_cluster_secret
-from app.api.codec import read_body
+from app.api.codec import json_response, read_body
 from app.cluster.heartbeat import HEARTBEAT_PATH, HeartbeatSender
 from app.cluster.journal import Heartbeat
 from app.cluster.mirror import Follower, snapshot_path
@@ -38,7 +38,6 @@ class Mirroring:
 
 
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
-_encoder = msgspec.json.Encoder()
 
 
 def _mirroring(request: Request) -> Mirroring:
@@ -65,12 +64,12 @@ def router(secret: str) -> APIRouter:
         if refusal is not None:
             raise Forbidden(refusal)
         answer = parts.follower.heartbeat(hb)
-        return Response(_encoder.encode(answer), media_type="application/json")
+        return json_response(answer)
 
     @r.get(snapshot_path("{shard}"))
     async def snapshot(shard: str, request: Request) -> Response:
         snap = _mirroring(request).sender.snapshot(shard)
-        return Response(_encoder.encode(snap), media_type="application/json")
+        return json_response(snap)
 
     return r
 
