@@ -497,6 +497,43 @@ async def test_sqlite_fence_is_read_in_the_commit_groups_own_transaction(
         await store.close()
 
 
+async def test_sqlite_a_failing_write_fails_alone_in_its_group(
+    tmp_path: Path,
+) -> None:
+    """A commit group is first applied without savepoints. One insert that fails (an id already
+    stored) rolls the group back, which is applied again with a savepoint per run: only that
+    insert fails, and the writes around it (inserts of its run, a delete of another) are
+    committed; that write alone in a group fails alone too, and the writer goes on."""
+    store = SQLiteStore(str(tmp_path / "g.db"))
+    await store.open()
+    try:
+        await store.insert(CH, [msg(1)], 0)
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            entered.set()
+            gate.wait(5)
+
+        blocker = asyncio.ensure_future(store._write(hold, None))
+        deadline = time.monotonic() + 5
+        while not entered.is_set():
+            assert time.monotonic() < deadline, "the writer never took the blocker"
+            await asyncio.sleep(0.001)
+        group = [store.insert(CH, [msg(i)], 0) for i in (2, 1, 3)]  # 1 is stored already
+        group.append(store.delete(CH, [1]))
+        gate.set()
+        await blocker
+        outcomes = await asyncio.gather(*group, return_exceptions=True)
+        assert isinstance(outcomes[1], StoreError), outcomes
+        assert not any(isinstance(o, BaseException) for o in outcomes[::2] + outcomes[3:])
+        alone = await asyncio.gather(store.insert(CH, [msg(3)], 0), return_exceptions=True)
+        assert isinstance(alone[0], StoreError), alone
+        await store.insert(CH, [msg(4)], 0)
+        assert await all_ids(store) == [2, 3, 4]
+    finally:
+        await store.close()
+
+
 async def test_sqlite_store_time_is_the_hosts_wall_clock(tmp_path: Path) -> None:
     store = SQLiteStore(str(tmp_path / "t.db"))
     await store.open()

@@ -1,9 +1,11 @@
 """The embedded store: SQLite in WAL mode with synchronous=FULL and group commit.
 
 Every write is a small function queued to one writer thread, which runs everything queued so far
-in one transaction (each function inside its own savepoint, so one failing write does not sink
-its neighbours) and commits once, so concurrent requests share one fsync. Reads use a second
-connection, which WAL lets proceed while the writer commits.
+in one transaction and commits once, so concurrent requests share one fsync. Should one write
+fail, the group is rolled back and run again with each kind of write in a savepoint of its own, so
+that one failing write does not sink its neighbours (every statement hands the GIL over and back,
+which the event loop waits for: the usual group, where nothing fails, pays for no savepoint).
+Reads use a second connection, which WAL lets proceed while the writer commits.
 
 Node processes on one host share the file (a local cluster, the tests, a second node started on
 the same store by accident, which must wait as a standby rather than serve the same messages):
@@ -306,16 +308,16 @@ def _history_rows(ids: Sequence[int], events: Sequence[Event]) -> list[Any]:
 
 
 def _message(row: tuple[Any, ...]) -> Message:
-    return Message(
-        id=row[0],
-        body=row[1],
-        headers=row[2],
-        enqueued_at=row[3],
-        available_at=row[4],
-        expires_at=row[5],
-        attempt=row[6],
-        leased=bool(row[7]),
-    )
+    return _messages([row])[0]
+
+
+def _messages(rows: list[tuple[Any, ...]]) -> list[Message]:
+    """Rows of `_COLUMNS` as messages. Positional, unpacked in one comprehension: a page of
+    5,000 is built in a third of the time a call with keywords per row takes."""
+    return [
+        Message(id, body, headers, enqueued_at, available_at, expires_at, attempt, leased == 1)
+        for id, body, headers, enqueued_at, available_at, expires_at, attempt, leased in rows
+    ]
 
 
 def _marks(n: int) -> str:
@@ -505,8 +507,9 @@ class SQLiteStore:
         conn.execute("DELETE FROM meta WHERE name = 'write_probe'")
 
     def _lost(self) -> str | None:
-        """Why the store's path no longer names the files it has open, or None. Two stats."""
-        for path, dev, ino in self._files:
+        """Why the store's path no longer names the files it has open, or None. Two stats: the
+        database and its WAL, what a restart reads (the -shm index is rebuilt from them)."""
+        for path, dev, ino in self._files[:2]:
             try:
                 st = os.stat(path)
             except OSError as exc:
@@ -578,20 +581,19 @@ class SQLiteStore:
             return [(future, None, StoreUnavailable(unwritable)) for _, future, _ in group]
         try:
             conn.execute("BEGIN IMMEDIATE")
-            self._epochs = {}
-            i = 0
-            while i < len(group):
-                # Neighbours of one mergeable kind go as one run, whatever shard each is fenced
-                # at: each is judged on its own first, in this transaction.
-                kind = type(group[i][0])
-                j = i + 1
-                if kind in _MERGED:
-                    while j < len(group) and type(group[j][0]) is kind:
-                        j += 1
-                run = [p for p in group[i:j] if p[2] is None or self._admitted(conn, p, outcomes)]
-                if run:
-                    outcomes += self._apply_run(conn, run)
-                i = j
+            try:
+                outcomes = self._apply_group(conn, group, careful=False)
+            except Exception:
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back itself (a full disk, an I/O
+                    # error): the group fails as one, with this error.
+                    raise
+                # A write failed: the group again from the start, each run in a savepoint
+                # (the rare path), so that only the faulty write fails.
+                conn.execute("ROLLBACK")
+                self._forget_new_keys(conn)
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = self._apply_group(conn, group, careful=True)
             lost = self._lost()
             if lost is None:
                 conn.execute("COMMIT")
@@ -638,6 +640,33 @@ class SQLiteStore:
             return True
         outcomes.append((future, None, fenced(shard, epoch, stored)))
         return False
+
+    def _apply_group(
+        self, conn: sqlite3.Connection, group: list[_Pending], *, careful: bool
+    ) -> list[_Outcome]:
+        """Apply the group's writes in the open transaction. Neighbours of one mergeable kind go
+        as one run, whatever shard each is fenced at: each is judged on its own first.
+
+        Not `careful` (the first try): no savepoints, two statements a run fewer (each a
+        hand-over of the GIL, which the event loop waits for), and a failing write raises.
+        `careful`: each run in a savepoint (`_apply_run`), so only a faulty write fails."""
+        self._epochs = {}
+        outcomes: list[_Outcome] = []
+        i = 0
+        while i < len(group):
+            kind = type(group[i][0])
+            j = i + 1
+            if kind in _MERGED:
+                while j < len(group) and type(group[j][0]) is kind:
+                    j += 1
+            run = [p for p in group[i:j] if p[2] is None or self._admitted(conn, p, outcomes)]
+            if run and careful:
+                outcomes += self._apply_run(conn, run)
+            elif run:
+                results = self._apply(conn, [op for op, _, _ in run])
+                outcomes += [(p[1], result, None) for p, result in zip(run, results, strict=True)]
+            i = j
+        return outcomes
 
     def _apply_run(self, conn: sqlite3.Connection, run: list[_Pending]) -> list[_Outcome]:
         """Apply writes of one kind together, in a savepoint; should that fail, apply them one
@@ -1015,7 +1044,7 @@ class SQLiteStore:
             ).fetchall()
             if not rows:
                 return []
-            due = sorted((_message(r) for r in rows), key=lambda m: m.id)
+            due = sorted(_messages(rows), key=lambda m: m.id)
             ids = [m.id for m in due]
             conn.execute(
                 f"UPDATE messages SET available_at = 0 WHERE id IN ({_marks(len(ids))})", ids
@@ -1048,7 +1077,7 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM messages WHERE ch = ? AND {where}", (key, *params)
             ).fetchall()
-            return [_message(r) for r in rows]
+            return _messages(rows)
 
         return await self._read(op)
 
