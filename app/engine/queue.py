@@ -525,20 +525,21 @@ class QueueEngine:
         now = self.clock.now_ms()
         first = self._ids(name).take(n)
         default_ttl = ch.config.ttl_ms
-        messages = []
-        for i, m in enumerate(batch):
-            ttl = m.ttl_ms or default_ttl
-            messages.append(
-                Message(
-                    id=first + i,
-                    body=bytes(m.body),
-                    headers=_header_encoder.encode(m.headers) if m.headers else None,
-                    enqueued_at=now,
-                    available_at=now + m.delay_ms if m.delay_ms else 0,
-                    expires_at=now + ttl if ttl else None,
-                    dedup_id=m.dedup_id,
-                )
+        # Positional, in Message's field order: keywords cost a third of an enqueue's loop.
+        messages = [
+            Message(
+                first + i,  # id
+                bytes(m.body),
+                _header_encoder.encode(m.headers) if m.headers else None,
+                now,  # enqueued_at
+                now + m.delay_ms if m.delay_ms else 0,  # available_at
+                now + ttl if (ttl := m.ttl_ms or default_ttl) else None,  # expires_at
+                0,  # attempt
+                False,  # leased
+                m.dedup_id,
             )
+            for i, m in enumerate(batch)
+        ]
         ch.reserved += n
         ch.begin_write()
 
