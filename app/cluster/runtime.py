@@ -93,6 +93,8 @@ class ClusterRuntime:
         self.mono_ms = mono
         self.liveness = Liveness(mono())
         self.lag: Callable[[], dict[str, int] | None] | None = None
+        # The answer of `route_shard` for a shard served here: one per shard, not one a request.
+        self._local: dict[str, Local] = {}
         self.keeper = OwnershipKeeper(
             store=store,
             engine=engine,
@@ -180,7 +182,10 @@ class ClusterRuntime:
         """Who serves the shard: this node, the live holder of its lease, or nobody yet."""
         keeper = self.keeper
         if keeper.serving(shard) is not None:
-            return Local(shard)
+            local = self._local.get(shard)
+            if local is None:
+                local = self._local[shard] = Local(shard)
+            return local
         h = keeper.held.get(shard)
         if h is not None and h.handing:
             # A hand-off lasts well under a second: retry at once, not after the usual second.
