@@ -19,6 +19,7 @@ from app.server import (
     flag_overrides,
     guarded_protocol,
     log_config,
+    tune_gc,
 )
 from app.settings import load_settings
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
     )
     server = NodeServer(config, lambda: before_stop(app))
+    tune_gc()
     logging.getLogger("lionmq.server").info(
         "accepting up to %d connections; headers within %d ms, bodies within %d ms",
         max_connections,

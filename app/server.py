@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import resource
 import socket
@@ -306,6 +307,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedHttpProtocol]:
     """The protocol class for one server (uvicorn builds a protocol per connection)."""
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
+
+
+# The hot path makes a few objects a message (its lease, a heap entry, a delivery) that live until
+# it is acked. With the collector's defaults (a young collection every 700 allocations, older ones
+# more and more often as they survive), collections took about a tenth of a drain's event loop, in
+# pauses that stall every request. Collections come 70 times less often; what the process holds
+# once started (modules, the app) is left out of them. Reference counting frees everything
+# acyclic at once, as before; only cycles wait longer.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Called by `python -m app` once the app is built, before serving."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class NodeServer(uvicorn.Server):
