@@ -310,6 +310,27 @@ class Cluster:
             return all(owners.get(url) == url for url in wanted.values())
 
         wait_until(settled, timeout, "every shard owned by its configured primary", 0.1)
+        # The store says so; each node's routing learns it at its next reading of the store (a
+        # heartbeat at most): until then it answers 503 for the shard it has not seen taken.
+        shards = self.view()["shards"]
+        ids = [s["id"] for s in shards]
+        probes = {
+            channels_on([s["id"]], 1, "settled", among=ids)[0]: s["primary"]
+            for s in shards
+            if s["primary"] in wanted.values()
+        }
+
+        def routed() -> bool:
+            try:
+                return all(
+                    self.route(channel, via=node)["owner"] == owner
+                    for channel, owner in probes.items()
+                    for node in self.serving()
+                )
+            except httpx.HTTPError:
+                return False
+
+        wait_until(routed, timeout, "every node routing each shard to its owner", 0.05)
 
     def set_nodes(
         self, shards: Sequence[Sequence[int]], via: ClusterNode | None = None
