@@ -523,7 +523,8 @@ async def test_sqlite_a_failing_write_fails_alone_in_its_group(
         group.append(store.delete(CH, [1]))
         gate.set()
         await blocker
-        outcomes = await asyncio.gather(*group, return_exceptions=True)
+        # Bounded: a writer thread that dies on the retry would leave the writes unanswered.
+        outcomes = await asyncio.wait_for(asyncio.gather(*group, return_exceptions=True), 10)
         assert isinstance(outcomes[1], StoreError), outcomes
         assert not any(isinstance(o, BaseException) for o in outcomes[::2] + outcomes[3:])
         alone = await asyncio.gather(store.insert(CH, [msg(3)], 0), return_exceptions=True)

@@ -320,6 +320,11 @@ def _messages(rows: list[tuple[Any, ...]]) -> list[Message]:
     ]
 
 
+def _applied(run: Sequence[_Pending], results: Sequence[Any]) -> list[_Outcome]:
+    """The outcomes of a run of writes that all took effect, each with its result."""
+    return [(future, result, None) for (_, future, _), result in zip(run, results, strict=True)]
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -663,8 +668,7 @@ class SQLiteStore:
             if run and careful:
                 outcomes += self._apply_run(conn, run)
             elif run:
-                results = self._apply(conn, [op for op, _, _ in run])
-                outcomes += [(p[1], result, None) for p, result in zip(run, results, strict=True)]
+                outcomes += _applied(run, self._apply(conn, [op for op, _, _ in run]))
             i = j
         return outcomes
 
@@ -686,7 +690,7 @@ class SQLiteStore:
                 return [(run[0][1], None, exc)]
             return [out for pending in run for out in self._apply_run(conn, [pending])]
         conn.execute("RELEASE run")
-        return [(future, result, None) for (_, future, _), result in zip(run, results, strict=True)]
+        return _applied(run, results)
 
     def _apply(self, conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
         first = ops[0]
